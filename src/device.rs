@@ -1,0 +1,94 @@
+//! Where the model runs: `cpu` (burn's Flex backend) or `cuda[:N]` (burn's CUDA backend, behind the
+//! `cuda` cargo feature). This is the only module that names concrete burn backends, so moving to
+//! another burn release or backend touches this file alone.
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use std::fmt;
+use std::str::FromStr;
+
+/// The CPU backend.
+pub type Cpu = burn::backend::Flex;
+/// The CUDA backend.
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => bail!("unknown device '{s}': use cpu, cuda or cuda:N"),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Work generic over the backend; [`run_on`] picks the backend from a [`DeviceSpec`].
+/// (Rust closures cannot be generic over a type, hence a trait.)
+pub trait BackendTask {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
+    match spec {
+        DeviceSpec::Cpu => task.run::<Cpu>(Default::default()),
+        DeviceSpec::Cuda(n) => run_cuda(n, task),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<T: BackendTask>(n: usize, task: T) -> Result<T::Output> {
+    let device = burn::backend::cuda::CudaDevice::new(n);
+    // cudarc loads libcuda/NVRTC at first use and panics when they are absent: turn that into an
+    // error that says what is missing instead of a backtrace.
+    let probe = std::panic::catch_unwind(|| {
+        let t = burn::tensor::Tensor::<Gpu, 1>::ones([1], &device);
+        t.into_scalar()
+    });
+    if let Err(e) = probe {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        bail!("--device cuda:{n}: no usable NVIDIA GPU / CUDA driver on this machine ({msg})");
+    }
+    task.run::<Gpu>(device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<T: BackendTask>(n: usize, _task: T) -> Result<T::Output> {
+    bail!("--device cuda:{n}: this mvlt was built without GPU support; rebuild with `cargo build --release --features cuda`")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert!("tpu".parse::<DeviceSpec>().unwrap_err().to_string().contains("unknown device 'tpu'"));
+    }
+}

@@ -1,0 +1,8 @@
+//! mvlt — MVLT (Masked Vision-Language Transformer in Fashion, MIR 2023) in Rust on burn.
+//!
+//! - [`model`]: the PVLT network, its config and weight files.
+//! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
+//! - [`verify`]: parity checks against tensors produced by the authors' PyTorch code.
+pub mod device;
+pub mod model;
+pub mod verify;

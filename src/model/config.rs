@@ -1,0 +1,344 @@
+//! `PvltConfig`: the reference constructor's arguments, presets, and validation.
+//!
+//! Field names follow `PyramidVisionLanguageTransformer.__init__` in the authors' code so a config
+//! reads the same on both sides. The JSON form accepted by [`PvltConfig::from_json`] is either this
+//! struct serialised, or the `config` object of the reference fixtures (with a nested `bert_config`
+//! and a `loss_type` dict saying which heads exist).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+/// Which heads the model has (the reference's `loss_type` keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadSet {
+    pub itm: bool,
+    pub mlm: bool,
+    /// Masked image reconstruction (the reference calls it t2i / ITG).
+    pub t2i: bool,
+    /// Main- and sub-category recognition.
+    pub cls: bool,
+}
+
+impl HeadSet {
+    pub const ALL: HeadSet = HeadSet { itm: true, mlm: true, t2i: true, cls: true };
+    pub const NONE: HeadSet = HeadSet { itm: false, mlm: false, t2i: false, cls: false };
+    /// The authors' pre-training recipe (`cls: 0`).
+    pub const PRETRAIN: HeadSet = HeadSet { itm: true, mlm: true, t2i: true, cls: false };
+    /// The authors' recognition fine-tuning recipe (`cls` only).
+    pub const FINETUNE: HeadSet = HeadSet { itm: false, mlm: false, t2i: false, cls: true };
+
+    /// Heads whose weights appear in a state dict (used when a config does not say).
+    pub fn present_in<'a>(keys: impl IntoIterator<Item = &'a str>) -> HeadSet {
+        let mut h = HeadSet::NONE;
+        for k in keys {
+            h.itm |= k.starts_with("itm_head");
+            h.mlm |= k.starts_with("mlm_head");
+            h.t2i |= k.starts_with("t2i_head");
+            h.cls |= k.starts_with("sup_cls_head") || k.starts_with("sub_cls_head");
+        }
+        h
+    }
+
+    pub fn and(self, other: HeadSet) -> HeadSet {
+        HeadSet {
+            itm: self.itm && other.itm,
+            mlm: self.mlm && other.mlm,
+            t2i: self.t2i && other.t2i,
+            cls: self.cls && other.cls,
+        }
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        let mut v = vec![];
+        if self.itm { v.push("itm") }
+        if self.mlm { v.push("mlm") }
+        if self.t2i { v.push("t2i") }
+        if self.cls { v.push("cls") }
+        v
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PvltConfig {
+    pub patch_size: usize,
+    /// Image size the positional-embedding tables are built for (224 in every released model).
+    pub img_size: usize,
+    pub embed_dims: [usize; 4],
+    pub num_heads: [usize; 4],
+    pub mlp_ratios: [usize; 4],
+    pub depths: [usize; 4],
+    pub sr_ratios: [usize; 4],
+    pub qkv_bias: bool,
+    /// Width of the BERT-style text embedding (768 for bert-base sizes).
+    pub token_hidden_size: usize,
+    /// T: every input must have exactly this many token ids.
+    pub num_text_tokens: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub num_sup_classes: usize,
+    pub num_sub_classes: usize,
+    /// Channel width c of the reconstruction head (fixed at 64 in the reference).
+    pub t2i_channel: usize,
+    pub drop_path_rate: f64,
+    /// Dropout after the text embedding's LayerNorm (BERT's hidden_dropout_prob).
+    pub text_dropout: f64,
+    pub block_norm_eps: f64,
+    pub norm_eps: f64,
+    pub bert_layer_norm_eps: f64,
+    pub heads: HeadSet,
+}
+
+impl PvltConfig {
+    fn pvlt(depths: [usize; 4]) -> Self {
+        PvltConfig {
+            patch_size: 4,
+            img_size: 224,
+            embed_dims: [64, 128, 320, 512],
+            num_heads: [1, 2, 5, 8],
+            mlp_ratios: [8, 8, 4, 4],
+            depths,
+            sr_ratios: [8, 4, 2, 1],
+            qkv_bias: true,
+            token_hidden_size: 768,
+            num_text_tokens: 128,
+            vocab_size: 30522,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            num_sup_classes: 48,
+            num_sub_classes: 122,
+            t2i_channel: 64,
+            drop_path_rate: 0.1,
+            text_dropout: 0.1,
+            block_norm_eps: 1e-6,
+            norm_eps: 1e-5,
+            bert_layer_norm_eps: 1e-12,
+            heads: HeadSet::ALL,
+        }
+    }
+    pub fn tiny() -> Self { Self::pvlt([2, 2, 2, 2]) }
+    pub fn small() -> Self { Self::pvlt([3, 4, 6, 3]) }
+    pub fn medium() -> Self { Self::pvlt([3, 4, 18, 3]) }
+    pub fn large() -> Self { Self::pvlt([3, 8, 27, 3]) }
+
+    pub const PRESETS: [&'static str; 4] = ["tiny", "small", "medium", "large"];
+
+    pub fn preset(name: &str) -> Option<Self> {
+        match name.strip_prefix("pvlt_").unwrap_or(name) {
+            "tiny" => Some(Self::tiny()),
+            "small" => Some(Self::small()),
+            "medium" => Some(Self::medium()),
+            "large" => Some(Self::large()),
+            _ => None,
+        }
+    }
+
+    /// The preset with the same depths, if any (used by `inspect` to name a checkpoint).
+    pub fn variant_name(&self) -> Option<&'static str> {
+        Self::PRESETS.into_iter().find(|p| {
+            let c = Self::preset(p).unwrap();
+            c.depths == self.depths && c.embed_dims == self.embed_dims
+        })
+    }
+
+    /// `--config` resolution: a preset name, or a JSON file holding either this struct, the
+    /// reference constructor's arguments, or a fixture/manifest with a `config` object.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        if let Some(c) = Self::preset(spec) {
+            return Ok(c);
+        }
+        let path = Path::new(spec);
+        if !path.exists() {
+            bail!(
+                "--config '{spec}' is neither a preset ({}) nor an existing file",
+                Self::PRESETS.join(", ")
+            );
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("config file {} is not valid JSON", path.display()))?;
+        let cfg = Self::from_json(&value).with_context(|| format!("in config file {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Parse any of the accepted JSON shapes (see the module docs), then validate.
+    pub fn from_json(value: &Value) -> Result<Self> {
+        let obj = match value.get("config") {
+            Some(inner) if inner.is_object() => inner,
+            _ => value,
+        };
+        let obj = obj.as_object().context("config must be a JSON object")?;
+        let base = PvltConfig::tiny();
+        let bert = obj.get("bert_config").and_then(|b| b.as_object());
+        // A key may live at top level (our form, manifests) or inside bert_config (fixtures).
+        let get = |names: &[&str]| -> Option<&Value> {
+            names.iter().find_map(|n| obj.get(*n).or_else(|| bert.and_then(|b| b.get(*n))))
+        };
+        let usize_of = |names: &[&str], default: usize| -> Result<usize> {
+            match get(names) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v.as_u64().map(|x| x as usize).with_context(|| {
+                    format!("config key '{}' must be a non-negative integer, got {v}", names[0])
+                }),
+            }
+        };
+        let f64_of = |names: &[&str], default: f64| -> Result<f64> {
+            match get(names) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .with_context(|| format!("config key '{}' must be a number, got {v}", names[0])),
+            }
+        };
+        let arr4 = |name: &str, default: [usize; 4]| -> Result<[usize; 4]> {
+            match obj.get(name) {
+                None => Ok(default),
+                Some(v) => {
+                    let a: Vec<usize> = serde_json::from_value(v.clone()).with_context(|| {
+                        format!("config key '{name}' must be a list of 4 integers, got {v}")
+                    })?;
+                    a.try_into().map_err(|a: Vec<usize>| {
+                        anyhow::anyhow!("config key '{name}' must have 4 entries (one per stage), got {}", a.len())
+                    })
+                }
+            }
+        };
+        let heads = if let Some(h) = obj.get("heads") {
+            serde_json::from_value(h.clone()).context("config key 'heads'")?
+        } else if let Some(lt) = obj.get("loss_type").and_then(|l| l.as_object()) {
+            let on = |k: &str| lt.get(k).and_then(|v| v.as_f64()).map(|x| x != 0.0).unwrap_or(false);
+            HeadSet { itm: on("itm"), mlm: on("mlm"), t2i: on("t2i"), cls: on("cls") }
+        } else {
+            HeadSet::ALL
+        };
+        let cfg = PvltConfig {
+            patch_size: usize_of(&["patch_size"], base.patch_size)?,
+            img_size: usize_of(&["img_size", "img_size_for_pos_embed"], base.img_size)?,
+            embed_dims: arr4("embed_dims", base.embed_dims)?,
+            num_heads: arr4("num_heads", base.num_heads)?,
+            mlp_ratios: arr4("mlp_ratios", base.mlp_ratios)?,
+            depths: arr4("depths", base.depths)?,
+            sr_ratios: arr4("sr_ratios", base.sr_ratios)?,
+            qkv_bias: get(&["qkv_bias"]).and_then(|v| v.as_bool()).unwrap_or(true),
+            token_hidden_size: usize_of(&["token_hidden_size", "hidden_size"], base.token_hidden_size)?,
+            num_text_tokens: usize_of(&["num_text_tokens"], base.num_text_tokens)?,
+            vocab_size: usize_of(&["vocab_size"], base.vocab_size)?,
+            max_position_embeddings: usize_of(&["max_position_embeddings"], base.max_position_embeddings)?,
+            type_vocab_size: usize_of(&["type_vocab_size"], base.type_vocab_size)?,
+            num_sup_classes: usize_of(&["num_sup_classes", "sup_classes"], base.num_sup_classes)?,
+            num_sub_classes: usize_of(&["num_sub_classes", "sub_classes"], base.num_sub_classes)?,
+            t2i_channel: usize_of(&["t2i_channel"], base.t2i_channel)?,
+            drop_path_rate: f64_of(&["drop_path_rate"], base.drop_path_rate)?,
+            text_dropout: f64_of(&["text_dropout", "hidden_dropout_prob"], base.text_dropout)?,
+            block_norm_eps: f64_of(&["block_norm_eps"], base.block_norm_eps)?,
+            norm_eps: f64_of(&["norm_eps"], base.norm_eps)?,
+            bert_layer_norm_eps: f64_of(&["bert_layer_norm_eps", "layer_norm_eps"], base.bert_layer_norm_eps)?,
+            heads,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Grid side of stage `i`'s positional-embedding table (56, 28, 14, 7 at img_size 224).
+    pub fn pos_table_grid(&self, stage: usize) -> usize {
+        self.img_size / self.patch_size / (1 << stage)
+    }
+
+    /// Reject configurations the reference would build but not run (or would run wrongly).
+    pub fn validate(&self) -> Result<()> {
+        for i in 0..4 {
+            let (c, h) = (self.embed_dims[i], self.num_heads[i]);
+            if h == 0 || c % h != 0 {
+                bail!("stage {}: embed_dims[{i}] = {c} is not divisible by num_heads[{i}] = {h}", i + 1);
+            }
+            if self.sr_ratios[i] == 0 || self.mlp_ratios[i] == 0 || self.depths[i] == 0 {
+                bail!("stage {}: sr_ratios, mlp_ratios and depths must be >= 1", i + 1);
+            }
+        }
+        if self.patch_size == 0 || self.img_size % (self.patch_size * 8) != 0 {
+            bail!(
+                "img_size {} (the positional-embedding size) must be divisible by patch_size*8 = {}",
+                self.img_size,
+                self.patch_size * 8
+            );
+        }
+        if self.num_text_tokens == 0 || self.num_text_tokens > self.max_position_embeddings {
+            bail!(
+                "num_text_tokens {} must be between 1 and max_position_embeddings {}",
+                self.num_text_tokens,
+                self.max_position_embeddings
+            );
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) || !(0.0..1.0).contains(&self.text_dropout) {
+            bail!("drop_path_rate and text_dropout must be in [0, 1)");
+        }
+        Ok(())
+    }
+
+    /// The stage-1 grid is H/patch, then each stage halves it: H and W must divide by patch*8.
+    pub fn check_image_size(&self, h: usize, w: usize) -> Result<()> {
+        let m = self.patch_size * 8;
+        if h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+            bail!(
+                "image size {h}x{w} does not divide into the four stage grids: height and width must be \
+                 multiples of patch_size*8 = {m} (e.g. 224 or 256)"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate() {
+        for p in PvltConfig::PRESETS {
+            PvltConfig::preset(p).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn rejects_non_divisible_heads() {
+        let mut c = PvltConfig::tiny();
+        c.num_heads[2] = 3;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("embed_dims[2] = 320 is not divisible by num_heads[2] = 3"), "{e}");
+    }
+
+    #[test]
+    fn rejects_image_size_that_does_not_divide() {
+        let e = PvltConfig::tiny().check_image_size(250, 256).unwrap_err().to_string();
+        assert!(e.contains("250x256") && e.contains("multiples of patch_size*8 = 32"), "{e}");
+        PvltConfig::tiny().check_image_size(224, 288).unwrap();
+    }
+
+    #[test]
+    fn parses_fixture_config_with_nested_bert_config() {
+        let v: Value = serde_json::json!({"config": {
+            "patch_size": 4, "img_size_for_pos_embed": 224, "qkv_bias": true, "block_norm_eps": 1e-6,
+            "loss_type": {"itm": 1, "mlm": 1, "t2i": 0, "cls": 1},
+            "bert_config": {"vocab_size": 30522, "hidden_size": 64, "layer_norm_eps": 1e-12},
+            "embed_dims": [16, 32, 40, 64], "num_heads": [1, 2, 2, 4], "mlp_ratios": [8, 8, 4, 4],
+            "depths": [2, 2, 2, 2], "sr_ratios": [8, 4, 2, 1], "token_hidden_size": 64, "num_text_tokens": 32}});
+        let c = PvltConfig::from_json(&v).unwrap();
+        assert_eq!(c.embed_dims, [16, 32, 40, 64]);
+        assert_eq!(c.token_hidden_size, 64);
+        assert_eq!(c.num_text_tokens, 32);
+        assert_eq!(c.heads, HeadSet { itm: true, mlm: true, t2i: false, cls: true });
+        // Our own serialised form round-trips.
+        let back = PvltConfig::from_json(&serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let v = serde_json::json!({"embed_dims": [64, 128, 320]});
+        let e = format!("{:#}", PvltConfig::from_json(&v).unwrap_err());
+        assert!(e.contains("embed_dims") && e.contains("4 entries"), "{e}");
+    }
+}

@@ -1,0 +1,229 @@
+//! The few building blocks PVLT needs, with PyTorch's parameter layouts and names.
+//!
+//! Why not burn-nn's layers: burn's `Linear` stores its weight transposed, its `LayerNorm` calls the
+//! affine parameters gamma/beta, and its `BatchNorm` updates running variance with the biased estimate
+//! (PyTorch uses the unbiased one). Mirroring PyTorch here means every module path in the burn tree is
+//! exactly the reference's state-dict key (see `weights.rs`), with no adapters or transposes.
+//!
+//! `nn.Sequential` children are named by index in PyTorch (`text_embed1.0.weight`); Rust fields cannot
+//! be named `0`, so those structs use fields `_0`, `_1`, and `weights.rs` maps `_N` <-> `N`.
+
+use burn::module::{Module, Param, RunningState};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{conv2d, embedding, linear};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Distribution, Int, Tensor};
+
+/// Linear layer, weight `[out, in]` as in PyTorch. Init: trunc-normal(0.02) weight, zero bias
+/// (`_init_weights` in the reference; PyTorch's trunc_normal_ bounds are +-2 absolute, i.e. 100
+/// standard deviations, so a plain normal is the same distribution).
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn new(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
+        let weight = Tensor::random([d_out, d_in], Distribution::Normal(0.0, 0.02), device);
+        Linear {
+            weight: Param::from_tensor(weight),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+        }
+    }
+
+    /// `[..., in] -> [..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// LayerNorm over the last axis (biased variance, as PyTorch).
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
+        LayerNorm {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            bias: Param::from_tensor(Tensor::zeros([dim], device)),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        let x = x.sub(mean).div(var.add_scalar(self.eps).sqrt());
+        x.mul(self.weight.val().unsqueeze()).add(self.bias.val().unsqueeze())
+    }
+}
+
+/// Conv2d, weight `[out, in, k, k]`, square kernel, stride and padding.
+/// Init: PyTorch's default (kaiming-uniform with a = sqrt(5): U(+-1/sqrt(fan_in)) for weight and bias).
+#[derive(Module, Debug)]
+pub struct Conv2d<B: Backend> {
+    pub weight: Param<Tensor<B, 4>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl<B: Backend> Conv2d<B> {
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Self {
+        let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
+        let u = Distribution::Uniform(-bound, bound);
+        Conv2d {
+            weight: Param::from_tensor(Tensor::random([c_out, c_in, kernel, kernel], u, device)),
+            bias: bias.then(|| Param::from_tensor(Tensor::random([c_out], u, device))),
+            stride,
+            padding,
+        }
+    }
+
+    /// `[B, C_in, H, W] -> [B, C_out, H', W']`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
+        conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), options)
+    }
+}
+
+/// BatchNorm2d with PyTorch semantics: batch statistics (biased variance) in training, running
+/// statistics in eval; running update `r = (1 - m) r + m stat` with the UNBIASED batch variance.
+#[derive(Module, Debug)]
+pub struct BatchNorm2d<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub running_mean: RunningState<Tensor<B, 1>>,
+    pub running_var: RunningState<Tensor<B, 1>>,
+    /// PyTorch's int64 scalar buffer, kept as a float `[1]` (burn has no integer running state; exact
+    /// up to 2^24 batches) so a checkpoint round-trips. Unused in compute: momentum is fixed.
+    pub num_batches_tracked: RunningState<Tensor<B, 1>>,
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl<B: Backend> BatchNorm2d<B> {
+    pub fn new(channels: usize, device: &B::Device) -> Self {
+        BatchNorm2d {
+            weight: Param::from_tensor(Tensor::ones([channels], device)),
+            bias: Param::from_tensor(Tensor::zeros([channels], device)),
+            running_mean: RunningState::new(Tensor::zeros([channels], device)),
+            running_var: RunningState::new(Tensor::ones([channels], device)),
+            num_batches_tracked: RunningState::new(Tensor::zeros([1], device)),
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+
+    /// `[B, C, H, W] -> [B, C, H, W]`
+    pub fn forward(&self, x: Tensor<B, 4>, train: bool) -> Tensor<B, 4> {
+        let [b, c, h, w] = x.dims();
+        let (mean, var) = if train {
+            let flat = x.clone().swap_dims(0, 1).reshape([c, b * h * w]);
+            let (var, mean) = flat.var_mean_bias(1);
+            let (mean, var) = (mean.reshape([c]), var.reshape([c]));
+            let n = (b * h * w) as f64;
+            let unbiased = var.clone().detach().mul_scalar(n / (n - 1.0).max(1.0));
+            let m = self.momentum;
+            let rm = self.running_mean.value_sync().mul_scalar(1.0 - m).add(mean.clone().detach().mul_scalar(m));
+            let rv = self.running_var.value_sync().mul_scalar(1.0 - m).add(unbiased.mul_scalar(m));
+            self.running_mean.update(rm);
+            self.running_var.update(rv);
+            self.num_batches_tracked.update(self.num_batches_tracked.value_sync().add_scalar(1));
+            (mean, var)
+        } else {
+            (self.running_mean.value(), self.running_var.value())
+        };
+        let shape = [1, c, 1, 1];
+        let scale = self.weight.val().div(var.add_scalar(self.eps).sqrt()).reshape(shape);
+        x.sub(mean.reshape(shape)).mul(scale).add(self.bias.val().reshape(shape))
+    }
+}
+
+/// Embedding table `[n, d]`. Init N(0, 1) (PyTorch's default); `padding_idx` rows start at zero.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    pub fn new(n: usize, d: usize, padding_idx: Option<usize>, device: &B::Device) -> Self {
+        let mut w = Tensor::random([n, d], Distribution::Normal(0.0, 1.0), device);
+        if let Some(p) = padding_idx {
+            w = w.slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
+        }
+        Embedding { weight: Param::from_tensor(w) }
+    }
+
+    /// `[B, T] ids -> [B, T, d]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.weight.val(), ids)
+    }
+}
+
+/// `nn.Sequential(nn.Linear, nn.LayerNorm)`: the per-stage text projection (`text_embed{i}`) and
+/// every head's "embed" (`*_head_embed`).
+#[derive(Module, Debug)]
+pub struct LinearNorm<B: Backend> {
+    pub _0: Linear<B>,
+    pub _1: LayerNorm<B>,
+}
+
+impl<B: Backend> LinearNorm<B> {
+    pub fn new(d_in: usize, d_out: usize, eps: f64, device: &B::Device) -> Self {
+        LinearNorm { _0: Linear::new(d_in, d_out, true, device), _1: LayerNorm::new(d_out, eps, device) }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self._1.forward(self._0.forward(x))
+    }
+}
+
+/// `ConvBN` of the reconstruction head: `nn.Sequential(Conv2d 3x3 pad 1 no bias, BatchNorm2d)`,
+/// no activation.
+#[derive(Module, Debug)]
+pub struct ConvBn<B: Backend> {
+    pub _0: Conv2d<B>,
+    pub _1: BatchNorm2d<B>,
+}
+
+impl<B: Backend> ConvBn<B> {
+    pub fn new(c_in: usize, c_out: usize, device: &B::Device) -> Self {
+        ConvBn { _0: Conv2d::new(c_in, c_out, 3, 1, 1, false, device), _1: BatchNorm2d::new(c_out, device) }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>, train: bool) -> Tensor<B, 4> {
+        self._1.forward(self._0.forward(x), train)
+    }
+}
+
+/// Inverted dropout, a no-op outside training.
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64, train: bool) -> Tensor<B, D> {
+    if !train || p == 0.0 {
+        return x;
+    }
+    let keep = x.random_like(Distribution::Bernoulli(1.0 - p));
+    x.mul(keep).div_scalar(1.0 - p)
+}
+
+/// Stochastic depth on a residual branch `[B, N, C]`: drop whole samples, rescale the rest.
+pub fn drop_path<B: Backend>(x: Tensor<B, 3>, p: f64, train: bool) -> Tensor<B, 3> {
+    if !train || p == 0.0 {
+        return x;
+    }
+    let [b, _, _] = x.dims();
+    let keep = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(1.0 - p), &x.device());
+    x.mul(keep).div_scalar(1.0 - p)
+}

@@ -1,0 +1,8 @@
+//! The PVLT model: configuration, layers, the network and its weight files.
+pub mod config;
+pub mod layers;
+pub mod pvlt;
+pub mod weights;
+
+pub use config::{HeadSet, PvltConfig};
+pub use pvlt::{Pvlt, PvltOutput};

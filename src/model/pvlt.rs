@@ -1,0 +1,532 @@
+#![allow(non_snake_case)] // `LayerNorm` fields keep the reference (BERT) state-dict names.
+//! PVLT: the Pyramid Vision-Language Transformer of MVLT and its heads.
+//!
+//! Mirrors `PyramidVisionLanguageTransformer` of the authors' code: a PVT-v1 pyramid whose four
+//! stages carry the text tokens along with the image patch tokens ([image ; text], no attention
+//! mask). Field names and order are the reference's state-dict names and order.
+
+use super::config::{HeadSet, PvltConfig};
+use super::layers::{dropout, drop_path, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm};
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Distribution, Int, Tensor};
+
+/// Stage input: `Conv2d(kernel = stride = patch)` then flatten and LayerNorm.
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    pub proj: Conv2d<B>,
+    pub norm: LayerNorm<B>,
+}
+
+impl<B: Backend> PatchEmbed<B> {
+    /// `[B, C_in, H, W] -> ([B, H'*W', C], H', W')`
+    pub fn forward(&self, x: Tensor<B, 4>) -> (Tensor<B, 3>, usize, usize) {
+        let x = self.proj.forward(x);
+        let [b, c, h, w] = x.dims();
+        let x = x.reshape([b, c, h * w]).swap_dims(1, 2);
+        (self.norm.forward(x), h, w)
+    }
+}
+
+/// Spatial-reduction attention over [image ; text] tokens. Queries come from every token; keys and
+/// values from the image tokens reduced by a strided conv (+ LayerNorm) followed by the unreduced
+/// text tokens.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q: Linear<B>,
+    pub kv: Linear<B>,
+    pub proj: Linear<B>,
+    pub sr: Option<Conv2d<B>>,
+    pub norm: Option<LayerNorm<B>>,
+    pub num_heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `x`: `[B, H*W + T, C]`, the first `h*w` tokens being the image grid.
+    pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 3> {
+        let [b, n, c] = x.dims();
+        let heads = self.num_heads;
+        let hd = c / heads;
+        let q = self.q.forward(x.clone()).reshape([b, n, heads, hd]).swap_dims(1, 2);
+
+        let kv_src = match (&self.sr, &self.norm) {
+            (Some(sr), Some(norm)) => {
+                let img = x.clone().slice([0..b, 0..h * w, 0..c]);
+                let text = x.slice([0..b, h * w..n, 0..c]);
+                let img = sr.forward(img.swap_dims(1, 2).reshape([b, c, h, w]));
+                let [_, _, hr, wr] = img.dims();
+                let img = norm.forward(img.reshape([b, c, hr * wr]).swap_dims(1, 2));
+                Tensor::cat(vec![img, text], 1)
+            }
+            _ => x,
+        };
+        let m = kv_src.dims()[1];
+        // kv output channels: [0, C) keys, [C, 2C) values; heads are contiguous channel blocks.
+        let kv = self.kv.forward(kv_src).reshape([b, m, 2, heads, hd]);
+        let k = kv.clone().slice([0..b, 0..m, 0..1]).reshape([b, m, heads, hd]).swap_dims(1, 2);
+        let v = kv.slice([0..b, 0..m, 1..2]).reshape([b, m, heads, hd]).swap_dims(1, 2);
+
+        let scale = (hd as f64).powf(-0.5);
+        let attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
+        self.proj.forward(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+/// Pre-norm transformer block with stochastic depth on both residual branches.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm1: LayerNorm<B>,
+    pub attn: Attention<B>,
+    pub norm2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+    pub drop_path: f64,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, h: usize, w: usize, train: bool) -> Tensor<B, 3> {
+        let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x), h, w), self.drop_path, train);
+        x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path, train)
+    }
+}
+
+/// BERT embeddings (word + position + token type 0, LayerNorm, dropout), learned from scratch.
+#[allow(non_snake_case)]
+#[derive(Module, Debug)]
+pub struct TextEmbeddings<B: Backend> {
+    pub word_embeddings: Embedding<B>,
+    pub position_embeddings: Embedding<B>,
+    pub token_type_embeddings: Embedding<B>,
+    pub LayerNorm: LayerNorm<B>,
+    pub dropout: f64,
+}
+
+impl<B: Backend> TextEmbeddings<B> {
+    /// `[B, T] -> [B, T, hidden]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, train: bool) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+        let x = self.word_embeddings.forward(ids)
+            + self.position_embeddings.forward(positions)
+            + self.token_type_embeddings.forward(Tensor::zeros([1, t], &device));
+        let _ = b;
+        dropout(self.LayerNorm.forward(x), self.dropout, train)
+    }
+}
+
+/// `dense -> GELU -> LayerNorm` before the tied decoder (BertPredictionHeadTransform).
+#[allow(non_snake_case)]
+#[derive(Module, Debug)]
+pub struct MlmTransform<B: Backend> {
+    pub dense: Linear<B>,
+    pub LayerNorm: LayerNorm<B>,
+}
+
+/// MLM head. The decoder weight is the word-embedding matrix (tied), so only its bias lives here.
+#[derive(Module, Debug)]
+pub struct MlmHead<B: Backend> {
+    pub bias: Param<Tensor<B, 1>>,
+    pub transform: MlmTransform<B>,
+}
+
+/// ITM / recognition head: `Linear` plus a second, separate bias (the reference adds both).
+#[derive(Module, Debug)]
+pub struct ClsHead<B: Backend> {
+    pub linear_bias: Param<Tensor<B, 1>>,
+    pub linear: Linear<B>,
+}
+
+impl<B: Backend> ClsHead<B> {
+    fn new(d: usize, k: usize, device: &B::Device) -> Self {
+        ClsHead { linear_bias: Param::from_tensor(Tensor::zeros([k], device)), linear: Linear::new(d, k, true, device) }
+    }
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.linear.forward(x) + self.linear_bias.val().unsqueeze()
+    }
+}
+
+/// `nn.Sequential(Conv2d 1x1, Upsample x8)`; the upsampling has no weights.
+#[derive(Module, Debug)]
+pub struct Score<B: Backend> {
+    pub _0: Conv2d<B>,
+}
+
+/// Masked image reconstruction head (the reference's `t2i_head`): fuses stage maps 2-4 up to the
+/// input resolution.
+#[derive(Module, Debug)]
+pub struct T2iHead<B: Backend> {
+    pub reduction1: ConvBn<B>,
+    pub reduction2: ConvBn<B>,
+    pub reduction3: ConvBn<B>,
+    pub conv_upsample1: ConvBn<B>,
+    pub conv_upsample2: ConvBn<B>,
+    pub conv_upsample3: ConvBn<B>,
+    pub conv_upsample4: ConvBn<B>,
+    pub conv_upsample5: ConvBn<B>,
+    pub conv_concat2: ConvBn<B>,
+    pub conv_concat3: ConvBn<B>,
+    pub conv4: ConvBn<B>,
+    pub score: Score<B>,
+}
+
+fn upsample<B: Backend>(x: Tensor<B, 4>, factor: usize) -> Tensor<B, 4> {
+    let [_, _, h, w] = x.dims();
+    interpolate(x, [h * factor, w * factor], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(true))
+}
+
+impl<B: Backend> T2iHead<B> {
+    fn new(dims: [usize; 3], c: usize, device: &B::Device) -> Self {
+        let cb = |i, o| ConvBn::new(i, o, device);
+        T2iHead {
+            reduction1: cb(dims[0], c),
+            reduction2: cb(dims[1], c),
+            reduction3: cb(dims[2], c),
+            conv_upsample1: cb(c, c),
+            conv_upsample2: cb(c, c),
+            conv_upsample3: cb(c, c),
+            conv_upsample4: cb(c, c),
+            conv_upsample5: cb(2 * c, 2 * c),
+            conv_concat2: cb(2 * c, 2 * c),
+            conv_concat3: cb(3 * c, 3 * c),
+            conv4: cb(3 * c, 3 * c),
+            score: Score { _0: Conv2d::new(3 * c, 3, 1, 1, 0, true, device) },
+        }
+    }
+
+    /// Stage maps 2, 3, 4 (`[B, C_i, H/8, W/8]`, `/16`, `/32`) -> `[B, 3, H, W]`.
+    pub fn forward(&self, f2: Tensor<B, 4>, f3: Tensor<B, 4>, f4: Tensor<B, 4>, train: bool) -> Tensor<B, 4> {
+        let r1 = self.reduction1.forward(f2, train);
+        let r2 = self.reduction2.forward(f3, train);
+        let r3 = self.reduction3.forward(f4, train);
+        let x2_1 = self.conv_upsample1.forward(upsample(r3.clone(), 2), train) * r2.clone();
+        let x3_1 = self.conv_upsample2.forward(upsample(r2, 2), train)
+            * self.conv_upsample3.forward(upsample(x2_1.clone(), 2), train)
+            * r1;
+        let x2_2 = self
+            .conv_concat2
+            .forward(Tensor::cat(vec![x2_1, self.conv_upsample4.forward(upsample(r3, 2), train)], 1), train);
+        let x3_2 = self
+            .conv_concat3
+            .forward(Tensor::cat(vec![x3_1, self.conv_upsample5.forward(upsample(x2_2, 2), train)], 1), train);
+        let x = self.score._0.forward(self.conv4.forward(x3_2, train));
+        upsample(x, 8)
+    }
+}
+
+/// The whole model. Stage parameters are flat fields named as in the reference state dict.
+#[derive(Module, Debug)]
+pub struct Pvlt<B: Backend> {
+    pub pos_embed1: Param<Tensor<B, 3>>,
+    pub text_pos_embed1: Param<Tensor<B, 3>>,
+    pub pos_embed2: Param<Tensor<B, 3>>,
+    pub text_pos_embed2: Param<Tensor<B, 3>>,
+    pub pos_embed3: Param<Tensor<B, 3>>,
+    pub text_pos_embed3: Param<Tensor<B, 3>>,
+    pub pos_embed4: Param<Tensor<B, 3>>,
+    pub text_pos_embed4: Param<Tensor<B, 3>>,
+    pub patch_embed1: PatchEmbed<B>,
+    pub text_embed1: LinearNorm<B>,
+    pub block1: Vec<Block<B>>,
+    pub patch_embed2: PatchEmbed<B>,
+    pub text_embed2: LinearNorm<B>,
+    pub block2: Vec<Block<B>>,
+    pub patch_embed3: PatchEmbed<B>,
+    pub text_embed3: LinearNorm<B>,
+    pub block3: Vec<Block<B>>,
+    pub patch_embed4: PatchEmbed<B>,
+    pub text_embed4: LinearNorm<B>,
+    pub block4: Vec<Block<B>>,
+    pub text_embeddings: TextEmbeddings<B>,
+    pub mlm_head_embed: Option<LinearNorm<B>>,
+    pub mlm_head: Option<MlmHead<B>>,
+    pub itm_head_embed: Option<LinearNorm<B>>,
+    pub itm_head: Option<ClsHead<B>>,
+    pub sup_cls_head_embed: Option<LinearNorm<B>>,
+    pub sup_cls_head: Option<ClsHead<B>>,
+    pub sub_cls_head_embed: Option<LinearNorm<B>>,
+    pub sub_cls_head: Option<ClsHead<B>>,
+    pub t2i_head: Option<T2iHead<B>>,
+    /// Grid side of each stage's positional table (56, 28, 14, 7 at img_size 224).
+    pub pos_grids: [usize; 4],
+}
+
+/// One stage's parameters, borrowed from the flat fields so the forward pass can loop.
+struct Stage<'a, B: Backend> {
+    pos_embed: &'a Param<Tensor<B, 3>>,
+    text_pos_embed: &'a Param<Tensor<B, 3>>,
+    patch_embed: &'a PatchEmbed<B>,
+    text_embed: &'a LinearNorm<B>,
+    blocks: &'a [Block<B>],
+}
+
+/// Everything a forward pass produced. Heads not asked for are `None`.
+#[derive(Debug, Clone)]
+pub struct PvltOutput<B: Backend> {
+    /// Stage image maps, NCHW.
+    pub img_feats: Vec<Tensor<B, 4>>,
+    /// Stage text tokens `[B, T, C_i]`.
+    pub text_feats: Vec<Tensor<B, 3>>,
+    /// BertEmbeddings output `[B, T, hidden]`.
+    pub text_embeddings: Tensor<B, 3>,
+    /// Stage-1 patch embedding after its LayerNorm `[B, H1*W1, C1]`.
+    pub patch_embed1: Tensor<B, 3>,
+    /// The (resized) positional embedding added at each stage `[1, Hi*Wi, Ci]`.
+    pub pos_embed_used: Vec<Tensor<B, 3>>,
+    /// `[B, 1, 2]`; softmax(...)[1] is the match probability.
+    pub itm_logits: Option<Tensor<B, 3>>,
+    /// Decoder input `[B, T, hidden]`.
+    pub mlm_hidden: Option<Tensor<B, 3>>,
+    /// `[B, T, vocab]`
+    pub mlm_logits: Option<Tensor<B, 3>>,
+    pub sup_cls_logits: Option<Tensor<B, 3>>,
+    pub sub_cls_logits: Option<Tensor<B, 3>>,
+    /// Reconstructed image `[B, 3, H, W]`.
+    pub t2i_logits: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> Pvlt<B> {
+    /// A freshly initialised model, as the reference's `__init__` + `_init_weights` leave it.
+    pub fn new(cfg: &PvltConfig, device: &B::Device) -> Self {
+        let d = cfg.embed_dims;
+        let th = cfg.token_hidden_size;
+        let trunc = |shape: [usize; 3]| Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device));
+        let grid = |i: usize| cfg.pos_table_grid(i);
+        let total_blocks: usize = cfg.depths.iter().sum();
+        let mut block_index = 0;
+        let mut stage_blocks = |i: usize| -> Vec<Block<B>> {
+            (0..cfg.depths[i])
+                .map(|_| {
+                    // drop_path rises linearly from 0 to the rate over all blocks (torch.linspace).
+                    let rate = if total_blocks > 1 {
+                        cfg.drop_path_rate * block_index as f64 / (total_blocks - 1) as f64
+                    } else {
+                        0.0
+                    };
+                    block_index += 1;
+                    let c = d[i];
+                    let sr = cfg.sr_ratios[i];
+                    Block {
+                        norm1: LayerNorm::new(c, cfg.block_norm_eps, device),
+                        attn: Attention {
+                            q: Linear::new(c, c, cfg.qkv_bias, device),
+                            kv: Linear::new(c, 2 * c, cfg.qkv_bias, device),
+                            proj: Linear::new(c, c, true, device),
+                            sr: (sr > 1).then(|| Conv2d::new(c, c, sr, sr, 0, true, device)),
+                            norm: (sr > 1).then(|| LayerNorm::new(c, cfg.norm_eps, device)),
+                            num_heads: cfg.num_heads[i],
+                        },
+                        norm2: LayerNorm::new(c, cfg.block_norm_eps, device),
+                        mlp: Mlp {
+                            fc1: Linear::new(c, c * cfg.mlp_ratios[i], true, device),
+                            fc2: Linear::new(c * cfg.mlp_ratios[i], c, true, device),
+                        },
+                        drop_path: rate,
+                    }
+                })
+                .collect()
+        };
+        let patch_embed = |i: usize| {
+            let (c_in, k) = if i == 0 { (3, cfg.patch_size) } else { (d[i - 1], 2) };
+            PatchEmbed { proj: Conv2d::new(c_in, d[i], k, k, 0, true, device), norm: LayerNorm::new(d[i], cfg.norm_eps, device) }
+        };
+        let text_embed = |i: usize| LinearNorm::new(if i == 0 { th } else { d[i - 1] }, d[i], cfg.norm_eps, device);
+        let head_embed = || LinearNorm::new(d[3], th, cfg.norm_eps, device);
+        let h = cfg.heads;
+        let t = cfg.num_text_tokens;
+
+        let mut word_embeddings = Embedding::new(cfg.vocab_size, th, Some(0), device);
+        if h.mlm {
+            // The reference's init pass re-initialises the tied decoder Linear, i.e. the word
+            // embeddings become trunc-normal(0.02) including the [PAD] row.
+            word_embeddings.weight = Param::from_tensor(Tensor::random([cfg.vocab_size, th], Distribution::Normal(0.0, 0.02), device));
+        }
+        let block1 = stage_blocks(0);
+        let block2 = stage_blocks(1);
+        let block3 = stage_blocks(2);
+        let block4 = stage_blocks(3);
+        Pvlt {
+            pos_embed1: trunc([1, grid(0) * grid(0), d[0]]),
+            text_pos_embed1: trunc([1, t, d[0]]),
+            pos_embed2: trunc([1, grid(1) * grid(1), d[1]]),
+            text_pos_embed2: trunc([1, t, d[1]]),
+            pos_embed3: trunc([1, grid(2) * grid(2), d[2]]),
+            text_pos_embed3: trunc([1, t, d[2]]),
+            // One extra leading slot: PVT's class token position, dropped before use.
+            pos_embed4: trunc([1, grid(3) * grid(3) + 1, d[3]]),
+            text_pos_embed4: trunc([1, t, d[3]]),
+            patch_embed1: patch_embed(0),
+            text_embed1: text_embed(0),
+            block1,
+            patch_embed2: patch_embed(1),
+            text_embed2: text_embed(1),
+            block2,
+            patch_embed3: patch_embed(2),
+            text_embed3: text_embed(2),
+            block3,
+            patch_embed4: patch_embed(3),
+            text_embed4: text_embed(3),
+            block4,
+            text_embeddings: TextEmbeddings {
+                word_embeddings,
+                position_embeddings: Embedding::new(cfg.max_position_embeddings, th, None, device),
+                token_type_embeddings: Embedding::new(cfg.type_vocab_size, th, None, device),
+                LayerNorm: LayerNorm::new(th, cfg.bert_layer_norm_eps, device),
+                dropout: cfg.text_dropout,
+            },
+            mlm_head_embed: h.mlm.then(head_embed),
+            mlm_head: h.mlm.then(|| MlmHead {
+                bias: Param::from_tensor(Tensor::zeros([cfg.vocab_size], device)),
+                transform: MlmTransform { dense: Linear::new(th, th, true, device), LayerNorm: LayerNorm::new(th, cfg.norm_eps, device) },
+            }),
+            itm_head_embed: h.itm.then(head_embed),
+            itm_head: h.itm.then(|| ClsHead::new(th, 2, device)),
+            sup_cls_head_embed: h.cls.then(head_embed),
+            sup_cls_head: h.cls.then(|| ClsHead::new(th, cfg.num_sup_classes, device)),
+            sub_cls_head_embed: h.cls.then(head_embed),
+            sub_cls_head: h.cls.then(|| ClsHead::new(th, cfg.num_sub_classes, device)),
+            t2i_head: h.t2i.then(|| T2iHead::new([d[1], d[2], d[3]], cfg.t2i_channel, device)),
+            pos_grids: [grid(0), grid(1), grid(2), grid(3)],
+        }
+    }
+
+    /// Heads this model instance has weights for.
+    pub fn heads(&self) -> HeadSet {
+        HeadSet {
+            itm: self.itm_head.is_some(),
+            mlm: self.mlm_head.is_some(),
+            t2i: self.t2i_head.is_some(),
+            cls: self.sup_cls_head.is_some(),
+        }
+    }
+
+    fn stage(&self, i: usize) -> Stage<'_, B> {
+        match i {
+            0 => Stage { pos_embed: &self.pos_embed1, text_pos_embed: &self.text_pos_embed1, patch_embed: &self.patch_embed1, text_embed: &self.text_embed1, blocks: &self.block1 },
+            1 => Stage { pos_embed: &self.pos_embed2, text_pos_embed: &self.text_pos_embed2, patch_embed: &self.patch_embed2, text_embed: &self.text_embed2, blocks: &self.block2 },
+            2 => Stage { pos_embed: &self.pos_embed3, text_pos_embed: &self.text_pos_embed3, patch_embed: &self.patch_embed3, text_embed: &self.text_embed3, blocks: &self.block3 },
+            _ => Stage { pos_embed: &self.pos_embed4, text_pos_embed: &self.text_pos_embed4, patch_embed: &self.patch_embed4, text_embed: &self.text_embed4, blocks: &self.block4 },
+        }
+    }
+
+    /// Stage `i`'s positional table resized to the actual `h x w` grid: bilinear,
+    /// align_corners = False, no antialias, and only when the grid differs from the table's own
+    /// (the spec's decision on the reference's 3136 shortcut). Stage 4 drops its class slot first.
+    pub fn pos_embed_for(&self, i: usize, h: usize, w: usize) -> Tensor<B, 3> {
+        let table = self.stage(i).pos_embed.val();
+        let [_, n, c] = table.dims();
+        let table = if i == 3 { table.slice([0..1, 1..n, 0..c]) } else { table };
+        let s = self.pos_grids[i];
+        resize_pos_embed(table, s, h, w)
+    }
+
+    /// Run the backbone and the requested heads (only those; the MLM decoder alone costs more than
+    /// the backbone).
+    ///
+    /// - `images`: `[B, 3, H, W]` in [0, 1], H and W multiples of patch_size*8.
+    /// - `input_ids`: `[B, T]`, T = num_text_tokens.
+    /// - `train`: dropout, stochastic depth, BatchNorm batch statistics.
+    pub fn forward(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, train: bool) -> PvltOutput<B> {
+        let text_embeddings = self.text_embeddings.forward(input_ids, train);
+        let mut img = images;
+        let mut text = text_embeddings.clone();
+        let (mut img_feats, mut text_feats, mut pos_used) = (vec![], vec![], vec![]);
+        let mut patch_embed1 = None;
+        for i in 0..4 {
+            let st = self.stage(i);
+            let (x, h, w) = st.patch_embed.forward(img);
+            if i == 0 {
+                patch_embed1 = Some(x.clone());
+            }
+            let pos = self.pos_embed_for(i, h, w);
+            let x = x + pos.clone();
+            pos_used.push(pos);
+            let y = st.text_embed.forward(text) + st.text_pos_embed.val();
+            let [b, hw, c] = x.dims();
+            let t = y.dims()[1];
+            let mut z = Tensor::cat(vec![x, y], 1);
+            for blk in st.blocks {
+                z = blk.forward(z, h, w, train);
+            }
+            let x = z.clone().slice([0..b, 0..hw, 0..c]);
+            text = z.slice([0..b, hw..hw + t, 0..c]);
+            img = x.swap_dims(1, 2).reshape([b, c, h, w]);
+            img_feats.push(img.clone());
+            text_feats.push(text.clone());
+        }
+        let [b, t, c] = text.dims();
+        let cls_token = || text.clone().slice([0..b, 0..1, 0..c]);
+
+        let mut out = PvltOutput {
+            img_feats,
+            text_feats,
+            text_embeddings,
+            patch_embed1: patch_embed1.expect("four stages ran"),
+            pos_embed_used: pos_used,
+            itm_logits: None,
+            mlm_hidden: None,
+            mlm_logits: None,
+            sup_cls_logits: None,
+            sub_cls_logits: None,
+            t2i_logits: None,
+        };
+        if heads.itm {
+            if let (Some(e), Some(head)) = (&self.itm_head_embed, &self.itm_head) {
+                out.itm_logits = Some(head.forward(e.forward(cls_token())));
+            }
+        }
+        if heads.cls {
+            if let (Some(e), Some(head)) = (&self.sup_cls_head_embed, &self.sup_cls_head) {
+                out.sup_cls_logits = Some(head.forward(e.forward(cls_token())));
+            }
+            if let (Some(e), Some(head)) = (&self.sub_cls_head_embed, &self.sub_cls_head) {
+                out.sub_cls_logits = Some(head.forward(e.forward(cls_token())));
+            }
+        }
+        if heads.mlm {
+            if let (Some(e), Some(head)) = (&self.mlm_head_embed, &self.mlm_head) {
+                let tr = &head.transform;
+                let hidden = tr.LayerNorm.forward(gelu(tr.dense.forward(e.forward(text.clone()))));
+                // Tied decoder: logits = hidden @ word_embeddings^T + bias.
+                let words = self.text_embeddings.word_embeddings.weight.val();
+                let logits = burn::tensor::module::linear(hidden.clone(), words.transpose(), Some(head.bias.val()));
+                out.mlm_hidden = Some(hidden);
+                out.mlm_logits = Some(logits);
+            }
+        }
+        if heads.t2i {
+            if let Some(head) = &self.t2i_head {
+                let f = &out.img_feats;
+                out.t2i_logits = Some(head.forward(f[1].clone(), f[2].clone(), f[3].clone(), train));
+            }
+        }
+        let _ = t;
+        out
+    }
+}
+
+/// `[1, s*s, C]` table -> `[1, h*w, C]` (PyTorch `F.interpolate(mode='bilinear', align_corners=False)`).
+pub fn resize_pos_embed<B: Backend>(table: Tensor<B, 3>, s: usize, h: usize, w: usize) -> Tensor<B, 3> {
+    if (h, w) == (s, s) {
+        return table;
+    }
+    let c = table.dims()[2];
+    let grid = table.reshape([1, s, s, c]).permute([0, 3, 1, 2]);
+    let resized = interpolate(grid, [h, w], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false));
+    resized.reshape([1, c, h * w]).swap_dims(1, 2)
+}

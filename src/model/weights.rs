@@ -1,0 +1,384 @@
+//! Weight files in and out: safetensors (native), PyTorch `.pth` (the authors' training checkpoint
+//! or a bare state dict), strict and non-strict loading with precise reports.
+//!
+//! Every module path in the burn tree equals the reference state-dict key once the `_N` fields of
+//! `nn.Sequential` stand-ins are renamed `N` (see `layers.rs`). `.pth` files are read by burn-store's
+//! pickle reader, which interprets the pickle opcodes as data and never executes anything.
+
+use super::config::PvltConfig;
+use super::pvlt::Pvlt;
+use anyhow::{anyhow, bail, Context, Result};
+use burn::module::ParamId;
+use burn_store::pytorch::PytorchReader;
+use burn::store::{ModuleSnapshot, TensorSnapshot};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, TensorData};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The tied MLM decoder weight: in `.pth` files an alias of the word embeddings; never stored in
+/// safetensors (the reference's convention, which we follow).
+pub const TIED_DECODER_KEY: &str = "mlm_head.mlm_decoder.weight";
+pub const WORD_EMBEDDINGS_KEY: &str = "text_embeddings.word_embeddings.weight";
+/// Optional int64 buffer `arange(512)` that transformers 4.10 kept in the state dict.
+pub const POSITION_IDS_KEY: &str = "text_embeddings.position_ids";
+/// Metadata key under which our safetensors files carry the model config (JSON).
+pub const CONFIG_METADATA_KEY: &str = "mvlt.config";
+
+/// A state dict read from disk, keyed by the reference's names.
+pub struct StateDict {
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub tensors: BTreeMap<String, TensorData>,
+    /// safetensors `__metadata__` (empty for .pth).
+    pub metadata: HashMap<String, String>,
+}
+
+impl StateDict {
+    pub fn read(path: &Path) -> Result<StateDict> {
+        if !path.exists() {
+            bail!("weights file {} does not exist", path.display());
+        }
+        let mut magic = [0u8; 4];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+            let n = f.read(&mut magic).with_context(|| format!("cannot read weights file {}", path.display()))?;
+            if n < 4 {
+                bail!("weights file {} is empty or truncated ({n} bytes)", path.display());
+            }
+        }
+        // torch.save writes a zip archive (PK..) since 1.6, a bare pickle (0x80 proto) before.
+        if &magic == b"PK\x03\x04" || magic[0] == 0x80 {
+            Self::read_pth(path)
+        } else {
+            Self::read_safetensors(path)
+        }
+    }
+
+    fn read_safetensors(path: &Path) -> Result<StateDict> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow!("{} is neither a PyTorch file nor a valid safetensors file ({e}); is it truncated?", path.display())
+        })?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow!("{}: bad safetensors header: {e}", path.display()))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F64 => DType::F64,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::I64 => DType::I64,
+                safetensors::Dtype::I32 => DType::I32,
+                other => bail!("{}: tensor '{name}' has unsupported dtype {other:?}", path.display()),
+            };
+            let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
+            tensors.insert(name, data);
+        }
+        Ok(StateDict { path: path.to_path_buf(), format: "safetensors", tensors, metadata })
+    }
+
+    fn read_pth(path: &Path) -> Result<StateDict> {
+        let reader = PytorchReader::new(path).map_err(|e| {
+            anyhow!("cannot read PyTorch file {}: {e} (is it a complete torch.save file?)", path.display())
+        })?;
+        let all = reader.into_tensors();
+        // The authors' training checkpoint nests the state dict under 'model', beside optimizer
+        // state that also holds tensors; a bare state dict (PVT ImageNet weights) has no prefix.
+        let nested = all.keys().any(|k| k.starts_with("model."));
+        let mut tensors = BTreeMap::new();
+        for (key, snap) in all {
+            let key = if nested {
+                match key.strip_prefix("model.") {
+                    Some(k) => k.to_string(),
+                    None => continue,
+                }
+            } else {
+                key
+            };
+            let data = snap.to_data().map_err(|e| anyhow!("{}: cannot read tensor '{key}': {e:?}", path.display()))?;
+            tensors.insert(key, data);
+        }
+        if tensors.is_empty() {
+            bail!("PyTorch file {} holds no tensors (expected a state dict or a checkpoint with a 'model' entry)", path.display());
+        }
+        Ok(StateDict { path: path.to_path_buf(), format: if nested { "pth (training checkpoint, 'model' entry)" } else { "pth (bare state dict)" }, tensors, metadata: HashMap::new() })
+    }
+
+    /// The config stored in our own safetensors files, if any.
+    pub fn stored_config(&self) -> Result<Option<PvltConfig>> {
+        match self.metadata.get(CONFIG_METADATA_KEY) {
+            None => Ok(None),
+            Some(s) => {
+                let v: serde_json::Value = serde_json::from_str(s).with_context(|| format!("{}: bad {CONFIG_METADATA_KEY} metadata", self.path.display()))?;
+                Ok(Some(PvltConfig::from_json(&v)?))
+            }
+        }
+    }
+
+    fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.tensors.get(key).map(|d| d.shape.as_slice())
+    }
+
+    /// Architecture read off the tensor shapes. Head counts cannot be seen in weights, so they come
+    /// from the preset with the same widths (or `None` when no preset matches).
+    pub fn infer_config(&self) -> Option<PvltConfig> {
+        let mut cfg = PvltConfig::tiny();
+        for i in 0..4 {
+            let w = self.shape(&format!("patch_embed{}.proj.weight", i + 1))?;
+            cfg.embed_dims[i] = w[0];
+            if i == 0 {
+                cfg.patch_size = w[2];
+            }
+            cfg.depths[i] = (0..).take_while(|b| self.tensors.contains_key(&format!("block{}.{b}.norm1.weight", i + 1))).count();
+            cfg.sr_ratios[i] = self.shape(&format!("block{}.0.attn.sr.weight", i + 1)).map(|s| s[2]).unwrap_or(1);
+            cfg.mlp_ratios[i] = self.shape(&format!("block{}.0.mlp.fc1.weight", i + 1)).map(|s| s[0] / w[0]).unwrap_or(1);
+        }
+        let grid = ((self.shape("pos_embed1")?[1]) as f64).sqrt() as usize;
+        cfg.img_size = grid * cfg.patch_size;
+        if let Some(w) = self.shape(WORD_EMBEDDINGS_KEY) {
+            cfg.vocab_size = w[0];
+            cfg.token_hidden_size = w[1];
+        }
+        if let Some(t) = self.shape("text_pos_embed1") {
+            cfg.num_text_tokens = t[1];
+        }
+        if let Some(p) = self.shape("text_embeddings.position_embeddings.weight") {
+            cfg.max_position_embeddings = p[0];
+        }
+        if let Some(s) = self.shape("sup_cls_head.linear.weight") {
+            cfg.num_sup_classes = s[0];
+        }
+        if let Some(s) = self.shape("sub_cls_head.linear.weight") {
+            cfg.num_sub_classes = s[0];
+        }
+        cfg.heads = super::HeadSet::present_in(self.tensors.keys().map(|k| k.as_str()));
+        let preset = cfg.variant_name().and_then(PvltConfig::preset)?;
+        cfg.num_heads = preset.num_heads;
+        Some(cfg)
+    }
+}
+
+/// Burn module path -> reference key (`text_embed1._0.weight` -> `text_embed1.0.weight`).
+pub fn reference_key(burn_path: &str) -> String {
+    burn_path
+        .split('.')
+        .map(|seg| match seg.strip_prefix('_') {
+            Some(rest) if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) => rest,
+            _ => seg,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// One expected entry of the model's state dict.
+pub struct ExpectedKey {
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub is_int: bool,
+    snapshot: TensorSnapshot,
+}
+
+/// The model's own state dict layout, in registration order (the reference's order).
+pub fn expected_keys<B: Backend>(model: &Pvlt<B>) -> Vec<ExpectedKey> {
+    model
+        .collect(None, None, false)
+        .into_iter()
+        .map(|s| ExpectedKey {
+            key: reference_key(&s.full_path()),
+            shape: s.shape.to_vec(),
+            is_int: s.full_path().ends_with("num_batches_tracked"),
+            snapshot: s,
+        })
+        .collect()
+}
+
+/// What a load did. Names are reference keys.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    /// In the file but not in the model (ignored).
+    pub unexpected: Vec<String>,
+    /// In the model but not in the file (kept at their current values).
+    pub missing: Vec<String>,
+    /// Known aliases/buffers accepted without loading (tied decoder, position_ids).
+    pub aliases: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn summary(&self) -> String {
+        let list = |v: &Vec<String>| {
+            if v.is_empty() {
+                String::new()
+            } else {
+                let shown: Vec<_> = v.iter().take(12).cloned().collect();
+                format!(": {}{}", shown.join(", "), if v.len() > 12 { format!(", ... ({} more)", v.len() - 12) } else { String::new() })
+            }
+        };
+        format!(
+            "loaded {} keys; ignored {} unexpected{}; missing {} (kept their initial values){}",
+            self.loaded.len(),
+            self.unexpected.len(),
+            list(&self.unexpected),
+            self.missing.len(),
+            list(&self.missing)
+        )
+    }
+}
+
+fn shapes_agree(file: &[usize], model: &[usize], is_int: bool) -> bool {
+    // BatchNorm's num_batches_tracked is a 0-d int64 in PyTorch and [1] here.
+    file == model || (is_int && file.iter().product::<usize>() == 1 && model == [1])
+}
+
+/// Load `sd` into `model`. Strict: every model key must be present and nothing else. Non-strict:
+/// load what matches by name. A shape mismatch is an error either way.
+pub fn load_state_dict<B: Backend>(model: Pvlt<B>, sd: &StateDict, strict: bool) -> Result<(Pvlt<B>, LoadReport)> {
+    let mut model = model;
+    let expected = expected_keys(&model);
+    let by_key: HashMap<&str, &ExpectedKey> = expected.iter().map(|e| (e.key.as_str(), e)).collect();
+    let mut report = LoadReport::default();
+    let mut snapshots = vec![];
+
+    for (key, data) in &sd.tensors {
+        let (key, data) = if key == TIED_DECODER_KEY {
+            // An alias of the word embeddings; only used when the file lacks the embeddings itself.
+            if sd.tensors.contains_key(WORD_EMBEDDINGS_KEY) || !by_key.contains_key(WORD_EMBEDDINGS_KEY) {
+                report.aliases.push(key.clone());
+                continue;
+            }
+            (WORD_EMBEDDINGS_KEY, data)
+        } else if key == POSITION_IDS_KEY {
+            report.aliases.push(key.clone());
+            continue;
+        } else {
+            (key.as_str(), data)
+        };
+        let Some(exp) = by_key.get(key) else {
+            report.unexpected.push(key.to_string());
+            continue;
+        };
+        if !shapes_agree(&data.shape, &exp.shape, exp.is_int) {
+            bail!(
+                "shape mismatch for key '{key}' in {}: the file has {:?}, the model expects {:?} (is --config the \
+                 architecture these weights were trained with?)",
+                sd.path.display(),
+                data.shape,
+                exp.shape
+            );
+        }
+        let data = if exp.is_int {
+            let v: Vec<f32> = data.iter::<i64>().map(|x| x as f32).collect();
+            TensorData::new(v, exp.shape.clone())
+        } else {
+            if !data.dtype.is_float() {
+                bail!("key '{key}' in {} has dtype {:?}, expected a float tensor", sd.path.display(), data.dtype);
+            }
+            data.clone().convert::<f32>()
+        };
+        let s = &exp.snapshot;
+        snapshots.push(TensorSnapshot::from_data(
+            data,
+            s.path_stack.clone().unwrap_or_default(),
+            s.container_stack.clone().unwrap_or_default(),
+            s.tensor_id.unwrap_or_else(ParamId::new),
+        ));
+        report.loaded.push(key.to_string());
+    }
+    let present: std::collections::HashSet<&str> = report.loaded.iter().map(|s| s.as_str()).collect();
+    report.missing = expected.iter().filter(|e| !present.contains(e.key.as_str())).map(|e| e.key.clone()).collect();
+
+    if strict && (!report.missing.is_empty() || !report.unexpected.is_empty()) {
+        let hint = if report.loaded.len() * 2 < expected.len() {
+            " — it does not look like weights for this model configuration"
+        } else {
+            ""
+        };
+        bail!(
+            "strict load of {} failed{hint}: {}. Use --non-strict to load only the matching keys \
+             (e.g. PVT ImageNet weights, or a pre-training checkpoint for fine-tuning).",
+            sd.path.display(),
+            report.summary()
+        );
+    }
+    let result = model.apply(snapshots, None, None, false);
+    if !result.errors.is_empty() {
+        bail!("loading {} failed: {:?}", sd.path.display(), result.errors);
+    }
+    Ok((model, report))
+}
+
+/// The model's state dict as (reference key, data) in registration order, as the reference's
+/// safetensors files hold it: tied decoder omitted, `position_ids` included, BatchNorm counters as
+/// 0-d int64.
+pub fn state_dict<B: Backend>(model: &Pvlt<B>, cfg: &PvltConfig) -> Result<Vec<(String, TensorData)>> {
+    let mut out = vec![];
+    for e in expected_keys(model) {
+        let data = e.snapshot.to_data().map_err(|err| anyhow!("cannot read tensor {}: {err:?}", e.key))?;
+        let data = if e.is_int {
+            let v: Vec<i64> = data.iter::<f32>().map(|x| x as i64).collect();
+            TensorData::new(v, Vec::<usize>::new())
+        } else {
+            data.convert::<f32>()
+        };
+        if e.key == WORD_EMBEDDINGS_KEY {
+            let ids: Vec<i64> = (0..cfg.max_position_embeddings as i64).collect();
+            out.push((POSITION_IDS_KEY.to_string(), TensorData::new(ids, [1, cfg.max_position_embeddings])));
+        }
+        out.push((e.key, data));
+    }
+    Ok(out)
+}
+
+/// Write tensors as safetensors atomically (temp file, fsync, rename): a crash never leaves a
+/// half-written file under the final name.
+pub fn write_safetensors(path: &Path, tensors: &[(String, TensorData)], metadata: HashMap<String, String>) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, d)| {
+            let dtype = match d.dtype {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::F64 => safetensors::Dtype::F64,
+                DType::F16 => safetensors::Dtype::F16,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::I64 => safetensors::Dtype::I64,
+                DType::I32 => safetensors::Dtype::I32,
+                other => return Err(anyhow!("tensor '{k}': cannot write dtype {other:?}")),
+            };
+            let view = safetensors::tensor::TensorView::new(dtype, d.shape.to_vec(), d.as_bytes())
+                .map_err(|e| anyhow!("tensor '{k}': {e}"))?;
+            Ok((k.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::tensor::serialize(views, &Some(metadata)).map_err(|e| anyhow!("serialising safetensors: {e}"))?;
+    write_atomic(path, &bytes)
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Save a model as safetensors with its config in the metadata.
+pub fn save_model<B: Backend>(model: &Pvlt<B>, cfg: &PvltConfig, path: &Path) -> Result<()> {
+    let tensors = state_dict(model, cfg)?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
+    write_safetensors(path, &tensors, meta)
+}
