@@ -3,6 +3,7 @@
 //! - [`model`]: the PVLT network, its config and weight files.
 //! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
 //! - [`verify`]: parity checks against tensors produced by the authors' PyTorch code.
+pub mod cli;
 pub mod device;
 pub mod model;
 pub mod verify;

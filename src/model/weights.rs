@@ -74,6 +74,7 @@ impl StateDict {
                 safetensors::Dtype::BF16 => DType::BF16,
                 safetensors::Dtype::I64 => DType::I64,
                 safetensors::Dtype::I32 => DType::I32,
+                safetensors::Dtype::U8 => DType::U8,
                 other => bail!("{}: tensor '{name}' has unsupported dtype {other:?}", path.display()),
             };
             let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
@@ -381,4 +382,97 @@ pub fn save_model<B: Backend>(model: &Pvlt<B>, cfg: &PvltConfig, path: &Path) ->
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
     write_safetensors(path, &tensors, meta)
+}
+
+/// How `--config` was given, which decides where the head set comes from.
+pub enum ConfigSource {
+    /// A preset or nothing: the heads are those the weights contain.
+    Implicit,
+    /// A file naming its heads (`loss_type`/`heads`): used as is.
+    Explicit,
+}
+
+/// Resolve the architecture for `weights`: `--config` if given (a preset name or a JSON file), else
+/// the config stored in our safetensors, else the preset whose shapes the weights have.
+pub fn resolve_config(config: Option<&str>, first_weights: Option<&StateDict>) -> Result<PvltConfig> {
+    let (mut cfg, source) = match config {
+        Some(spec) if PvltConfig::preset(spec).is_some() => (PvltConfig::preset(spec).unwrap(), ConfigSource::Implicit),
+        Some(spec) => (PvltConfig::resolve(spec)?, ConfigSource::Explicit),
+        None => match first_weights {
+            None => bail!("no --config and no weights to read one from: pass --config tiny|small|medium|large or a config file"),
+            Some(sd) => match sd.stored_config()? {
+                Some(c) => (c, ConfigSource::Explicit),
+                None => match sd.infer_config() {
+                    Some(c) => (c, ConfigSource::Implicit),
+                    None => bail!(
+                        "cannot tell the architecture of {} (its shapes match no preset and it stores no config): pass --config",
+                        sd.path.display()
+                    ),
+                },
+            },
+        },
+    };
+    if let (ConfigSource::Implicit, Some(sd)) = (source, first_weights) {
+        let present = super::HeadSet::present_in(sd.tensors.keys().map(|k| k.as_str()));
+        if present != super::HeadSet::NONE {
+            cfg.heads = present;
+        }
+    }
+    Ok(cfg)
+}
+
+/// Build a model and load weight files into it: the first strictly unless `non_strict`, later ones
+/// always non-strictly on top. Returns the model, its config and one report per file.
+pub fn load_model<B: Backend>(
+    config: Option<&str>,
+    weights: &[PathBuf],
+    non_strict: bool,
+    device: &B::Device,
+) -> Result<(Pvlt<B>, PvltConfig, Vec<(PathBuf, LoadReport)>)> {
+    let first = weights.first().map(|w| StateDict::read(w)).transpose()?;
+    let cfg = resolve_config(config, first.as_ref())?;
+    let mut model = Pvlt::<B>::new(&cfg, device);
+    let mut reports = vec![];
+    let mut first = first;
+    for (i, w) in weights.iter().enumerate() {
+        let sd = match first.take() {
+            Some(sd) if i == 0 => sd,
+            _ => StateDict::read(w)?,
+        };
+        let (m, report) = load_state_dict(model, &sd, i == 0 && !non_strict)?;
+        model = m;
+        reports.push((w.clone(), report));
+    }
+    Ok((model, cfg, reports))
+}
+
+/// The reference state-dict layout of a model (key, shape, dtype), tied alias and buffers included,
+/// in the reference's order — what the `manifest_*.json` files list.
+pub fn reference_layout<B: Backend>(model: &Pvlt<B>, cfg: &PvltConfig) -> Vec<(String, Vec<usize>, &'static str)> {
+    let mut out = vec![];
+    let keys = expected_keys(model);
+    let last_mlm = keys.iter().rposition(|e| e.key.starts_with("mlm_head."));
+    for (i, e) in keys.iter().enumerate() {
+        if e.key == WORD_EMBEDDINGS_KEY {
+            out.push((POSITION_IDS_KEY.to_string(), vec![1, cfg.max_position_embeddings], "int64"));
+        }
+        if e.is_int {
+            out.push((e.key.clone(), vec![], "int64"));
+        } else {
+            out.push((e.key.clone(), e.shape.clone(), "float32"));
+        }
+        if Some(i) == last_mlm {
+            out.push((TIED_DECODER_KEY.to_string(), vec![cfg.vocab_size, cfg.token_hidden_size], "float32"));
+        }
+    }
+    out
+}
+
+/// True for state-dict entries that are buffers or aliases rather than trainable parameters.
+pub fn is_buffer_or_alias(key: &str) -> bool {
+    key == TIED_DECODER_KEY
+        || key == POSITION_IDS_KEY
+        || key.ends_with("running_mean")
+        || key.ends_with("running_var")
+        || key.ends_with("num_batches_tracked")
 }

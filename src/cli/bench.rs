@@ -1,0 +1,96 @@
+use crate::device::{run_on, BackendTask, DeviceSpec};
+use crate::model::{HeadSet, Pvlt, PvltConfig};
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Preset or config file.
+    #[arg(long, default_value = "tiny")]
+    config: String,
+    #[arg(long, default_value_t = 256)]
+    image_size: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Heads to run: any of itm, mlm, t2i, cls (comma separated), or all / none.
+    #[arg(long, default_value = "itm")]
+    heads: String,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+fn parse_heads(s: &str) -> Result<HeadSet> {
+    match s {
+        "all" => return Ok(HeadSet::ALL),
+        "none" | "" => return Ok(HeadSet::NONE),
+        _ => {}
+    }
+    let mut h = HeadSet::NONE;
+    for part in s.split(',') {
+        match part.trim() {
+            "itm" => h.itm = true,
+            "mlm" => h.mlm = true,
+            "t2i" => h.t2i = true,
+            "cls" => h.cls = true,
+            other => anyhow::bail!("unknown head '{other}' (itm, mlm, t2i, cls, all, none)"),
+        }
+    }
+    Ok(h)
+}
+
+struct Bench<'a>(&'a BenchArgs, PvltConfig, HeadSet);
+
+impl BackendTask for Bench<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let (a, cfg, heads) = (self.0, self.1, self.2);
+        B::seed(&device, 0);
+        let model = Pvlt::<B>::new(&cfg, &device);
+        let images = Tensor::<B, 4>::random([a.batch, 3, a.image_size, a.image_size], Distribution::Uniform(0.0, 1.0), &device);
+        let ids = Tensor::<B, 2, Int>::random([a.batch, cfg.num_text_tokens], Distribution::Uniform(1000.0, 30000.0), &device);
+        let mut times = vec![];
+        for i in 0..a.warmup + a.iters {
+            let t0 = Instant::now();
+            let out = model.forward(images.clone(), ids.clone(), heads, false);
+            // Read a value back so asynchronous backends finish the work inside the timing.
+            let _ = out.text_feats[3].clone().sum().into_scalar();
+            if let Some(l) = out.itm_logits { let _ = l.sum().into_scalar(); }
+            if let Some(l) = out.mlm_logits { let _ = l.sum().into_scalar(); }
+            if let Some(l) = out.t2i_logits { let _ = l.sum().into_scalar(); }
+            if i >= a.warmup {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        let median = times[times.len() / 2];
+        println!(
+            "forward {} {}x{} batch {} heads [{}] on {}: median {:.1} ms, min {:.1} ms over {} runs ({:.1} images/s)",
+            cfg.variant_name().map(|v| format!("pvlt_{v}")).unwrap_or_else(|| "custom".into()),
+            a.image_size,
+            a.image_size,
+            a.batch,
+            heads.names().join(","),
+            a.device,
+            median * 1e3,
+            times[0] * 1e3,
+            times.len(),
+            a.batch as f64 / median
+        );
+        Ok(())
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let cfg = PvltConfig::resolve(&a.config)?;
+    cfg.check_image_size(a.image_size, a.image_size)?;
+    let heads = parse_heads(&a.heads)?;
+    let mut cfg = cfg;
+    cfg.heads = heads;
+    run_on(a.device, Bench(&a, cfg, heads))
+}

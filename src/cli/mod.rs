@@ -1,0 +1,57 @@
+//! The `mvlt` command line.
+mod bench;
+mod verify_cmd;
+mod weights_cmd;
+
+use crate::device::DeviceSpec;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "mvlt", version, about = "MVLT (Masked Vision-Language Transformer in Fashion) in Rust: \
+verify against the reference, inspect and convert weights, benchmark", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every command that builds a model.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Architecture: a preset (tiny, small, medium, large), our config JSON, or a fixture JSON with a
+    /// `config` object. Default: the config stored in the weights, else the preset matching their shapes.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Weights: safetensors or PyTorch .pth (the authors' checkpoint or a bare state dict). Repeat to
+    /// load further files non-strictly on top (e.g. PVT ImageNet weights).
+    #[arg(long)]
+    pub weights: Vec<PathBuf>,
+    /// Load the first weights file non-strictly: take the keys that match, report the rest.
+    #[arg(long)]
+    pub non_strict: bool,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the model on a reference fixture and compare every stored tensor (exit 1 on any failure).
+    Verify(verify_cmd::VerifyArgs),
+    /// Describe a weights file (variant, heads, parameter count, keys), or a config's layout.
+    Inspect(weights_cmd::InspectArgs),
+    /// Convert a PyTorch .pth (checkpoint or state dict) to safetensors.
+    Convert(weights_cmd::ConvertArgs),
+    /// Time the forward pass (eval mode) on random inputs.
+    Bench(bench::BenchArgs),
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Verify(a) => verify_cmd::run(a),
+        Command::Inspect(a) => weights_cmd::inspect(a),
+        Command::Convert(a) => weights_cmd::convert(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,46 @@
+use crate::device::{run_on, DeviceSpec};
+use crate::verify::{print_rows, Fixture, FixtureOverrides, Tolerance, VerifyTask};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Fixture JSON files (format of small_io.json).
+    #[arg(required = true)]
+    fixtures: Vec<PathBuf>,
+    /// Override the fixture's config (preset, config JSON, or a fixture JSON with `config`).
+    #[arg(long)]
+    config: Option<String>,
+    /// Override the fixture's weights_file; repeat to load more files non-strictly on top.
+    #[arg(long)]
+    weights: Vec<PathBuf>,
+    /// A safetensors file holding `images` and `input_ids` when the fixture does not.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// FILE:KEY of an image tensor to use as input (u8 [3,H,W] is scaled by 1/255).
+    #[arg(long)]
+    image_tensor: Option<String>,
+    #[arg(long, default_value_t = 1e-4)]
+    atol: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    rtol: f64,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+pub fn run(a: VerifyArgs) -> Result<()> {
+    let overrides = FixtureOverrides { config: a.config, weights: a.weights, inputs: a.inputs, image: a.image_tensor };
+    let mut failed = 0;
+    for path in &a.fixtures {
+        let fixture = Fixture::load(path, &overrides)?;
+        let tol = Tolerance { atol: a.atol, rtol: a.rtol };
+        let rows = run_on(a.device, VerifyTask { fixture: &fixture, tol, verbose_load: true })?;
+        print_rows(&path.display().to_string(), &rows);
+        failed += rows.iter().filter(|r| !r.ok).count();
+    }
+    if failed > 0 {
+        bail!("{failed} tensor(s) differ from the reference beyond atol {} / rtol {}", a.atol, a.rtol);
+    }
+    println!("all fixtures match (atol {}, rtol {})", a.atol, a.rtol);
+    Ok(())
+}
