@@ -2,7 +2,7 @@ use crate::device::Cpu;
 use crate::model::weights::{
     is_buffer_or_alias, reference_layout, resolve_config, write_safetensors, StateDict, CONFIG_METADATA_KEY, TIED_DECODER_KEY,
 };
-use crate::model::{HeadSet, Pvlt, PvltConfig};
+use crate::model::{Pvlt, PvltConfig};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -156,6 +156,5 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         a.output.display(),
         cfg.map(|c| format!(" ({})", describe(&c))).unwrap_or_default()
     );
-    let _ = HeadSet::ALL;
     Ok(())
 }

@@ -119,13 +119,12 @@ pub struct TextEmbeddings<B: Backend> {
 impl<B: Backend> TextEmbeddings<B> {
     /// `[B, T] -> [B, T, hidden]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>, train: bool) -> Tensor<B, 3> {
-        let [b, t] = ids.dims();
+        let [_, t] = ids.dims();
         let device = ids.device();
         let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
         let x = self.word_embeddings.forward(ids)
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(Tensor::zeros([1, t], &device));
-        let _ = b;
         dropout(self.LayerNorm.forward(x), self.dropout, train)
     }
 }
@@ -469,7 +468,7 @@ impl<B: Backend> Pvlt<B> {
             img_feats.push(img.clone());
             text_feats.push(text.clone());
         }
-        let [b, t, c] = text.dims();
+        let [b, _, c] = text.dims();
         let cls_token = || text.clone().slice([0..b, 0..1, 0..c]);
 
         let mut out = PvltOutput {
@@ -515,7 +514,6 @@ impl<B: Backend> Pvlt<B> {
                 out.t2i_logits = Some(head.forward(f[1].clone(), f[2].clone(), f[3].clone(), train));
             }
         }
-        let _ = t;
         out
     }
 }
