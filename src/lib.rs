@@ -4,6 +4,7 @@
 //! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
 //! - [`verify`]: parity checks against tensors produced by the authors' PyTorch code.
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod model;
 pub mod verify;

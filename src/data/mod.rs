@@ -1,0 +1,2 @@
+//! Data: tokenizer and text corruptions, image preprocessing, datasets.
+pub mod text;

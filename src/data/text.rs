@@ -1,0 +1,237 @@
+//! Text: bert-base-uncased WordPiece exactly as the reference's `text_process`, and the
+//! pre-training corruptions (MLM masking, ITM pairing).
+//!
+//! Tokenisation goes through Hugging Face `tokenizers` (BertNormalizer: clean text, CJK split,
+//! lower-case + accent stripping; BertPreTokenizer; WordPiece with `##` continuations), which gives
+//! the reference's slow BertTokenizer pieces on all fixture cases.
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::Tokenizer;
+
+/// The special tokens every BERT vocabulary must hold.
+pub const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// MLM label of positions that are not predicted (the reference uses -1, not -100).
+pub const IGNORE: i64 = -1;
+
+/// A text with its word pieces and the fixed-length model input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// WordPiece tokens before truncation.
+    pub tokens: Vec<String>,
+    /// `[CLS] + first T-2 piece ids + [SEP] + [PAD]...`, length T.
+    pub input_ids: Vec<i64>,
+    /// Whether pieces were dropped to fit.
+    pub truncated: bool,
+}
+
+pub struct TextProcessor {
+    tokenizer: Tokenizer,
+    pub vocab_path: PathBuf,
+    pub vocab_size: usize,
+    pub pad_id: i64,
+    pub unk_id: i64,
+    pub cls_id: i64,
+    pub sep_id: i64,
+    pub mask_id: i64,
+    /// Ids that MLM never picks as a random replacement and never masks (the specials).
+    special_ids: Vec<i64>,
+}
+
+impl TextProcessor {
+    /// Load a WordPiece vocabulary (one token per line, id = line number).
+    pub fn from_vocab_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read(path).with_context(|| format!("cannot read vocabulary file {}", path.display()))?;
+        let text = String::from_utf8(text).map_err(|e| anyhow!("vocabulary file {} is not UTF-8 text: {e}", path.display()))?;
+        let vocab: HashMap<String, u32> = text.lines().enumerate().map(|(i, l)| (l.trim_end_matches('\r').to_string(), i as u32)).collect();
+        let id = |t: &str| -> Result<i64> {
+            vocab.get(t).map(|&i| i as i64).ok_or_else(|| {
+                anyhow!("{} is not a BERT WordPiece vocabulary: it has no '{t}' token (expected one token per line, e.g. bert-base-uncased-vocab.txt)", path.display())
+            })
+        };
+        let ids: Vec<i64> = SPECIALS.iter().map(|t| id(t)).collect::<Result<_>>()?;
+        if vocab.len() < 6 {
+            bail!("vocabulary file {} holds only {} tokens", path.display(), vocab.len());
+        }
+        let vocab_size = text.lines().count();
+        let path_str = path.to_str().with_context(|| format!("vocabulary path {} is not UTF-8", path.display()))?;
+        let wp = WordPiece::from_file(path_str)
+            .unk_token("[UNK]".into())
+            .continuing_subword_prefix("##".into())
+            .max_input_chars_per_word(100)
+            .build()
+            .map_err(|e| anyhow!("vocabulary {}: {e}", path.display()))?;
+        let mut tokenizer = Tokenizer::new(wp);
+        tokenizer.with_normalizer(Some(BertNormalizer::new(true, true, None, true)));
+        tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+        Ok(TextProcessor {
+            tokenizer,
+            vocab_path: path.to_path_buf(),
+            vocab_size,
+            pad_id: ids[0],
+            unk_id: ids[1],
+            cls_id: ids[2],
+            sep_id: ids[3],
+            mask_id: ids[4],
+            special_ids: ids,
+        })
+    }
+
+    /// WordPiece tokens and ids of a text (no specials).
+    pub fn tokenize(&self, text: &str) -> Result<(Vec<String>, Vec<i64>)> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing {:?}: {e}", truncate_for_message(text)))?;
+        Ok((enc.get_tokens().to_vec(), enc.get_ids().iter().map(|&i| i as i64).collect()))
+    }
+
+    /// The reference's `text_process`: keep at most T-2 pieces, then `[CLS] pieces [SEP] [PAD]...`.
+    pub fn encode(&self, text: &str, max_len: usize) -> Result<Encoded> {
+        if max_len < 2 {
+            bail!("the text length T must be at least 2 ([CLS] and [SEP]), got {max_len}");
+        }
+        let (tokens, ids) = self.tokenize(text)?;
+        let keep = ids.len().min(max_len - 2);
+        let mut input_ids = Vec::with_capacity(max_len);
+        input_ids.push(self.cls_id);
+        input_ids.extend_from_slice(&ids[..keep]);
+        input_ids.push(self.sep_id);
+        input_ids.resize(max_len, self.pad_id);
+        Ok(Encoded { truncated: keep < ids.len(), tokens, input_ids })
+    }
+
+    /// MLM corruption: each word piece (not [CLS]/[SEP]/[PAD]) is chosen with p = 0.15; a chosen one
+    /// becomes [MASK] 80%, a uniformly random vocabulary id 10%, stays 10%. Returns the corrupted ids
+    /// and labels (original id where chosen, -1 elsewhere).
+    pub fn mask_tokens(&self, input_ids: &[i64], rng: &mut impl Rng) -> (Vec<i64>, Vec<i64>) {
+        let mut ids = input_ids.to_vec();
+        let mut labels = vec![IGNORE; ids.len()];
+        for (i, id) in ids.iter_mut().enumerate() {
+            if self.special_ids.contains(id) && *id != self.unk_id {
+                continue;
+            }
+            if rng.random::<f64>() >= 0.15 {
+                continue;
+            }
+            labels[i] = *id;
+            let r = rng.random::<f64>();
+            if r < 0.8 {
+                *id = self.mask_id;
+            } else if r < 0.9 {
+                *id = rng.random_range(0..self.vocab_size as i64);
+            }
+        }
+        (ids, labels)
+    }
+}
+
+/// ITM pairing for pre-training: with p = 0.5 keep the item's own caption (label 1), else take the
+/// caption of another product (label 0). Like the reference, the partner is found by jumping a
+/// random 50..N/2 items ahead (wrapping), stepping on while the product id is the same.
+/// Returns (caption index, label).
+pub fn itm_pair(index: usize, product_ids: &[String], rng: &mut impl Rng) -> (usize, i64) {
+    let n = product_ids.len();
+    if rng.random::<f64>() < 0.5 || n < 2 {
+        return (index, 1);
+    }
+    let (lo, hi) = (50.min(n / 2).max(1), (n / 2).max(2));
+    let mut j = (index + rng.random_range(lo..hi.max(lo + 1))) % n;
+    for _ in 0..n {
+        if product_ids[j] != product_ids[index] {
+            return (j, 0);
+        }
+        j = (j + 1) % n;
+    }
+    (index, 1) // every item is the same product: no negative exists
+}
+
+fn truncate_for_message(t: &str) -> String {
+    if t.chars().count() > 60 {
+        format!("{}...", t.chars().take(60).collect::<String>())
+    } else {
+        t.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn tiny_vocab() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mvlt-vocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("vocab.txt");
+        let mut lines: Vec<String> = vec!["[PAD]".into()];
+        lines.extend((1..100).map(|i| format!("[unused{i}]")));
+        lines.extend(["[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "dress", "##es", "silk", "."].map(String::from));
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        p
+    }
+
+    #[test]
+    fn encode_pads_and_truncates() {
+        let t = TextProcessor::from_vocab_file(&tiny_vocab()).unwrap();
+        let e = t.encode("Red dresses. SILK", 8).unwrap();
+        assert_eq!(e.tokens, ["red", "dress", "##es", ".", "silk"]);
+        assert_eq!(e.input_ids, [101, 104, 105, 106, 108, 107, 102, 0]);
+        let e = t.encode("red red red red red red red", 5).unwrap();
+        assert!(e.truncated);
+        assert_eq!(e.input_ids, [101, 104, 104, 104, 102]);
+        let e = t.encode("zebra", 4).unwrap();
+        assert_eq!(e.input_ids, [101, 100, 102, 0]);
+    }
+
+    #[test]
+    fn masking_is_seeded_and_follows_80_10_10() {
+        let t = TextProcessor::from_vocab_file(&tiny_vocab()).unwrap();
+        let ids: Vec<i64> = std::iter::once(101).chain(std::iter::repeat(104).take(20000)).chain([102, 0]).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (a, la) = t.mask_tokens(&ids, &mut rng);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        assert_eq!((a.clone(), la.clone()), t.mask_tokens(&ids, &mut rng));
+        assert_eq!((la[0], la[20001], la[20002]), (IGNORE, IGNORE, IGNORE), "specials never masked");
+        let chosen = la.iter().filter(|&&l| l != IGNORE).count() as f64 / 20000.0;
+        assert!((chosen - 0.15).abs() < 0.01, "{chosen}");
+        let masked = a.iter().zip(&la).filter(|(&x, &l)| l != IGNORE && x == 103).count() as f64;
+        let kept = a.iter().zip(&la).filter(|(&x, &l)| l != IGNORE && x == l).count() as f64;
+        let n = chosen * 20000.0;
+        assert!((masked / n - 0.8).abs() < 0.03 && (kept / n - 0.1).abs() < 0.03, "{} {}", masked / n, kept / n);
+        assert!(la.iter().all(|&l| l == IGNORE || l == 104));
+    }
+
+    #[test]
+    fn itm_pairs_are_balanced_and_negatives_are_other_products() {
+        let pids: Vec<String> = (0..400).map(|i| format!("p{}", i / 2)).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut pos = 0;
+        for i in 0..400 {
+            let (j, label) = itm_pair(i, &pids, &mut rng);
+            if label == 1 {
+                pos += 1;
+                assert_eq!(j, i);
+            } else {
+                assert_ne!(pids[j], pids[i]);
+            }
+        }
+        assert!((150..250).contains(&pos), "{pos}");
+    }
+
+    #[test]
+    fn rejects_files_that_are_not_wordpiece_vocabularies() {
+        let dir = std::env::temp_dir().join(format!("mvlt-badvocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("v.txt");
+        std::fs::write(&p, "hello\nworld\n").unwrap();
+        let e = TextProcessor::from_vocab_file(&p).err().unwrap().to_string();
+        assert!(e.contains("not a BERT WordPiece vocabulary") && e.contains("[PAD]"), "{e}");
+        let e = TextProcessor::from_vocab_file(&dir.join("absent.txt")).err().unwrap().to_string();
+        assert!(e.contains("cannot read vocabulary file"), "{e}");
+        std::fs::write(&p, [0xffu8, 0xfe, 0x00]).unwrap();
+        assert!(TextProcessor::from_vocab_file(&p).err().unwrap().to_string().contains("not UTF-8"));
+    }
+}
