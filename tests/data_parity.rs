@@ -28,3 +28,53 @@ fn tokenizer_matches_all_reference_cases() {
     }
     assert!(failures.is_empty(), "{} of 40 cases differ:\n{}", failures.len(), failures.join("\n"));
 }
+
+mod images {
+    use super::common;
+    use mvlt::data::image::{preprocess, Pixels};
+    use mvlt::model::weights::StateDict;
+
+    fn max_diff(a: &[u8], b: &[u8]) -> u8 {
+        a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+    }
+
+    #[test]
+    fn preprocessing_matches_reference_boxes_dithers_and_tensors() {
+        let Some(dir) = common::fixtures() else { return };
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("image_preproc.json")).unwrap()).unwrap();
+        let tensors = StateDict::read(&dir.join("image_preproc.safetensors")).unwrap().tensors;
+        let items = meta["items"].as_array().unwrap();
+        assert_eq!(items.len(), 8);
+        let mut report = vec![];
+        for it in items {
+            let file = dir.join(it["file"].as_str().unwrap());
+            let want_box: Vec<usize> = serde_json::from_value(it["crop_box_ltrb"].clone()).unwrap();
+            let want = tensors[it["tensor_u8_key"].as_str().unwrap()].as_bytes().to_vec();
+            // For JPEGs, PIL's decoded pixels separate decoder differences from our crop/resize.
+            let pixels = match it["decoded_key"].as_str() {
+                Some(k) => {
+                    let d = &tensors[k];
+                    Pixels::from_hwc_rgb(d.shape[1], d.shape[0], d.as_bytes().to_vec())
+                }
+                None => Pixels::open(&file).unwrap(),
+            };
+            // The dither itself, bit for bit.
+            let bitmap = image::open(dir.join(it["dither_bitmap"].as_str().unwrap())).unwrap().to_luma8();
+            let ours = pixels.dither();
+            let differing = bitmap.as_raw().iter().zip(&ours).filter(|(&r, &o)| (r > 127) != o).count();
+            assert_eq!(differing, 0, "{}: {differing} dither bits differ", file.display());
+
+            let out = preprocess(&pixels, 256).unwrap();
+            assert_eq!(out.crop_box.map(|b| b.to_vec()), Some(want_box.clone()), "{}", file.display());
+            let d = max_diff(&out.chw_u8, &want);
+            report.push(format!("{}: box {:?}, max |diff| {d}/255", file.file_name().unwrap().to_string_lossy(), want_box));
+            assert!(d <= 1, "{}: resized pixels differ by {d}/255", file.display());
+            // And from the file with our own decoder (for JPEGs, decoders may differ by a little).
+            if it["decoded_key"].is_string() {
+                let own = preprocess(&Pixels::open(&file).unwrap(), 256).unwrap();
+                report.push(format!("   own JPEG decode: box {:?}, max |diff| {}/255", own.crop_box, max_diff(&own.chw_u8, &want)));
+            }
+        }
+        eprintln!("{}", report.join("\n"));
+    }
+}

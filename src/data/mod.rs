@@ -1,2 +1,3 @@
 //! Data: tokenizer and text corruptions, image preprocessing, datasets.
+pub mod image;
 pub mod text;

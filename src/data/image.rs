@@ -1,0 +1,219 @@
+//! Images as the reference's `rgb_loader(if_crop=True)` + `Resize((S,S))` + `ToTensor` see them:
+//! decode, dither to 1 bit like PIL's `convert('1')`, crop to the box of black pixels (right/bottom
+//! exclusive, as the reference), resize with PIL-style antialiased bilinear, scale to [0, 1].
+
+use anyhow::{anyhow, bail, Context, Result};
+use fast_image_resize::images::Image as FirImage;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, GenericImageView};
+use std::path::Path;
+
+/// Decoded pixels as PIL holds them for this pipeline: 8-bit RGB, or 8-bit grey for mode-L files.
+#[derive(Clone, Debug)]
+pub struct Pixels {
+    pub width: usize,
+    pub height: usize,
+    /// 1 (grey) or 3 (RGB) interleaved channels.
+    pub channels: usize,
+    pub data: Vec<u8>,
+}
+
+/// Left, top, right, bottom; right and bottom exclusive (PIL's crop box).
+pub type CropBox = [usize; 4];
+
+/// The result of preprocessing one image.
+pub struct Preprocessed {
+    /// `[3, S, S]` CHW RGB u8; the model input is exactly `u8 as f32 / 255`.
+    pub chw_u8: Vec<u8>,
+    pub size: usize,
+    /// The crop box used; `None` when the image had no black pixel after dithering (the reference
+    /// crashes there) and the whole image was used.
+    pub crop_box: Option<CropBox>,
+}
+
+impl Pixels {
+    pub fn from_hwc_rgb(width: usize, height: usize, data: Vec<u8>) -> Self {
+        Pixels { width, height, channels: 3, data }
+    }
+
+    /// Decode an image file. Grey files stay grey (PIL mode L dithers the grey values directly);
+    /// everything else (RGBA, 16-bit, palette, CMYK JPEG) becomes 8-bit RGB, dropping alpha like
+    /// PIL's `convert('RGB')`.
+    pub fn open(path: &Path) -> Result<Pixels> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+        Self::decode(&bytes).with_context(|| format!("image {}", path.display()))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Pixels> {
+        let img = image::load_from_memory(bytes).map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
+        let (w, h) = img.dimensions();
+        if w == 0 || h == 0 {
+            bail!("image has zero size ({w}x{h})");
+        }
+        Ok(match img {
+            DynamicImage::ImageLuma8(g) => Pixels { width: w as usize, height: h as usize, channels: 1, data: g.into_raw() },
+            DynamicImage::ImageLuma16(_) => Pixels { width: w as usize, height: h as usize, channels: 1, data: img.to_luma8().into_raw() },
+            other => Pixels { width: w as usize, height: h as usize, channels: 3, data: other.to_rgb8().into_raw() },
+        })
+    }
+
+    /// PIL `convert('1')` (Floyd-Steinberg), as `tobilevel` in Pillow's Convert.c: integer error
+    /// diffusion on the luminance `(299 R + 587 G + 114 B) / 1000` (truncating), threshold `> 128`.
+    /// Written by hand because no image crate reproduces Pillow's integer arithmetic bit for bit,
+    /// and the crop box depends on every bit. Returns `true` for white.
+    pub fn dither(&self) -> Vec<bool> {
+        let (w, h) = (self.width, self.height);
+        let mut out = vec![false; w * h];
+        let mut errors = vec![0i32; w + 1];
+        for y in 0..h {
+            let (mut l, mut l0, mut l1) = (0i32, 0i32, 0i32);
+            for x in 0..w {
+                let i = y * w + x;
+                let lum = if self.channels == 1 {
+                    self.data[i] as i32
+                } else {
+                    let p = &self.data[i * 3..i * 3 + 3];
+                    (p[0] as i32 * 299 + p[1] as i32 * 587 + p[2] as i32 * 114) / 1000
+                };
+                // C's `/` truncates toward zero, as Rust's does.
+                l = (lum + (l + errors[x + 1]) / 16).clamp(0, 255);
+                let white = l > 128;
+                out[i] = white;
+                l -= if white { 255 } else { 0 };
+                let l2 = l;
+                let d2 = l + l;
+                l += d2;
+                errors[x] = l + l0;
+                l += d2;
+                l0 = l + l1;
+                l1 = l2;
+                l += d2;
+            }
+            errors[w] = l0;
+        }
+        out
+    }
+
+    /// Bounding box of the black pixels of the dithered image, with the reference's exclusive
+    /// right/bottom edges at the last black column/row (so that column/row is dropped).
+    pub fn crop_box(&self) -> Option<CropBox> {
+        let bits = self.dither();
+        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        for y in 0..self.height {
+            for x in 0..self.width {
+                if !bits[y * self.width + x] {
+                    x0 = x0.min(x);
+                    y0 = y0.min(y);
+                    x1 = x1.max(x);
+                    y1 = y1.max(y);
+                }
+            }
+        }
+        (x0 != usize::MAX).then_some([x0, y0, x1, y1])
+    }
+
+    /// RGB copy of a region (grey replicated, as PIL's `convert('RGB')`).
+    pub fn crop_rgb(&self, b: CropBox) -> Pixels {
+        let [l, t, r, bt] = b;
+        let (w, h) = (r - l, bt - t);
+        let mut data = Vec::with_capacity(w * h * 3);
+        for y in t..bt {
+            for x in l..r {
+                let i = y * self.width + x;
+                if self.channels == 1 {
+                    data.extend_from_slice(&[self.data[i]; 3]);
+                } else {
+                    data.extend_from_slice(&self.data[i * 3..i * 3 + 3]);
+                }
+            }
+        }
+        Pixels { width: w, height: h, channels: 3, data }
+    }
+}
+
+/// Resize RGB pixels to `size x size` with PIL's antialiased bilinear (triangle filter whose support
+/// grows with the downscale factor; 8-bit fixed-point passes), via fast_image_resize.
+pub fn resize_rgb(p: &Pixels, size: usize) -> Result<Vec<u8>> {
+    debug_assert_eq!(p.channels, 3);
+    let src = FirImage::from_vec_u8(p.width as u32, p.height as u32, p.data.clone(), PixelType::U8x3)
+        .map_err(|e| anyhow!("resize source: {e}"))?;
+    let mut dst = FirImage::new(size as u32, size as u32, PixelType::U8x3);
+    Resizer::new()
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
+        .map_err(|e| anyhow!("resize: {e}"))?;
+    Ok(dst.into_vec())
+}
+
+/// HWC -> CHW.
+pub fn hwc_to_chw(hwc: &[u8], size: usize) -> Vec<u8> {
+    let n = size * size;
+    let mut chw = vec![0u8; 3 * n];
+    for i in 0..n {
+        for c in 0..3 {
+            chw[c * n + i] = hwc[i * 3 + c];
+        }
+    }
+    chw
+}
+
+/// The whole reference pipeline on decoded pixels.
+pub fn preprocess(p: &Pixels, size: usize) -> Result<Preprocessed> {
+    if size == 0 {
+        bail!("image size must be positive");
+    }
+    let crop_box = p.crop_box().filter(|b| b[2] > b[0] && b[3] > b[1]);
+    let region = crop_box.unwrap_or([0, 0, p.width, p.height]);
+    let rgb = p.crop_rgb(region);
+    let hwc = resize_rgb(&rgb, size)?;
+    Ok(Preprocessed { chw_u8: hwc_to_chw(&hwc, size), size, crop_box })
+}
+
+/// Model-input floats from CHW u8 (exactly the reference's `ToTensor`: `u8 as f32 / 255`).
+pub fn to_unit_floats(chw_u8: &[u8]) -> Vec<f32> {
+    chw_u8.iter().map(|&v| v as f32 / 255.0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn white_image_has_no_box_and_uses_the_whole_image() {
+        let p = Pixels::from_hwc_rgb(40, 30, vec![250; 40 * 30 * 3]);
+        assert_eq!(p.crop_box(), None);
+        let out = preprocess(&p, 32).unwrap();
+        assert_eq!(out.crop_box, None);
+        assert_eq!(out.chw_u8.len(), 3 * 32 * 32);
+        assert!(out.chw_u8.iter().all(|&v| v == 250));
+    }
+
+    #[test]
+    fn one_pixel_and_single_column_boxes_fall_back_to_the_whole_image() {
+        let mut p = Pixels::from_hwc_rgb(1, 1, vec![0, 0, 0]);
+        assert_eq!(preprocess(&p, 8).unwrap().crop_box, None);
+        p = Pixels::from_hwc_rgb(5, 5, vec![255; 75]);
+        for y in 0..5 {
+            p.data[(y * 5 + 2) * 3..(y * 5 + 2) * 3 + 3].copy_from_slice(&[0, 0, 0]);
+        }
+        // Box [2,0,2,4] has zero width (exclusive right edge): the reference would crash.
+        assert_eq!(p.crop_box(), Some([2, 0, 2, 4]));
+        assert_eq!(preprocess(&p, 8).unwrap().crop_box, None);
+    }
+
+    #[test]
+    fn corrupt_and_empty_files_are_errors() {
+        assert!(Pixels::decode(b"not an image").unwrap_err().to_string().contains("cannot decode"));
+        assert!(Pixels::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn dark_garment_on_white_gets_a_tight_box() {
+        let mut p = Pixels::from_hwc_rgb(20, 20, vec![255; 20 * 20 * 3]);
+        for y in 5..12 {
+            for x in 3..9 {
+                p.data[(y * 20 + x) * 3..(y * 20 + x) * 3 + 3].copy_from_slice(&[10, 10, 40]);
+            }
+        }
+        assert_eq!(p.crop_box(), Some([3, 5, 8, 11]));
+    }
+}
