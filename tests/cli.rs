@@ -178,3 +178,40 @@ fn cpu_only_build_says_how_to_get_cuda() {
     let t = text(&o);
     assert!(!o.status.success() && t.contains("--features cuda"), "{t}");
 }
+
+#[test]
+fn tokenize_json_gives_reference_ids() {
+    let Some(dir) = common::fixtures() else { return };
+    let vocab = dir.join("../vocab/bert-base-uncased-vocab.txt");
+    let o = mvlt(&["tokenize", "--vocab", p(&vocab), "--json", "--max-len", "16", "Crêpe de Chine blouse in ivory.", "Red"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["tokens"], serde_json::json!(["cr", "##ep", "##e", "de", "chin", "##e", "blouse", "in", "ivory", "."]));
+    assert_eq!(lines[1]["input_ids"], serde_json::json!([101, 2417, 102, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    let o = mvlt(&["tokenize", "--vocab", p(&dir.join("small_io.json")), "x"]);
+    assert!(!o.status.success() && text(&o).contains("not a BERT WordPiece vocabulary"), "{}", text(&o));
+}
+
+#[test]
+fn preprocess_reports_the_reference_crop_box() {
+    let Some(dir) = common::fixtures() else { return };
+    let tmp = common::tempdir("preprocess");
+    let img = dir.join("images/08_sock_dotted_blue_speck_360x480.jpg");
+    let o = mvlt(&["preprocess", "--image", p(&img), "--size", "128", "--json", "--png", p(&tmp.join("seen.png")), "--safetensors", p(&tmp.join("seen.safetensors"))]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(v["crop_box_ltrb"], serde_json::json!([150, 40, 322, 350]));
+    assert_eq!(v["size"], serde_json::json!([128, 128]));
+    assert_eq!(image::open(tmp.join("seen.png")).unwrap().width(), 128);
+    let st = mvlt::model::weights::StateDict::read(&tmp.join("seen.safetensors")).unwrap();
+    assert_eq!(st.tensors["image"].shape.to_vec(), vec![3, 128, 128]);
+    // A corrupt image names the file.
+    let bad = tmp.join("broken.jpg");
+    std::fs::write(&bad, &std::fs::read(&img).unwrap()[..200]).unwrap();
+    let o = mvlt(&["preprocess", "--image", p(&bad)]);
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("broken.jpg") && t.contains("cannot decode"), "{t}");
+}

@@ -1,5 +1,6 @@
 //! The `mvlt` command line.
 mod bench;
+mod data_cmd;
 mod verify_cmd;
 mod weights_cmd;
 
@@ -44,6 +45,10 @@ enum Command {
     Convert(weights_cmd::ConvertArgs),
     /// Time the forward pass (eval mode) on random inputs.
     Bench(bench::BenchArgs),
+    /// Print the word pieces and model input ids of texts.
+    Tokenize(data_cmd::TokenizeArgs),
+    /// Show what the model sees of an image: the reference crop, the resize, the tensor.
+    Preprocess(data_cmd::PreprocessArgs),
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -53,5 +58,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Inspect(a) => weights_cmd::inspect(a),
         Command::Convert(a) => weights_cmd::convert(a),
         Command::Bench(a) => bench::run(a),
+        Command::Tokenize(a) => data_cmd::tokenize(a),
+        Command::Preprocess(a) => data_cmd::preprocess_cmd(a),
     }
 }

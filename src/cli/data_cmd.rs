@@ -1,0 +1,84 @@
+//! `mvlt tokenize` and `mvlt preprocess`: what the model sees of a text and of an image.
+use crate::data::image::{preprocess, Pixels};
+use crate::data::text::TextProcessor;
+use crate::model::weights::write_safetensors;
+use anyhow::{Context, Result};
+use burn::tensor::TensorData;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct TokenizeArgs {
+    /// WordPiece vocabulary file (e.g. bert-base-uncased-vocab.txt).
+    #[arg(long)]
+    vocab: PathBuf,
+    /// Text length T of the model input ([CLS] + up to T-2 pieces + [SEP] + [PAD]...).
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// One JSON object per text: {"text", "tokens", "input_ids"}.
+    #[arg(long)]
+    json: bool,
+    #[arg(required = true)]
+    texts: Vec<String>,
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let t = TextProcessor::from_vocab_file(&a.vocab)?;
+    for text in &a.texts {
+        let e = t.encode(text, a.max_len)?;
+        if a.json {
+            println!("{}", serde_json::json!({"text": text, "tokens": e.tokens, "input_ids": e.input_ids}));
+        } else {
+            println!("{text}");
+            println!("  pieces ({}{}): {}", e.tokens.len(), if e.truncated { ", truncated" } else { "" }, e.tokens.join(" "));
+            println!("  input_ids: {:?}", e.input_ids);
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PreprocessArgs {
+    /// Image file (PNG or JPEG).
+    #[arg(long)]
+    image: PathBuf,
+    /// Output side in pixels (the authors use 256).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Write what the model sees as a PNG.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// Write the model-input tensor `image` [3,S,S] float32 in [0,1] as safetensors.
+    #[arg(long)]
+    safetensors: Option<PathBuf>,
+    /// Print {"image", "crop_box_ltrb", "size"} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
+    let pixels = Pixels::open(&a.image)?;
+    let out = preprocess(&pixels, a.size)?;
+    let full = [0, 0, pixels.width, pixels.height];
+    if out.crop_box.is_none() {
+        eprintln!("note: {} has no black pixel after dithering; using the whole image", a.image.display());
+    }
+    let b = out.crop_box.unwrap_or(full);
+    if let Some(p) = &a.png {
+        let n = a.size * a.size;
+        let hwc: Vec<u8> = (0..n).flat_map(|i| [out.chw_u8[i], out.chw_u8[n + i], out.chw_u8[2 * n + i]]).collect();
+        image::RgbImage::from_raw(a.size as u32, a.size as u32, hwc)
+            .context("image buffer")?
+            .save(p)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if let Some(p) = &a.safetensors {
+        let data = TensorData::new(crate::data::image::to_unit_floats(&out.chw_u8), [3, a.size, a.size]);
+        write_safetensors(p, &[("image".to_string(), data)], Default::default())?;
+    }
+    if a.json {
+        println!("{}", serde_json::json!({"image": a.image, "crop_box_ltrb": b, "size": [a.size, a.size]}));
+    } else {
+        println!("{}: {}x{} -> crop box (l, t, r, b) = {:?} -> {}x{}", a.image.display(), pixels.width, pixels.height, b, a.size, a.size);
+    }
+    Ok(())
+}
