@@ -1,0 +1,457 @@
+//! Datasets: one interface, three on-disk formats.
+//!
+//! - [`JsonlCatalog`]: a team's own products, one JSON object per image (schema in the README).
+//! - [`FashionGenH5`]: Fashion-Gen as distributed (HDF5), read lazily row by row.
+//! - [`AuthorsLayout`]: the MVLT authors' reorganised copy (images + pickled dicts).
+//!
+//! Rows that cannot be used are skipped, counted and reported ("skipped 3 of 260480 rows: ..."),
+//! never dropped silently; a file that cannot be read at all is an error naming it.
+
+use super::image::Pixels;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+/// What every reader yields per image (several images may share a product: poses).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub product_id: String,
+    pub caption: String,
+    pub category: String,
+    pub subcategory: String,
+}
+
+/// Rows a reader left out, with the reason for each.
+#[derive(Clone, Debug, Default)]
+pub struct SkipReport {
+    pub total_rows: usize,
+    pub skipped: Vec<(String, String)>,
+}
+
+impl SkipReport {
+    pub fn skip(&mut self, row: impl Into<String>, why: impl Into<String>) {
+        self.skipped.push((row.into(), why.into()));
+    }
+    pub fn summary(&self) -> Option<String> {
+        if self.skipped.is_empty() {
+            return None;
+        }
+        let shown: Vec<String> = self.skipped.iter().take(5).map(|(r, w)| format!("{r}: {w}")).collect();
+        Some(format!(
+            "skipped {} of {} rows: {}{}",
+            self.skipped.len(),
+            self.total_rows,
+            shown.join("; "),
+            if self.skipped.len() > 5 { "; ..." } else { "" }
+        ))
+    }
+}
+
+pub trait Dataset: Send + Sync {
+    /// Where the data came from, for messages.
+    fn source(&self) -> String;
+    fn records(&self) -> &[Record];
+    /// Decode image `i` (lazy: large datasets are never held in memory).
+    fn pixels(&self, i: usize) -> Result<Pixels>;
+    fn skips(&self) -> &SkipReport;
+    fn len(&self) -> usize {
+        self.records().len()
+    }
+    fn is_empty(&self) -> bool {
+        self.records().is_empty()
+    }
+}
+
+/// Open any supported dataset: a `.jsonl` catalogue, a `.h5` Fashion-Gen file, or a folder in the
+/// authors' layout.
+pub fn open_dataset(path: &Path) -> Result<Box<dyn Dataset>> {
+    if path.is_dir() {
+        if path.join("catalog.jsonl").exists() {
+            return Ok(Box::new(JsonlCatalog::open(&path.join("catalog.jsonl"))?));
+        }
+        return Ok(Box::new(AuthorsLayout::open(path)?));
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") | Some("json") => Ok(Box::new(JsonlCatalog::open(path)?)),
+        Some("h5") | Some("hdf5") => Ok(Box::new(FashionGenH5::open(path)?)),
+        _ if !path.exists() => bail!("dataset {} does not exist", path.display()),
+        _ => bail!("cannot tell the format of {}: expected a .jsonl catalogue, a Fashion-Gen .h5 file or an authors'-layout folder", path.display()),
+    }
+}
+
+/// Class ids: the sorted distinct names (deterministic; saved with a run).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassMap {
+    pub main: Vec<String>,
+    pub sub: Vec<String>,
+}
+
+impl ClassMap {
+    pub fn from_records(records: &[Record]) -> ClassMap {
+        let main: BTreeSet<&str> = records.iter().map(|r| r.category.as_str()).collect();
+        let sub: BTreeSet<&str> = records.iter().map(|r| r.subcategory.as_str()).collect();
+        ClassMap { main: main.into_iter().map(String::from).collect(), sub: sub.into_iter().map(String::from).collect() }
+    }
+    pub fn main_id(&self, name: &str) -> Option<usize> {
+        self.main.binary_search_by(|n| n.as_str().cmp(name)).ok()
+    }
+    pub fn sub_id(&self, name: &str) -> Option<usize> {
+        self.sub.binary_search_by(|n| n.as_str().cmp(name)).ok()
+    }
+}
+
+/// Split rows into (train, validation) by product, seeded: all views of a product land on the same
+/// side, so validation never sees a training product.
+pub fn split_by_product(records: &[Record], val_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let (mut train, mut val) = (vec![], vec![]);
+    for (i, r) in records.iter().enumerate() {
+        // FNV-1a over seed and product id, then splitmix64's finaliser (FNV alone leaves the high
+        // bits nearly constant for short similar ids): stable across platforms and releases.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in seed.to_le_bytes().iter().chain(r.product_id.as_bytes()) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d049bb133111eb);
+        h ^= h >> 31;
+        let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+        if u < val_fraction {
+            val.push(i);
+        } else {
+            train.push(i);
+        }
+    }
+    (train, val)
+}
+
+fn check_caption(caption: &str) -> Result<(), String> {
+    if caption.trim().is_empty() {
+        return Err("empty caption".into());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSONL catalogue
+
+/// One JSON object per line: `id`, `image` (path relative to the file), `caption`, `category`,
+/// `subcategory`, optional `product_id` (defaults to `id`).
+pub struct JsonlCatalog {
+    pub path: PathBuf,
+    root: PathBuf,
+    records: Vec<Record>,
+    images: Vec<PathBuf>,
+    skips: SkipReport,
+}
+
+#[derive(Deserialize)]
+struct JsonlRow {
+    id: serde_json::Value,
+    image: String,
+    caption: String,
+    category: String,
+    subcategory: String,
+    product_id: Option<serde_json::Value>,
+}
+
+fn id_string(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl JsonlCatalog {
+    pub fn open(path: &Path) -> Result<JsonlCatalog> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read catalogue {}", path.display()))?;
+        let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let (mut records, mut images, mut skips) = (vec![], vec![], SkipReport::default());
+        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            let row = format!("{} line {}", path.display(), n + 1);
+            if line.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            skips.total_rows += 1;
+            let Ok(line) = std::str::from_utf8(line) else {
+                skips.skip(row, "not valid UTF-8");
+                continue;
+            };
+            let r: JsonlRow = match serde_json::from_str(line) {
+                Ok(r) => r,
+                Err(e) => {
+                    skips.skip(row, format!("not a catalogue row ({e}); fields: id, image, caption, category, subcategory"));
+                    continue;
+                }
+            };
+            let rel = Path::new(&r.image);
+            if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+                skips.skip(row, format!("image path '{}' escapes the catalogue folder", r.image));
+                continue;
+            }
+            if let Err(why) = check_caption(&r.caption) {
+                skips.skip(row, why);
+                continue;
+            }
+            let image = root.join(rel);
+            if !image.is_file() {
+                skips.skip(row, format!("image {} does not exist", image.display()));
+                continue;
+            }
+            let id = id_string(&r.id);
+            records.push(Record {
+                product_id: r.product_id.as_ref().map(id_string).unwrap_or_else(|| id.clone()),
+                id,
+                caption: r.caption,
+                category: r.category,
+                subcategory: r.subcategory,
+            });
+            images.push(image);
+        }
+        if records.is_empty() {
+            bail!("catalogue {} has no usable rows{}", path.display(), skips.summary().map(|s| format!(" ({s})")).unwrap_or_default());
+        }
+        Ok(JsonlCatalog { path: path.to_path_buf(), root, records, images, skips })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+impl Dataset for JsonlCatalog {
+    fn source(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn records(&self) -> &[Record] {
+        &self.records
+    }
+    fn pixels(&self, i: usize) -> Result<Pixels> {
+        Pixels::open(&self.images[i])
+    }
+    fn skips(&self) -> &SkipReport {
+        &self.skips
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fashion-Gen HDF5
+
+pub struct FashionGenH5 {
+    pub path: PathBuf,
+    file: hdf5_reader::Hdf5File,
+    records: Vec<Record>,
+    /// HDF5 row of each record (rows may be skipped).
+    rows: Vec<usize>,
+    image_hw: (usize, usize),
+    skips: SkipReport,
+}
+
+/// Fixed-length byte strings decoded as Latin-1 (the release's encoding), trailing NULs and
+/// spaces removed; variable-length strings as the reader decodes them.
+fn latin1_strings(ds: &hdf5_reader::Dataset, n: usize) -> Result<Vec<String>> {
+    use hdf5_reader::Datatype;
+    let out: Vec<String> = match ds.dtype() {
+        Datatype::String { size: hdf5_reader::StringSize::Fixed(len), .. } => {
+            let raw = ds.read_raw_bytes()?;
+            raw.chunks(*len as usize)
+                .map(|c| c.iter().map(|&b| b as char).collect::<String>().trim_end_matches(['\0', ' ']).to_string())
+                .collect()
+        }
+        _ => ds.read_strings()?,
+    };
+    if out.len() != n {
+        bail!("has {} entries, expected {n}", out.len());
+    }
+    Ok(out)
+}
+
+impl FashionGenH5 {
+    pub const REQUIRED: [&'static str; 5] = ["input_image", "input_description", "input_category", "input_subcategory", "input_productID"];
+
+    pub fn open(path: &Path) -> Result<FashionGenH5> {
+        if !path.exists() {
+            bail!("HDF5 file {} does not exist", path.display());
+        }
+        let file = hdf5_reader::Hdf5File::open(path)
+            .map_err(|e| anyhow!("cannot read HDF5 file {}: {e} (truncated or not HDF5?)", path.display()))?;
+        let get = |name: &str| {
+            file.dataset(&format!("/{name}"))
+                .map_err(|e| anyhow!("{} has no dataset '{name}' ({e}); Fashion-Gen files hold {}", path.display(), Self::REQUIRED.join(", ")))
+        };
+        let image = get("input_image")?;
+        let shape: Vec<usize> = image.shape().iter().map(|&d| d as usize).collect();
+        if shape.len() != 4 || shape[3] != 3 {
+            bail!("{}: input_image has shape {shape:?}, expected [N, H, W, 3]", path.display());
+        }
+        let n = shape[0];
+        let ctx = |name: &str| format!("{}: dataset '{name}'", path.display());
+        let captions = latin1_strings(&get("input_description")?, n).with_context(|| ctx("input_description"))?;
+        let cats = latin1_strings(&get("input_category")?, n).with_context(|| ctx("input_category"))?;
+        let subs = latin1_strings(&get("input_subcategory")?, n).with_context(|| ctx("input_subcategory"))?;
+        let pid_ds = get("input_productID")?;
+        let pids: Vec<i64> = pid_ds.read_array::<i32>().map(|a| a.iter().map(|&x| x as i64).collect()).or_else(|_| pid_ds.read_array::<i64>().map(|a| a.iter().copied().collect())).map_err(|e| anyhow!("{}: {e}", ctx("input_productID")))?;
+        if pids.len() != n {
+            bail!("{}: input_productID has {} entries, input_image {n}", path.display(), pids.len());
+        }
+        let poses = file.dataset("/input_pose").ok().and_then(|d| latin1_strings(&d, n).ok());
+        let (mut records, mut rows, mut skips) = (vec![], vec![], SkipReport { total_rows: n, ..Default::default() });
+        for i in 0..n {
+            if let Err(why) = check_caption(&captions[i]) {
+                skips.skip(format!("{} row {i}", path.display()), why);
+                continue;
+            }
+            let pose = poses.as_ref().map(|p| p[i].clone()).unwrap_or_else(|| i.to_string());
+            records.push(Record {
+                id: format!("{}_{}", pids[i], pose),
+                product_id: pids[i].to_string(),
+                caption: captions[i].clone(),
+                category: cats[i].clone(),
+                subcategory: subs[i].clone(),
+            });
+            rows.push(i);
+        }
+        Ok(FashionGenH5 { path: path.to_path_buf(), file, records, rows, image_hw: (shape[1], shape[2]), skips })
+    }
+}
+
+impl Dataset for FashionGenH5 {
+    fn source(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn records(&self) -> &[Record] {
+        &self.records
+    }
+    fn pixels(&self, i: usize) -> Result<Pixels> {
+        use hdf5_reader::{SliceInfo, SliceInfoElem};
+        let row = self.rows[i] as u64;
+        let (h, w) = self.image_hw;
+        let sel = SliceInfo {
+            selections: vec![
+                SliceInfoElem::Index(row),
+                SliceInfoElem::Slice { start: 0, end: h as u64, step: 1 },
+                SliceInfoElem::Slice { start: 0, end: w as u64, step: 1 },
+                SliceInfoElem::Slice { start: 0, end: 3, step: 1 },
+            ],
+        };
+        let ds = self.file.dataset("/input_image").map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
+        let arr = ds.read_slice::<u8>(&sel).map_err(|e| anyhow!("{} row {row}: cannot read image: {e}", self.path.display()))?;
+        Ok(Pixels::from_hwc_rgb(w, h, arr.iter().copied().collect()))
+    }
+    fn skips(&self) -> &SkipReport {
+        &self.skips
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The authors' layout
+
+/// `extracted_*_images/<name>.png` paired by sorted name with `full_*_info_PAI/<name>.pkl`.
+pub struct AuthorsLayout {
+    pub root: PathBuf,
+    records: Vec<Record>,
+    images: Vec<PathBuf>,
+    skips: SkipReport,
+}
+
+fn find_subdir(root: &Path, prefix: &str, suffix: &str) -> Result<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot list {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix)))
+        .collect();
+    found.sort();
+    found.into_iter().next().ok_or_else(|| anyhow!("{} has no {prefix}*{suffix} folder (the authors' layout: extracted_*_images/ and full_*_info_PAI/)", root.display()))
+}
+
+fn sorted_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(ext))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Read a pickle as plain data. Unknown classes (numpy arrays in the real files' `input_ids`)
+/// become placeholders instead of being executed or rejected.
+pub fn read_pickle(path: &Path) -> Result<serde_pickle::Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new().replace_unresolved_globals().decode_strings())
+        .map_err(|e| anyhow!("{} is not a readable pickle: {e}", path.display()))
+}
+
+pub fn pickle_str(dict: &serde_pickle::Value, key: &str) -> Result<String, String> {
+    let serde_pickle::Value::Dict(d) = dict else { return Err("the pickle is not a dict".into()) };
+    match d.get(&serde_pickle::HashableValue::String(key.into())) {
+        Some(serde_pickle::Value::String(s)) => Ok(s.clone()),
+        Some(serde_pickle::Value::I64(i)) => Ok(i.to_string()),
+        Some(serde_pickle::Value::Bytes(b)) => Ok(b.iter().map(|&c| c as char).collect()),
+        Some(other) => Err(format!("key '{key}' is not a string ({other:?})")),
+        None => Err(format!("the dict has no '{key}' key")),
+    }
+}
+
+impl AuthorsLayout {
+    pub fn open(root: &Path) -> Result<AuthorsLayout> {
+        let img_dir = find_subdir(root, "extracted_", "_images")?;
+        let info_dir = find_subdir(root, "full_", "_info_PAI")?;
+        let images = sorted_files(&img_dir, "png")?;
+        let infos = sorted_files(&info_dir, "pkl")?;
+        if images.len() != infos.len() {
+            bail!("{} holds {} images but {} holds {} pickles", img_dir.display(), images.len(), info_dir.display(), infos.len());
+        }
+        // The reference pairs by sorted position; check that the names agree.
+        let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let bad: Vec<String> = images.iter().zip(&infos).filter(|(a, b)| stem(a) != stem(b)).take(5).map(|(a, b)| format!("{} vs {}", stem(a), stem(b))).collect();
+        if !bad.is_empty() {
+            bail!("image and pickle names do not pair up in {}: {}", root.display(), bad.join(", "));
+        }
+        let (mut records, mut kept, mut skips) = (vec![], vec![], SkipReport { total_rows: images.len(), ..Default::default() });
+        for (img, info) in images.iter().zip(&infos) {
+            let row = info.display().to_string();
+            let v = match read_pickle(info) {
+                Ok(v) => v,
+                Err(e) => {
+                    skips.skip(row, e.to_string());
+                    continue;
+                }
+            };
+            let fields = (|| -> Result<Record, String> {
+                Ok(Record {
+                    id: stem(img),
+                    product_id: pickle_str(&v, "product_id")?,
+                    caption: pickle_str(&v, "captions")?,
+                    category: pickle_str(&v, "super_cls_name")?,
+                    subcategory: pickle_str(&v, "sub_cls_name")?,
+                })
+            })();
+            match fields.and_then(|r| check_caption(&r.caption).map(|_| r)) {
+                Ok(r) => {
+                    records.push(r);
+                    kept.push(img.clone());
+                }
+                Err(why) => skips.skip(row, why),
+            }
+        }
+        Ok(AuthorsLayout { root: root.to_path_buf(), records, images: kept, skips })
+    }
+}
+
+impl Dataset for AuthorsLayout {
+    fn source(&self) -> String {
+        self.root.display().to_string()
+    }
+    fn records(&self) -> &[Record] {
+        &self.records
+    }
+    fn pixels(&self, i: usize) -> Result<Pixels> {
+        Pixels::open(&self.images[i])
+    }
+    fn skips(&self) -> &SkipReport {
+        &self.skips
+    }
+}
