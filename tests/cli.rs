@@ -215,3 +215,17 @@ fn preprocess_reports_the_reference_crop_box() {
     let t = text(&o);
     assert!(!o.status.success() && t.contains("broken.jpg") && t.contains("cannot decode"), "{t}");
 }
+
+#[test]
+fn synth_writes_a_catalogue_the_readers_accept() {
+    let tmp = common::tempdir("synth-cli");
+    let out = tmp.join("cat");
+    let o = mvlt(&["synth", "--out", p(&out), "--n", "40", "--size", "64", "--seed", "3", "--contact-sheet", p(&tmp.join("sheet.png"))]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("wrote 40 images"), "{t}");
+    assert_eq!(image::open(tmp.join("sheet.png")).unwrap().width(), 512);
+    let o = mvlt(&["data", "bench", "--data", p(&out), "--n", "20", "--size", "64", "--batch-size", "8"]);
+    let t = text(&o);
+    assert!(o.status.success() && t.contains("images/s"), "{t}");
+}

@@ -78,3 +78,14 @@ mod images {
         eprintln!("{}", report.join("\n"));
     }
 }
+
+#[test]
+fn float_pipeline_equals_reference_tensor_bit_for_bit_definition() {
+    // preprocess_floats must give exactly float32(u8) / 255 of the u8 pipeline.
+    let Some(dir) = common::fixtures() else { return };
+    let p = mvlt::data::image::Pixels::open(&dir.join("images/01_tshirt_solid_red_300x400.png")).unwrap();
+    let u8s = mvlt::data::image::preprocess(&p, 64).unwrap().chw_u8;
+    let (floats, _) = mvlt::data::image::preprocess_floats(&p, 64).unwrap();
+    let want: Vec<f32> = u8s.iter().map(|&v| v as f32 / 255.0).collect();
+    assert_eq!(floats.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), want.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+}

@@ -1,6 +1,8 @@
 //! The `mvlt` command line.
 mod bench;
+mod data_bench;
 mod data_cmd;
+mod synth_cmd;
 mod verify_cmd;
 mod weights_cmd;
 
@@ -45,10 +47,21 @@ enum Command {
     Convert(weights_cmd::ConvertArgs),
     /// Time the forward pass (eval mode) on random inputs.
     Bench(bench::BenchArgs),
+    /// Write the built-in synthetic fashion catalogue (JSONL + PNG images + vocabulary).
+    Synth(synth_cmd::SynthArgs),
+    /// Data tools: `mvlt data bench` times the loader against the reference pipeline.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Print the word pieces and model input ids of texts.
     Tokenize(data_cmd::TokenizeArgs),
     /// Show what the model sees of an image: the reference crop, the resize, the tensor.
     Preprocess(data_cmd::PreprocessArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Images/s of the image pipeline and of whole batches (optionally vs the reference PIL pipeline).
+    Bench(data_bench::DataBenchArgs),
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -58,6 +71,8 @@ pub fn main() -> anyhow::Result<()> {
         Command::Inspect(a) => weights_cmd::inspect(a),
         Command::Convert(a) => weights_cmd::convert(a),
         Command::Bench(a) => bench::run(a),
+        Command::Synth(a) => synth_cmd::run(a),
+        Command::Data(DataCommand::Bench(a)) => data_bench::run(a),
         Command::Tokenize(a) => data_cmd::tokenize(a),
         Command::Preprocess(a) => data_cmd::preprocess_cmd(a),
     }

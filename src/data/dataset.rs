@@ -56,6 +56,10 @@ pub trait Dataset: Send + Sync {
     /// Decode image `i` (lazy: large datasets are never held in memory).
     fn pixels(&self, i: usize) -> Result<Pixels>;
     fn skips(&self) -> &SkipReport;
+    /// The image file of row `i`, for formats that keep one file per image.
+    fn image_path(&self, _i: usize) -> Option<&Path> {
+        None
+    }
     fn len(&self) -> usize {
         self.records().len()
     }
@@ -233,6 +237,9 @@ impl Dataset for JsonlCatalog {
     }
     fn skips(&self) -> &SkipReport {
         &self.skips
+    }
+    fn image_path(&self, i: usize) -> Option<&Path> {
+        Some(&self.images[i])
     }
 }
 
@@ -453,5 +460,8 @@ impl Dataset for AuthorsLayout {
     }
     fn skips(&self) -> &SkipReport {
         &self.skips
+    }
+    fn image_path(&self, i: usize) -> Option<&Path> {
+        Some(&self.images[i])
     }
 }

@@ -60,25 +60,24 @@ impl Pixels {
     /// PIL `convert('1')` (Floyd-Steinberg), as `tobilevel` in Pillow's Convert.c: integer error
     /// diffusion on the luminance `(299 R + 587 G + 114 B) / 1000` (truncating), threshold `> 128`.
     /// Written by hand because no image crate reproduces Pillow's integer arithmetic bit for bit,
-    /// and the crop box depends on every bit. Returns `true` for white.
-    pub fn dither(&self) -> Vec<bool> {
+    /// and the crop box depends on every bit. Calls `pixel(x, y, white)` in raster order.
+    fn dither_each(&self, mut pixel: impl FnMut(usize, usize, bool)) {
         let (w, h) = (self.width, self.height);
-        let mut out = vec![false; w * h];
         let mut errors = vec![0i32; w + 1];
         for y in 0..h {
             let (mut l, mut l0, mut l1) = (0i32, 0i32, 0i32);
+            let row = &self.data[y * w * self.channels..(y + 1) * w * self.channels];
             for x in 0..w {
-                let i = y * w + x;
                 let lum = if self.channels == 1 {
-                    self.data[i] as i32
+                    row[x] as i32
                 } else {
-                    let p = &self.data[i * 3..i * 3 + 3];
+                    let p = &row[x * 3..x * 3 + 3];
                     (p[0] as i32 * 299 + p[1] as i32 * 587 + p[2] as i32 * 114) / 1000
                 };
                 // C's `/` truncates toward zero, as Rust's does.
                 l = (lum + (l + errors[x + 1]) / 16).clamp(0, 255);
                 let white = l > 128;
-                out[i] = white;
+                pixel(x, y, white);
                 l -= if white { 255 } else { 0 };
                 let l2 = l;
                 let d2 = l + l;
@@ -91,24 +90,27 @@ impl Pixels {
             }
             errors[w] = l0;
         }
+    }
+
+    /// The dithered bitmap, `true` for white.
+    pub fn dither(&self) -> Vec<bool> {
+        let mut out = Vec::with_capacity(self.width * self.height);
+        self.dither_each(|_, _, white| out.push(white));
         out
     }
 
     /// Bounding box of the black pixels of the dithered image, with the reference's exclusive
     /// right/bottom edges at the last black column/row (so that column/row is dropped).
     pub fn crop_box(&self) -> Option<CropBox> {
-        let bits = self.dither();
         let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-        for y in 0..self.height {
-            for x in 0..self.width {
-                if !bits[y * self.width + x] {
-                    x0 = x0.min(x);
-                    y0 = y0.min(y);
-                    x1 = x1.max(x);
-                    y1 = y1.max(y);
-                }
+        self.dither_each(|x, y, white| {
+            if !white {
+                x0 = x0.min(x);
+                y0 = y0.min(y);
+                x1 = x1.max(x);
+                y1 = y1.max(y);
             }
-        }
+        });
         (x0 != usize::MAX).then_some([x0, y0, x1, y1])
     }
 
@@ -118,13 +120,11 @@ impl Pixels {
         let (w, h) = (r - l, bt - t);
         let mut data = Vec::with_capacity(w * h * 3);
         for y in t..bt {
-            for x in l..r {
-                let i = y * self.width + x;
-                if self.channels == 1 {
-                    data.extend_from_slice(&[self.data[i]; 3]);
-                } else {
-                    data.extend_from_slice(&self.data[i * 3..i * 3 + 3]);
-                }
+            let row = y * self.width;
+            if self.channels == 1 {
+                data.extend(self.data[row + l..row + r].iter().flat_map(|&g| [g; 3]));
+            } else {
+                data.extend_from_slice(&self.data[(row + l) * 3..(row + r) * 3]);
             }
         }
         Pixels { width: w, height: h, channels: 3, data }
@@ -168,9 +168,32 @@ pub fn preprocess(p: &Pixels, size: usize) -> Result<Preprocessed> {
     Ok(Preprocessed { chw_u8: hwc_to_chw(&hwc, size), size, crop_box })
 }
 
+/// `v as f32 / 255.0` for every byte: the reference's `ToTensor` values, looked up instead of divided.
+static UNIT: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| std::array::from_fn(|v| v as f32 / 255.0));
+
 /// Model-input floats from CHW u8 (exactly the reference's `ToTensor`: `u8 as f32 / 255`).
 pub fn to_unit_floats(chw_u8: &[u8]) -> Vec<f32> {
-    chw_u8.iter().map(|&v| v as f32 / 255.0).collect()
+    chw_u8.iter().map(|&v| UNIT[v as usize]).collect()
+}
+
+/// The whole pipeline straight to model-input floats `[3, S, S]` (the loader's hot path: no
+/// intermediate CHW bytes). Returns the floats and the crop box used.
+pub fn preprocess_floats(p: &Pixels, size: usize) -> Result<(Vec<f32>, Option<CropBox>)> {
+    if size == 0 {
+        bail!("image size must be positive");
+    }
+    let crop_box = p.crop_box().filter(|b| b[2] > b[0] && b[3] > b[1]);
+    let hwc = resize_rgb(&p.crop_rgb(crop_box.unwrap_or([0, 0, p.width, p.height])), size)?;
+    let n = size * size;
+    let mut out = vec![0f32; 3 * n];
+    let (r, rest) = out.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for (i, px) in hwc.chunks_exact(3).enumerate() {
+        r[i] = UNIT[px[0] as usize];
+        g[i] = UNIT[px[1] as usize];
+        b[i] = UNIT[px[2] as usize];
+    }
+    Ok((out, crop_box))
 }
 
 /// Value the reference writes into masked pixels.
@@ -198,12 +221,12 @@ pub fn apply_grid_mask(chw: &mut [f32], size: usize, grid: usize, mask: &[bool])
         bail!("image size {size} is not divisible into a {grid}x{grid} mask grid");
     }
     let cell = size / grid;
-    for c in 0..3 {
-        for y in 0..size {
-            for x in 0..size {
-                if mask[(y / cell) * grid + x / cell] {
-                    chw[c * size * size + y * size + x] = MASKED_PIXEL;
-                }
+    for (k, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+        let (cy, cx) = (k / grid, k % grid);
+        for c in 0..3 {
+            for y in cy * cell..(cy + 1) * cell {
+                let row = c * size * size + y * size;
+                chw[row + cx * cell..row + (cx + 1) * cell].fill(MASKED_PIXEL);
             }
         }
     }

@@ -1,0 +1,69 @@
+//! `mvlt synth`: write the built-in synthetic catalogue.
+use crate::data::dataset::{Dataset, JsonlCatalog};
+use crate::data::synth::write_catalog;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct SynthArgs {
+    /// Output folder (catalog.jsonl, images/, vocab.txt).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of images (products have 2-3 views each).
+    #[arg(long, default_value_t = 2000)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Also write a 4x4 contact sheet of the first 16 images.
+    #[arg(long)]
+    contact_sheet: Option<PathBuf>,
+}
+
+pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]"))
+            .expect("static template"),
+    );
+    pb
+}
+
+pub fn run(a: SynthArgs) -> Result<()> {
+    let pb = progress_bar(a.n as u64, "synth");
+    let t0 = Instant::now();
+    let written = write_catalog(&a.out, a.n, a.seed, a.size, |k| pb.inc(k as u64))?;
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let cat = JsonlCatalog::open(&a.out.join("catalog.jsonl"))?;
+    let products: std::collections::BTreeSet<_> = cat.records().iter().map(|r| r.product_id.clone()).collect();
+    println!(
+        "wrote {written} images of {} products ({}x{} px) to {} in {secs:.1} s ({:.0} images/s); vocabulary: {}",
+        products.len(),
+        a.size,
+        a.size,
+        a.out.display(),
+        written as f64 / secs,
+        a.out.join("vocab.txt").display()
+    );
+    if let Some(sheet) = &a.contact_sheet {
+        // One view of each of the first 16 products.
+        let firsts: Vec<usize> = (0..cat.len()).filter(|&i| i == 0 || cat.records()[i].product_id != cat.records()[i - 1].product_id).take(16).collect();
+        let k = firsts.len();
+        let cell = 128u32;
+        let mut grid = image::RgbImage::from_pixel(cell * 4, cell * 4, image::Rgb([255, 255, 255]));
+        for (i, &row) in firsts.iter().enumerate() {
+            let p = cat.pixels(row)?;
+            let img = image::RgbImage::from_raw(p.width as u32, p.height as u32, p.data).context("image")?;
+            let img = image::imageops::resize(&img, cell, cell, image::imageops::FilterType::Triangle);
+            image::imageops::overlay(&mut grid, &img, ((i % 4) as u32 * cell) as i64, ((i / 4) as u32 * cell) as i64);
+        }
+        grid.save(sheet).with_context(|| format!("cannot write {}", sheet.display()))?;
+        println!("contact sheet of {k} images: {}", sheet.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Batches ready for the model: decode, crop, resize, mask and tokenize in worker threads, a few
+//! batches ahead of the consumer.
+//!
+//! Every random choice of a sample (MLM corruption, ITM partner, grid mask) comes from an RNG seeded
+//! by (seed, epoch, dataset index), and the epoch order from (seed, epoch): the batches are the same
+//! whatever the number of workers or their timing.
+
+use super::dataset::{ClassMap, Dataset, SkipReport};
+use super::image::{apply_grid_mask, grid_mask, preprocess_floats};
+use super::text::{itm_pair, TextProcessor, IGNORE};
+use anyhow::Result;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::sync::{mpsc, Arc, Mutex};
+
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub image_size: usize,
+    /// Text length T.
+    pub max_len: usize,
+    pub seed: u64,
+    pub workers: usize,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+    pub shuffle: bool,
+    /// Pre-training corruptions (MLM, ITM pairing, grid mask); off for fine-tuning and evaluation.
+    pub pretrain: bool,
+    /// Side of the reconstruction mask grid (16 in the reference).
+    pub mask_grid: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig { batch_size: 8, image_size: 256, max_len: 128, seed: 0, workers: 2, prefetch: 4, shuffle: true, pretrain: true, mask_grid: 16 }
+    }
+}
+
+/// One batch, row-major host arrays.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Dataset indices of the rows (samples whose image failed to load are left out).
+    pub indices: Vec<usize>,
+    /// `[B, 3, S, S]` in [0, 1].
+    pub images: Vec<f32>,
+    /// `[B, 3, S, S]`, half the grid cells set to 1e-6 (empty unless pre-training).
+    pub masked_images: Vec<f32>,
+    /// `[B, T]`, MLM-corrupted when pre-training.
+    pub input_ids: Vec<i64>,
+    /// `[B, T]`, original id where corrupted, -1 elsewhere.
+    pub mlm_labels: Vec<i64>,
+    /// `[B]`: 1 when the caption is the image's own.
+    pub itm_labels: Vec<i64>,
+    pub sup_labels: Vec<i64>,
+    pub sub_labels: Vec<i64>,
+    pub image_size: usize,
+    pub text_len: usize,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+struct Sample {
+    index: usize,
+    image: Vec<f32>,
+    masked: Vec<f32>,
+    ids: Vec<i64>,
+    mlm: Vec<i64>,
+    itm: i64,
+    sup: i64,
+    sub: i64,
+}
+
+pub struct Loader {
+    pub dataset: Arc<dyn Dataset>,
+    pub text: Arc<TextProcessor>,
+    pub classes: Arc<ClassMap>,
+    pub config: LoaderConfig,
+    /// Which dataset rows this loader draws from (e.g. the training split).
+    pub rows: Arc<Vec<usize>>,
+    product_ids: Arc<Vec<String>>,
+    pool: Arc<rayon::ThreadPool>,
+    /// Images that could not be decoded, with reasons.
+    pub skips: Arc<Mutex<SkipReport>>,
+}
+
+impl Loader {
+    pub fn new(dataset: Arc<dyn Dataset>, text: Arc<TextProcessor>, classes: Arc<ClassMap>, rows: Vec<usize>, config: LoaderConfig) -> Result<Loader> {
+        let product_ids = Arc::new(dataset.records().iter().map(|r| r.product_id.clone()).collect());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(config.workers.max(1)).thread_name(|i| format!("mvlt-data-{i}")).build()?;
+        Ok(Loader { dataset, text, classes, config, rows: Arc::new(rows), product_ids, pool: Arc::new(pool), skips: Arc::new(Mutex::new(SkipReport::default())) })
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.rows.len().div_ceil(self.config.batch_size)
+    }
+
+    /// The row order of an epoch.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order = (*self.rows).clone();
+        if self.config.shuffle {
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9))));
+        }
+        order
+    }
+
+    fn sample(&self, index: usize, epoch: u64) -> Result<Sample> {
+        let cfg = &self.config;
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let rec = &self.dataset.records()[index];
+        let pixels = self.dataset.pixels(index)?;
+        let (image, _) = preprocess_floats(&pixels, cfg.image_size)?;
+        let (caption_index, itm) = if cfg.pretrain { itm_pair(index, &self.product_ids, &mut rng) } else { (index, 1) };
+        let enc = self.text.encode(&self.dataset.records()[caption_index].caption, cfg.max_len)?;
+        let (ids, mlm, masked) = if cfg.pretrain {
+            let (ids, mlm) = self.text.mask_tokens(&enc.input_ids, &mut rng);
+            let mut masked = image.clone();
+            apply_grid_mask(&mut masked, cfg.image_size, cfg.mask_grid, &grid_mask(cfg.mask_grid, &mut rng))?;
+            (ids, mlm, masked)
+        } else {
+            (enc.input_ids, vec![IGNORE; cfg.max_len], vec![])
+        };
+        let class = |id: Option<usize>| id.map(|i| i as i64).unwrap_or(-1);
+        Ok(Sample { index, image, masked, ids, mlm, itm, sup: class(self.classes.main_id(&rec.category)), sub: class(self.classes.sub_id(&rec.subcategory)) })
+    }
+
+    /// Build batch `b` of `epoch` (blocking, in the worker pool).
+    pub fn batch(&self, epoch: u64, order: &[usize], b: usize) -> Batch {
+        let bs = self.config.batch_size;
+        let rows = &order[b * bs..((b + 1) * bs).min(order.len())];
+        let samples: Vec<Result<Sample>> = self.pool.install(|| rows.par_iter().map(|&i| self.sample(i, epoch)).collect());
+        let mut batch = Batch {
+            indices: vec![],
+            images: vec![],
+            masked_images: vec![],
+            input_ids: vec![],
+            mlm_labels: vec![],
+            itm_labels: vec![],
+            sup_labels: vec![],
+            sub_labels: vec![],
+            image_size: self.config.image_size,
+            text_len: self.config.max_len,
+        };
+        for (s, &row) in samples.into_iter().zip(rows) {
+            match s {
+                Ok(s) => {
+                    batch.indices.push(s.index);
+                    batch.images.extend(s.image);
+                    batch.masked_images.extend(s.masked);
+                    batch.input_ids.extend(s.ids);
+                    batch.mlm_labels.extend(s.mlm);
+                    batch.itm_labels.push(s.itm);
+                    batch.sup_labels.push(s.sup);
+                    batch.sub_labels.push(s.sub);
+                }
+                Err(e) => {
+                    let mut skips = self.skips.lock().expect("skip report");
+                    skips.total_rows += 1;
+                    skips.skip(format!("{} item {} ({})", self.dataset.source(), row, self.dataset.records()[row].id), format!("{e:#}"));
+                    continue;
+                }
+            }
+        }
+        batch
+    }
+
+    /// Iterate the batches of one epoch from batch `start` on, prepared `prefetch` batches ahead on
+    /// a producer thread.
+    pub fn epoch(self: &Arc<Self>, epoch: u64, start: usize) -> impl Iterator<Item = Batch> {
+        let (tx, rx) = mpsc::sync_channel(self.config.prefetch.max(1));
+        let me = Arc::clone(self);
+        std::thread::spawn(move || {
+            let order = me.epoch_order(epoch);
+            for b in start..me.batches_per_epoch() {
+                if tx.send(me.batch(epoch, &order, b)).is_err() {
+                    break; // the consumer stopped
+                }
+            }
+        });
+        rx.into_iter()
+    }
+}
