@@ -229,3 +229,18 @@ fn synth_writes_a_catalogue_the_readers_accept() {
     let t = text(&o);
     assert!(o.status.success() && t.contains("images/s"), "{t}");
 }
+
+#[test]
+fn data_info_and_bench_on_the_format_fixtures() {
+    let Some(dir) = common::fixtures() else { return };
+    let ds = dir.join("../datasets");
+    let vocab = dir.join("../vocab/bert-base-uncased-vocab.txt");
+    for data in [ds.join("fashiongen_mini_validation.h5"), ds.join("authors_layout")] {
+        let o = mvlt(&["data", "info", "--data", p(&data), "--val-fraction", "0.3"]);
+        let t = text(&o);
+        assert!(o.status.success() && t.contains("12 images of 6 products") && t.contains("split by product"), "{t}");
+        let o = mvlt(&["data", "bench", "--data", p(&data), "--vocab", p(&vocab), "--size", "64", "--batch-size", "4"]);
+        let t = text(&o);
+        assert!(o.status.success() && t.contains("full pre-training batches"), "{t}");
+    }
+}

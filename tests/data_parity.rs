@@ -89,3 +89,62 @@ fn float_pipeline_equals_reference_tensor_bit_for_bit_definition() {
     let want: Vec<f32> = u8s.iter().map(|&v| v as f32 / 255.0).collect();
     assert_eq!(floats.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), want.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
 }
+
+mod formats {
+    use mvlt::data::image::{preprocess, Pixels};
+    use std::path::PathBuf;
+
+    fn file(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/formats").join(name)
+    }
+
+    /// Every odd file decodes, gets the garment's box, and becomes a 3-channel tensor.
+    #[test]
+    fn grey_rgba_16bit_cmyk_and_one_pixel_images() {
+        for (name, channels) in [("grey.png", 1), ("grey16.png", 1), ("rgba.png", 3), ("cmyk.jpg", 3)] {
+            let p = Pixels::open(&file(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!((p.width, p.height, p.channels), (48, 40, channels), "{name}");
+            let out = preprocess(&p, 32).unwrap();
+            let b = out.crop_box.unwrap_or_else(|| panic!("{name}: no box"));
+            assert!(b[0] >= 9 && b[1] >= 7 && b[2] <= 31 && b[3] <= 31, "{name}: box {b:?}");
+            assert_eq!(out.chw_u8.len(), 3 * 32 * 32);
+        }
+        // The CMYK garment is red: the decoder must have turned ink into light the right way.
+        let p = Pixels::open(&file("cmyk.jpg")).unwrap();
+        let px = &p.data[(20 * 48 + 20) * 3..(20 * 48 + 20) * 3 + 3];
+        assert!(px[0] > 200 && px[1] < 60 && px[2] < 60, "CMYK red decoded as {px:?}");
+        // A one-pixel image: black, so the box is empty; the whole image is used.
+        let p = Pixels::open(&file("one_pixel.png")).unwrap();
+        let out = preprocess(&p, 8).unwrap();
+        assert_eq!(out.crop_box, None);
+        assert!(out.chw_u8.iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn missing_empty_and_truncated_files_name_the_file() {
+        let e = format!("{:#}", Pixels::open(&file("absent.png")).unwrap_err());
+        assert!(e.contains("absent.png") && e.contains("cannot read image"), "{e}");
+        let dir = std::env::temp_dir().join(format!("mvlt-img-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("empty.png"), b"").unwrap();
+        let e = format!("{:#}", Pixels::open(&dir.join("empty.png")).unwrap_err());
+        assert!(e.contains("empty.png") && e.contains("cannot decode"), "{e}");
+        let bytes = std::fs::read(file("cmyk.jpg")).unwrap();
+        std::fs::write(dir.join("cut.jpg"), &bytes[..bytes.len() / 3]).unwrap();
+        // A cut JPEG either fails with the file named or decodes partially; it never panics.
+        if let Err(e) = Pixels::open(&dir.join("cut.jpg")) {
+            assert!(format!("{e:#}").contains("cut.jpg"));
+        }
+    }
+
+    #[test]
+    fn huge_and_odd_captions() {
+        let Some(dir) = super::common::fixtures() else { return };
+        let t = mvlt::data::text::TextProcessor::from_vocab_file(&super::vocab(&dir)).unwrap();
+        let long = "silk dress ".repeat(10_000);
+        let e = t.encode(&long, 128).unwrap();
+        assert!(e.truncated && e.input_ids.len() == 128 && e.input_ids[127] == 102);
+        let e = t.encode("   \t\n ", 8).unwrap();
+        assert_eq!(e.input_ids, [101, 102, 0, 0, 0, 0, 0, 0]);
+    }
+}

@@ -100,3 +100,38 @@ pub fn run(a: DataBenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct DataInfoArgs {
+    /// Dataset: catalogue .jsonl (or its folder), Fashion-Gen .h5, or an authors'-layout folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Show the sizes of a train/validation split by product with this validation fraction.
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Rows to print.
+    #[arg(long, default_value_t = 3)]
+    pub head: usize,
+}
+
+pub fn info(a: DataInfoArgs) -> Result<()> {
+    let ds = open_dataset(&a.data)?;
+    let classes = ClassMap::from_records(ds.records());
+    let products: std::collections::BTreeSet<_> = ds.records().iter().map(|r| &r.product_id).collect();
+    println!("{}: {} images of {} products", ds.source(), ds.len(), products.len());
+    println!("  {} main categories: {}", classes.main.len(), classes.main.join(", "));
+    println!("  {} sub-categories: {}", classes.sub.len(), classes.sub.join(", "));
+    if let Some(s) = ds.skips().summary() {
+        println!("  {s}");
+    }
+    if let Some(f) = a.val_fraction {
+        let (train, val) = crate::data::dataset::split_by_product(ds.records(), f, a.seed);
+        println!("  split by product (seed {}): {} train / {} validation images", a.seed, train.len(), val.len());
+    }
+    for r in ds.records().iter().take(a.head) {
+        println!("  {}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}

@@ -62,6 +62,8 @@ enum Command {
 enum DataCommand {
     /// Images/s of the image pipeline and of whole batches (optionally vs the reference PIL pipeline).
     Bench(data_bench::DataBenchArgs),
+    /// Rows, products, classes and skipped rows of a dataset (any of the three formats).
+    Info(data_bench::DataInfoArgs),
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -73,6 +75,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Data(DataCommand::Bench(a)) => data_bench::run(a),
+        Command::Data(DataCommand::Info(a)) => data_bench::info(a),
         Command::Tokenize(a) => data_cmd::tokenize(a),
         Command::Preprocess(a) => data_cmd::preprocess_cmd(a),
     }
