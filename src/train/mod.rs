@@ -1,0 +1,2 @@
+//! Training: objectives (the training loop, checkpoints and schedules are the open training issue).
+pub mod loss;
