@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 /// What to run and what to compare against.
 pub struct Fixture {
     pub name: String,
+    pub non_strict: bool,
     pub config: PvltConfig,
     /// Loaded in order: the first strictly, later ones non-strictly on top (the reference's
     /// `load_state_dict(strict=False)` of PVT ImageNet weights).
@@ -40,6 +41,8 @@ pub struct FixtureOverrides {
     pub inputs: Option<PathBuf>,
     /// `FILE:KEY` of one image tensor (u8 `[3,H,W]` scaled by 1/255, or float `[3,H,W]`/`[B,3,H,W]`).
     pub image: Option<String>,
+    /// Load the first weights file non-strictly too.
+    pub non_strict: bool,
 }
 
 fn read_safetensors_map(path: &Path) -> Result<BTreeMap<String, TensorData>> {
@@ -101,6 +104,7 @@ impl Fixture {
         let mlm_rows = meta.get("mlm_rows").and_then(|v| serde_json::from_value(v.clone()).ok());
         Ok(Fixture {
             name: json_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            non_strict: o.non_strict,
             config,
             weights,
             images: images.convert::<f32>(),
@@ -345,7 +349,7 @@ impl BackendTask for VerifyTask<'_> {
         let mut model = Pvlt::<B>::new(&f.config, &device);
         for (i, w) in f.weights.iter().enumerate() {
             let sd = StateDict::read(w)?;
-            let (m, report) = load_state_dict(model, &sd, i == 0)?;
+            let (m, report) = load_state_dict(model, &sd, i == 0 && !f.non_strict)?;
             model = m;
             if self.verbose_load {
                 eprintln!("{}: {}", w.display(), report.summary());

@@ -104,6 +104,11 @@ fn pth_missing_keys_fails_strict_and_loads_non_strict() {
     assert!(!o.status.success());
     assert!(t.contains("strict load of") && t.contains("missing 123") && t.contains("--non-strict"), "{t}");
     assert!(t.contains("ignored 5 unexpected: cls_token"), "{t}");
+    // --non-strict loads what matches and names the rest (the outputs then differ, as they should).
+    let o = mvlt(&["verify", p(&dir.join("small_io.json")), "--weights", p(&pvt), "--non-strict"]);
+    let t = text(&o);
+    assert!(t.contains("loaded 156 keys; ignored 5 unexpected") && t.contains("missing 123 (kept their initial values)"), "{t}");
+    assert!(!o.status.success() && t.contains("FAIL"), "{t}");
 }
 
 #[test]

@@ -69,3 +69,16 @@ fn corrupt_images_are_skipped_and_reported() {
     let s = l.skips.lock().unwrap().summary().unwrap();
     assert!(s.contains("skipped 1 of 1") && s.contains("100001_1") && s.contains("cannot decode"), "{s}");
 }
+
+#[test]
+fn images_without_black_pixels_are_used_whole_and_counted() {
+    let dir = common::tempdir("loader-white");
+    write_catalog(&dir, 6, 5, 40, |_| {}).unwrap();
+    for name in ["100000_1.png", "100001_1.png"] {
+        image::RgbImage::from_pixel(40, 40, image::Rgb([255, 255, 255])).save(dir.join("images").join(name)).unwrap();
+    }
+    let l = loader(&dir, 1, 2);
+    let seen: usize = l.epoch(0, 0).map(|b| b.len()).sum();
+    assert_eq!(seen, 6);
+    assert_eq!(l.uncropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+}

@@ -6,9 +6,7 @@ mod synth_cmd;
 mod verify_cmd;
 mod weights_cmd;
 
-use crate::device::DeviceSpec;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "mvlt", version, about = "MVLT (Masked Vision-Language Transformer in Fashion) in Rust: \
@@ -16,25 +14,6 @@ verify against the reference, inspect and convert weights, benchmark", long_abou
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Options shared by every command that builds a model.
-#[derive(clap::Args, Clone)]
-pub struct ModelArgs {
-    /// Architecture: a preset (tiny, small, medium, large), our config JSON, or a fixture JSON with a
-    /// `config` object. Default: the config stored in the weights, else the preset matching their shapes.
-    #[arg(long)]
-    pub config: Option<String>,
-    /// Weights: safetensors or PyTorch .pth (the authors' checkpoint or a bare state dict). Repeat to
-    /// load further files non-strictly on top (e.g. PVT ImageNet weights).
-    #[arg(long)]
-    pub weights: Vec<PathBuf>,
-    /// Load the first weights file non-strictly: take the keys that match, report the rest.
-    #[arg(long)]
-    pub non_strict: bool,
-    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
 }
 
 #[derive(Subcommand)]

@@ -14,6 +14,10 @@ pub struct VerifyArgs {
     /// Override the fixture's weights_file; repeat to load more files non-strictly on top.
     #[arg(long)]
     weights: Vec<PathBuf>,
+    /// Load the first weights file non-strictly: take the keys that match, report loaded / ignored /
+    /// missing keys (e.g. PVT ImageNet weights).
+    #[arg(long)]
+    non_strict: bool,
     /// A safetensors file holding `images` and `input_ids` when the fixture does not.
     #[arg(long)]
     inputs: Option<PathBuf>,
@@ -29,7 +33,7 @@ pub struct VerifyArgs {
 }
 
 pub fn run(a: VerifyArgs) -> Result<()> {
-    let overrides = FixtureOverrides { config: a.config, weights: a.weights, inputs: a.inputs, image: a.image_tensor };
+    let overrides = FixtureOverrides { config: a.config, weights: a.weights, inputs: a.inputs, image: a.image_tensor, non_strict: a.non_strict };
     let mut failed = 0;
     for path in &a.fixtures {
         let fixture = Fixture::load(path, &overrides)?;

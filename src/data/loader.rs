@@ -90,13 +90,15 @@ pub struct Loader {
     pool: Arc<rayon::ThreadPool>,
     /// Images that could not be decoded, with reasons.
     pub skips: Arc<Mutex<SkipReport>>,
+    /// Images with no black pixel after dithering (used whole; the reference crashes there).
+    pub uncropped: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Loader {
     pub fn new(dataset: Arc<dyn Dataset>, text: Arc<TextProcessor>, classes: Arc<ClassMap>, rows: Vec<usize>, config: LoaderConfig) -> Result<Loader> {
         let product_ids = Arc::new(dataset.records().iter().map(|r| r.product_id.clone()).collect());
         let pool = rayon::ThreadPoolBuilder::new().num_threads(config.workers.max(1)).thread_name(|i| format!("mvlt-data-{i}")).build()?;
-        Ok(Loader { dataset, text, classes, config, rows: Arc::new(rows), product_ids, pool: Arc::new(pool), skips: Arc::new(Mutex::new(SkipReport::default())) })
+        Ok(Loader { dataset, text, classes, config, rows: Arc::new(rows), product_ids, pool: Arc::new(pool), skips: Arc::new(Mutex::new(SkipReport::default())), uncropped: Default::default() })
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -117,7 +119,14 @@ impl Loader {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let rec = &self.dataset.records()[index];
         let pixels = self.dataset.pixels(index)?;
-        let (image, _) = preprocess_floats(&pixels, cfg.image_size)?;
+        let (image, crop_box) = preprocess_floats(&pixels, cfg.image_size)?;
+        if crop_box.is_none() && self.uncropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            eprintln!(
+                "note: {} ({}) has no black pixel after dithering; such images are used whole (said once per dataset)",
+                self.dataset.source(),
+                rec.id
+            );
+        }
         let (caption_index, itm) = if cfg.pretrain { itm_pair(index, &self.product_ids, &mut rng) } else { (index, 1) };
         let enc = self.text.encode(&self.dataset.records()[caption_index].caption, cfg.max_len)?;
         let (ids, mlm, masked) = if cfg.pretrain {
