@@ -1,7 +1,7 @@
 //! The three dataset readers on the shared format fixtures, and the bad input each must survive.
 mod common;
 
-use mvlt::data::dataset::{open_dataset, split_by_product, ClassMap, Dataset, FashionGenH5, JsonlCatalog};
+use mvlt::data::dataset::{open_dataset, split_by_product, ClassMap, Dataset, FashionGenH5, FileDataset};
 use std::path::{Path, PathBuf};
 
 fn datasets_dir() -> Option<PathBuf> {
@@ -106,7 +106,7 @@ fn jsonl_catalogue_skips_bad_rows_with_reasons() {
     let mut text = lines.join("\n").into_bytes();
     text.extend_from_slice(b"\n\xff\xfe broken utf8\n");
     std::fs::write(tmp.join("catalog.jsonl"), text).unwrap();
-    let ds = JsonlCatalog::open(&tmp.join("catalog.jsonl")).unwrap();
+    let ds = FileDataset::open_jsonl(&tmp.join("catalog.jsonl")).unwrap();
     assert_eq!(ds.len(), 2);
     assert_eq!(ds.records()[1].id, "6");
     assert_eq!(ds.records()[1].product_id, "6", "product_id defaults to id");
@@ -117,7 +117,7 @@ fn jsonl_catalogue_skips_bad_rows_with_reasons() {
     assert!(ds.skips().skipped.iter().any(|(_, w)| w == "not valid UTF-8"));
     // A catalogue with nothing usable is an error.
     std::fs::write(tmp.join("empty.jsonl"), "{bad\n").unwrap();
-    assert!(JsonlCatalog::open(&tmp.join("empty.jsonl")).err().unwrap().to_string().contains("no usable rows"));
+    assert!(FileDataset::open_jsonl(&tmp.join("empty.jsonl")).err().unwrap().to_string().contains("no usable rows"));
 }
 
 #[test]

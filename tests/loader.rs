@@ -1,14 +1,14 @@
 //! The synthetic catalogue and the batch loader: deterministic, parallel, and honest about skips.
 mod common;
 
-use mvlt::data::dataset::{ClassMap, Dataset, JsonlCatalog};
+use mvlt::data::dataset::{ClassMap, Dataset, FileDataset};
 use mvlt::data::loader::{Loader, LoaderConfig};
 use mvlt::data::synth::write_catalog;
 use mvlt::data::text::{TextProcessor, IGNORE};
 use std::sync::Arc;
 
 fn loader(dir: &std::path::Path, workers: usize, seed: u64) -> Arc<Loader> {
-    let ds: Arc<dyn Dataset> = Arc::new(JsonlCatalog::open(&dir.join("catalog.jsonl")).unwrap());
+    let ds: Arc<dyn Dataset> = Arc::new(FileDataset::open_jsonl(&dir.join("catalog.jsonl")).unwrap());
     let text = Arc::new(TextProcessor::from_vocab_file(&dir.join("vocab.txt")).unwrap());
     let classes = Arc::new(ClassMap::from_records(ds.records()));
     let rows = (0..ds.len()).collect();
@@ -23,7 +23,7 @@ fn synth_is_deterministic_and_readable() {
     write_catalog(&b, 30, 7, 48, |_| {}).unwrap();
     assert_eq!(std::fs::read(a.join("catalog.jsonl")).unwrap(), std::fs::read(b.join("catalog.jsonl")).unwrap());
     assert_eq!(std::fs::read(a.join("images/100003_1.png")).unwrap(), std::fs::read(b.join("images/100003_1.png")).unwrap());
-    let cat = JsonlCatalog::open(&a.join("catalog.jsonl")).unwrap();
+    let cat = FileDataset::open_jsonl(&a.join("catalog.jsonl")).unwrap();
     assert_eq!(cat.len(), 30);
     assert!(cat.skips().summary().is_none());
     // Several views per product: retrieval has true multi-view positives.

@@ -1,5 +1,5 @@
 //! `mvlt synth`: write the built-in synthetic catalogue.
-use crate::data::dataset::{Dataset, JsonlCatalog};
+use crate::data::dataset::{Dataset, FileDataset};
 use crate::data::synth::write_catalog;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -39,7 +39,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
     let written = write_catalog(&a.out, a.n, a.seed, a.size, |k| pb.inc(k as u64))?;
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    let cat = JsonlCatalog::open(&a.out.join("catalog.jsonl"))?;
+    let cat = FileDataset::open_jsonl(&a.out.join("catalog.jsonl"))?;
     let products: std::collections::BTreeSet<_> = cat.records().iter().map(|r| r.product_id.clone()).collect();
     println!(
         "wrote {written} images of {} products ({}x{} px) to {} in {secs:.1} s ({:.0} images/s); vocabulary: {}",

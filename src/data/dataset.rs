@@ -1,8 +1,8 @@
 //! Datasets: one interface, three on-disk formats.
 //!
-//! - [`JsonlCatalog`]: a team's own products, one JSON object per image (schema in the README).
+//! - [`FileDataset::open_jsonl`]: a team's own products, one JSON object per image (schema in the README).
 //! - [`FashionGenH5`]: Fashion-Gen as distributed (HDF5), read lazily row by row.
-//! - [`AuthorsLayout`]: the MVLT authors' reorganised copy (images + pickled dicts).
+//! - [`FileDataset::open_authors_layout`]: the MVLT authors' reorganised copy (images + pickled dicts).
 //!
 //! Rows that cannot be used are skipped, counted and reported ("skipped 3 of 260480 rows: ..."),
 //! never dropped silently; a file that cannot be read at all is an error naming it.
@@ -73,12 +73,12 @@ pub trait Dataset: Send + Sync {
 pub fn open_dataset(path: &Path) -> Result<Box<dyn Dataset>> {
     if path.is_dir() {
         if path.join("catalog.jsonl").exists() {
-            return Ok(Box::new(JsonlCatalog::open(&path.join("catalog.jsonl"))?));
+            return Ok(Box::new(FileDataset::open_jsonl(&path.join("catalog.jsonl"))?));
         }
-        return Ok(Box::new(AuthorsLayout::open(path)?));
+        return Ok(Box::new(FileDataset::open_authors_layout(path)?));
     }
     match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") | Some("json") => Ok(Box::new(JsonlCatalog::open(path)?)),
+        Some("jsonl") | Some("json") => Ok(Box::new(FileDataset::open_jsonl(path)?)),
         Some("h5") | Some("hdf5") => Ok(Box::new(FashionGenH5::open(path)?)),
         _ if !path.exists() => bail!("dataset {} does not exist", path.display()),
         _ => bail!("cannot tell the format of {}: expected a .jsonl catalogue, a Fashion-Gen .h5 file or an authors'-layout folder", path.display()),
@@ -139,16 +139,32 @@ fn check_caption(caption: &str) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JSONL catalogue
+// Formats with one image file per row: the JSONL catalogue and the authors' layout
 
-/// One JSON object per line: `id`, `image` (path relative to the file), `caption`, `category`,
-/// `subcategory`, optional `product_id` (defaults to `id`).
-pub struct JsonlCatalog {
-    pub path: PathBuf,
-    root: PathBuf,
+pub struct FileDataset {
+    /// The catalogue file or the layout's folder.
+    pub source: PathBuf,
     records: Vec<Record>,
     images: Vec<PathBuf>,
     skips: SkipReport,
+}
+
+impl Dataset for FileDataset {
+    fn source(&self) -> String {
+        self.source.display().to_string()
+    }
+    fn records(&self) -> &[Record] {
+        &self.records
+    }
+    fn pixels(&self, i: usize) -> Result<Pixels> {
+        Pixels::open(&self.images[i])
+    }
+    fn skips(&self) -> &SkipReport {
+        &self.skips
+    }
+    fn image_path(&self, i: usize) -> Option<&Path> {
+        Some(&self.images[i])
+    }
 }
 
 #[derive(Deserialize)]
@@ -168,8 +184,10 @@ fn id_string(v: &serde_json::Value) -> String {
     }
 }
 
-impl JsonlCatalog {
-    pub fn open(path: &Path) -> Result<JsonlCatalog> {
+impl FileDataset {
+    /// A catalogue: one JSON object per line with `id`, `image` (path relative to the file),
+    /// `caption`, `category`, `subcategory`, optional `product_id` (defaults to `id`).
+    pub fn open_jsonl(path: &Path) -> Result<FileDataset> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read catalogue {}", path.display()))?;
         let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let (mut records, mut images, mut skips) = (vec![], vec![], SkipReport::default());
@@ -217,29 +235,7 @@ impl JsonlCatalog {
         if records.is_empty() {
             bail!("catalogue {} has no usable rows{}", path.display(), skips.summary().map(|s| format!(" ({s})")).unwrap_or_default());
         }
-        Ok(JsonlCatalog { path: path.to_path_buf(), root, records, images, skips })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-}
-
-impl Dataset for JsonlCatalog {
-    fn source(&self) -> String {
-        self.path.display().to_string()
-    }
-    fn records(&self) -> &[Record] {
-        &self.records
-    }
-    fn pixels(&self, i: usize) -> Result<Pixels> {
-        Pixels::open(&self.images[i])
-    }
-    fn skips(&self) -> &SkipReport {
-        &self.skips
-    }
-    fn image_path(&self, i: usize) -> Option<&Path> {
-        Some(&self.images[i])
+        Ok(FileDataset { source: path.to_path_buf(), records, images, skips })
     }
 }
 
@@ -355,14 +351,6 @@ impl Dataset for FashionGenH5 {
 // ---------------------------------------------------------------------------------------------
 // The authors' layout
 
-/// `extracted_*_images/<name>.png` paired by sorted name with `full_*_info_PAI/<name>.pkl`.
-pub struct AuthorsLayout {
-    pub root: PathBuf,
-    records: Vec<Record>,
-    images: Vec<PathBuf>,
-    skips: SkipReport,
-}
-
 fn find_subdir(root: &Path, prefix: &str, suffix: &str) -> Result<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(root)
         .with_context(|| format!("cannot list {}", root.display()))?
@@ -402,8 +390,10 @@ pub fn pickle_str(dict: &serde_pickle::Value, key: &str) -> Result<String, Strin
     }
 }
 
-impl AuthorsLayout {
-    pub fn open(root: &Path) -> Result<AuthorsLayout> {
+impl FileDataset {
+    /// The authors' layout: `extracted_*_images/<name>.png` paired by sorted name with
+    /// `full_*_info_PAI/<name>.pkl`.
+    pub fn open_authors_layout(root: &Path) -> Result<FileDataset> {
         let img_dir = find_subdir(root, "extracted_", "_images")?;
         let info_dir = find_subdir(root, "full_", "_info_PAI")?;
         let images = sorted_files(&img_dir, "png")?;
@@ -444,24 +434,6 @@ impl AuthorsLayout {
                 Err(why) => skips.skip(row, why),
             }
         }
-        Ok(AuthorsLayout { root: root.to_path_buf(), records, images: kept, skips })
-    }
-}
-
-impl Dataset for AuthorsLayout {
-    fn source(&self) -> String {
-        self.root.display().to_string()
-    }
-    fn records(&self) -> &[Record] {
-        &self.records
-    }
-    fn pixels(&self, i: usize) -> Result<Pixels> {
-        Pixels::open(&self.images[i])
-    }
-    fn skips(&self) -> &SkipReport {
-        &self.skips
-    }
-    fn image_path(&self, i: usize) -> Option<&Path> {
-        Some(&self.images[i])
+        Ok(FileDataset { source: root.to_path_buf(), records, images: kept, skips })
     }
 }
