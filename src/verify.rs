@@ -6,7 +6,7 @@
 //! (`images`, `input_ids`) and the outputs. Anything missing can be supplied on the command line.
 
 use crate::device::BackendTask;
-use crate::model::weights::{load_state_dict, StateDict};
+use crate::model::weights::{load_model, StateDict};
 use crate::model::{Pvlt, PvltConfig, PvltOutput};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
@@ -346,12 +346,9 @@ impl BackendTask for VerifyTask<'_> {
     type Output = Vec<Row>;
     fn run<B: Backend>(self, device: B::Device) -> Result<Vec<Row>> {
         let f = self.fixture;
-        let mut model = Pvlt::<B>::new(&f.config, &device);
-        for (i, w) in f.weights.iter().enumerate() {
-            let sd = StateDict::read(w)?;
-            let (m, report) = load_state_dict(model, &sd, i == 0 && !f.non_strict)?;
-            model = m;
-            if self.verbose_load {
+        let (model, reports) = load_model::<B>(&f.config, &f.weights, f.non_strict, &device)?;
+        if self.verbose_load {
+            for (w, report) in reports {
                 eprintln!("{}: {}", w.display(), report.summary());
             }
         }

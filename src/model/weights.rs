@@ -421,29 +421,23 @@ pub fn resolve_config(config: Option<&str>, first_weights: Option<&StateDict>) -
     Ok(cfg)
 }
 
-/// Build a model and load weight files into it: the first strictly unless `non_strict`, later ones
-/// always non-strictly on top. Returns the model, its config and one report per file.
+/// Build a model of `cfg` and load weight files into it: the first strictly unless `non_strict`,
+/// later ones always non-strictly on top (e.g. PVT ImageNet weights). Returns one report per file.
 pub fn load_model<B: Backend>(
-    config: Option<&str>,
+    cfg: &PvltConfig,
     weights: &[PathBuf],
     non_strict: bool,
     device: &B::Device,
-) -> Result<(Pvlt<B>, PvltConfig, Vec<(PathBuf, LoadReport)>)> {
-    let first = weights.first().map(|w| StateDict::read(w)).transpose()?;
-    let cfg = resolve_config(config, first.as_ref())?;
-    let mut model = Pvlt::<B>::new(&cfg, device);
+) -> Result<(Pvlt<B>, Vec<(PathBuf, LoadReport)>)> {
+    let mut model = Pvlt::<B>::new(cfg, device);
     let mut reports = vec![];
-    let mut first = first;
     for (i, w) in weights.iter().enumerate() {
-        let sd = match first.take() {
-            Some(sd) if i == 0 => sd,
-            _ => StateDict::read(w)?,
-        };
+        let sd = StateDict::read(w)?;
         let (m, report) = load_state_dict(model, &sd, i == 0 && !non_strict)?;
         model = m;
         reports.push((w.clone(), report));
     }
-    Ok((model, cfg, reports))
+    Ok((model, reports))
 }
 
 /// The reference state-dict layout of a model (key, shape, dtype), tied alias and buffers included,
