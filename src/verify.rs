@@ -240,7 +240,8 @@ impl Computed {
                     // First index of the maximum, as torch.argmax.
                     let (v, s) = reduce_last(v, s, |r| {
                         let m = max(r);
-                        r.iter().position(|&x| x == m).unwrap() as f64
+                        // An all-NaN row has no maximum: NaN never equals the stored index.
+                        r.iter().position(|&x| x == m).map_or(f64::NAN, |p| p as f64)
                     });
                     Ok((v, s, true))
                 }

@@ -163,7 +163,10 @@ mod tests {
     use rand::SeedableRng;
 
     fn tiny_vocab() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mvlt-vocab-{}", std::process::id()));
+        // One file per call: tests run in parallel threads and must not rewrite each other's file.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mvlt-vocab-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("vocab.txt");
         let mut lines: Vec<String> = vec!["[PAD]".into()];
