@@ -164,3 +164,26 @@ fn safetensors_round_trip_is_exact() {
     // Ours adds nothing the reference files lack but the BatchNorm counters it also stores.
     assert_eq!(back.tensors.len(), sd.tensors.len());
 }
+
+#[test]
+fn weight_decay_groups_equal_the_authors_optimizer_groups() {
+    let Some(dir) = common::fixtures() else { return };
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("small_checkpoint.json")).unwrap()).unwrap();
+    let opt = &meta["optimizer"];
+    let sizes: Vec<usize> = serde_json::from_value(opt["param_groups_sizes"].clone()).unwrap();
+    assert_eq!(sizes, [161, 85]);
+    // Group 0 (no weight decay) holds optimizer indices 0..161, group 1 the rest.
+    let names: std::collections::BTreeMap<String, String> = serde_json::from_value(opt["index_to_name"].clone()).unwrap();
+    let model: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("small_model.json")).unwrap()).unwrap();
+    let shapes: std::collections::HashMap<String, Vec<usize>> = model["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["key"].as_str().unwrap().to_string(), serde_json::from_value(e["shape"].clone()).unwrap()))
+        .collect();
+    assert_eq!(names.len(), 246);
+    for (idx, name) in &names {
+        let in_decay_group = idx.parse::<usize>().unwrap() >= sizes[0];
+        assert_eq!(mvlt::train::schedule::decays(name, &shapes[name]), in_decay_group, "{name} (index {idx})");
+    }
+}
