@@ -89,10 +89,10 @@ impl Fixture {
             let (file, key) = spec.rsplit_once(':').context("--image-tensor must be FILE:KEY")?;
             let all = read_safetensors_map(Path::new(file))?;
             let t = all.get(key).with_context(|| format!("{file} has no tensor '{key}'"))?.clone();
-            let scale = if t.dtype == DType::U8 { 1.0 / 255.0 } else { 1.0 };
             let shape = t.shape.clone();
+            // u8 images become exactly the reference's `float32(u8) / 255`.
             let v: Vec<f32> = if t.dtype == DType::U8 {
-                t.as_bytes().iter().map(|&b| b as f32 * scale as f32).collect()
+                crate::data::image::to_unit_floats(t.as_bytes())
             } else {
                 t.convert::<f32>().to_vec::<f32>().unwrap()
             };

@@ -244,7 +244,8 @@ impl FileDataset {
 
 pub struct FashionGenH5 {
     pub path: PathBuf,
-    file: hdf5_reader::Hdf5File,
+    /// `input_image`, opened once (its header is not re-parsed per row).
+    image: hdf5_reader::Dataset,
     records: Vec<Record>,
     /// HDF5 row of each record (rows may be skipped).
     rows: Vec<usize>,
@@ -316,7 +317,7 @@ impl FashionGenH5 {
             });
             rows.push(i);
         }
-        Ok(FashionGenH5 { path: path.to_path_buf(), file, records, rows, image_hw: (shape[1], shape[2]), skips })
+        Ok(FashionGenH5 { path: path.to_path_buf(), image, records, rows, image_hw: (shape[1], shape[2]), skips })
     }
 }
 
@@ -339,8 +340,7 @@ impl Dataset for FashionGenH5 {
                 SliceInfoElem::Slice { start: 0, end: 3, step: 1 },
             ],
         };
-        let ds = self.file.dataset("/input_image").map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
-        let arr = ds.read_slice::<u8>(&sel).map_err(|e| anyhow!("{} row {row}: cannot read image: {e}", self.path.display()))?;
+        let arr = self.image.read_slice::<u8>(&sel).map_err(|e| anyhow!("{} row {row}: cannot read image: {e}", self.path.display()))?;
         Ok(Pixels::from_hwc_rgb(w, h, arr.iter().copied().collect()))
     }
     fn skips(&self) -> &SkipReport {

@@ -156,15 +156,20 @@ pub fn hwc_to_chw(hwc: &[u8], size: usize) -> Vec<u8> {
     chw
 }
 
-/// The whole reference pipeline on decoded pixels.
-pub fn preprocess(p: &Pixels, size: usize) -> Result<Preprocessed> {
+/// Crop to the reference box (the whole image when there is none, or an empty one) and resize:
+/// `size x size` HWC RGB bytes and the box used.
+fn crop_and_resize(p: &Pixels, size: usize) -> Result<(Vec<u8>, Option<CropBox>)> {
     if size == 0 {
         bail!("image size must be positive");
     }
     let crop_box = p.crop_box().filter(|b| b[2] > b[0] && b[3] > b[1]);
-    let region = crop_box.unwrap_or([0, 0, p.width, p.height]);
-    let rgb = p.crop_rgb(region);
-    let hwc = resize_rgb(&rgb, size)?;
+    let hwc = resize_rgb(&p.crop_rgb(crop_box.unwrap_or([0, 0, p.width, p.height])), size)?;
+    Ok((hwc, crop_box))
+}
+
+/// The whole reference pipeline on decoded pixels.
+pub fn preprocess(p: &Pixels, size: usize) -> Result<Preprocessed> {
+    let (hwc, crop_box) = crop_and_resize(p, size)?;
     Ok(Preprocessed { chw_u8: hwc_to_chw(&hwc, size), size, crop_box })
 }
 
@@ -179,11 +184,7 @@ pub fn to_unit_floats(chw_u8: &[u8]) -> Vec<f32> {
 /// The whole pipeline straight to model-input floats `[3, S, S]` (the loader's hot path: no
 /// intermediate CHW bytes). Returns the floats and the crop box used.
 pub fn preprocess_floats(p: &Pixels, size: usize) -> Result<(Vec<f32>, Option<CropBox>)> {
-    if size == 0 {
-        bail!("image size must be positive");
-    }
-    let crop_box = p.crop_box().filter(|b| b[2] > b[0] && b[3] > b[1]);
-    let hwc = resize_rgb(&p.crop_rgb(crop_box.unwrap_or([0, 0, p.width, p.height])), size)?;
+    let (hwc, crop_box) = crop_and_resize(p, size)?;
     let n = size * size;
     let mut out = vec![0f32; 3 * n];
     let (r, rest) = out.split_at_mut(n);

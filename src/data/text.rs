@@ -7,7 +7,6 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
@@ -49,7 +48,7 @@ impl TextProcessor {
     pub fn from_vocab_file(path: &Path) -> Result<Self> {
         let text = std::fs::read(path).with_context(|| format!("cannot read vocabulary file {}", path.display()))?;
         let text = String::from_utf8(text).map_err(|e| anyhow!("vocabulary file {} is not UTF-8 text: {e}", path.display()))?;
-        let vocab: HashMap<String, u32> = text.lines().enumerate().map(|(i, l)| (l.trim_end_matches('\r').to_string(), i as u32)).collect();
+        let vocab: ahash::AHashMap<String, u32> = text.lines().enumerate().map(|(i, l)| (l.trim_end_matches('\r').to_string(), i as u32)).collect();
         let id = |t: &str| -> Result<i64> {
             vocab.get(t).map(|&i| i as i64).ok_or_else(|| {
                 anyhow!("{} is not a BERT WordPiece vocabulary: it has no '{t}' token (expected one token per line, e.g. bert-base-uncased-vocab.txt)", path.display())
@@ -60,8 +59,9 @@ impl TextProcessor {
             bail!("vocabulary file {} holds only {} tokens", path.display(), vocab.len());
         }
         let vocab_size = text.lines().count();
-        let path_str = path.to_str().with_context(|| format!("vocabulary path {} is not UTF-8", path.display()))?;
-        let wp = WordPiece::from_file(path_str)
+        // The map read above (once) feeds the tokenizer too, so both agree on every id.
+        let wp = WordPiece::builder()
+            .vocab(vocab)
             .unk_token("[UNK]".into())
             .continuing_subword_prefix("##".into())
             .max_input_chars_per_word(100)
