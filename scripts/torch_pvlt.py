@@ -23,19 +23,22 @@ def lin(x, sd, p):
     return F.linear(x, sd[p + ".weight"], sd.get(p + ".bias"))
 
 
-def bn(x, sd, p):
-    return F.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"], False, 0.1, 1e-5)
+def bn(x, sd, p, train=False):
+    # In training, F.batch_norm normalises with the batch statistics (biased variance) and updates
+    # the running buffers in place with the unbiased variance, as nn.BatchNorm2d does.
+    return F.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"], train, 0.1, 1e-5)
 
 
-def convbn(x, sd, p):
-    return bn(F.conv2d(x, sd[p + ".0.weight"], None, padding=1), sd, p + ".1")
+def convbn(x, sd, p, train=False):
+    return bn(F.conv2d(x, sd[p + ".0.weight"], None, padding=1), sd, p + ".1", train)
 
 
 def up(x, f):
     return F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=True)
 
 
-def forward(sd, cfg, images, ids, heads):
+def forward(sd, cfg, images, ids, heads, train=False):
+    """Dropout and drop_path are never applied (rates 0); `train` switches BatchNorm to batch statistics."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device)
     y = F.embedding(ids, sd["text_embeddings.word_embeddings.weight"]) + F.embedding(pos, sd["text_embeddings.position_embeddings.weight"])[None] + sd["text_embeddings.token_type_embeddings.weight"][0]
@@ -93,12 +96,13 @@ def forward(sd, cfg, images, ids, heads):
     if "t2i" in heads:
         f2, f3, f4 = feats[1], feats[2], feats[3]
         t = "t2i_head."
-        r1, r2, r3 = convbn(f2, sd, t + "reduction1"), convbn(f3, sd, t + "reduction2"), convbn(f4, sd, t + "reduction3")
-        x2_1 = convbn(up(r3, 2), sd, t + "conv_upsample1") * r2
-        x3_1 = convbn(up(r2, 2), sd, t + "conv_upsample2") * convbn(up(x2_1, 2), sd, t + "conv_upsample3") * r1
-        x2_2 = convbn(torch.cat([x2_1, convbn(up(r3, 2), sd, t + "conv_upsample4")], 1), sd, t + "conv_concat2")
-        x3_2 = convbn(torch.cat([x3_1, convbn(up(x2_2, 2), sd, t + "conv_upsample5")], 1), sd, t + "conv_concat3")
-        out["t2i_logits"] = up(F.conv2d(convbn(x3_2, sd, t + "conv4"), sd[t + "score.0.weight"], sd[t + "score.0.bias"]), 8)
+        cb = lambda x, name: convbn(x, sd, t + name, train)  # noqa: E731
+        r1, r2, r3 = cb(f2, "reduction1"), cb(f3, "reduction2"), cb(f4, "reduction3")
+        x2_1 = cb(up(r3, 2), "conv_upsample1") * r2
+        x3_1 = cb(up(r2, 2), "conv_upsample2") * cb(up(x2_1, 2), "conv_upsample3") * r1
+        x2_2 = cb(torch.cat([x2_1, cb(up(r3, 2), "conv_upsample4")], 1), "conv_concat2")
+        x3_2 = cb(torch.cat([x3_1, cb(up(x2_2, 2), "conv_upsample5")], 1), "conv_concat3")
+        out["t2i_logits"] = up(F.conv2d(cb(x3_2, "conv4"), sd[t + "score.0.weight"], sd[t + "score.0.bias"]), 8)
     if "cls" in heads:
         for k in ("sup_cls", "sub_cls"):
             e = ln(lin(cls, sd, f"{k}_head_embed.0"), sd, f"{k}_head_embed.1", 1e-5)
@@ -106,67 +110,82 @@ def forward(sd, cfg, images, ids, heads):
     return out
 
 
-def random_tiny(device):
-    """pvlt_tiny shapes with random weights (timing only)."""
-    g = torch.Generator().manual_seed(0)
-    dims, heads, ratios, srs = [64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4], [8, 4, 2, 1]
+TINY = {"embed_dims": [64, 128, 320, 512], "num_heads": [1, 2, 5, 8], "mlp_ratios": [8, 8, 4, 4], "sr_ratios": [8, 4, 2, 1],
+        "depths": [2, 2, 2, 2], "hidden": 768, "vocab": 30522, "T": 128, "n_sup": 48, "n_sub": 122, "t2i_channel": 64,
+        "img_size": 224, "patch_size": 4}
+
+
+def random_weights(spec, device, seed=0):
+    """Random weights with the reference's state-dict names and shapes for `spec` (see TINY)."""
+    g = torch.Generator().manual_seed(seed)
+    dims, ratios, srs, depths = spec["embed_dims"], spec["mlp_ratios"], spec["sr_ratios"], spec["depths"]
     sd = {}
 
     def r(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(device)
 
-    H = 768
-    sd["text_embeddings.word_embeddings.weight"] = r(30522, H)
+    def small(*shape):
+        return (torch.randn(*shape, generator=g) * 0.1).to(device)
+
+    H, V, T = spec["hidden"], spec["vocab"], spec["T"]
+    sd["text_embeddings.word_embeddings.weight"] = r(V, H)
     sd["text_embeddings.position_embeddings.weight"] = r(512, H)
     sd["text_embeddings.token_type_embeddings.weight"] = r(2, H)
-    sd["text_embeddings.LayerNorm.weight"], sd["text_embeddings.LayerNorm.bias"] = torch.ones(H, device=device), torch.zeros(H, device=device)
 
     def L(p, i, o):
-        sd[p + ".weight"], sd[p + ".bias"] = r(o, i), torch.zeros(o, device=device)
+        sd[p + ".weight"], sd[p + ".bias"] = r(o, i), small(o)
 
     def N(p, c):
-        sd[p + ".weight"], sd[p + ".bias"] = torch.ones(c, device=device), torch.zeros(c, device=device)
+        sd[p + ".weight"], sd[p + ".bias"] = 1 + small(c), small(c)
 
+    N("text_embeddings.LayerNorm", H)
     prev, prev_t = 3, H
+    grid0 = spec["img_size"] // spec["patch_size"]
     for i in range(4):
         s, C = i + 1, dims[i]
-        k = 4 if i == 0 else 2
-        sd[f"patch_embed{s}.proj.weight"], sd[f"patch_embed{s}.proj.bias"] = r(C, prev, k, k), torch.zeros(C, device=device)
+        k = spec["patch_size"] if i == 0 else 2
+        sd[f"patch_embed{s}.proj.weight"], sd[f"patch_embed{s}.proj.bias"] = r(C, prev, k, k), small(C)
         N(f"patch_embed{s}.norm", C)
-        g_ = 56 >> i
+        g_ = grid0 >> i
         sd[f"pos_embed{s}"] = r(1, g_ * g_ + (1 if i == 3 else 0), C)
-        sd[f"text_pos_embed{s}"] = r(1, 128, C)
+        sd[f"text_pos_embed{s}"] = r(1, T, C)
         L(f"text_embed{s}.0", prev_t, C)
         N(f"text_embed{s}.1", C)
-        for d in range(2):
+        for d in range(depths[i]):
             p = f"block{s}.{d}"
             N(p + ".norm1", C); N(p + ".norm2", C)
             L(p + ".attn.q", C, C); L(p + ".attn.kv", C, 2 * C); L(p + ".attn.proj", C, C)
             if srs[i] > 1:
-                sd[p + ".attn.sr.weight"], sd[p + ".attn.sr.bias"] = r(C, C, srs[i], srs[i]), torch.zeros(C, device=device)
+                sd[p + ".attn.sr.weight"], sd[p + ".attn.sr.bias"] = r(C, C, srs[i], srs[i]), small(C)
                 N(p + ".attn.norm", C)
             L(p + ".mlp.fc1", C, C * ratios[i]); L(p + ".mlp.fc2", C * ratios[i], C)
         prev, prev_t = C, C
     for h in ("itm", "mlm", "sup_cls", "sub_cls"):
-        L(f"{h}_head_embed.0", 512, H); N(f"{h}_head_embed.1", H)
-    L("itm_head.linear", H, 2); sd["itm_head.linear_bias"] = torch.zeros(2, device=device)
-    L("sup_cls_head.linear", H, 48); sd["sup_cls_head.linear_bias"] = torch.zeros(48, device=device)
-    L("sub_cls_head.linear", H, 122); sd["sub_cls_head.linear_bias"] = torch.zeros(122, device=device)
-    L("mlm_head.transform.dense", H, H); N("mlm_head.transform.LayerNorm", H); sd["mlm_head.bias"] = torch.zeros(30522, device=device)
-    c = 64
-    for name, (i, o) in {"reduction1": (128, c), "reduction2": (320, c), "reduction3": (512, c), "conv_upsample1": (c, c), "conv_upsample2": (c, c), "conv_upsample3": (c, c), "conv_upsample4": (c, c), "conv_upsample5": (2 * c, 2 * c), "conv_concat2": (2 * c, 2 * c), "conv_concat3": (3 * c, 3 * c), "conv4": (3 * c, 3 * c)}.items():
+        L(f"{h}_head_embed.0", dims[3], H); N(f"{h}_head_embed.1", H)
+    L("itm_head.linear", H, 2); sd["itm_head.linear_bias"] = small(2)
+    L("sup_cls_head.linear", H, spec["n_sup"]); sd["sup_cls_head.linear_bias"] = small(spec["n_sup"])
+    L("sub_cls_head.linear", H, spec["n_sub"]); sd["sub_cls_head.linear_bias"] = small(spec["n_sub"])
+    L("mlm_head.transform.dense", H, H); N("mlm_head.transform.LayerNorm", H); sd["mlm_head.bias"] = small(V)
+    c = spec["t2i_channel"]
+    for name, (i, o) in {"reduction1": (dims[1], c), "reduction2": (dims[2], c), "reduction3": (dims[3], c), "conv_upsample1": (c, c), "conv_upsample2": (c, c), "conv_upsample3": (c, c), "conv_upsample4": (c, c), "conv_upsample5": (2 * c, 2 * c), "conv_concat2": (2 * c, 2 * c), "conv_concat3": (3 * c, 3 * c), "conv4": (3 * c, 3 * c)}.items():
         p = "t2i_head." + name
-        sd[p + ".0.weight"] = r(o, i, 3, 3)
+        sd[p + ".0.weight"] = (torch.randn(o, i, 3, 3, generator=g) * (2.0 / (9 * i)) ** 0.5).to(device)
         N(p + ".1", o)
-        sd[p + ".1.running_mean"], sd[p + ".1.running_var"] = torch.zeros(o, device=device), torch.ones(o, device=device)
-    sd["t2i_head.score.0.weight"], sd["t2i_head.score.0.bias"] = r(3, 3 * c, 1, 1), torch.zeros(3, device=device)
-    cfg = {"img_size": 224, "patch_size": 4, "num_heads": heads, "sr_ratios": srs}
+        sd[p + ".1.running_mean"] = small(o)
+        sd[p + ".1.running_var"] = (0.5 + torch.rand(o, generator=g)).to(device)
+        sd[p + ".1.num_batches_tracked"] = torch.tensor(0, dtype=torch.int64)
+    sd["t2i_head.score.0.weight"], sd["t2i_head.score.0.bias"] = r(3, 3 * c, 1, 1), small(3)
+    cfg = {"img_size": spec["img_size"], "patch_size": spec["patch_size"], "num_heads": spec["num_heads"], "sr_ratios": srs}
     return sd, cfg
 
 
-def main():
-    fix = sys.argv[1]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+def random_tiny(device):
+    """pvlt_tiny shapes with random weights (timing only)."""
+    return random_weights(TINY, device)
+
+
+def parity_check(fix):
+    """Run this implementation on the reference's small_io fixture (float64) and fail if it is off."""
     meta = json.load(open(f"{fix}/small_io.json"))["config"]
     cfg = {"img_size": meta["img_size_for_pos_embed"], "patch_size": meta["patch_size"], "num_heads": meta["num_heads"], "sr_ratios": meta["sr_ratios"]}
     sd = {k: v.double() for k, v in load_file(f"{fix}/small_model.safetensors").items()}
@@ -177,7 +196,13 @@ def main():
     for k in ("itm_logits", "sup_cls_logits", "sub_cls_logits", "t2i_logits", "text_feats.3", "img_feats.3"):
         worst = max(worst, (out[k].float() - io[k]).abs().max().item())
     print(f"torch_pvlt parity vs small_io (float64 CPU): max abs error {worst:.2e}")
-    assert worst < 1e-4, "the PyTorch comparison model is wrong; not timing it"
+    assert worst < 1e-4, "the PyTorch comparison model is wrong; not using it"
+
+
+def main():
+    fix = sys.argv[1]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    parity_check(fix)
 
     sd, cfg = random_tiny(dev)
     for tf32 in (False, True):

@@ -7,5 +7,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod model;
+pub mod progress;
 pub mod train;
 pub mod verify;
+pub mod verify_step;

@@ -297,26 +297,30 @@ pub fn compare<B: Backend>(out: &PvltOutput<B>, expected: &BTreeMap<String, Tens
                     rows.push(Row { name: name.clone(), shape: want.clone(), max_abs: f64::NAN, max_rel: f64::NAN, ok: false, skipped: Some(format!("shape mismatch: ours {shape:?}, reference {want:?}")) });
                     continue;
                 }
-                let (mut max_abs, mut max_rel, mut ok) = (0.0f64, 0.0f64, true);
-                for (a, e) in ours.iter().zip(&reference) {
-                    let d = (a - e).abs();
-                    if !d.is_finite() && a != e {
-                        ok = false;
-                        max_abs = f64::INFINITY;
-                        continue;
-                    }
-                    max_abs = max_abs.max(d);
-                    if e.abs() > tol.atol {
-                        max_rel = max_rel.max(d / e.abs());
-                    }
-                    let pass = if exact { a == e } else { d <= tol.atol + tol.rtol * e.abs() };
-                    ok &= pass;
-                }
-                rows.push(Row { name: name.clone(), shape: want, max_abs, max_rel, ok, skipped: None });
+                rows.push(compare_values(name, want, &ours, &reference, exact, tol));
             }
         }
     }
     rows
+}
+
+/// Element-wise `|ours - ref| <= atol + rtol * |ref|` (or equality when `exact`).
+pub fn compare_values(name: &str, shape: Vec<usize>, ours: &[f64], reference: &[f64], exact: bool, tol: &Tolerance) -> Row {
+    let (mut max_abs, mut max_rel, mut ok) = (0.0f64, 0.0f64, true);
+    for (a, e) in ours.iter().zip(reference) {
+        let d = (a - e).abs();
+        if !d.is_finite() && a != e {
+            ok = false;
+            max_abs = f64::INFINITY;
+            continue;
+        }
+        max_abs = max_abs.max(d);
+        if e.abs() > tol.atol {
+            max_rel = max_rel.max(d / e.abs());
+        }
+        ok &= if exact { a == e } else { d <= tol.atol + tol.rtol * e.abs() };
+    }
+    Row { name: name.to_string(), shape, max_abs, max_rel, ok, skipped: None }
 }
 
 pub fn print_rows(fixture: &str, rows: &[Row]) {

@@ -1,5 +1,6 @@
 //! `mvlt data bench`: how fast batches are made, against the reference's PIL pipeline.
-use super::synth_cmd::progress_bar;
+use crate::data::dataset::default_vocab;
+use crate::progress::progress_bar;
 use crate::data::dataset::{open_dataset, ClassMap, Dataset};
 use crate::data::image::preprocess_floats;
 use crate::data::loader::{Loader, LoaderConfig};
@@ -31,12 +32,6 @@ pub struct DataBenchArgs {
     /// process, on the same images, and print the per-core ratio.
     #[arg(long)]
     pub reference_python: Option<String>,
-}
-
-pub fn default_vocab(data: &std::path::Path) -> Option<PathBuf> {
-    let dir = if data.is_dir() { data.to_path_buf() } else { data.parent()?.to_path_buf() };
-    let v = dir.join("vocab.txt");
-    v.exists().then_some(v)
 }
 
 pub fn run(a: DataBenchArgs) -> Result<()> {

@@ -3,6 +3,7 @@ mod bench;
 mod data_bench;
 mod data_cmd;
 mod synth_cmd;
+mod train_cmd;
 mod verify_cmd;
 mod weights_cmd;
 
@@ -18,6 +19,10 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pre-train (MLM + ITM + masked image reconstruction) on a dataset or the synthetic catalogue.
+    Pretrain(train_cmd::TrainArgs),
+    /// Fine-tune the recognition heads from pre-trained weights.
+    Finetune(train_cmd::TrainArgs),
     /// Run the model on a reference fixture and compare every stored tensor (exit 1 on any failure).
     Verify(verify_cmd::VerifyArgs),
     /// Describe a weights file (variant, heads, parameter count, keys), or a config's layout.
@@ -48,6 +53,8 @@ enum DataCommand {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Pretrain(a) => train_cmd::run(crate::train::config::Task::Pretrain, a),
+        Command::Finetune(a) => train_cmd::run(crate::train::config::Task::Finetune, a),
         Command::Verify(a) => verify_cmd::run(a),
         Command::Inspect(a) => weights_cmd::inspect(a),
         Command::Convert(a) => weights_cmd::convert(a),

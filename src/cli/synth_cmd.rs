@@ -2,7 +2,7 @@
 use crate::data::dataset::{Dataset, FileDataset};
 use crate::data::synth::write_catalog;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::progress::progress_bar;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -22,15 +22,6 @@ pub struct SynthArgs {
     /// Also write a 4x4 contact sheet of the first 16 images.
     #[arg(long)]
     contact_sheet: Option<PathBuf>,
-}
-
-pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]"))
-            .expect("static template"),
-    );
-    pb
 }
 
 pub fn run(a: SynthArgs) -> Result<()> {

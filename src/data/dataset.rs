@@ -85,6 +85,13 @@ pub fn open_dataset(path: &Path) -> Result<Box<dyn Dataset>> {
     }
 }
 
+/// `vocab.txt` beside a dataset (the synthetic catalogue writes one), if there is one.
+pub fn default_vocab(data: &Path) -> Option<std::path::PathBuf> {
+    let dir = if data.is_dir() { data.to_path_buf() } else { data.parent()?.to_path_buf() };
+    let v = dir.join("vocab.txt");
+    v.exists().then_some(v)
+}
+
 /// Class ids: the sorted distinct names (deterministic; saved with a run).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassMap {

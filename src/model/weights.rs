@@ -80,7 +80,10 @@ impl StateDict {
             let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
             tensors.insert(name, data);
         }
-        Ok(StateDict { path: path.to_path_buf(), format: "safetensors", tensors, metadata })
+        // Our training checkpoints keep the model under `model.` beside the optimiser state.
+        let nested = tensors.keys().any(|k| k.starts_with("model."));
+        let tensors = if nested { unnest(tensors) } else { tensors };
+        Ok(StateDict { path: path.to_path_buf(), format: if nested { "safetensors (training checkpoint)" } else { "safetensors" }, tensors, metadata })
     }
 
     fn read_pth(path: &Path) -> Result<StateDict> {
@@ -89,21 +92,18 @@ impl StateDict {
         })?;
         let all = reader.into_tensors();
         // The authors' training checkpoint nests the state dict under 'model', beside optimizer
-        // state that also holds tensors; a bare state dict (PVT ImageNet weights) has no prefix.
+        // state that also holds tensors (not read); a bare state dict (PVT ImageNet weights) has
+        // no prefix.
         let nested = all.keys().any(|k| k.starts_with("model."));
         let mut tensors = BTreeMap::new();
         for (key, snap) in all {
-            let key = if nested {
-                match key.strip_prefix("model.") {
-                    Some(k) => k.to_string(),
-                    None => continue,
-                }
-            } else {
-                key
-            };
+            if nested && !key.starts_with("model.") {
+                continue;
+            }
             let data = snap.to_data().map_err(|e| anyhow!("{}: cannot read tensor '{key}': {e:?}", path.display()))?;
             tensors.insert(key, data);
         }
+        let tensors = if nested { unnest(tensors) } else { tensors };
         if tensors.is_empty() {
             bail!("PyTorch file {} holds no tensors (expected a state dict or a checkpoint with a 'model' entry)", path.display());
         }
@@ -162,6 +162,11 @@ impl StateDict {
         cfg.num_heads = preset.num_heads;
         Some(cfg)
     }
+}
+
+/// Keep only the `model.*` entries of a checkpoint, without the prefix.
+fn unnest(tensors: BTreeMap<String, TensorData>) -> BTreeMap<String, TensorData> {
+    tensors.into_iter().filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v))).collect()
 }
 
 /// Burn module path -> reference key (`text_embed1._0.weight` -> `text_embed1.0.weight`).

@@ -1,4 +1,8 @@
-//! Training: objectives, learning-rate schedule and weight-decay groups (the training loop and
-//! checkpoints are still to come: the open training issue).
+//! Training: objectives, optimiser, schedule, checkpoints, metrics and the loop itself.
+pub mod checkpoint;
+pub mod config;
 pub mod loss;
+pub mod metrics;
+pub mod optim;
 pub mod schedule;
+pub mod trainer;

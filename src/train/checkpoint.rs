@@ -1,0 +1,126 @@
+//! Training checkpoints: one safetensors file holding the model (`model.<key>`, so any command
+//! that takes `--weights` reads it as a model), the AdamW moments (`optim.exp_avg.<key>`,
+//! `optim.exp_avg_sq.<key>`) and, in the metadata, everything else a resume needs.
+//!
+//! Written atomically (temp file, fsync, rename): a crash or `kill -9` at any moment leaves every
+//! checkpoint under its final name complete.
+
+use super::config::TrainConfig;
+use super::optim::{AdamW, Moments};
+use crate::data::dataset::ClassMap;
+use crate::model::weights::{state_dict, write_safetensors, CONFIG_METADATA_KEY};
+use crate::model::{Pvlt, PvltConfig};
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const STATE_METADATA_KEY: &str = "mvlt.train_state";
+
+/// Where a run stands; saved in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// Batches consumed in all (decides clean vs masked input: even clean, odd masked).
+    pub micro_step: usize,
+    /// The epoch to continue in, and its next batch.
+    pub epoch: usize,
+    pub batch: usize,
+    /// Lowest validation loss so far, and its step.
+    pub best_val_loss: Option<(f64, usize)>,
+    /// Per-parameter AdamW step counts.
+    pub optim_steps: BTreeMap<String, u64>,
+    pub train_config: TrainConfig,
+    pub model_config: PvltConfig,
+    pub classes: ClassMap,
+    /// SHA-256 of the vocabulary file: a resume or fine-tune with another vocabulary is refused.
+    pub vocab_sha256: String,
+}
+
+pub fn file_name(step: usize) -> String {
+    format!("step-{step:08}.safetensors")
+}
+
+pub fn save<B: Backend>(path: &Path, model: &Pvlt<B>, opt: &AdamW<B>, state: &TrainState) -> Result<()> {
+    let mut tensors: Vec<(String, TensorData)> =
+        state_dict(model, &state.model_config)?.into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
+    for (key, m) in &opt.state {
+        tensors.push((format!("optim.exp_avg.{key}"), m.m.to_data()));
+        tensors.push((format!("optim.exp_avg_sq.{key}"), m.v.to_data()));
+    }
+    let mut state = state.clone();
+    state.optim_steps = opt.state.iter().map(|(k, m)| (k.clone(), m.step)).collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(&state.model_config)?);
+    meta.insert(STATE_METADATA_KEY.to_string(), serde_json::to_string(&state)?);
+    write_safetensors(path, &tensors, meta)
+}
+
+/// The training state and optimiser moments of a checkpoint (the model is read by
+/// `weights::StateDict::read`, which keeps the `model.*` entries).
+pub fn load_state<B: Backend>(path: &Path, device: &B::Device) -> Result<(TrainState, AdamW<B>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{} is not a safetensors checkpoint: {e}", path.display()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let Some(json) = meta.get(STATE_METADATA_KEY) else {
+        bail!("{} is a weights file, not a training checkpoint (no {STATE_METADATA_KEY} metadata)", path.display());
+    };
+    let state: TrainState = serde_json::from_str(json).with_context(|| format!("{}: unreadable training state", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut opt = AdamW::new(super::optim::AdamWConfig {
+        beta1: state.train_config.beta1,
+        beta2: state.train_config.beta2,
+        eps: state.train_config.eps,
+        weight_decay: state.train_config.weight_decay,
+    });
+    let read = |name: &str| -> Result<Tensor<B, 1>> {
+        let view = st.tensor(name).map_err(|e| anyhow!("{}: missing optimiser tensor {name}: {e}", path.display()))?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            bail!("{}: optimiser tensor {name} is {:?}, expected F32", path.display(), view.dtype());
+        }
+        let n: usize = view.shape().iter().product();
+        let data = TensorData::from_bytes_vec(view.data().to_vec(), vec![n], burn::tensor::DType::F32);
+        Ok(Tensor::from_data(data, device))
+    };
+    for (key, &step) in &state.optim_steps {
+        let m = read(&format!("optim.exp_avg.{key}"))?;
+        let v = read(&format!("optim.exp_avg_sq.{key}"))?;
+        opt.state.insert(key.clone(), Moments { step, m, v });
+    }
+    Ok((state, opt))
+}
+
+/// Checkpoints of a run, oldest first.
+pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Delete all but the newest `keep` checkpoints.
+pub fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let all = list(dir);
+    for (_, p) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        std::fs::remove_file(p).with_context(|| format!("cannot remove old checkpoint {}", p.display()))?;
+    }
+    Ok(())
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}

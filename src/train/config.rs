@@ -1,0 +1,225 @@
+//! A training run's settings: a recipe file (TOML) with command-line overrides, saved resolved with
+//! the run.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// MLM + ITM + masked image reconstruction (+ recognition with `with_cls`).
+    Pretrain,
+    /// Main- and sub-category recognition from pre-trained weights.
+    Finetune,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub task: Task,
+    /// Architecture: a preset (tiny, small, medium, large) or a model config file. Ignored when
+    /// `init` weights carry their own config.
+    pub model: String,
+    /// Weights to start from (ours or the authors' .pth); fine-tuning needs them.
+    pub init: Option<PathBuf>,
+    /// Load `init` non-strictly (only matching keys): pre-training weights into the fine-tuning
+    /// model, PVT ImageNet weights into PVLT.
+    pub init_non_strict: bool,
+    /// A dataset (JSONL catalogue, Fashion-Gen .h5, authors' folder) or "synthetic": the built-in
+    /// catalogue, written into the run folder on first use.
+    pub data: String,
+    pub synthetic_images: usize,
+    pub synthetic_size: u32,
+    /// Vocabulary (bert-base-uncased vocab.txt); default: vocab.txt beside the data.
+    pub vocab: Option<PathBuf>,
+    /// Validation share, split by product.
+    pub val_fraction: f64,
+    pub image_size: usize,
+    /// Text length T (the reference: 128).
+    pub max_len: usize,
+    /// Reconstruction mask grid side in cells (the reference: 16).
+    pub mask_grid: usize,
+    /// Per-step batch (per device).
+    pub batch_size: usize,
+    /// Batches whose gradients are summed before one optimiser step.
+    pub accum_steps: usize,
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (the schedule still spans `epochs`).
+    pub max_steps: Option<usize>,
+    /// Learning rate for a global batch of 512 (scaled linearly, as the reference does).
+    pub base_lr: f64,
+    pub warmup_epochs: f64,
+    pub warmup_lr: f64,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (off when absent).
+    pub clip_grad: Option<f64>,
+    pub drop_path_rate: f64,
+    /// Dropout after the text embeddings.
+    pub dropout: f64,
+    /// Pre-training: also train the recognition heads.
+    pub with_cls: bool,
+    /// Fine-tuning: train mode (dropout, BatchNorm batch statistics). The reference fine-tunes in
+    /// eval mode, the default here too.
+    pub train_mode: bool,
+    pub seed: u64,
+    /// Data-loading threads.
+    pub workers: usize,
+    pub device: String,
+    /// Steps between metric lines (and progress-bar updates of the loss).
+    pub log_every: usize,
+    /// Steps between validation passes; 0: once per epoch.
+    pub val_every: usize,
+    /// Cap on validation batches per pass (0: the whole split).
+    pub val_batches: usize,
+    /// Steps between checkpoints; 0: once per epoch.
+    pub checkpoint_every: usize,
+    /// How many recent checkpoints to keep (the best is kept apart).
+    pub keep_last: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            task: Task::Pretrain,
+            model: "tiny".into(),
+            init: None,
+            init_non_strict: true,
+            data: "synthetic".into(),
+            synthetic_images: 2000,
+            synthetic_size: 256,
+            vocab: None,
+            val_fraction: 0.1,
+            image_size: 256,
+            max_len: 128,
+            mask_grid: 16,
+            batch_size: 8,
+            accum_steps: 1,
+            epochs: 150,
+            max_steps: None,
+            base_lr: 2.5e-4,
+            warmup_epochs: 5.0,
+            warmup_lr: 1e-6,
+            min_lr: 1e-5,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            clip_grad: None,
+            drop_path_rate: 0.1,
+            dropout: 0.1,
+            with_cls: false,
+            train_mode: false,
+            seed: 0,
+            workers: 2,
+            device: "cpu".into(),
+            log_every: 10,
+            val_every: 0,
+            val_batches: 0,
+            checkpoint_every: 0,
+            keep_last: 3,
+        }
+    }
+}
+
+/// A built-in recipe by name, or a recipe file.
+pub fn recipe_text(spec: &str) -> Result<String> {
+    Ok(match spec {
+        "pretrain" => include_str!("../../configs/pretrain.toml").to_string(),
+        "finetune" => include_str!("../../configs/finetune.toml").to_string(),
+        "cpu-pretrain" => include_str!("../../configs/cpu_pretrain.toml").to_string(),
+        "cpu-finetune" => include_str!("../../configs/cpu_finetune.toml").to_string(),
+        path => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune)"))?,
+    })
+}
+
+impl TrainConfig {
+    /// Recipe text plus `key=value` overrides (values in TOML syntax; a bare word is a string;
+    /// `key=` removes an optional setting).
+    pub fn resolve(recipe: &str, overrides: &[String]) -> Result<TrainConfig> {
+        let mut table: toml::Table = toml::from_str(recipe).context("parsing the recipe")?;
+        for o in overrides {
+            let Some((key, value)) = o.split_once('=') else {
+                bail!("override '{o}' is not key=value (e.g. --set epochs=3)");
+            };
+            let key = key.trim().replace('-', "_");
+            let value = value.trim();
+            if value.is_empty() {
+                table.remove(&key);
+                continue;
+            }
+            let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            table.insert(key, parsed);
+        }
+        let cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("invalid training setting: {}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = [("batch_size", self.batch_size), ("accum_steps", self.accum_steps), ("epochs", self.epochs), ("max_len", self.max_len), ("log_every", self.log_every)];
+        for (name, v) in positive {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            bail!("val_fraction must be in [0, 1), got {}", self.val_fraction);
+        }
+        if self.mask_grid == 0 || self.image_size % self.mask_grid != 0 {
+            bail!("image_size {} is not a multiple of mask_grid {}", self.image_size, self.mask_grid);
+        }
+        if self.task == Task::Finetune && self.init.is_none() {
+            bail!("fine-tuning starts from pre-trained weights: set init = \"path/to/weights\" (ours or the authors' .pth)");
+        }
+        for (name, v) in [("dropout", self.dropout), ("drop_path_rate", self.drop_path_rate)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{name} must be in [0, 1), got {v}");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a TrainConfig always serialises")
+    }
+
+    pub fn data_path(&self, run_dir: &Path) -> PathBuf {
+        if self.data == "synthetic" {
+            run_dir.join("synthetic")
+        } else {
+            PathBuf::from(&self.data)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipes_parse_and_overrides_apply() {
+        for r in ["pretrain", "finetune", "cpu-pretrain", "cpu-finetune"] {
+            let over = if r.contains("finetune") { vec!["init=w.safetensors".to_string()] } else { vec![] };
+            TrainConfig::resolve(&recipe_text(r).unwrap(), &over).unwrap_or_else(|e| panic!("{r}: {e:#}"));
+        }
+        let c = TrainConfig::resolve(&recipe_text("pretrain").unwrap(), &["epochs=3".into(), "clip-grad=1.5".into(), "device=cuda:1".into()]).unwrap();
+        assert_eq!((c.epochs, c.clip_grad, c.device.as_str()), (3, Some(1.5), "cuda:1"));
+        let back = TrainConfig::resolve(&c.to_toml(), &[]).unwrap();
+        assert_eq!(back, c);
+        let e = TrainConfig::resolve("", &["epoch=3".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown field `epoch`"), "{e}");
+        let e = TrainConfig::resolve("", &["batch_size=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("batch_size must be at least 1"), "{e}");
+        let e = TrainConfig::resolve("task = \"finetune\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("set init"), "{e}");
+    }
+}

@@ -1,0 +1,242 @@
+//! Training end to end: the step against a PyTorch step, exact resume, crash safety, NaN stops,
+//! Ctrl-C, and a pre-train -> fine-tune run that learns.
+mod common;
+use common::tempdir;
+use mvlt::device::{run_on, DeviceSpec};
+use mvlt::model::weights::StateDict;
+use mvlt::train::checkpoint;
+use mvlt::train::config::TrainConfig;
+use mvlt::train::trainer::TrainRun;
+use mvlt::verify::Tolerance;
+use mvlt::verify_step::TrainStepTask;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn data(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
+}
+
+fn mvlt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mvlt")).args(args).output().expect("run mvlt")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A model small enough that a training step takes milliseconds (PVLT's structure, all heads).
+fn nano_model(dir: &Path) -> String {
+    let p = dir.join("nano.json");
+    std::fs::write(
+        &p,
+        r#"{"embed_dims": [8, 16, 16, 16], "num_heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1],
+            "token_hidden_size": 16, "t2i_channel": 4}"#,
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+/// Settings for a tiny run on a 32 px synthetic catalogue shared by the tests of one process.
+fn nano_overrides(dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut o: Vec<String> = [
+        format!("model=\"{}\"", nano_model(dir)),
+        format!("data=\"{}\"", shared_catalogue().display()),
+        "image_size=32".into(),
+        "max_len=16".into(),
+        "batch_size=4".into(),
+        "epochs=2".into(),
+        "base_lr=0.064".into(),
+        "warmup_epochs=0.2".into(),
+        "dropout=0.1".into(),
+        "drop_path_rate=0.1".into(),
+        "log_every=1".into(),
+        "val_batches=2".into(),
+        "workers=1".into(),
+    ]
+    .into_iter()
+    .collect();
+    o.extend(extra.iter().map(|s| s.to_string()));
+    o
+}
+
+/// One synthetic catalogue (48 images, 32 px) written once per test process.
+fn shared_catalogue() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let d = tempdir("train-catalogue");
+        mvlt::data::synth::write_catalog(&d, 48, 3, 32, |_| {}).unwrap();
+        d
+    })
+    .clone()
+}
+
+fn run(dir: &Path, overrides: &[String], resume: bool) -> mvlt::train::trainer::RunSummary {
+    let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();
+    let config = TrainConfig::resolve(&recipe, overrides).unwrap();
+    run_on(DeviceSpec::Cpu, TrainRun { config, dir: dir.to_path_buf(), resume }).unwrap()
+}
+
+fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    StateDict::read(path).unwrap().tensors.into_iter().map(|(k, v)| (k, v.as_bytes().to_vec())).collect()
+}
+
+#[test]
+fn training_step_matches_the_pytorch_step() {
+    let task = TrainStepTask {
+        step_file: data("train_step/step.safetensors"),
+        weights: data("train_step/weights.safetensors"),
+        config: data("train_step/config.json").display().to_string(),
+        non_strict: false,
+        tol: Tolerance::default(),
+    };
+    let rows = run_on(DeviceSpec::Cpu, task).unwrap();
+    let failed: Vec<_> = rows.iter().filter(|r| !r.ok).map(|r| format!("{} ({:.2e})", r.name, r.max_abs)).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    // 6 losses, a gradient and a post-step value per parameter, 11 BatchNorms x 3 buffers.
+    let grads = rows.iter().filter(|r| r.name.starts_with("grad/")).count();
+    assert_eq!(rows.iter().filter(|r| r.name.starts_with("loss/")).count(), 6);
+    assert_eq!(rows.iter().filter(|r| r.name.starts_with("param_after/")).count(), grads);
+    assert_eq!(rows.iter().filter(|r| r.name.starts_with("bn_after/")).count(), 33);
+    assert!(grads > 150, "{grads}");
+}
+
+#[test]
+fn verify_train_step_cli_and_a_wrong_fixture() {
+    let ok = mvlt(&[
+        "verify",
+        "--train-step",
+        data("train_step/step.safetensors").to_str().unwrap(),
+        "--weights",
+        data("train_step/weights.safetensors").to_str().unwrap(),
+        "--config",
+        data("train_step/config.json").to_str().unwrap(),
+    ]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains("the training step matches"), "{}", text(&ok));
+    let missing = mvlt(&["verify", "--train-step", data("train_step/step.safetensors").to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(text(&missing).contains("--train-step needs --weights"), "{}", text(&missing));
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let base = tempdir("resume");
+    let straight = base.join("straight");
+    let split = base.join("split");
+    let s = run(&straight, &nano_overrides(&base, &["max_steps=8"]), false);
+    assert_eq!(s.steps, 8);
+    let h = run(&split, &nano_overrides(&base, &["max_steps=4"]), false);
+    assert_eq!(h.steps, 4);
+    let r = run(&split, &nano_overrides(&base, &["max_steps=8"]), true);
+    assert_eq!(r.steps, 8);
+    let a = model_tensors(&straight.join("final/model.safetensors"));
+    let b = model_tensors(&split.join("final/model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        assert!(va == vb, "{ka} differs after resume");
+    }
+    // Same optimiser state too, and the metrics log has each step once.
+    let (sa, oa) = checkpoint::load_state::<mvlt::device::Cpu>(&checkpoint::list(&straight.join("checkpoints")).last().unwrap().1, &Default::default()).unwrap();
+    let (sb, ob) = checkpoint::load_state::<mvlt::device::Cpu>(&checkpoint::list(&split.join("checkpoints")).last().unwrap().1, &Default::default()).unwrap();
+    assert_eq!((sa.step, sa.micro_step), (sb.step, sb.micro_step));
+    for (k, m) in &oa.state {
+        let n = &ob.state[k];
+        assert_eq!(m.step, n.step);
+        assert!(m.m.to_data().as_bytes() == n.m.to_data().as_bytes(), "exp_avg of {k}");
+        assert!(m.v.to_data().as_bytes() == n.v.to_data().as_bytes(), "exp_avg_sq of {k}");
+    }
+    let steps: Vec<u64> = mvlt::train::metrics::read_lines(&split.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<u64>>());
+}
+
+#[test]
+fn a_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint() {
+    let base = tempdir("nan");
+    let dir = base.join("run");
+    let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();
+    let config = TrainConfig::resolve(&recipe, &nano_overrides(&base, &["base_lr=1e12", "warmup_epochs=0", "checkpoint_every=1", "max_steps=20"])).unwrap();
+    let err = run_on(DeviceSpec::Cpu, TrainRun { config, dir: dir.clone(), resume: false }).unwrap_err().to_string();
+    assert!(err.contains("stopping: loss term"), "{err}");
+    assert!(err.contains("at step") && err.contains("items"), "{err}");
+    let ckpts = checkpoint::list(&dir.join("checkpoints"));
+    assert!(!ckpts.is_empty(), "a checkpoint from before the NaN: {err}");
+    let last = &ckpts.last().unwrap().1;
+    assert!(err.contains(&last.display().to_string()), "{err}");
+    StateDict::read(last).unwrap();
+}
+
+fn cli_pretrain(dir: &Path, base: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mvlt"));
+    c.args(["pretrain", "--out", dir.to_str().unwrap()]);
+    for o in nano_overrides(base, extra) {
+        c.args(["--set", &o]);
+    }
+    c
+}
+
+fn wait_for_checkpoints(dir: &Path, n: usize) {
+    let t0 = std::time::Instant::now();
+    while checkpoint::list(&dir.join("checkpoints")).len() < n {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_9_leaves_loadable_checkpoints_and_resume_works() {
+    let base = tempdir("kill9");
+    let dir = base.join("run");
+    let mut child = cli_pretrain(&dir, &base, &["checkpoint_every=1", "keep_last=100", "epochs=50"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    wait_for_checkpoints(&dir, 3);
+    child.kill().unwrap(); // SIGKILL, possibly in the middle of writing a checkpoint
+    child.wait().unwrap();
+    let ckpts = checkpoint::list(&dir.join("checkpoints"));
+    for (_, p) in &ckpts {
+        StateDict::read(p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        checkpoint::load_state::<mvlt::device::Cpu>(p, &Default::default()).unwrap();
+    }
+    let last = ckpts.last().unwrap().0;
+    let o = cli_pretrain(&dir, &base, &["checkpoint_every=1", "keep_last=100", "epochs=50", &format!("max_steps={}", last + 2)]).arg("--resume").output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&format!("resuming from {}", ckpts.last().unwrap().1.display())), "{}", text(&o));
+    assert!(text(&o).contains(&format!("done: {} steps", last + 2)), "{}", text(&o));
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_exits() {
+    let base = tempdir("ctrlc");
+    let dir = base.join("run");
+    let child = cli_pretrain(&dir, &base, &["checkpoint_every=1000", "epochs=50"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait until training is under way (the metrics log has a line), then interrupt.
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(dir.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+        assert!(t0.elapsed().as_secs() < 300, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(text(&o).contains("interrupted after step"), "{}", text(&o));
+    let ckpts = checkpoint::list(&dir.join("checkpoints"));
+    assert_eq!(ckpts.len(), 1, "one checkpoint, written on Ctrl-C");
+    StateDict::read(&ckpts[0].1).unwrap();
+}
+
+#[test]
+fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
+    let base = tempdir("refuse");
+    let dir = base.join("run");
+    let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();
+    let config = TrainConfig::resolve(&recipe, &nano_overrides(&base, &["max_steps=1"])).unwrap();
+    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true }).unwrap_err().to_string();
+    assert!(e.contains("no checkpoint"), "{e}");
+    run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: false }).unwrap();
+    let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir, resume: false }).unwrap_err().to_string();
+    assert!(e.contains("pass --resume"), "{e}");
+}
