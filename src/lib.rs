@@ -6,6 +6,8 @@
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod eval;
+pub mod infer;
 pub mod model;
 pub mod progress;
 pub mod train;

@@ -2,6 +2,8 @@
 mod bench;
 mod data_bench;
 mod data_cmd;
+mod eval_cmd;
+mod infer_cmd;
 mod synth_cmd;
 mod train_cmd;
 mod verify_cmd;
@@ -23,6 +25,15 @@ enum Command {
     Pretrain(train_cmd::TrainArgs),
     /// Fine-tune the recognition heads from pre-trained weights.
     Finetune(train_cmd::TrainArgs),
+    /// Retrieval and recognition evaluation, as the paper reports them.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Image-text match probability (ITM head).
+    Score(infer_cmd::ScoreArgs),
+    /// Top main and sub categories of a product image (recognition heads).
+    Classify(infer_cmd::ClassifyArgs),
+    /// Search a catalogue: text -> products, or image -> captions (exhaustive ITM scoring).
+    Search(infer_cmd::SearchArgs),
     /// Run the model on a reference fixture and compare every stored tensor (exit 1 on any failure).
     Verify(verify_cmd::VerifyArgs),
     /// Describe a weights file (variant, heads, parameter count, keys), or a config's layout.
@@ -43,6 +54,14 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum EvalCommand {
+    /// R@1/5/10 of each query's positive among its candidates, ranked by match probability.
+    Retrieval(eval_cmd::RetrievalArgs),
+    /// Accuracy, macro/micro/weighted F1, per-class table and confusion matrices.
+    Recognition(eval_cmd::RecognitionArgs),
+}
+
+#[derive(Subcommand)]
 enum DataCommand {
     /// Images/s of the image pipeline and of whole batches (optionally vs the reference PIL pipeline).
     Bench(data_bench::DataBenchArgs),
@@ -55,6 +74,11 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Pretrain(a) => train_cmd::run(crate::train::config::Task::Pretrain, a),
         Command::Finetune(a) => train_cmd::run(crate::train::config::Task::Finetune, a),
+        Command::Eval(EvalCommand::Retrieval(a)) => eval_cmd::retrieval(a),
+        Command::Eval(EvalCommand::Recognition(a)) => eval_cmd::recognition(a),
+        Command::Score(a) => infer_cmd::score(a),
+        Command::Classify(a) => infer_cmd::classify(a),
+        Command::Search(a) => infer_cmd::search(a),
         Command::Verify(a) => verify_cmd::run(a),
         Command::Inspect(a) => weights_cmd::inspect(a),
         Command::Convert(a) => weights_cmd::convert(a),

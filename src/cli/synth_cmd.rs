@@ -1,7 +1,7 @@
 //! `mvlt synth`: write the built-in synthetic catalogue.
 use crate::data::dataset::{Dataset, FileDataset};
 use crate::data::synth::write_catalog;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use crate::progress::progress_bar;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -45,15 +45,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         // One view of each of the first 16 products.
         let firsts: Vec<usize> = (0..cat.len()).filter(|&i| i == 0 || cat.records()[i].product_id != cat.records()[i - 1].product_id).take(16).collect();
         let k = firsts.len();
-        let cell = 128u32;
-        let mut grid = image::RgbImage::from_pixel(cell * 4, cell * 4, image::Rgb([255, 255, 255]));
-        for (i, &row) in firsts.iter().enumerate() {
-            let p = cat.pixels(row)?;
-            let img = image::RgbImage::from_raw(p.width as u32, p.height as u32, p.data).context("image")?;
-            let img = image::imageops::resize(&img, cell, cell, image::imageops::FilterType::Triangle);
-            image::imageops::overlay(&mut grid, &img, ((i % 4) as u32 * cell) as i64, ((i / 4) as u32 * cell) as i64);
-        }
-        grid.save(sheet).with_context(|| format!("cannot write {}", sheet.display()))?;
+        super::infer_cmd::contact_sheet(&cat, &firsts, 4, 128, sheet)?;
         println!("contact sheet of {k} images: {}", sheet.display());
     }
     Ok(())

@@ -70,7 +70,7 @@ pub fn series_of(records: &[Value], kind: &str, fields: &[&str]) -> Vec<Series> 
 
 static FONT: std::sync::Once = std::sync::Once::new();
 
-fn register_font() {
+pub fn register_font() {
     FONT.call_once(|| {
         // Embedded so plots render the same everywhere, with no system font lookup.
         let bytes: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");

@@ -1,0 +1,154 @@
+//! `mvlt eval retrieval` and `mvlt eval recognition`.
+use super::infer_cmd::ModelArgs;
+use crate::data::dataset::{open_dataset, split_by_product, Dataset};
+use crate::device::{run_on, BackendTask};
+use crate::eval::metrics::Report;
+use crate::eval::recognition;
+use crate::eval::retrieval::{self, Direction, ImageSource, Negatives};
+use crate::progress::progress_bar;
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct RetrievalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, value_enum)]
+    direction: Direction,
+    /// Candidate lists: the authors' retrieve_ITR / retrieve_TIR folder, or a .jsonl file written by --save-lists.
+    #[arg(long)]
+    lists: Option<PathBuf>,
+    /// Folder of the images the authors' lists name (extracted_valid_images).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Generate lists from this dataset instead (and resolve their images in it).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
+    #[arg(long, default_value_t = 101)]
+    candidates: usize,
+    #[arg(long, value_enum, default_value = "random")]
+    negatives: Negatives,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the generated lists here (JSON lines) so the result can be reproduced.
+    #[arg(long)]
+    save_lists: Option<PathBuf>,
+    /// Write {"direction", "queries", "r@1", "r@5", "r@10", "ranks"} here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl BackendTask for &RetrievalArgs {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let m = self.model.load::<B>(&device)?;
+        let data: Option<Box<dyn Dataset>> = self.data.as_ref().map(|d| open_dataset(d)).transpose()?;
+        let queries = match (&self.lists, &data) {
+            (Some(l), _) if l.is_dir() => retrieval::read_authors_lists(l)?,
+            (Some(l), _) => retrieval::read_jsonl_lists(l)?,
+            (None, Some(ds)) => retrieval::generate(ds.as_ref(), self.queries, self.candidates, self.negatives, self.seed)?,
+            (None, None) => bail!("give --lists (the authors' folder or a .jsonl of lists) or --data to generate lists from"),
+        };
+        if let Some(p) = &self.save_lists {
+            retrieval::write_jsonl(p, &queries)?;
+            eprintln!("lists written to {}", p.display());
+        }
+        let source = match (&self.images, &data) {
+            (Some(dir), _) => ImageSource::Folder(dir.clone()),
+            (None, Some(ds)) => ImageSource::Dataset(ds.as_ref(), ds.records().iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect()),
+            (None, None) => bail!("give --images (the folder the lists' img_name entries are in) or --data"),
+        };
+        let pb = progress_bar(queries.len() as u64, "queries");
+        let r = retrieval::evaluate(&m, &queries, self.direction, &source, self.model.batch_size, || pb.inc(1))?;
+        pb.finish_and_clear();
+        let name = match self.direction {
+            Direction::Itr => "image -> text (ITR)",
+            Direction::Tir => "text -> image (TIR)",
+        };
+        let cands = queries.iter().map(|q| q.candidates.len()).max().unwrap_or(0);
+        println!("| {name:<20} | R@1    | R@5    | R@10   | queries | candidates |");
+        println!("|----------------------|--------|--------|--------|---------|------------|");
+        println!("| {:<20} | {:>6.2} | {:>6.2} | {:>6.2} | {:>7} | {:>10} |", "mvlt", 100.0 * r.r1, 100.0 * r.r5, 100.0 * r.r10, r.queries, cands);
+        if let Some(p) = &self.json {
+            crate::model::weights::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+pub fn retrieval(a: RetrievalArgs) -> Result<()> {
+    run_on(a.model.device, &a)
+}
+
+#[derive(clap::Args)]
+pub struct RecognitionArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The test data (any format).
+    #[arg(long)]
+    data: PathBuf,
+    /// Evaluate only the validation split of a training run's data (val_fraction, seed of the run).
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the reports (per-class rows included) here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write confusion matrices PREFIX_main.png and PREFIX_sub.png.
+    #[arg(long)]
+    confusion: Option<PathBuf>,
+}
+
+fn print_per_class(title: &str, r: &Report, names: &[String]) {
+    println!("{title}: per class");
+    println!("  {:<24} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
+    for c in &r.per_class {
+        let name = names.get(c.label).map(String::as_str).unwrap_or("?");
+        println!("  {:<24} {:>9.4} {:>9.4} {:>9.4} {:>8}", name, c.precision, c.recall, c.f1, c.support);
+    }
+}
+
+impl BackendTask for &RecognitionArgs {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let m = self.model.load::<B>(&device)?;
+        let ds = open_dataset(&self.data)?;
+        let rows: Vec<usize> = match self.val_fraction {
+            Some(f) => split_by_product(ds.records(), f, self.seed).1,
+            None => (0..ds.len()).collect(),
+        };
+        let pb = progress_bar(rows.len() as u64, "images");
+        let r = recognition::evaluate(&m, ds.as_ref(), &rows, self.model.batch_size, |k| pb.inc(k as u64))?;
+        pb.finish_and_clear();
+        print_per_class("main category", &r.main, &r.main_names);
+        print_per_class("sub-category", &r.sub, &r.sub_names);
+        if r.unknown_class_rows > 0 {
+            println!("note: {} rows have a category the model does not know and were left out", r.unknown_class_rows);
+        }
+        println!();
+        println!("| recognition   | accuracy | macro-F1 | micro-F1 | weighted-F1 | images |");
+        println!("|---------------|----------|----------|----------|-------------|--------|");
+        for (name, rep) in [("main category", &r.main), ("sub-category", &r.sub)] {
+            println!("| {name:<13} | {:>8.2} | {:>8.2} | {:>8.2} | {:>11.2} | {:>6} |", 100.0 * rep.accuracy, 100.0 * rep.macro_f1, 100.0 * rep.micro_f1, 100.0 * rep.weighted_f1, rep.samples);
+        }
+        if let Some(p) = &self.json {
+            crate::model::weights::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+        }
+        if let Some(prefix) = &self.confusion {
+            for (tag, names, (t, pr)) in [("main", &r.main_names, &r.main_pairs), ("sub", &r.sub_names, &r.sub_pairs)] {
+                let path = PathBuf::from(format!("{}_{tag}.png", prefix.display()));
+                recognition::plot_confusion(&path, &format!("{tag} category confusion (rows: truth, columns: prediction; row-normalised)"), names, t, pr)?;
+                println!("confusion matrix: {}", path.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn recognition(a: RecognitionArgs) -> Result<()> {
+    run_on(a.model.device, &a)
+}

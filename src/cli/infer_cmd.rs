@@ -1,0 +1,205 @@
+//! `mvlt score`, `mvlt classify`, `mvlt search`.
+use crate::data::dataset::open_dataset;
+use crate::data::image::Pixels;
+use crate::device::{run_on, BackendTask, DeviceSpec};
+use crate::infer::{filter_rows, Hit, LoadOptions, Model, SearchQuery};
+use crate::progress::progress_bar;
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use std::path::PathBuf;
+
+/// How to load a model (shared by the inference and evaluation commands).
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Trained weights (final/model.safetensors of a run, a checkpoint, or the authors' .pth).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Architecture, when the weights do not carry it (a preset or a config file).
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Vocabulary (default: vocab.txt beside the weights).
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
+    /// Class names: classes.json of a run or the authors' class_names.json (default: beside the weights).
+    #[arg(long)]
+    pub classes: Option<PathBuf>,
+    /// Image side to run at (default: the training size of our weights, 256 for the authors').
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Pairs per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+impl ModelArgs {
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Model<B>> {
+        let o = LoadOptions { config: self.config.clone(), vocab: self.vocab.clone(), classes: self.classes.clone(), image_size: self.image_size, non_strict: false };
+        Model::load(&self.weights, &o, device)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    image: PathBuf,
+    /// One or more texts to score against the image.
+    #[arg(long, required = true)]
+    text: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+impl BackendTask for &ScoreArgs {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let m = self.model.load::<B>(&device)?;
+        let img = m.prepare_image(&Pixels::open(&self.image)?)?;
+        let ids: Vec<Vec<i64>> = self.text.iter().map(|t| m.prepare_text(t)).collect::<Result<_>>()?;
+        let imgs: Vec<&[f32]> = ids.iter().map(|_| img.as_slice()).collect();
+        let p = m.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+        for (t, p) in self.text.iter().zip(p) {
+            if self.json {
+                println!("{}", serde_json::json!({"image": self.image, "text": t, "match_probability": p}));
+            } else {
+                println!("{p:.4}  {t}");
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
+    run_on(a.model.device, &a)
+}
+
+#[derive(clap::Args)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    image: PathBuf,
+    /// The product's caption (the recognition heads read it, as in the reference); optional.
+    #[arg(long)]
+    text: Option<String>,
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+impl BackendTask for &ClassifyArgs {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let m = self.model.load::<B>(&device)?;
+        let c = m.classify(&Pixels::open(&self.image)?, self.text.as_deref(), self.top)?;
+        if self.json {
+            println!("{}", serde_json::to_string(&c)?);
+            return Ok(());
+        }
+        for (title, list) in [("main category", &c.main), ("sub-category", &c.sub)] {
+            println!("{title}:");
+            for (name, p) in list {
+                println!("  {p:.4}  {name}");
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn classify(a: ClassifyArgs) -> Result<()> {
+    run_on(a.model.device, &a)
+}
+
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The catalogue: a JSONL catalogue, Fashion-Gen .h5 or authors' folder.
+    #[arg(long)]
+    catalog: PathBuf,
+    /// Text -> products.
+    #[arg(long, conflicts_with = "image")]
+    text: Option<String>,
+    /// Image -> captions.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    #[arg(long)]
+    category: Option<String>,
+    #[arg(long)]
+    subcategory: Option<String>,
+    /// Score at most this many catalogue rows (after the filters, in catalogue order).
+    #[arg(long)]
+    max_candidates: Option<usize>,
+    /// Write a contact sheet of the hits' images (text search).
+    #[arg(long)]
+    sheet: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+impl BackendTask for &SearchArgs {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let m = self.model.load::<B>(&device)?;
+        let ds = open_dataset(&self.catalog)?;
+        let rows = filter_rows(ds.as_ref(), self.category.as_deref(), self.subcategory.as_deref(), self.max_candidates);
+        if rows.is_empty() {
+            bail!("no catalogue row passes the filters (category {:?}, subcategory {:?})", self.category, self.subcategory);
+        }
+        let image;
+        let query = match (&self.text, &self.image) {
+            (Some(t), None) => SearchQuery::Text(t),
+            (None, Some(p)) => {
+                image = Pixels::open(p)?;
+                SearchQuery::Image(&image)
+            }
+            _ => bail!("give --text (text -> products) or --image (image -> captions)"),
+        };
+        let pb = progress_bar(rows.len() as u64, "scoring");
+        let hits = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
+        pb.finish_and_clear();
+        let top: Vec<&Hit> = hits.iter().take(self.top).collect();
+        if self.json {
+            println!("{}", serde_json::to_string(&top)?);
+        } else {
+            println!("{:>4}  {:>7}  {:<14} {:<18} {:<16} caption", "rank", "score", "id", "sub-category", "product");
+            for (i, h) in top.iter().enumerate() {
+                let cap: String = h.caption.chars().take(70).collect();
+                println!("{:>4}  {:>7.4}  {:<14} {:<18} {:<16} {cap}", i + 1, h.score, h.id, h.subcategory, h.product_id);
+            }
+            println!("({} of {} candidates scored)", hits.len(), rows.len());
+        }
+        if let Some(sheet) = &self.sheet {
+            let rows: Vec<usize> = top.iter().map(|h| h.row).collect();
+            contact_sheet(ds.as_ref(), &rows, 5, 160, sheet)?;
+            println!("contact sheet: {}", sheet.display());
+        }
+        Ok(())
+    }
+}
+
+pub fn search(a: SearchArgs) -> Result<()> {
+    run_on(a.model.device, &a)
+}
+
+/// Images of `rows` in a grid of `cols` columns, `cell` pixels each, in order.
+pub fn contact_sheet(ds: &dyn crate::data::dataset::Dataset, rows: &[usize], cols: usize, cell: u32, path: &std::path::Path) -> Result<()> {
+    let per_line = cols.max(1);
+    let cols = rows.len().clamp(1, per_line) as u32;
+    let lines = rows.len().div_ceil(per_line).max(1) as u32;
+    let mut grid = image::RgbImage::from_pixel(cell * cols, cell * lines, image::Rgb([255, 255, 255]));
+    for (i, &r) in rows.iter().enumerate() {
+        let p = ds.pixels(r)?;
+        let img = image::RgbImage::from_raw(p.width as u32, p.height as u32, p.data).context("image buffer")?;
+        let img = image::imageops::resize(&img, cell, cell, image::imageops::FilterType::Triangle);
+        let (x, y) = ((i % per_line) as u32 * cell, (i / per_line) as u32 * cell);
+        image::imageops::overlay(&mut grid, &img, x as i64, y as i64);
+    }
+    grid.save(path).with_context(|| format!("cannot write {}", path.display()))
+}

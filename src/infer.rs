@@ -1,0 +1,265 @@
+//! Inference for other programs: load trained weights once, then score image-text pairs, classify
+//! products and search a catalogue.
+//!
+//! ```no_run
+//! use mvlt::infer::{LoadOptions, Model};
+//! use mvlt::data::image::Pixels;
+//! # fn main() -> anyhow::Result<()> {
+//! let model = Model::<mvlt::device::Cpu>::load("runs/pretrain/final/model.safetensors".as_ref(), &LoadOptions::default(), &Default::default())?;
+//! let image = Pixels::open("shoe.png".as_ref())?;
+//! let p = model.score(&image, "white leather sneakers")?; // match probability in [0, 1]
+//! println!("{p:.3}");
+//! # Ok(()) }
+//! ```
+//!
+//! Images are preprocessed exactly as in training (the reference's crop, resize, [0, 1]); texts are
+//! tokenised with the model's vocabulary.
+
+use crate::data::dataset::{default_vocab, ClassMap};
+use crate::data::image::{preprocess_floats, Pixels};
+use crate::data::text::TextProcessor;
+use crate::model::weights::{load_state_dict, resolve_config, StateDict};
+use crate::model::{HeadSet, Pvlt, PvltConfig};
+use anyhow::{bail, Context, Result};
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Architecture, when the weights do not carry it (a preset or a config file).
+    pub config: Option<String>,
+    /// Vocabulary; default: vocab.txt beside the weights.
+    pub vocab: Option<PathBuf>,
+    /// Class names (our classes.json or the authors' class_names.json); default: beside the weights.
+    pub classes: Option<PathBuf>,
+    /// Image side the model is run at (default: the training size stored with the weights, else 256).
+    pub image_size: Option<usize>,
+    pub non_strict: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { config: None, vocab: None, classes: None, image_size: None, non_strict: false }
+    }
+}
+
+pub struct Model<B: Backend> {
+    pub net: Pvlt<B>,
+    pub config: PvltConfig,
+    pub text: TextProcessor,
+    pub classes: Option<ClassMap>,
+    pub image_size: usize,
+    pub device: B::Device,
+}
+
+/// Top-k classes with probabilities, by name.
+#[derive(Clone, Debug, Serialize)]
+pub struct Classification {
+    pub main: Vec<(String, f32)>,
+    pub sub: Vec<(String, f32)>,
+}
+
+/// Read class names: our `classes.json` ({"main": [..], "sub": [..]}) or the authors'
+/// `class_names.json` ({"categories": [..], "subcategories": [..]}).
+pub fn read_classes(path: &Path) -> Result<ClassMap> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read class names {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let list = |a: &str, b: &str| -> Result<Vec<String>> {
+        let arr = v.get(a).or_else(|| v.get(b)).with_context(|| format!("{}: expected '{a}' (or '{b}') lists of class names", path.display()))?;
+        serde_json::from_value(arr.clone()).with_context(|| format!("{}: '{a}' must be a list of strings", path.display()))
+    };
+    Ok(ClassMap { main: list("main", "categories")?, sub: list("sub", "subcategories")? })
+}
+
+impl<B: Backend> Model<B> {
+    pub fn load(weights: &Path, o: &LoadOptions, device: &B::Device) -> Result<Self> {
+        let sd = StateDict::read(weights)?;
+        let config = resolve_config(o.config.as_deref(), Some(&sd))?;
+        let (net, report) = load_state_dict(Pvlt::<B>::new(&config, device), &sd, !o.non_strict)?;
+        if o.non_strict {
+            eprintln!("{}: {}", weights.display(), report.summary());
+        }
+        let vocab = match &o.vocab {
+            Some(v) => v.clone(),
+            None => default_vocab(weights).with_context(|| format!("no --vocab given and no vocab.txt beside {}", weights.display()))?,
+        };
+        let text = TextProcessor::from_vocab_file(&vocab)?;
+        if text.vocab_size != config.vocab_size {
+            bail!("wrong vocabulary: {} has {} entries but the model has {} word embeddings", vocab.display(), text.vocab_size, config.vocab_size);
+        }
+        let classes_path = o.classes.clone().or_else(|| weights.parent().map(|d| d.join("classes.json")).filter(|p| p.exists()));
+        let classes = classes_path.map(|p| read_classes(&p)).transpose()?;
+        if let (Some(c), true) = (&classes, config.heads.cls) {
+            if c.main.len() != config.num_sup_classes || c.sub.len() != config.num_sub_classes {
+                bail!(
+                    "the class names list {} main / {} sub classes but the model has {} / {}",
+                    c.main.len(),
+                    c.sub.len(),
+                    config.num_sup_classes,
+                    config.num_sub_classes
+                );
+            }
+        }
+        let image_size = o.image_size.unwrap_or(if config.img_size % 32 == 0 && config.img_size != 224 { config.img_size } else { 256 });
+        config.check_image_size(image_size, image_size)?;
+        Ok(Model { net, config, text, classes, image_size, device: device.clone() })
+    }
+
+    /// Preprocess an image as in training: `[3, S, S]` floats in [0, 1].
+    pub fn prepare_image(&self, p: &Pixels) -> Result<Vec<f32>> {
+        Ok(preprocess_floats(p, self.image_size)?.0)
+    }
+
+    pub fn prepare_text(&self, text: &str) -> Result<Vec<i64>> {
+        if text.trim().is_empty() {
+            bail!("the text is empty");
+        }
+        Ok(self.text.encode(text, self.config.num_text_tokens)?.input_ids)
+    }
+
+    fn tensors(&self, images: &[&[f32]], ids: &[&[i64]]) -> (Tensor<B, 4>, Tensor<B, 2, Int>) {
+        let (n, s, t) = (images.len(), self.image_size, self.config.num_text_tokens);
+        let img: Vec<f32> = images.iter().flat_map(|x| x.iter().copied()).collect();
+        let tok: Vec<i64> = ids.iter().flat_map(|x| x.iter().copied()).collect();
+        (Tensor::from_data(TensorData::new(img, [n, 3, s, s]), &self.device), Tensor::from_data(TensorData::new(tok, [n, t]), &self.device))
+    }
+
+    /// ITM match probability of each (image, text) pair; one forward pass for all of them.
+    pub fn match_probs(&self, images: &[&[f32]], ids: &[&[i64]]) -> Result<Vec<f32>> {
+        if !self.config.heads.itm {
+            bail!("these weights have no image-text matching head (itm_head): use pre-training weights");
+        }
+        if images.is_empty() {
+            return Ok(vec![]);
+        }
+        let (img, tok) = self.tensors(images, ids);
+        let out = self.net.forward(img, tok, HeadSet { itm: true, ..HeadSet::NONE }, false);
+        let logits = out.itm_logits.expect("itm head ran");
+        let [n, _, _] = logits.dims();
+        let p = softmax(logits.reshape([n, 2]), 1).slice([0..n, 1..2]).reshape([n]);
+        Ok(p.into_data().convert::<f32>().to_vec().unwrap_or_default())
+    }
+
+    pub fn score(&self, image: &Pixels, text: &str) -> Result<f32> {
+        let img = self.prepare_image(image)?;
+        let ids = self.prepare_text(text)?;
+        Ok(self.match_probs(&[&img], &[&ids])?[0])
+    }
+
+    /// Main and sub category probabilities (top `k` of each). The recognition heads read the text
+    /// too (the reference feeds the caption); without one, an empty text ([CLS] [SEP]) is used.
+    pub fn classify(&self, image: &Pixels, text: Option<&str>, k: usize) -> Result<Classification> {
+        if !self.config.heads.cls {
+            bail!("these weights have no recognition heads (sup_cls_head / sub_cls_head): use fine-tuned weights");
+        }
+        let img = self.prepare_image(image)?;
+        let ids = match text {
+            Some(t) => self.prepare_text(t)?,
+            None => self.text.encode("", self.config.num_text_tokens)?.input_ids,
+        };
+        let (img, tok) = self.tensors(&[&img], &[&ids]);
+        let out = self.net.forward(img, tok, HeadSet { cls: true, ..HeadSet::NONE }, false);
+        let top = |logits: Tensor<B, 3>, names: Option<&Vec<String>>| -> Vec<(String, f32)> {
+            let c = logits.dims()[2];
+            let p: Vec<f32> = softmax(logits.reshape([c]), 0).into_data().convert::<f32>().to_vec().unwrap_or_default();
+            let mut idx: Vec<usize> = (0..c).collect();
+            idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            idx.into_iter().take(k).map(|i| (names.and_then(|n| n.get(i).cloned()).unwrap_or_else(|| format!("class {i}")), p[i])).collect()
+        };
+        Ok(Classification {
+            main: top(out.sup_cls_logits.expect("cls ran"), self.classes.as_ref().map(|c| &c.main)),
+            sub: top(out.sub_cls_logits.expect("cls ran"), self.classes.as_ref().map(|c| &c.sub)),
+        })
+    }
+}
+
+/// One search result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Hit {
+    /// Dataset row.
+    pub row: usize,
+    pub id: String,
+    pub product_id: String,
+    pub caption: String,
+    pub category: String,
+    pub subcategory: String,
+    pub score: f32,
+}
+
+pub enum SearchQuery<'a> {
+    /// Text -> products: the text against every candidate image.
+    Text(&'a str),
+    /// Image -> captions: the image against every distinct candidate caption.
+    Image(&'a Pixels),
+}
+
+impl<B: Backend> Model<B> {
+    /// Argmax main and sub category of each (image, text) pair.
+    pub fn recognize(&self, images: &[&[f32]], ids: &[&[i64]]) -> Result<Vec<(usize, usize)>> {
+        if !self.config.heads.cls {
+            bail!("these weights have no recognition heads (sup_cls_head / sub_cls_head): use fine-tuned weights");
+        }
+        if images.is_empty() {
+            return Ok(vec![]);
+        }
+        let (img, tok) = self.tensors(images, ids);
+        let out = self.net.forward(img, tok, HeadSet { cls: true, ..HeadSet::NONE }, false);
+        let arg = |t: Tensor<B, 3>| -> Vec<usize> { t.argmax(2).into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default().into_iter().map(|x| x as usize).collect() };
+        let main = arg(out.sup_cls_logits.expect("cls ran"));
+        let sub = arg(out.sub_cls_logits.expect("cls ran"));
+        Ok(main.into_iter().zip(sub).collect())
+    }
+
+    /// Exhaustive ITM scoring of `rows` of a catalogue against the query, `batch` pairs per forward
+    /// pass; best first.
+    pub fn search(&self, ds: &dyn crate::data::dataset::Dataset, rows: &[usize], query: SearchQuery, batch: usize, progress: impl Fn(usize)) -> Result<Vec<Hit>> {
+        use rayon::prelude::*;
+        let recs = ds.records();
+        let hit = |row: usize, score: f32| {
+            let r = &recs[row];
+            Hit { row, id: r.id.clone(), product_id: r.product_id.clone(), caption: r.caption.clone(), category: r.category.clone(), subcategory: r.subcategory.clone(), score }
+        };
+        let mut hits = vec![];
+        match query {
+            SearchQuery::Text(text) => {
+                let ids = self.prepare_text(text)?;
+                for chunk in rows.chunks(batch.max(1)) {
+                    let imgs: Vec<Vec<f32>> = chunk.par_iter().map(|&r| ds.pixels(r).and_then(|p| self.prepare_image(&p))).collect::<Result<_>>()?;
+                    let tok: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
+                    let s = self.match_probs(&imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?;
+                    hits.extend(chunk.iter().zip(s).map(|(&r, s)| hit(r, s)));
+                    progress(chunk.len());
+                }
+            }
+            SearchQuery::Image(image) => {
+                let img = self.prepare_image(image)?;
+                let mut seen = std::collections::HashSet::new();
+                let distinct: Vec<usize> = rows.iter().copied().filter(|&r| seen.insert(recs[r].caption.as_str())).collect();
+                for chunk in distinct.chunks(batch.max(1)) {
+                    let ids: Vec<Vec<i64>> = chunk.iter().map(|&r| self.prepare_text(&recs[r].caption)).collect::<Result<_>>()?;
+                    let imgs: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
+                    let s = self.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+                    hits.extend(chunk.iter().zip(s).map(|(&r, s)| hit(r, s)));
+                    progress(chunk.len());
+                }
+            }
+        }
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        Ok(hits)
+    }
+}
+
+/// Catalogue rows passing the filters (case-insensitive), at most `max` of them, in catalogue order.
+pub fn filter_rows(ds: &dyn crate::data::dataset::Dataset, category: Option<&str>, subcategory: Option<&str>, max: Option<usize>) -> Vec<usize> {
+    let eq = |a: &str, b: Option<&str>| b.is_none_or(|b| a.eq_ignore_ascii_case(b));
+    ds.records()
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| eq(&r.category, category) && eq(&r.subcategory, subcategory))
+        .map(|(i, _)| i)
+        .take(max.unwrap_or(usize::MAX))
+        .collect()
+}

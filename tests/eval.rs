@@ -1,0 +1,178 @@
+//! Evaluation and inference end to end: retrieval ranks equal the ranks the model's own scores
+//! imply, generated lists reproduce, and the score / classify / search / eval commands run on a
+//! freshly trained model.
+mod common;
+use common::{fixtures, tempdir};
+use mvlt::data::image::Pixels;
+use mvlt::device::{run_on, Cpu, DeviceSpec};
+use mvlt::eval::retrieval::{self, Direction, ImageSource};
+use mvlt::infer::{LoadOptions, Model};
+use mvlt::train::config::TrainConfig;
+use mvlt::train::trainer::TrainRun;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn mvlt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mvlt")).args(args).output().expect("run mvlt")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn authors() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/datasets/authors_layout")
+}
+
+#[test]
+fn retrieval_ranks_are_the_ranks_the_scores_imply() {
+    let Some(fix) = fixtures() else { return };
+    let vocab = fix.join("../vocab/bert-base-uncased-vocab.txt");
+    let o = LoadOptions { config: Some(fix.join("small_io.json").display().to_string()), vocab: Some(vocab), classes: None, image_size: Some(64), non_strict: false };
+    let model = Model::<Cpu>::load(&fix.join("small_model.safetensors"), &o, &Default::default()).unwrap();
+    let images = authors().join("extracted_valid_images");
+    for (dir, direction) in [("retrieve_ITR", Direction::Itr), ("retrieve_TIR", Direction::Tir)] {
+        let queries = retrieval::read_authors_lists(&authors().join(dir)).unwrap();
+        assert_eq!(queries.len(), 3);
+        assert!(queries.iter().all(|q| q.candidates.len() == 5));
+        // Batches of 2 candidates: the batching must not change the scores.
+        let r = retrieval::evaluate(&model, &queries, direction, &ImageSource::Folder(images.clone()), 2, || {}).unwrap();
+        for (q, &rank) in queries.iter().zip(&r.ranks) {
+            let scores: Vec<f32> = q
+                .candidates
+                .iter()
+                .map(|c| {
+                    let (img, cap) = match direction {
+                        Direction::Itr => (&q.candidates[0].image, &c.caption),
+                        Direction::Tir => (&c.image, &q.candidates[0].caption),
+                    };
+                    model.score(&Pixels::open(&images.join(img)).unwrap(), cap).unwrap()
+                })
+                .collect();
+            let implied = scores[1..].iter().filter(|&&s| s > scores[0]).count();
+            assert_eq!(rank, implied, "{dir} query {}: scores {scores:?}", q.query);
+        }
+        let r1 = r.ranks.iter().filter(|&&k| k < 1).count() as f64 / 3.0;
+        assert_eq!(r.r1, r1);
+        assert_eq!(r.r5, 1.0, "5 candidates: the positive is always in the top 5");
+    }
+}
+
+#[test]
+fn retrieval_cli_on_the_authors_lists_writes_the_json() {
+    let Some(fix) = fixtures() else { return };
+    let dir = tempdir("retrieval-cli");
+    let out = dir.join("tir.json");
+    let o = mvlt(&[
+        "eval", "retrieval", "--direction", "tir",
+        "--lists", authors().join("retrieve_TIR").to_str().unwrap(),
+        "--images", authors().join("extracted_valid_images").to_str().unwrap(),
+        "--weights", fix.join("small_model.safetensors").to_str().unwrap(),
+        "--config", fix.join("small_io.json").to_str().unwrap(),
+        "--vocab", fix.join("../vocab/bert-base-uncased-vocab.txt").to_str().unwrap(),
+        "--image-size", "64", "--json", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("| mvlt"), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["direction"], "tir");
+    assert_eq!(v["queries"], 3);
+    assert_eq!(v["ranks"].as_array().unwrap().len(), 3);
+    for k in ["r@1", "r@5", "r@10"] {
+        assert!(v[k].is_f64(), "{k}");
+    }
+}
+
+/// A model with every head, trained for a few steps on a small synthetic catalogue.
+fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
+    let data = base.join("catalogue");
+    mvlt::data::synth::write_catalog(&data, 60, 5, 32, |_| {}).unwrap();
+    let nano = base.join("nano.json");
+    std::fs::write(&nano, r#"{"embed_dims": [8, 16, 16, 16], "num_heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1], "token_hidden_size": 16, "t2i_channel": 4}"#).unwrap();
+    let over: Vec<String> = vec![
+        format!("model=\"{}\"", nano.display()),
+        format!("data=\"{}\"", data.display()),
+        "image_size=32".into(),
+        "max_len=16".into(),
+        "batch_size=4".into(),
+        "max_steps=6".into(),
+        "with_cls=true".into(),
+        "workers=1".into(),
+        "val_batches=1".into(),
+    ];
+    let config = TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), &over).unwrap();
+    let s = run_on(DeviceSpec::Cpu, TrainRun { config, dir: base.join("run"), resume: false }).unwrap();
+    (s.final_weights.unwrap(), data)
+}
+
+#[test]
+fn inference_and_evaluation_commands_on_a_trained_model() {
+    let base = tempdir("infer");
+    let (weights, data) = trained_model(&base);
+    let w = weights.to_str().unwrap();
+    let img = data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap();
+    let img = img.to_str().unwrap();
+
+    let o = mvlt(&["score", "--weights", w, "--image", img, "--text", "red cotton shirt", "--text", "black leather boots", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|v| (0.0..=1.0).contains(&v["match_probability"].as_f64().unwrap())));
+
+    let o = mvlt(&["classify", "--weights", w, "--image", img, "--top", "3", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["main"].as_array().unwrap().len(), 3);
+    let classes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(weights.with_file_name("classes.json")).unwrap()).unwrap();
+    let name = v["sub"][0][0].as_str().unwrap();
+    assert!(classes["sub"].as_array().unwrap().iter().any(|c| c == name), "{name} is a class name");
+
+    let sheet = base.join("hits.png");
+    let o = mvlt(&["search", "--weights", w, "--catalog", data.to_str().unwrap(), "--text", "a blue dress", "--top", "4", "--sheet", sheet.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(60 of 60 candidates scored)"), "{}", text(&o));
+    assert!(image::open(&sheet).is_ok());
+
+    let o = mvlt(&["search", "--weights", w, "--catalog", data.to_str().unwrap(), "--image", img, "--subcategory", "boots", "--json"]);
+    let o_text = text(&o);
+    if o.status.success() {
+        let hits: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(hits.iter().all(|h| h["subcategory"] == "BOOTS"), "{o_text}");
+        let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first");
+    } else {
+        assert!(o_text.contains("no catalogue row passes the filters"), "{o_text}");
+    }
+
+    let lists = base.join("lists.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["eval", "retrieval", "--direction", "tir", "--weights", w, "--data", data.to_str().unwrap(), "--queries", "6", "--candidates", "5", "--seed", "3"];
+        args.extend_from_slice(extra);
+        mvlt(&args)
+    };
+    let out1 = base.join("r1.json");
+    let o = run(&["--save-lists", lists.to_str().unwrap(), "--json", out1.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out2 = base.join("r2.json");
+    let o = run(&["--lists", lists.to_str().unwrap(), "--json", out2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (a, b) = (std::fs::read_to_string(&out1).unwrap(), std::fs::read_to_string(&out2).unwrap());
+    assert_eq!(a, b, "saved lists reproduce the result");
+    assert_eq!(std::fs::read_to_string(&lists).unwrap().lines().count(), 6);
+
+    let prefix = base.join("cm");
+    let rj = base.join("rec.json");
+    let o = mvlt(&["eval", "recognition", "--weights", w, "--data", data.to_str().unwrap(), "--json", rj.to_str().unwrap(), "--confusion", prefix.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("| sub-category"), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rj).unwrap()).unwrap();
+    assert_eq!(v["sub"]["samples"], 60);
+    assert!(image::open(base.join("cm_sub.png")).is_ok());
+
+    // Class names that do not fit the model: a clear message, not a panic.
+    let bad = base.join("bad_classes.json");
+    std::fs::write(&bad, r#"{"main": ["A"], "sub": ["B"]}"#).unwrap();
+    let o = mvlt(&["classify", "--weights", w, "--image", img, "--classes", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("the class names list 1 main / 1 sub classes but the model has"), "{}", text(&o));
+}
