@@ -127,16 +127,27 @@ impl<B: Backend> Model<B> {
         (Tensor::from_data(TensorData::new(img, [n, 3, s, s]), &self.device), Tensor::from_data(TensorData::new(tok, [n, t]), &self.device))
     }
 
-    /// ITM match probability of each (image, text) pair; one forward pass for all of them.
-    pub fn match_probs(&self, images: &[&[f32]], ids: &[&[i64]]) -> Result<Vec<f32>> {
-        if !self.config.heads.itm {
+    /// One eval-mode forward pass of (image, text) pairs through `heads`, which the weights must
+    /// have; `None` for no pairs.
+    fn run_heads(&self, images: &[&[f32]], ids: &[&[i64]], heads: HeadSet) -> Result<Option<crate::model::PvltOutput<B>>> {
+        if heads.itm && !self.config.heads.itm {
             bail!("these weights have no image-text matching head (itm_head): use pre-training weights");
         }
+        if heads.cls && !self.config.heads.cls {
+            bail!("these weights have no recognition heads (sup_cls_head / sub_cls_head): use fine-tuned weights");
+        }
         if images.is_empty() {
-            return Ok(vec![]);
+            return Ok(None);
         }
         let (img, tok) = self.tensors(images, ids);
-        let out = self.net.forward(img, tok, HeadSet { itm: true, ..HeadSet::NONE }, false);
+        Ok(Some(self.net.forward(img, tok, heads, false)))
+    }
+
+    /// ITM match probability of each (image, text) pair; one forward pass for all of them.
+    pub fn match_probs(&self, images: &[&[f32]], ids: &[&[i64]]) -> Result<Vec<f32>> {
+        let Some(out) = self.run_heads(images, ids, HeadSet { itm: true, ..HeadSet::NONE })? else {
+            return Ok(vec![]);
+        };
         let logits = out.itm_logits.expect("itm head ran");
         let [n, _, _] = logits.dims();
         let p = softmax(logits.reshape([n, 2]), 1).slice([0..n, 1..2]).reshape([n]);
@@ -152,16 +163,12 @@ impl<B: Backend> Model<B> {
     /// Main and sub category probabilities (top `k` of each). The recognition heads read the text
     /// too (the reference feeds the caption); without one, an empty text ([CLS] [SEP]) is used.
     pub fn classify(&self, image: &Pixels, text: Option<&str>, k: usize) -> Result<Classification> {
-        if !self.config.heads.cls {
-            bail!("these weights have no recognition heads (sup_cls_head / sub_cls_head): use fine-tuned weights");
-        }
         let img = self.prepare_image(image)?;
         let ids = match text {
             Some(t) => self.prepare_text(t)?,
             None => self.text.encode("", self.config.num_text_tokens)?.input_ids,
         };
-        let (img, tok) = self.tensors(&[&img], &[&ids]);
-        let out = self.net.forward(img, tok, HeadSet { cls: true, ..HeadSet::NONE }, false);
+        let out = self.run_heads(&[&img], &[&ids], HeadSet { cls: true, ..HeadSet::NONE })?.expect("one pair");
         let top = |logits: Tensor<B, 3>, names: Option<&Vec<String>>| -> Vec<(String, f32)> {
             let c = logits.dims()[2];
             let p: Vec<f32> = softmax(logits.reshape([c]), 0).into_data().convert::<f32>().to_vec().unwrap_or_default();
@@ -199,14 +206,9 @@ pub enum SearchQuery<'a> {
 impl<B: Backend> Model<B> {
     /// Argmax main and sub category of each (image, text) pair.
     pub fn recognize(&self, images: &[&[f32]], ids: &[&[i64]]) -> Result<Vec<(usize, usize)>> {
-        if !self.config.heads.cls {
-            bail!("these weights have no recognition heads (sup_cls_head / sub_cls_head): use fine-tuned weights");
-        }
-        if images.is_empty() {
+        let Some(out) = self.run_heads(images, ids, HeadSet { cls: true, ..HeadSet::NONE })? else {
             return Ok(vec![]);
-        }
-        let (img, tok) = self.tensors(images, ids);
-        let out = self.net.forward(img, tok, HeadSet { cls: true, ..HeadSet::NONE }, false);
+        };
         let arg = |t: Tensor<B, 3>| -> Vec<usize> { t.argmax(2).into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default().into_iter().map(|x| x as usize).collect() };
         let main = arg(out.sup_cls_logits.expect("cls ran"));
         let sub = arg(out.sub_cls_logits.expect("cls ran"));

@@ -459,7 +459,15 @@ fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
 
 pub fn summarize(v: &serde_json::Value) -> String {
     v.as_object()
-        .map(|o| o.iter().filter_map(|(k, x)| Some(format!("{k} {:.4}", x.as_f64()?))).collect::<Vec<_>>().join(", "))
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, x)| Some(match x.as_u64() {
+                    Some(n) => format!("{k} {n}"),
+                    None => format!("{k} {:.4}", x.as_f64()?),
+                }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
         .unwrap_or_default()
 }
 
