@@ -12,6 +12,14 @@ use mvlt::verify_step::TrainStepTask;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Tests here that use the CPU backend in this process take turns: its random generator is
+/// process-wide, and building a model in one test would perturb another's seeded run.
+static BACKEND: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn backend_turn() -> std::sync::MutexGuard<'static, ()> {
+    BACKEND.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn data(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
 }
@@ -82,6 +90,7 @@ fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn training_step_matches_the_pytorch_step() {
+    let _turn = backend_turn();
     let task = TrainStepTask {
         step_file: data("train_step/step.safetensors"),
         weights: data("train_step/weights.safetensors"),
@@ -120,6 +129,7 @@ fn verify_train_step_cli_and_a_wrong_fixture() {
 
 #[test]
 fn resume_continues_exactly() {
+    let _turn = backend_turn();
     let base = tempdir("resume");
     let straight = base.join("straight");
     let split = base.join("split");
@@ -157,6 +167,7 @@ fn resume_continues_exactly() {
 
 #[test]
 fn a_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint() {
+    let _turn = backend_turn();
     let base = tempdir("nan");
     let dir = base.join("run");
     let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();
@@ -230,6 +241,7 @@ fn ctrl_c_writes_a_checkpoint_and_exits() {
 
 #[test]
 fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
+    let _turn = backend_turn();
     let base = tempdir("refuse");
     let dir = base.join("run");
     let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();

@@ -4,6 +4,9 @@
 //! per (seed, epoch, row); dropout and stochastic depth reseed the backend's generator from (seed,
 //! batch counter) before every batch. A checkpoint therefore pins the whole future of a run, and a
 //! resumed run repeats, bit for bit on the CPU, what the uninterrupted run would have done.
+//! burn's generator is process-wide: runs in one process take turns (`RUN_LOCK`), and other work
+//! that draws random numbers on the same backend at the same time (building a fresh model) would
+//! perturb a run.
 
 use super::checkpoint::{self, TrainState};
 use super::config::{Task, TrainConfig};
@@ -46,6 +49,9 @@ pub struct RunSummary {
     pub last_val: Option<serde_json::Value>,
     pub interrupted: bool,
 }
+
+/// Serialises training runs within a process (the backend's generator is shared).
+static RUN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Set by Ctrl-C; the loop checkpoints and stops at the next step boundary.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -170,6 +176,7 @@ impl BackendTask for TrainRun {
 }
 
 fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
+    let _turn = RUN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let cfg = run.config;
     let dir = run.dir;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create run folder {}", dir.display()))?;
