@@ -252,3 +252,26 @@ fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
     let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir, resume: false }).unwrap_err().to_string();
     assert!(e.contains("pass --resume"), "{e}");
 }
+
+#[test]
+fn finetune_from_the_authors_checkpoint_on_their_layout() {
+    let Some(fix) = common::fixtures() else { return };
+    let dir = tempdir("finetune-authors").join("run");
+    let data = fix.join("../datasets/authors_layout");
+    let o = mvlt(&[
+        "finetune", "--out", dir.to_str().unwrap(),
+        "--init", fix.join("small_checkpoint.pth").to_str().unwrap(),
+        "--data", data.to_str().unwrap(),
+        "--vocab", fix.join("../vocab/bert-base-uncased-vocab.txt").to_str().unwrap(),
+        "--set", &format!("model=\"{}\"", fix.join("small_io.json").display()),
+        "--set", "image_size=64", "--set", "max_len=32", "--set", "batch_size=4", "--set", "max_steps=2",
+        "--set", "val_fraction=0.3", "--set", "workers=1",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    // The authors' heads have 48 / 122 classes; the fixture data 5 / 6: those heads start fresh.
+    assert!(t.contains("has 122 classes in sub_cls_head.*, the data 6: that head starts fresh"), "{t}");
+    assert!(t.contains("loaded 189 keys"), "{t}");
+    let classes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("final/classes.json")).unwrap()).unwrap();
+    assert_eq!(classes["sub"].as_array().unwrap().len(), 6);
+}

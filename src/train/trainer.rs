@@ -102,6 +102,19 @@ pub fn model_config(cfg: &TrainConfig, text: &TextProcessor, classes: &ClassMap,
     Ok(m)
 }
 
+/// Recognition heads trained for another class list (e.g. the authors' 48 / 122 Fashion-Gen classes
+/// when fine-tuning on a catalogue of one's own) cannot be loaded: leave them out, so they start
+/// fresh, and say so.
+fn drop_mismatched_class_heads(sd: &mut StateDict, m: &PvltConfig) {
+    for (head, n) in [("sup_cls_head.", m.num_sup_classes), ("sub_cls_head.", m.num_sub_classes)] {
+        let bias = format!("{head}linear_bias");
+        if let Some(have) = sd.tensors.get(&bias).map(|t| t.shape[0]).filter(|&k| k != n) {
+            sd.tensors.retain(|k, _| !k.starts_with(head));
+            eprintln!("note: {} has {have} classes in {head}*, the data {n}: that head starts fresh", sd.path.display());
+        }
+    }
+}
+
 /// A preset, `micro` (a CPU-sized PVLT for demos and tests), or a config file.
 pub fn resolve_model(spec: &str) -> Result<PvltConfig> {
     if spec == "micro" {
@@ -231,8 +244,9 @@ fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
             let model_config = model_config(&cfg, &text, &classes, init.as_ref())?;
             <AB<B> as Backend>::seed(&device, cfg.seed);
             let mut model = Pvlt::<AB<B>>::new(&model_config, &device);
-            if let Some(sd) = &init {
-                let (m, report) = load_state_dict(model, sd, !cfg.init_non_strict)?;
+            if let Some(mut sd) = init {
+                drop_mismatched_class_heads(&mut sd, &model_config);
+                let (m, report) = load_state_dict(model, &sd, !cfg.init_non_strict)?;
                 model = m;
                 eprintln!("initial weights {}: {}", sd.path.display(), report.summary());
             }
