@@ -49,7 +49,7 @@ impl Default for LoadOptions {
 pub struct Model<B: Backend> {
     pub net: Pvlt<B>,
     pub config: PvltConfig,
-    pub text: TextProcessor,
+    pub text: std::sync::Arc<TextProcessor>,
     pub classes: Option<ClassMap>,
     pub image_size: usize,
     pub device: B::Device,
@@ -86,7 +86,7 @@ impl<B: Backend> Model<B> {
             Some(v) => v.clone(),
             None => default_vocab(weights).with_context(|| format!("no --vocab given and no vocab.txt beside {}", weights.display()))?,
         };
-        let text = TextProcessor::from_vocab_file(&vocab)?;
+        let text = std::sync::Arc::new(TextProcessor::from_vocab_file(&vocab)?);
         if text.vocab_size != config.vocab_size {
             bail!("wrong vocabulary: {} has {} entries but the model has {} word embeddings", vocab.display(), text.vocab_size, config.vocab_size);
         }
@@ -168,19 +168,17 @@ impl<B: Backend> Model<B> {
             Some(t) => self.prepare_text(t)?,
             None => self.text.encode("", self.config.num_text_tokens)?.input_ids,
         };
-        let out = self.run_heads(&[&img], &[&ids], HeadSet { cls: true, ..HeadSet::NONE })?.expect("one pair");
-        let top = |logits: Tensor<B, 3>, names: Option<&Vec<String>>| -> Vec<(String, f32)> {
-            let c = logits.dims()[2];
-            let p: Vec<f32> = softmax(logits.reshape([c]), 0).into_data().convert::<f32>().to_vec().unwrap_or_default();
-            let mut idx: Vec<usize> = (0..c).collect();
-            idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-            idx.into_iter().take(k).map(|i| (names.and_then(|n| n.get(i).cloned()).unwrap_or_else(|| format!("class {i}")), p[i])).collect()
-        };
-        Ok(Classification {
-            main: top(out.sup_cls_logits.expect("cls ran"), self.classes.as_ref().map(|c| &c.main)),
-            sub: top(out.sub_cls_logits.expect("cls ran"), self.classes.as_ref().map(|c| &c.sub)),
-        })
+        let (main, sub) = self.class_probs(&[&img], &[&ids])?.pop().expect("one pair");
+        let names = self.classes.as_ref();
+        Ok(Classification { main: top_k(&main, names.map(|c| &c.main), k), sub: top_k(&sub, names.map(|c| &c.sub), k) })
     }
+}
+
+/// The `k` most probable classes, by name (`class N` when names are unknown).
+pub fn top_k(p: &[f32], names: Option<&Vec<String>>, k: usize) -> Vec<(String, f32)> {
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    idx.into_iter().take(k).map(|i| (names.and_then(|n| n.get(i).cloned()).unwrap_or_else(|| format!("class {i}")), p[i])).collect()
 }
 
 /// One search result.
@@ -204,6 +202,21 @@ pub enum SearchQuery<'a> {
 }
 
 impl<B: Backend> Model<B> {
+    /// Main and sub category probabilities of each (image, text) pair.
+    pub fn class_probs(&self, images: &[&[f32]], ids: &[&[i64]]) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let Some(out) = self.run_heads(images, ids, HeadSet { cls: true, ..HeadSet::NONE })? else {
+            return Ok(vec![]);
+        };
+        let rows = |logits: Tensor<B, 3>| -> Vec<Vec<f32>> {
+            let [n, _, c] = logits.dims();
+            let p: Vec<f32> = softmax(logits.reshape([n, c]), 1).into_data().convert::<f32>().to_vec().unwrap_or_default();
+            p.chunks(c.max(1)).map(|r| r.to_vec()).collect()
+        };
+        let main = rows(out.sup_cls_logits.expect("cls ran"));
+        let sub = rows(out.sub_cls_logits.expect("cls ran"));
+        Ok(main.into_iter().zip(sub).collect())
+    }
+
     /// Argmax main and sub category of each (image, text) pair.
     pub fn recognize(&self, images: &[&[f32]], ids: &[&[i64]]) -> Result<Vec<(usize, usize)>> {
         let Some(out) = self.run_heads(images, ids, HeadSet { cls: true, ..HeadSet::NONE })? else {

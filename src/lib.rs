@@ -10,6 +10,7 @@ pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod progress;
+pub mod serve;
 pub mod train;
 pub mod verify;
 pub mod verify_step;

@@ -2,14 +2,12 @@
 //! imply, generated lists reproduce, and the score / classify / search / eval commands run on a
 //! freshly trained model.
 mod common;
-use common::{fixtures, tempdir};
+use common::{fixtures, tempdir, trained_model};
 use mvlt::data::image::Pixels;
-use mvlt::device::{run_on, Cpu, DeviceSpec};
+use mvlt::device::Cpu;
 use mvlt::eval::retrieval::{self, Direction, ImageSource};
 use mvlt::infer::{LoadOptions, Model};
-use mvlt::train::config::TrainConfig;
-use mvlt::train::trainer::TrainRun;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn mvlt(args: &[&str]) -> Output {
@@ -81,28 +79,6 @@ fn retrieval_cli_on_the_authors_lists_writes_the_json() {
     for k in ["r@1", "r@5", "r@10"] {
         assert!(v[k].is_f64(), "{k}");
     }
-}
-
-/// A model with every head, trained for a few steps on a small synthetic catalogue.
-fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
-    let data = base.join("catalogue");
-    mvlt::data::synth::write_catalog(&data, 60, 5, 32, |_| {}).unwrap();
-    let nano = base.join("nano.json");
-    std::fs::write(&nano, r#"{"embed_dims": [8, 16, 16, 16], "num_heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1], "token_hidden_size": 16, "t2i_channel": 4}"#).unwrap();
-    let over: Vec<String> = vec![
-        format!("model=\"{}\"", nano.display()),
-        format!("data=\"{}\"", data.display()),
-        "image_size=32".into(),
-        "max_len=16".into(),
-        "batch_size=4".into(),
-        "max_steps=6".into(),
-        "with_cls=true".into(),
-        "workers=1".into(),
-        "val_batches=1".into(),
-    ];
-    let config = TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), &over).unwrap();
-    let s = run_on(DeviceSpec::Cpu, TrainRun { config, dir: base.join("run"), resume: false }).unwrap();
-    (s.final_weights.unwrap(), data)
 }
 
 #[test]

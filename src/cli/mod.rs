@@ -4,6 +4,7 @@ mod data_bench;
 mod data_cmd;
 mod eval_cmd;
 mod infer_cmd;
+mod serve_cmd;
 mod synth_cmd;
 mod train_cmd;
 mod verify_cmd;
@@ -34,6 +35,11 @@ enum Command {
     Classify(infer_cmd::ClassifyArgs),
     /// Search a catalogue: text -> products, or image -> captions (exhaustive ITM scoring).
     Search(infer_cmd::SearchArgs),
+    /// Serve the HTTP API and web page over a model and a catalogue.
+    Serve(serve_cmd::ServeArgs),
+    /// Loopback load test of the HTTP API: latency and requests/s at several concurrency levels,
+    /// then bad requests (each must get a 4xx JSON error without taking the server down).
+    BenchServe(serve_cmd::ServeBenchArgs),
     /// Run the model on a reference fixture and compare every stored tensor (exit 1 on any failure).
     Verify(verify_cmd::VerifyArgs),
     /// Describe a weights file (variant, heads, parameter count, keys), or a config's layout.
@@ -79,6 +85,8 @@ pub fn main() -> anyhow::Result<()> {
         Command::Score(a) => infer_cmd::score(a),
         Command::Classify(a) => infer_cmd::classify(a),
         Command::Search(a) => infer_cmd::search(a),
+        Command::Serve(a) => serve_cmd::serve(a),
+        Command::BenchServe(a) => serve_cmd::bench(a),
         Command::Verify(a) => verify_cmd::run(a),
         Command::Inspect(a) => weights_cmd::inspect(a),
         Command::Convert(a) => weights_cmd::convert(a),

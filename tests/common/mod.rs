@@ -2,7 +2,7 @@
 //! When they are missing, parity tests fail under CI (CI=true) and are skipped with a message
 //! otherwise.
 #![allow(dead_code)]
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub fn fixtures() -> Option<PathBuf> {
     let dir = std::env::var_os("MVLT_FIXTURES")
@@ -24,4 +24,26 @@ pub fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// A model with every head, trained for a few steps on a small synthetic catalogue.
+pub fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
+    let data = base.join("catalogue");
+    mvlt::data::synth::write_catalog(&data, 60, 5, 32, |_| {}).unwrap();
+    let nano = base.join("nano.json");
+    std::fs::write(&nano, r#"{"embed_dims": [8, 16, 16, 16], "num_heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1], "token_hidden_size": 16, "t2i_channel": 4}"#).unwrap();
+    let over: Vec<String> = vec![
+        format!("model=\"{}\"", nano.display()),
+        format!("data=\"{}\"", data.display()),
+        "image_size=32".into(),
+        "max_len=16".into(),
+        "batch_size=4".into(),
+        "max_steps=6".into(),
+        "with_cls=true".into(),
+        "workers=1".into(),
+        "val_batches=1".into(),
+    ];
+    let config = mvlt::train::config::TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), &over).unwrap();
+    let s = mvlt::device::run_on(mvlt::device::DeviceSpec::Cpu, mvlt::train::trainer::TrainRun { config, dir: base.join("run"), resume: false }).unwrap();
+    (s.final_weights.unwrap(), data)
 }

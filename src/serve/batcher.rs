@@ -1,0 +1,206 @@
+//! The model thread: one owner of the model, fed through a bounded queue, running the pairs of
+//! concurrent requests together in one forward pass (dynamic batching).
+//!
+//! Requests wait up to `window` for company, then every queued score and classify request of the
+//! same head is run as one batch of at most `max_batch` pairs. A search is a batch by itself (the
+//! whole catalogue slice, in chunks of `max_batch`).
+
+use super::metrics::Metrics;
+use crate::data::image::to_unit_floats;
+use crate::infer::Model;
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    Itm,
+    Cls,
+}
+
+pub enum Work {
+    /// (image, text) pairs through one head.
+    Pairs { head: Head, images: Vec<Arc<Vec<f32>>>, ids: Vec<Arc<Vec<i64>>> },
+    /// A query against catalogue rows: text against their images, or an image against their captions.
+    Search { text: Option<Arc<Vec<i64>>>, image: Option<Arc<Vec<f32>>>, rows: Vec<usize> },
+}
+
+pub enum Output {
+    Itm(Vec<f32>),
+    Cls(Vec<(Vec<f32>, Vec<f32>)>),
+    /// (catalogue row, match probability).
+    Search(Vec<(usize, f32)>),
+}
+
+pub struct Job {
+    pub work: Work,
+    pub reply: oneshot::Sender<Result<Output, String>>,
+    pub enqueued: Instant,
+}
+
+/// What the model thread needs of the catalogue: preprocessed images (u8, as the model sees them)
+/// and tokenised captions.
+pub struct Catalogue {
+    pub images: Vec<Vec<u8>>,
+    pub captions: Vec<Arc<Vec<i64>>>,
+}
+
+#[derive(Clone)]
+pub struct Queue {
+    tx: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+pub enum Submit {
+    Ok(oneshot::Receiver<Result<Output, String>>),
+    /// The queue is full: answer 503.
+    Full,
+    /// The model thread is gone.
+    Closed,
+}
+
+impl Queue {
+    pub fn submit(&self, work: Work) -> Submit {
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Job { work, reply, enqueued: Instant::now() }) {
+            Ok(()) => {
+                self.metrics.queue_depth.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Submit::Ok(rx)
+            }
+            Err(TrySendError::Full(_)) => Submit::Full,
+            Err(TrySendError::Disconnected(_)) => Submit::Closed,
+        }
+    }
+}
+
+pub struct BatcherConfig {
+    pub queue: usize,
+    pub max_batch: usize,
+    pub window: Duration,
+}
+
+/// Start the model thread; it ends when every `Queue` handle is dropped.
+pub fn start<B: Backend>(model: Model<B>, catalogue: Arc<Catalogue>, cfg: BatcherConfig, metrics: Arc<Metrics>) -> Queue {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.queue.max(1));
+    let m = metrics.clone();
+    std::thread::Builder::new()
+        .name("mvlt-model".into())
+        .spawn(move || run(model, catalogue, rx, cfg, m))
+        .expect("spawn the model thread");
+    Queue { tx, metrics }
+}
+
+fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg: BatcherConfig, metrics: Arc<Metrics>) {
+    let take = |job: Job, into: &mut Vec<Job>| {
+        metrics.queue_depth.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        into.push(job);
+    };
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![];
+        take(first, &mut jobs);
+        // Wait a little for concurrent requests, then take what is queued.
+        let deadline = Instant::now() + cfg.window;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(j) => take(j, &mut jobs),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if jobs.len() >= cfg.max_batch {
+                break;
+            }
+        }
+        for head in [Head::Itm, Head::Cls] {
+            let group: Vec<Job> = jobs.extract_if(.., |j| matches!(&j.work, Work::Pairs { head: h, .. } if *h == head)).collect();
+            if !group.is_empty() {
+                run_pairs(&model, head, group, cfg.max_batch, &metrics);
+            }
+        }
+        for job in jobs {
+            let Work::Search { text, image, rows } = job.work else { unreachable!("pairs were taken above") };
+            let out = search(&model, &cat, text, image, &rows, cfg.max_batch, &metrics).map(Output::Search).map_err(|e| format!("{e:#}"));
+            let _ = job.reply.send(out);
+        }
+    }
+}
+
+/// All pairs of `jobs` through `head`, `max_batch` at a time, answers split back per job.
+fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch: usize, metrics: &Metrics) {
+    let mut images: Vec<Arc<Vec<f32>>> = vec![];
+    let mut ids: Vec<Arc<Vec<i64>>> = vec![];
+    let mut counts = vec![];
+    let mut replies = vec![];
+    for j in jobs {
+        if let Work::Pairs { images: im, ids: tx, .. } = j.work {
+            counts.push(im.len());
+            images.extend(im);
+            ids.extend(tx);
+            replies.push(j.reply);
+        }
+    }
+    let result: Result<Output> = (|| {
+        let mut itm = vec![];
+        let mut cls = vec![];
+        for (ic, tc) in images.chunks(max_batch.max(1)).zip(ids.chunks(max_batch.max(1))) {
+            let im: Vec<&[f32]> = ic.iter().map(|v| v.as_slice()).collect();
+            let tx: Vec<&[i64]> = tc.iter().map(|v| v.as_slice()).collect();
+            metrics.record_batch(im.len());
+            match head {
+                Head::Itm => itm.extend(model.match_probs(&im, &tx)?),
+                Head::Cls => cls.extend(model.class_probs(&im, &tx)?),
+            }
+        }
+        Ok(match head {
+            Head::Itm => Output::Itm(itm),
+            Head::Cls => Output::Cls(cls),
+        })
+    })();
+    match result {
+        Err(e) => {
+            let msg = format!("{e:#}");
+            for r in replies {
+                let _ = r.send(Err(msg.clone()));
+            }
+        }
+        Ok(out) => {
+            let mut start = 0;
+            for (r, n) in replies.into_iter().zip(counts) {
+                let part = match &out {
+                    Output::Itm(v) => Output::Itm(v[start..start + n].to_vec()),
+                    Output::Cls(v) => Output::Cls(v[start..start + n].to_vec()),
+                    Output::Search(_) => unreachable!(),
+                };
+                start += n;
+                let _ = r.send(Ok(part));
+            }
+        }
+    }
+}
+
+fn search<B: Backend>(model: &Model<B>, cat: &Catalogue, text: Option<Arc<Vec<i64>>>, image: Option<Arc<Vec<f32>>>, rows: &[usize], max_batch: usize, metrics: &Metrics) -> Result<Vec<(usize, f32)>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(max_batch.max(1)) {
+        metrics.record_batch(chunk.len());
+        let scores = match (&text, &image) {
+            (Some(ids), _) => {
+                let imgs: Vec<Vec<f32>> = chunk.iter().map(|&r| to_unit_floats(&cat.images[r])).collect();
+                let im: Vec<&[f32]> = imgs.iter().map(|v| v.as_slice()).collect();
+                let tx: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
+                model.match_probs(&im, &tx)?
+            }
+            (None, Some(img)) => {
+                let im: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
+                let tx: Vec<&[i64]> = chunk.iter().map(|&r| cat.captions[r].as_slice()).collect();
+                model.match_probs(&im, &tx)?
+            }
+            (None, None) => anyhow::bail!("a search needs a text or an image"),
+        };
+        out.extend(chunk.iter().copied().zip(scores));
+    }
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(out)
+}

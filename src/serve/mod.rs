@@ -1,0 +1,346 @@
+//! `mvlt serve`: the HTTP API and a small web page over one loaded model and a catalogue.
+//!
+//! - `POST /v1/score`, `/v1/classify`, `/v1/search`: JSON (`image` as base64 or a data URL) or
+//!   multipart/form-data (`image` as a file part); answers JSON, errors `{"error": "..."}` with a 4xx
+//!   or 5xx status.
+//! - `GET /healthz`, `/metrics` (Prometheus text), `/openapi.json`, `/v1/images/{row}` (catalogue
+//!   images for the page), `/` (the page).
+//!
+//! Requests are decoded and preprocessed on tokio's blocking pool, then queued for the model thread
+//! (`batcher`), which batches concurrent requests. A full queue answers 503, a request that takes
+//! longer than the timeout 504, a body over the limit 413, another content type 415.
+
+pub mod batcher;
+pub mod metrics;
+
+use crate::data::dataset::Dataset;
+use crate::data::image::{preprocess, Pixels};
+use crate::data::text::TextProcessor;
+use crate::infer::{filter_rows, top_k, Model};
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, MatchedPath, Path as UrlPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use batcher::{BatcherConfig, Catalogue, Head, Output, Queue, Submit, Work};
+use burn::tensor::backend::Backend;
+use metrics::Metrics;
+use rayon::prelude::*;
+use serde::Deserialize;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Largest request body, bytes.
+    pub max_body: usize,
+    /// Per-request limit, queue wait included.
+    pub timeout: Duration,
+    /// Requests that may wait for the model before 503.
+    pub queue: usize,
+    /// Pairs per forward pass.
+    pub max_batch: usize,
+    /// How long the model thread waits for concurrent requests to batch.
+    pub window: Duration,
+    /// Catalogue rows one search scores at most.
+    pub max_candidates: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig { max_body: 8 << 20, timeout: Duration::from_secs(30), queue: 64, max_batch: 32, window: Duration::from_millis(2), max_candidates: 100_000 }
+    }
+}
+
+struct App {
+    queue: Queue,
+    text: Arc<TextProcessor>,
+    max_len: usize,
+    image_size: usize,
+    classes: Option<crate::data::dataset::ClassMap>,
+    data: Arc<dyn Dataset>,
+    /// Catalogue rows whose image could be read.
+    usable: Vec<bool>,
+    metrics: Arc<Metrics>,
+    cfg: ServeConfig,
+}
+
+/// An error answer: status and a message, as `{"error": message}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// The fields every endpoint reads (each uses some of them).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    /// base64 or a `data:image/...;base64,` URL (JSON); a file part (multipart).
+    image: Option<String>,
+    #[serde(skip)]
+    image_bytes: Option<Bytes>,
+    text: Option<String>,
+    texts: Option<Vec<String>>,
+    top: Option<usize>,
+    category: Option<String>,
+    subcategory: Option<String>,
+}
+
+impl Input {
+    fn image(&self) -> Result<Option<Vec<u8>>, ApiError> {
+        if let Some(b) = &self.image_bytes {
+            return Ok(Some(b.to_vec()));
+        }
+        let Some(s) = &self.image else { return Ok(None) };
+        let payload = match s.split_once(";base64,") {
+            Some((_, p)) => p,
+            None => s.as_str(),
+        };
+        base64::engine::general_purpose::STANDARD.decode(payload.trim()).map(Some).map_err(|e| bad(format!("image: not valid base64 ({e})")))
+    }
+}
+
+async fn read_input(req: Request, limit: usize) -> Result<Input, ApiError> {
+    let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let too_big = |_| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over the {limit}-byte limit"));
+    if ctype.starts_with("application/json") {
+        let body = axum::body::to_bytes(req.into_body(), limit).await.map_err(too_big)?;
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))
+    } else if ctype.starts_with("multipart/form-data") {
+        let mut mp = axum::extract::Multipart::from_request(req, &()).await.map_err(|e| bad(format!("invalid multipart body: {e}")))?;
+        let mut input = Input::default();
+        while let Some(field) = mp.next_field().await.map_err(|e| bad(format!("invalid multipart body: {e}")))? {
+            let name = field.name().unwrap_or("").to_string();
+            let data = field.bytes().await.map_err(|e| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("reading part '{name}': {e}")))?;
+            let text = || String::from_utf8(data.to_vec()).map_err(|_| bad(format!("part '{name}' is not UTF-8 text")));
+            match name.as_str() {
+                "image" => input.image_bytes = Some(data.clone()),
+                "text" => input.text = Some(text()?),
+                "top" => input.top = Some(text()?.trim().parse().map_err(|_| bad("top must be a positive integer"))?),
+                "category" => input.category = Some(text()?),
+                "subcategory" => input.subcategory = Some(text()?),
+                other => return Err(bad(format!("unknown part '{other}' (image, text, top, category, subcategory)"))),
+            }
+        }
+        Ok(input)
+    } else {
+        Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json or multipart/form-data, got '{ctype}'")))
+    }
+}
+
+impl App {
+    fn ids(&self, text: &str) -> Result<Arc<Vec<i64>>, ApiError> {
+        if text.trim().is_empty() {
+            return Err(bad("text is empty"));
+        }
+        self.text.encode(text, self.max_len).map(|e| Arc::new(e.input_ids)).map_err(|e| bad(format!("text: {e:#}")))
+    }
+
+    /// Decode and preprocess on the blocking pool (CPU work off the async threads).
+    async fn image(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<Vec<f32>>, ApiError> {
+        let size = self.image_size;
+        tokio::task::spawn_blocking(move || -> Result<Vec<f32>> { Ok(crate::data::image::preprocess_floats(&Pixels::decode(&bytes)?, size)?.0) })
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map(Arc::new)
+            .map_err(|e| bad(format!("image: {e:#}")))
+    }
+
+    async fn run(&self, work: Work) -> Result<Output, ApiError> {
+        let rx = match self.queue.submit(work) {
+            Submit::Ok(rx) => rx,
+            Submit::Full => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy (queue full); retry shortly".into())),
+            Submit::Closed => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread stopped".into())),
+        };
+        match tokio::time::timeout(self.cfg.timeout, rx).await {
+            Err(_) => Err(ApiError(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {:?}", self.cfg.timeout))),
+            Ok(Err(_)) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread dropped the request".into())),
+            Ok(Ok(Err(msg))) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg)),
+            Ok(Ok(Ok(out))) => Ok(out),
+        }
+    }
+}
+
+async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
+    let input = read_input(req, app.cfg.max_body).await?;
+    let bytes = input.image()?.ok_or_else(|| bad("image is required"))?;
+    let texts: Vec<String> = match (&input.text, &input.texts) {
+        (Some(t), None) => vec![t.clone()],
+        (None, Some(ts)) if !ts.is_empty() => ts.clone(),
+        _ => return Err(bad("give text (a string) or texts (a non-empty list of strings)")),
+    };
+    let ids = texts.iter().map(|t| app.ids(t)).collect::<Result<Vec<_>, _>>()?;
+    let img = app.image(bytes).await?;
+    let Output::Itm(p) = app.run(Work::Pairs { head: Head::Itm, images: vec![img; ids.len()], ids }).await? else { unreachable!() };
+    let results: Vec<_> = texts.iter().zip(p).map(|(t, p)| json!({"text": t, "match_probability": p})).collect();
+    Ok(Json(json!({ "results": results })))
+}
+
+async fn classify(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
+    let input = read_input(req, app.cfg.max_body).await?;
+    let bytes = input.image()?.ok_or_else(|| bad("image is required"))?;
+    let ids = match &input.text {
+        Some(t) => app.ids(t)?,
+        None => Arc::new(app.text.encode("", app.max_len).map_err(|e| bad(e.to_string()))?.input_ids),
+    };
+    let img = app.image(bytes).await?;
+    let Output::Cls(mut v) = app.run(Work::Pairs { head: Head::Cls, images: vec![img], ids: vec![ids] }).await? else { unreachable!() };
+    let (main, sub) = v.pop().ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no output".into()))?;
+    let k = input.top.unwrap_or(5).clamp(1, 1000);
+    let list = |p: &[f32], names: Option<&Vec<String>>| top_k(p, names, k).into_iter().map(|(n, p)| json!({"name": n, "probability": p})).collect::<Vec<_>>();
+    Ok(Json(json!({ "main": list(&main, app.classes.as_ref().map(|c| &c.main)), "sub": list(&sub, app.classes.as_ref().map(|c| &c.sub)) })))
+}
+
+async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
+    let input = read_input(req, app.cfg.max_body).await?;
+    let k = input.top.unwrap_or(10).clamp(1, 1000);
+    let mut rows: Vec<usize> = filter_rows(app.data.as_ref(), input.category.as_deref(), input.subcategory.as_deref(), None).into_iter().filter(|&r| app.usable[r]).collect();
+    let (text, image) = match (&input.text, input.image()?) {
+        (Some(t), None) => (Some(app.ids(t)?), None),
+        (None, Some(bytes)) => {
+            // Image -> captions: each distinct caption once.
+            let mut seen = std::collections::HashSet::new();
+            let recs = app.data.records();
+            rows.retain(|&r| seen.insert(recs[r].caption.clone()));
+            (None, Some(app.image(bytes).await?))
+        }
+        _ => return Err(bad("give text (text -> products) or image (image -> captions), not both")),
+    };
+    rows.truncate(app.cfg.max_candidates);
+    let candidates = rows.len();
+    let Output::Search(hits) = app.run(Work::Search { text, image, rows }).await? else { unreachable!() };
+    let recs = app.data.records();
+    let hits: Vec<_> = hits
+        .into_iter()
+        .take(k)
+        .map(|(row, score)| {
+            let r = &recs[row];
+            json!({"row": row, "id": r.id, "product_id": r.product_id, "caption": r.caption, "category": r.category,
+                   "subcategory": r.subcategory, "score": score, "image_url": format!("/v1/images/{row}")})
+        })
+        .collect();
+    Ok(Json(json!({ "candidates": candidates, "hits": hits })))
+}
+
+async fn catalogue_image(State(app): State<Arc<App>>, UrlPath(row): UrlPath<usize>) -> Result<Response, ApiError> {
+    if row >= app.data.len() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no catalogue row {row}")));
+    }
+    let data = app.data.clone();
+    let png = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let p = data.pixels(row)?;
+        let mut out = vec![];
+        use image::ImageEncoder;
+        image::codecs::png::PngEncoder::new(&mut out).write_image(&p.data, p.width as u32, p.height as u32, image::ExtendedColorType::Rgb8)?;
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "max-age=3600")], png).into_response())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn fallback() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint (see /openapi.json)".into())
+}
+
+/// Record status and latency of every request.
+async fn observe(State(app): State<Arc<App>>, path: Option<MatchedPath>, req: Request, next: axum::middleware::Next) -> Response {
+    let t0 = Instant::now();
+    let endpoint = path.map(|p| p.as_str().to_string()).unwrap_or_else(|| "other".into());
+    let resp = next.run(req).await;
+    app.metrics.record_request(&endpoint, resp.status().as_u16(), t0.elapsed().as_secs_f64());
+    resp
+}
+
+/// Everything the server holds, ready to serve: the model thread started, the catalogue
+/// preprocessed.
+pub struct Server {
+    app: Arc<App>,
+}
+
+impl Server {
+    pub fn new<B: Backend>(model: Model<B>, data: Arc<dyn Dataset>, cfg: ServeConfig) -> Result<Server> {
+        let recs = data.records();
+        let size = model.image_size;
+        let pb = crate::progress::progress_bar(recs.len() as u64, "catalogue");
+        let images: Vec<Option<Vec<u8>>> = (0..recs.len())
+            .into_par_iter()
+            .map(|i| {
+                let out = data.pixels(i).and_then(|p| preprocess(&p, size)).map(|p| p.chw_u8);
+                pb.inc(1);
+                out.map_err(|e| eprintln!("note: catalogue row {i} ({}) left out: {e:#}", recs[i].id)).ok()
+            })
+            .collect();
+        pb.finish_and_clear();
+        let usable: Vec<bool> = images.iter().map(Option::is_some).collect();
+        let captions = recs
+            .iter()
+            .map(|r| model.text.encode(&r.caption, model.config.num_text_tokens).map(|e| Arc::new(e.input_ids)))
+            .collect::<Result<Vec<_>>>()?;
+        let catalogue = Arc::new(Catalogue { images: images.into_iter().map(Option::unwrap_or_default).collect(), captions });
+        let metrics = Arc::new(Metrics::default());
+        let (text, max_len, image_size, classes) = (model.text.clone(), model.config.num_text_tokens, model.image_size, model.classes.clone());
+        let queue = batcher::start(model, catalogue, BatcherConfig { queue: cfg.queue, max_batch: cfg.max_batch, window: cfg.window }, metrics.clone());
+        Ok(Server { app: Arc::new(App { queue, text, max_len, image_size, classes, data, usable, metrics, cfg }) })
+    }
+
+    pub fn router(&self) -> Router {
+        let app = self.app.clone();
+        Router::new()
+            .route("/", get(page))
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(metrics_text))
+            .route("/openapi.json", get(openapi))
+            .route("/v1/score", post(score))
+            .route("/v1/classify", post(classify))
+            .route("/v1/search", post(search))
+            .route("/v1/images/{row}", get(catalogue_image))
+            .fallback(fallback)
+            .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
+            // The body limit is enforced while reading (413 as JSON); this stops axum's own
+            // 2 MB default from answering first.
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(app)
+    }
+
+    /// Bind `addr` (port 0: any free port); returns the listener and the address it got.
+    pub async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)> {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr()?;
+        Ok((listener, bound))
+    }
+
+    /// Serve until `shutdown` resolves; in-flight requests finish first.
+    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await.context("server")
+    }
+}
