@@ -35,9 +35,10 @@ impl Drop for ServerProcess {
     }
 }
 
-fn start_server(weights: &std::path::Path, catalog: &std::path::Path) -> ServerProcess {
+fn start_server(weights: &std::path::Path, catalog: &std::path::Path, extra: &[&str]) -> ServerProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mvlt"))
         .args(["serve", "--weights", weights.to_str().unwrap(), "--catalog", catalog.to_str().unwrap(), "--addr", "127.0.0.1:0", "--max-body-mib", "1"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -61,7 +62,7 @@ fn post(url: &str, ctype: &str, body: &[u8]) -> (u16, serde_json::Value) {
 fn api_answers_and_errors() {
     let base = tempdir("api");
     let (weights, data) = trained_model(&base);
-    let s = start_server(&weights, &data);
+    let s = start_server(&weights, &data, &[]);
     let img = std::fs::read(data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap()).unwrap();
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(&img);
@@ -103,6 +104,13 @@ fn api_answers_and_errors() {
     assert!(metrics.contains("mvlt_pairs_total"), "{metrics}");
     let openapi: serde_json::Value = ureq::get(&format!("{}/openapi.json", s.url)).call().unwrap().into_json().unwrap();
     assert!(openapi["paths"]["/v1/search"].is_object());
+    drop(s);
+
+    // A request that outlives the timeout gets 504 (the model thread is never that fast).
+    let slow = start_server(&weights, &data, &["--timeout", "0.000001"]);
+    let (st, v) = post(&format!("{}/v1/search", slow.url), "application/json", br#"{"text": "a blue dress"}"#);
+    assert_eq!(st, 504, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("no answer within"), "{v}");
 }
 
 #[test]
@@ -110,7 +118,7 @@ fn web_page_in_headless_chromium() {
     let Some(chrome) = chromium() else { return };
     let base = tempdir("web");
     let (weights, data) = trained_model(&base);
-    let s = start_server(&weights, &data);
+    let s = start_server(&weights, &data, &[]);
     let profile = base.join("chrome-profile");
     let args: Vec<&std::ffi::OsStr> = ["--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"].iter().map(std::ffi::OsStr::new).collect();
     let browser = Browser::new(LaunchOptions {

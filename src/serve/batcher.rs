@@ -204,3 +204,22 @@ fn search<B: Backend>(model: &Model<B>, cat: &Catalogue, text: Option<Arc<Vec<i6
     out.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With no model thread draining it, a queue of one takes one request and refuses the next
+    /// (the HTTP layer answers that with 503).
+    #[test]
+    fn a_full_queue_refuses() {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(1);
+        let q = Queue { tx, metrics: Arc::new(Metrics::default()) };
+        let work = || Work::Search { text: Some(Arc::new(vec![101, 102])), image: None, rows: vec![0] };
+        assert!(matches!(q.submit(work()), Submit::Ok(_)));
+        assert!(matches!(q.submit(work()), Submit::Full));
+        assert_eq!(q.metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed), 1);
+        drop(rx);
+        assert!(matches!(q.submit(work()), Submit::Closed));
+    }
+}
