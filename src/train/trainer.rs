@@ -25,9 +25,9 @@ use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -556,11 +556,4 @@ pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSe
     put("sup_acc", ratio(sup_ok, sup_n));
     put("sub_acc", ratio(sub_ok, sub_n));
     Ok(v)
-}
-
-use burn::tensor::ElementConversion;
-
-/// Path helpers used by the CLI and tests.
-pub fn final_weights(dir: &Path) -> PathBuf {
-    dir.join("final").join("model.safetensors")
 }
