@@ -228,43 +228,71 @@ impl<B: Backend> Model<B> {
         Ok(main.into_iter().zip(sub).collect())
     }
 
-    /// Exhaustive ITM scoring of `rows` of a catalogue against the query, `batch` pairs per forward
-    /// pass; best first.
-    pub fn search(&self, ds: &dyn crate::data::dataset::Dataset, rows: &[usize], query: SearchQuery, batch: usize, progress: impl Fn(usize)) -> Result<Vec<Hit>> {
+    /// Score catalogue `rows` against a query, `batch` pairs per forward pass; best first. The
+    /// candidates' other halves come from the closure (images decoded from disk for the CLI, a
+    /// preprocessed cache in the server); `progress` is told each batch's size.
+    pub fn rank_candidates(&self, rows: &[usize], query: Candidates<'_>, batch: usize, progress: impl Fn(usize)) -> Result<Vec<(usize, f32)>> {
         use rayon::prelude::*;
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(batch.max(1)) {
+            let scores = match &query {
+                Candidates::Images { text, image_of } => {
+                    let imgs: Vec<Vec<f32>> = chunk.par_iter().map(|&r| image_of(r)).collect::<Result<_>>()?;
+                    let tok: Vec<&[i64]> = chunk.iter().map(|_| *text).collect();
+                    self.match_probs(&imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?
+                }
+                Candidates::Captions { image, ids_of } => {
+                    let ids: Vec<Vec<i64>> = chunk.iter().map(|&r| ids_of(r)).collect::<Result<_>>()?;
+                    let imgs: Vec<&[f32]> = chunk.iter().map(|_| *image).collect();
+                    self.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?
+                }
+            };
+            out.extend(chunk.iter().copied().zip(scores));
+            progress(chunk.len());
+        }
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(out)
+    }
+
+    /// Exhaustive ITM scoring of `rows` of a catalogue against the query; best first.
+    pub fn search(&self, ds: &dyn crate::data::dataset::Dataset, rows: &[usize], query: SearchQuery, batch: usize, progress: impl Fn(usize)) -> Result<Vec<Hit>> {
         let recs = ds.records();
-        let hit = |row: usize, score: f32| {
-            let r = &recs[row];
-            Hit { row, id: r.id.clone(), product_id: r.product_id.clone(), caption: r.caption.clone(), category: r.category.clone(), subcategory: r.subcategory.clone(), score }
-        };
-        let mut hits = vec![];
-        match query {
+        let scored = match query {
             SearchQuery::Text(text) => {
                 let ids = self.prepare_text(text)?;
-                for chunk in rows.chunks(batch.max(1)) {
-                    let imgs: Vec<Vec<f32>> = chunk.par_iter().map(|&r| ds.pixels(r).and_then(|p| self.prepare_image(&p))).collect::<Result<_>>()?;
-                    let tok: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
-                    let s = self.match_probs(&imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?;
-                    hits.extend(chunk.iter().zip(s).map(|(&r, s)| hit(r, s)));
-                    progress(chunk.len());
-                }
+                let image_of = |r: usize| ds.pixels(r).and_then(|p| self.prepare_image(&p));
+                self.rank_candidates(rows, Candidates::Images { text: &ids, image_of: &image_of }, batch, progress)?
             }
             SearchQuery::Image(image) => {
                 let img = self.prepare_image(image)?;
-                let mut seen = std::collections::HashSet::new();
-                let distinct: Vec<usize> = rows.iter().copied().filter(|&r| seen.insert(recs[r].caption.as_str())).collect();
-                for chunk in distinct.chunks(batch.max(1)) {
-                    let ids: Vec<Vec<i64>> = chunk.iter().map(|&r| self.prepare_text(&recs[r].caption)).collect::<Result<_>>()?;
-                    let imgs: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
-                    let s = self.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
-                    hits.extend(chunk.iter().zip(s).map(|(&r, s)| hit(r, s)));
-                    progress(chunk.len());
-                }
+                let ids_of = |r: usize| self.prepare_text(&recs[r].caption);
+                self.rank_candidates(&distinct_captions(ds, rows), Candidates::Captions { image: &img, ids_of: &ids_of }, batch, progress)?
             }
-        }
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
-        Ok(hits)
+        };
+        Ok(scored
+            .into_iter()
+            .map(|(row, score)| {
+                let r = &recs[row];
+                Hit { row, id: r.id.clone(), product_id: r.product_id.clone(), caption: r.caption.clone(), category: r.category.clone(), subcategory: r.subcategory.clone(), score }
+            })
+            .collect())
     }
+}
+
+/// What a search scores its fixed query against.
+pub enum Candidates<'a> {
+    /// One text against each row's image.
+    Images { text: &'a [i64], image_of: &'a (dyn Fn(usize) -> Result<Vec<f32>> + Sync) },
+    /// One image against each row's caption ids.
+    Captions { image: &'a [f32], ids_of: &'a dyn Fn(usize) -> Result<Vec<i64>> },
+}
+
+/// The first row of each distinct caption among `rows` (views of a product share their caption):
+/// the candidates of an image -> captions search.
+pub fn distinct_captions(ds: &dyn crate::data::dataset::Dataset, rows: &[usize]) -> Vec<usize> {
+    let recs = ds.records();
+    let mut seen = std::collections::HashSet::new();
+    rows.iter().copied().filter(|&r| seen.insert(recs[r].caption.as_str())).collect()
 }
 
 /// Catalogue rows passing the filters (case-insensitive), at most `max` of them, in catalogue order.

@@ -78,10 +78,13 @@ fn shared_catalogue() -> PathBuf {
     .clone()
 }
 
+/// The cpu-pretrain recipe with `overrides`.
+fn config(overrides: &[String]) -> TrainConfig {
+    TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), overrides).unwrap()
+}
+
 fn run(dir: &Path, overrides: &[String], resume: bool) -> mvlt::train::trainer::RunSummary {
-    let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();
-    let config = TrainConfig::resolve(&recipe, overrides).unwrap();
-    run_on(DeviceSpec::Cpu, TrainRun { config, dir: dir.to_path_buf(), resume }).unwrap()
+    run_on(DeviceSpec::Cpu, TrainRun { config: config(overrides), dir: dir.to_path_buf(), resume }).unwrap()
 }
 
 fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
@@ -170,8 +173,7 @@ fn a_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint() {
     let _turn = backend_turn();
     let base = tempdir("nan");
     let dir = base.join("run");
-    let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();
-    let config = TrainConfig::resolve(&recipe, &nano_overrides(&base, &["base_lr=1e12", "warmup_epochs=0", "checkpoint_every=1", "max_steps=20"])).unwrap();
+    let config = config(&nano_overrides(&base, &["base_lr=1e12", "warmup_epochs=0", "checkpoint_every=1", "max_steps=20"]));
     let err = run_on(DeviceSpec::Cpu, TrainRun { config, dir: dir.clone(), resume: false }).unwrap_err().to_string();
     assert!(err.contains("stopping: loss term"), "{err}");
     assert!(err.contains("at step") && err.contains("items"), "{err}");
@@ -244,8 +246,7 @@ fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
     let _turn = backend_turn();
     let base = tempdir("refuse");
     let dir = base.join("run");
-    let recipe = mvlt::train::config::recipe_text("cpu-pretrain").unwrap();
-    let config = TrainConfig::resolve(&recipe, &nano_overrides(&base, &["max_steps=1"])).unwrap();
+    let config = config(&nano_overrides(&base, &["max_steps=1"]));
     let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true }).unwrap_err().to_string();
     assert!(e.contains("no checkpoint"), "{e}");
     run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: false }).unwrap();

@@ -7,7 +7,7 @@
 
 use super::metrics::Metrics;
 use crate::data::image::to_unit_floats;
-use crate::infer::Model;
+use crate::infer::{Candidates, Model};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -182,27 +182,18 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
 }
 
 fn search<B: Backend>(model: &Model<B>, cat: &Catalogue, text: Option<Arc<Vec<i64>>>, image: Option<Arc<Vec<f32>>>, rows: &[usize], max_batch: usize, metrics: &Metrics) -> Result<Vec<(usize, f32)>> {
-    let mut out = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(max_batch.max(1)) {
-        metrics.record_batch(chunk.len());
-        let scores = match (&text, &image) {
-            (Some(ids), _) => {
-                let imgs: Vec<Vec<f32>> = chunk.iter().map(|&r| to_unit_floats(&cat.images[r])).collect();
-                let im: Vec<&[f32]> = imgs.iter().map(|v| v.as_slice()).collect();
-                let tx: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
-                model.match_probs(&im, &tx)?
-            }
-            (None, Some(img)) => {
-                let im: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
-                let tx: Vec<&[i64]> = chunk.iter().map(|&r| cat.captions[r].as_slice()).collect();
-                model.match_probs(&im, &tx)?
-            }
-            (None, None) => anyhow::bail!("a search needs a text or an image"),
-        };
-        out.extend(chunk.iter().copied().zip(scores));
+    let record = |n: usize| metrics.record_batch(n);
+    match (&text, &image) {
+        (Some(ids), _) => {
+            let image_of = |r: usize| Ok(to_unit_floats(&cat.images[r]));
+            model.rank_candidates(rows, Candidates::Images { text: ids, image_of: &image_of }, max_batch, record)
+        }
+        (None, Some(img)) => {
+            let ids_of = |r: usize| Ok(cat.captions[r].to_vec());
+            model.rank_candidates(rows, Candidates::Captions { image: img, ids_of: &ids_of }, max_batch, record)
+        }
+        (None, None) => anyhow::bail!("a search needs a text or an image"),
     }
-    out.sort_by(|a, b| b.1.total_cmp(&a.1));
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ pub mod metrics;
 use crate::data::dataset::Dataset;
 use crate::data::image::{preprocess, Pixels};
 use crate::data::text::TextProcessor;
-use crate::infer::{filter_rows, top_k, Model};
+use crate::infer::{distinct_captions, filter_rows, top_k, Model};
 use anyhow::{Context, Result};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, Path as UrlPath, Request, State};
@@ -210,10 +210,7 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
     let (text, image) = match (&input.text, input.image()?) {
         (Some(t), None) => (Some(app.ids(t)?), None),
         (None, Some(bytes)) => {
-            // Image -> captions: each distinct caption once.
-            let mut seen = std::collections::HashSet::new();
-            let recs = app.data.records();
-            rows.retain(|&r| seen.insert(recs[r].caption.clone()));
+            rows = distinct_captions(app.data.as_ref(), &rows);
             (None, Some(app.image(bytes).await?))
         }
         _ => return Err(bad("give text (text -> products) or image (image -> captions), not both")),

@@ -71,12 +71,7 @@ pub fn load_state<B: Backend>(path: &Path, device: &B::Device) -> Result<(TrainS
     };
     let state: TrainState = serde_json::from_str(json).with_context(|| format!("{}: unreadable training state", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let mut opt = AdamW::new(super::optim::AdamWConfig {
-        beta1: state.train_config.beta1,
-        beta2: state.train_config.beta2,
-        eps: state.train_config.eps,
-        weight_decay: state.train_config.weight_decay,
-    });
+    let mut opt = AdamW::new(state.train_config.adamw());
     let read = |name: &str| -> Result<Tensor<B, 1>> {
         let view = st.tensor(name).map_err(|e| anyhow!("{}: missing optimiser tensor {name}: {e}", path.display()))?;
         if view.dtype() != safetensors::Dtype::F32 {

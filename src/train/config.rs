@@ -188,6 +188,11 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The optimiser settings of this run.
+    pub fn adamw(&self) -> super::optim::AdamWConfig {
+        super::optim::AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a TrainConfig always serialises")
     }

@@ -12,7 +12,7 @@ use super::checkpoint::{self, TrainState};
 use super::config::{Task, TrainConfig};
 use super::loss::{losses, Targets};
 use super::metrics::{self, record, MetricsLog};
-use super::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_factor, grad_norm, AdamW};
 use super::schedule::{decays, scaled_lr, LrSchedule};
 use crate::data::dataset::{open_dataset, split_by_product, ClassMap, Dataset};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
@@ -250,7 +250,7 @@ fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
                 model = m;
                 eprintln!("initial weights {}: {}", sd.path.display(), report.summary());
             }
-            let opt = AdamW::new(AdamWConfig { beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay });
+            let opt = AdamW::new(cfg.adamw());
             let state = TrainState {
                 step: 0,
                 micro_step: 0,
