@@ -47,38 +47,64 @@ impl fmt::Display for DeviceSpec {
 pub trait BackendTask {
     type Output;
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    /// Work spread over several devices of one backend (data-parallel training); by default the
+    /// first device does it all.
+    fn run_multi<B: Backend>(self, devices: Vec<B::Device>) -> Result<Self::Output>
+    where
+        Self: Sized,
+    {
+        let first = devices.into_iter().next().expect("at least one device");
+        self.run::<B>(first)
+    }
 }
 
 pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
+    let index = match spec {
+        DeviceSpec::Cpu => 0,
+        DeviceSpec::Cuda(n) => n,
+    };
+    run_on_devices(spec, &[index], task)
+}
+
+/// Run on several devices of `spec`'s kind: GPU indices for CUDA; for the CPU, which is one
+/// device, each index is one more model replica on it (for testing data parallelism).
+pub fn run_on_devices<T: BackendTask>(spec: DeviceSpec, indices: &[usize], task: T) -> Result<T::Output> {
+    if indices.is_empty() {
+        bail!("no device given");
+    }
     match spec {
-        DeviceSpec::Cpu => task.run::<Cpu>(Default::default()),
-        DeviceSpec::Cuda(n) => run_cuda(n, task),
+        DeviceSpec::Cpu => task.run_multi::<Cpu>(vec![Default::default(); indices.len()]),
+        DeviceSpec::Cuda(_) => run_cuda(indices, task),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda<T: BackendTask>(n: usize, task: T) -> Result<T::Output> {
-    let device = burn::backend::cuda::CudaDevice::new(n);
-    // cudarc loads libcuda/NVRTC at first use and panics when they are absent: turn that into an
-    // error that says what is missing instead of a backtrace.
-    let probe = std::panic::catch_unwind(|| {
-        let t = burn::tensor::Tensor::<Gpu, 1>::ones([1], &device);
-        t.into_scalar()
-    });
-    if let Err(e) = probe {
-        let msg = e
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        bail!("--device cuda:{n}: no usable NVIDIA GPU / CUDA driver on this machine ({msg})");
+fn run_cuda<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
+    let mut devices = vec![];
+    for &n in indices {
+        let device = burn::backend::cuda::CudaDevice::new(n);
+        // cudarc loads libcuda/NVRTC at first use and panics when they are absent: turn that into
+        // an error that says what is missing instead of a backtrace.
+        let probe = std::panic::catch_unwind(|| {
+            let t = burn::tensor::Tensor::<Gpu, 1>::ones([1], &device);
+            t.into_scalar()
+        });
+        if let Err(e) = probe {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            bail!("cuda:{n}: no usable NVIDIA GPU / CUDA driver with this index on this machine ({msg})");
+        }
+        devices.push(device);
     }
-    task.run::<Gpu>(device)
+    task.run_multi::<Gpu>(devices)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda<T: BackendTask>(n: usize, _task: T) -> Result<T::Output> {
-    bail!("--device cuda:{n}: this mvlt was built without GPU support; rebuild with `cargo build --release --features cuda`")
+fn run_cuda<T: BackendTask>(indices: &[usize], _task: T) -> Result<T::Output> {
+    bail!("cuda:{}: this mvlt was built without GPU support; rebuild with `cargo build --release --features cuda`", indices[0])
 }
 
 #[cfg(test)]

@@ -97,3 +97,72 @@ fn analytic_gradients_match_finite_differences() {
     // f32 central differences with eps 1e-2 are good to about a percent on these smooth functions.
     assert!(worst < 2e-2, "worst relative error {worst:.3e}");
 }
+
+/// bf16 mixed precision (`precision = "bf16"`): the step runs on an autocast view of the f32 model.
+/// Every parameter must still get an f32 gradient, the losses and gradients must stay close to the
+/// f32 ones, and BatchNorm's running statistics must stay f32 and be updated in the f32 model.
+/// Tolerances, fixed before running: bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%
+/// per operation), so each loss term within 2% and each gradient tensor's direction within a
+/// cosine of 0.98 of the f32 one.
+#[test]
+fn bf16_autocast_step_tracks_f32() {
+    use burn::optim::GradientsParams;
+    use burn::tensor::DType;
+    use mvlt::train::optim::named_grads;
+    use mvlt::train::precision::{autocast, Precision};
+
+    let cfg = tiny();
+    let device = Default::default();
+    <B as burn::tensor::backend::Backend>::seed(&device, 5);
+    let model = Pvlt::<B>::new(&cfg, &device);
+    let images = Tensor::<B, 4>::random([4, 3, 64, 64], Distribution::Uniform(0.0, 1.0), &device);
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0, 101, 5, 6, 102, 0, 0, 101, 40, 41, 42, 43, 102], [4, 6]),
+        &device,
+    );
+    let t = Targets {
+        mlm_labels: Tensor::from_data(TensorData::new(vec![-1i64, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1, -1, 5, -1, -1, -1, -1, -1, -1, 41, 42, -1, -1], [4, 6]), &device),
+        itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0, 1, 0], [4]), &device),
+        clean_images: images.clone(),
+        sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4, 0, 1], [4]), &device),
+        sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0, 3, 3], [4]), &device),
+    };
+    let running_mean = || -> Vec<f32> { model.t2i_head.as_ref().unwrap().reduction1._1.running_mean.value_sync().into_data().to_vec().unwrap() };
+
+    let run = |precision: Precision| {
+        let m = autocast(&model, precision);
+        let out = m.forward(images.clone().cast(precision.dtype()), ids.clone(), HeadSet::ALL, true);
+        assert_eq!(out.itm_logits.as_ref().unwrap().dtype(), precision.dtype().into(), "the heads run in the step's precision");
+        let l = losses(&out, &t, HeadSet::ALL);
+        let terms: Vec<f32> = [l.mlm, l.itm, l.t2i, l.sup_cls, l.sub_cls].into_iter().map(|x| x.unwrap().into_scalar()).collect();
+        assert_eq!(l.total.dtype(), DType::F32, "{precision:?}: the loss must be f32");
+        let grads = GradientsParams::from_grads(l.total.backward(), &model);
+        (terms, named_grads(&model, &grads))
+    };
+    let before = running_mean();
+    let (loss32, g32) = run(Precision::F32);
+    let after32 = running_mean();
+    let (loss16, g16) = run(Precision::Bf16);
+    let after16 = running_mean();
+
+    for (a, b) in loss32.iter().zip(&loss16) {
+        assert!(((a - b) / a).abs() < 2e-2, "loss terms f32 {loss32:?} vs bf16 {loss16:?}");
+    }
+    assert_eq!(g32.len(), g16.len());
+    let mut worst = (1.0f64, String::new());
+    for ((name, _, a), (_, _, b)) in g32.iter().zip(&g16) {
+        let (a, b) = (a.clone().unwrap_or_else(|| panic!("{name}: no f32 gradient")), b.clone().unwrap_or_else(|| panic!("{name}: no bf16 gradient")));
+        assert_eq!(b.dtype(), DType::F32, "{name}: the master gradient must be f32");
+        let dot = (a.clone() * b.clone()).sum().into_scalar() as f64;
+        let norms = (a.clone() * a).sum().into_scalar().sqrt() as f64 * (b.clone() * b).sum().into_scalar().sqrt() as f64;
+        if norms > 0.0 && dot / norms < worst.0 {
+            worst = (dot / norms, name.clone());
+        }
+    }
+    eprintln!("losses f32 {loss32:?}\nlosses bf16 {loss16:?}\nworst gradient cosine {:.5} ({})", worst.0, worst.1);
+    assert!(worst.0 > 0.98, "gradient of {} points elsewhere in bf16: cosine {:.4}", worst.1, worst.0);
+    // BatchNorm buffers: f32, and each pass moved them (the bf16 view shares them with the model).
+    assert_eq!(model.t2i_head.as_ref().unwrap().reduction1._1.running_mean.value().dtype(), DType::F32);
+    assert_ne!(before, after32);
+    assert_ne!(after32, after16);
+}

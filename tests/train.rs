@@ -2,7 +2,7 @@
 //! Ctrl-C, and a pre-train -> fine-tune run that learns.
 mod common;
 use common::tempdir;
-use mvlt::device::{run_on, DeviceSpec};
+use mvlt::device::{run_on, run_on_devices, DeviceSpec};
 use mvlt::model::weights::StateDict;
 use mvlt::train::checkpoint;
 use mvlt::train::config::TrainConfig;
@@ -84,7 +84,9 @@ fn config(overrides: &[String]) -> TrainConfig {
 }
 
 fn run(dir: &Path, overrides: &[String], resume: bool) -> mvlt::train::trainer::RunSummary {
-    run_on(DeviceSpec::Cpu, TrainRun { config: config(overrides), dir: dir.to_path_buf(), resume }).unwrap()
+    let config = config(overrides);
+    let (spec, devices) = config.device_indices().unwrap();
+    run_on_devices(spec, &devices, TrainRun { config, dir: dir.to_path_buf(), resume }).unwrap()
 }
 
 fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
@@ -166,6 +168,60 @@ fn resume_continues_exactly() {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<u64>>());
+}
+
+/// Data parallelism over two replicas (`devices = [0, 1]`; on the CPU both live on the one device)
+/// takes the same optimiser steps as accumulating the same two micro-batches on one device: each
+/// replica computes its micro-batch's gradient and they are summed in device order. Only
+/// BatchNorm's running buffers may differ: replicas update them side by side and burn averages
+/// the updates (as data-parallel BatchNorm does), where accumulation applies them one after another.
+#[test]
+fn data_parallel_equals_gradient_accumulation() {
+    let _turn = backend_turn();
+    let base = tempdir("data-parallel");
+    let common = ["max_steps=5", "dropout=0.0", "drop_path_rate=0.0"];
+    let dp = run(&base.join("dp"), &nano_overrides(&base, &[&common[..], &["devices=[0, 1]"]].concat()), false);
+    let acc = run(&base.join("acc"), &nano_overrides(&base, &[&common[..], &["accum_steps=2"]].concat()), false);
+    assert_eq!((dp.steps, acc.steps), (5, 5));
+    let a = model_tensors(&base.join("dp/final/model.safetensors"));
+    let b = model_tensors(&base.join("acc/final/model.safetensors"));
+    let buffer = |k: &str| k.contains("running_") || k.contains("num_batches_tracked");
+    let mut params = 0;
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        if !buffer(ka) {
+            assert!(va == vb, "{ka} differs between 2 devices and 2 accumulated micro-batches");
+            params += 1;
+        }
+    }
+    assert!(params > 150, "{params}");
+    // Same lr: the global batch (and so the scaled lr) counts the devices.
+    let lr = |dir: &str| mvlt::train::metrics::read_lines(&base.join(dir).join("metrics.jsonl")).unwrap()[0]["lr"].as_f64().unwrap();
+    assert_eq!(lr("dp"), lr("acc"));
+}
+
+/// bf16 mixed precision through the whole loop: it runs, the losses stay finite, the exported weights are f32 (the master copy) and were trained. (Whether
+/// bf16 runs learn as well as f32 ones is a question for a longer run: see docs/BENCHMARKS.md.)
+#[test]
+fn bf16_training_runs_with_f32_master_weights() {
+    let _turn = backend_turn();
+    let base = tempdir("bf16");
+    let s = run(&base.join("bf16"), &nano_overrides(&base, &["max_steps=6", "precision=\"bf16\"", "checkpoint_every=1", "keep_last=6"]), false);
+    assert_eq!(s.steps, 6);
+    let checkpoints = checkpoint::list(&base.join("bf16/checkpoints"));
+    assert_eq!(checkpoints.len(), 6);
+    let read = |p: &Path| StateDict::read(p).unwrap().tensors;
+    let (first, last) = (read(&checkpoints[0].1), read(&base.join("bf16/final/model.safetensors")));
+    assert!(last.values().all(|t| t.dtype == burn::tensor::DType::F32 || t.dtype == burn::tensor::DType::I64));
+    assert_ne!(first["block1.0.attn.q.weight"], last["block1.0.attn.q.weight"], "steps 2-6 changed nothing");
+    let losses: Vec<f64> = mvlt::train::metrics::read_lines(&base.join("bf16/metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 6);
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
 }
 
 #[test]

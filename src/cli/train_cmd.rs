@@ -1,5 +1,5 @@
 //! `mvlt pretrain` and `mvlt finetune`.
-use crate::device::{run_on, DeviceSpec};
+use crate::device::run_on_devices;
 use crate::train::config::{recipe_text, Task, TrainConfig};
 use crate::train::trainer::{summarize, TrainRun};
 use anyhow::Result;
@@ -30,6 +30,12 @@ pub struct TrainArgs {
     init: Option<PathBuf>,
     #[arg(long)]
     device: Option<String>,
+    /// Data-parallel training on these GPUs, e.g. 0,1 (with --device cuda).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<usize>,
+    /// f32, or bf16: mixed precision with f32 master weights (meant for GPUs).
+    #[arg(long)]
+    precision: Option<String>,
     #[arg(long)]
     epochs: Option<usize>,
     #[arg(long)]
@@ -65,6 +71,10 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     over.extend(a.vocab.as_ref().map(|v| format!("vocab={}", path(v))));
     over.extend(a.init.as_ref().map(|v| format!("init={}", path(v))));
     over.extend(a.device.as_ref().map(|v| format!("device={}", q(v))));
+    if !a.devices.is_empty() {
+        over.push(format!("devices={:?}", a.devices));
+    }
+    over.extend(a.precision.as_ref().map(|v| format!("precision={}", q(v))));
     over.extend(a.epochs.map(|v| format!("epochs={v}")));
     over.extend(a.max_steps.map(|v| format!("max_steps={v}")));
     over.extend(a.batch_size.map(|v| format!("batch_size={v}")));
@@ -77,8 +87,8 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     }
     over.extend(a.set.iter().cloned());
     let config = TrainConfig::resolve(&recipe, &over)?;
-    let device: DeviceSpec = config.device.parse()?;
-    let s = run_on(device, TrainRun { config, dir: a.out.clone(), resume: a.resume })?;
+    let (device, indices) = config.device_indices()?;
+    let s = run_on_devices(device, &indices, TrainRun { config, dir: a.out.clone(), resume: a.resume })?;
     if s.interrupted {
         println!("interrupted after step {}; continue with --resume (checkpoint {})", s.steps, s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_default());
         std::process::exit(130);

@@ -12,7 +12,7 @@ use burn::module::{Module, Param, RunningState};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{conv2d, embedding, linear};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::{Distribution, FloatDType, Int, Tensor};
 
 /// Linear layer, weight `[out, in]` as in PyTorch. Init: trunc-normal(0.02) weight, zero bias
 /// (`_init_weights` in the reference; PyTorch's trunc_normal_ bounds are +-2 absolute, i.e. 100
@@ -55,10 +55,15 @@ impl<B: Backend> LayerNorm<B> {
         }
     }
 
+    /// Computed in f32 whatever the input's precision (as PyTorch's autocast does): bf16 statistics
+    /// over hundreds of channels lose too much. The casts are no-ops on an f32 model.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let (var, mean) = x.clone().var_mean_bias(D - 1);
         let x = x.sub(mean).div(var.add_scalar(self.eps).sqrt());
-        x.mul(self.weight.val().unsqueeze()).add(self.bias.val().unsqueeze())
+        let (weight, bias) = (self.weight.val().cast(FloatDType::F32), self.bias.val().cast(FloatDType::F32));
+        x.mul(weight.unsqueeze()).add(bias.unsqueeze()).cast(dtype)
     }
 }
 
@@ -127,8 +132,11 @@ impl<B: Backend> BatchNorm2d<B> {
         }
     }
 
-    /// `[B, C, H, W] -> [B, C, H, W]`
+    /// `[B, C, H, W] -> [B, C, H, W]`. Statistics, running buffers and the normalisation are f32
+    /// even when the input is bf16 (see `LayerNorm::forward`).
     pub fn forward(&self, x: Tensor<B, 4>, train: bool) -> Tensor<B, 4> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let [b, c, h, w] = x.dims();
         let (mean, var) = if train {
             let flat = x.clone().swap_dims(0, 1).reshape([c, b * h * w]);
@@ -137,18 +145,22 @@ impl<B: Backend> BatchNorm2d<B> {
             let n = (b * h * w) as f64;
             let unbiased = var.clone().detach().mul_scalar(n / (n - 1.0).max(1.0));
             let m = self.momentum;
-            let rm = self.running_mean.value_sync().mul_scalar(1.0 - m).add(mean.clone().detach().mul_scalar(m));
-            let rv = self.running_var.value_sync().mul_scalar(1.0 - m).add(unbiased.mul_scalar(m));
+            // burn shares running buffers between a model and its replicas on other devices (each
+            // thread's update is kept apart and averaged on the next read), hence `to_device`.
+            let device = x.device();
+            let running = |s: &RunningState<Tensor<B, 1>>| s.value_sync().to_device(&device);
+            let rm = running(&self.running_mean).mul_scalar(1.0 - m).add(mean.clone().detach().mul_scalar(m));
+            let rv = running(&self.running_var).mul_scalar(1.0 - m).add(unbiased.mul_scalar(m));
             self.running_mean.update(rm);
             self.running_var.update(rv);
-            self.num_batches_tracked.update(self.num_batches_tracked.value_sync().add_scalar(1));
+            self.num_batches_tracked.update(running(&self.num_batches_tracked).add_scalar(1));
             (mean, var)
         } else {
-            (self.running_mean.value(), self.running_var.value())
+            (self.running_mean.value().to_device(&x.device()), self.running_var.value().to_device(&x.device()))
         };
         let shape = [1, c, 1, 1];
-        let scale = self.weight.val().div(var.add_scalar(self.eps).sqrt()).reshape(shape);
-        x.sub(mean.reshape(shape)).mul(scale).add(self.bias.val().reshape(shape))
+        let scale = self.weight.val().cast(FloatDType::F32).div(var.add_scalar(self.eps).sqrt()).reshape(shape);
+        x.sub(mean.reshape(shape)).mul(scale).add(self.bias.val().cast(FloatDType::F32).reshape(shape)).cast(dtype)
     }
 }
 
@@ -224,6 +236,6 @@ pub fn drop_path<B: Backend>(x: Tensor<B, 3>, p: f64, train: bool) -> Tensor<B, 
         return x;
     }
     let [b, _, _] = x.dims();
-    let keep = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(1.0 - p), &x.device());
+    let keep = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(1.0 - p), &x.device()).cast(x.dtype());
     x.mul(keep).div_scalar(1.0 - p)
 }

@@ -12,7 +12,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::{Distribution, FloatDType, Int, Tensor};
 
 /// Stage input: `Conv2d(kernel = stride = patch)` then flatten and LayerNorm.
 #[derive(Module, Debug)]
@@ -70,7 +70,10 @@ impl<B: Backend> Attention<B> {
         let v = kv.slice([0..b, 0..m, 1..2]).reshape([b, m, heads, hd]).swap_dims(1, 2);
 
         let scale = (hd as f64).powf(-0.5);
-        let attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        // Softmax in f32 under bf16 training (a no-op cast for f32 models), as autocast does.
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let dtype = scores.dtype();
+        let attn = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
         self.proj.forward(out)
     }

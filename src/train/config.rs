@@ -14,6 +14,8 @@ pub enum Task {
     Finetune,
 }
 
+pub use super::precision::Precision;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -70,6 +72,13 @@ pub struct TrainConfig {
     /// Data-loading threads.
     pub workers: usize,
     pub device: String,
+    /// Data-parallel training over these device indices of `device`'s kind (`--devices 0,1`): each
+    /// takes `batch_size` samples per micro-step and their gradients are averaged. Empty: `device`
+    /// alone. On the CPU every index is one more replica on the one device (for tests).
+    pub devices: Vec<usize>,
+    /// Arithmetic of the forward and backward passes: "f32", or "bf16" (mixed precision: f32
+    /// master weights, optimiser and BatchNorm/LayerNorm/softmax/losses; see `precision.rs`).
+    pub precision: Precision,
     /// Steps between metric lines (and progress-bar updates of the loss).
     pub log_every: usize,
     /// Steps between validation passes; 0: once per epoch.
@@ -117,6 +126,8 @@ impl Default for TrainConfig {
             seed: 0,
             workers: 2,
             device: "cpu".into(),
+            devices: vec![],
+            precision: Precision::F32,
             log_every: 10,
             val_every: 0,
             val_batches: 0,
@@ -177,6 +188,12 @@ impl TrainConfig {
         if self.mask_grid == 0 || self.image_size % self.mask_grid != 0 {
             bail!("image_size {} is not a multiple of mask_grid {}", self.image_size, self.mask_grid);
         }
+        let mut seen = self.devices.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != self.devices.len() {
+            bail!("devices {:?} lists a device twice", self.devices);
+        }
         if self.task == Task::Finetune && self.init.is_none() {
             bail!("fine-tuning starts from pre-trained weights: set init = \"path/to/weights\" (ours or the authors' .pth)");
         }
@@ -186,6 +203,22 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// Device kind and the indices to train on (`devices`, else the one in `device`).
+    pub fn device_indices(&self) -> Result<(crate::device::DeviceSpec, Vec<usize>)> {
+        let spec: crate::device::DeviceSpec = self.device.parse()?;
+        let indices = match (self.devices.is_empty(), spec) {
+            (false, _) => self.devices.clone(),
+            (true, crate::device::DeviceSpec::Cuda(n)) => vec![n],
+            (true, crate::device::DeviceSpec::Cpu) => vec![0],
+        };
+        Ok((spec, indices))
+    }
+
+    /// Samples per optimiser step over all devices.
+    pub fn global_batch(&self) -> usize {
+        self.batch_size * self.accum_steps * self.devices.len().max(1)
     }
 
     /// The optimiser settings of this run.

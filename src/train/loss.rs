@@ -7,7 +7,7 @@ use crate::data::text::IGNORE;
 use crate::model::{HeadSet, PvltOutput};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 
 /// Weight of the reconstruction term in the reference.
 pub const T2I_WEIGHT: f64 = 10.0;
@@ -64,9 +64,10 @@ pub struct Targets<B: Backend> {
 
 /// Combine the heads' outputs into the objective for the heads in `heads`.
 pub fn losses<B: Backend>(out: &PvltOutput<B>, t: &Targets<B>, heads: HeadSet) -> Losses<B> {
+    // Losses in f32 whatever precision the model ran in (a no-op for f32 models).
     let flat = |x: &Tensor<B, 3>| {
         let [b, n, c] = x.dims();
-        x.clone().reshape([b * n, c])
+        x.clone().reshape([b * n, c]).cast(FloatDType::F32)
     };
     let mlm = heads.mlm.then(|| {
         let logits = out.mlm_logits.as_ref().expect("MLM head ran");
@@ -74,7 +75,7 @@ pub fn losses<B: Backend>(out: &PvltOutput<B>, t: &Targets<B>, heads: HeadSet) -
         cross_entropy(flat(logits), t.mlm_labels.clone().reshape([b * tl]), Some(IGNORE))
     });
     let itm = heads.itm.then(|| cross_entropy(flat(out.itm_logits.as_ref().expect("ITM head ran")), t.itm_labels.clone(), None));
-    let t2i = heads.t2i.then(|| smooth_l1(out.t2i_logits.clone().expect("reconstruction head ran"), t.clean_images.clone()).mul_scalar(T2I_WEIGHT));
+    let t2i = heads.t2i.then(|| smooth_l1(out.t2i_logits.clone().expect("reconstruction head ran").cast(FloatDType::F32), t.clean_images.clone()).mul_scalar(T2I_WEIGHT));
     let sup_cls = heads.cls.then(|| cross_entropy(flat(out.sup_cls_logits.as_ref().expect("cls heads ran")), t.sup_labels.clone(), Some(-1)));
     let sub_cls = heads.cls.then(|| cross_entropy(flat(out.sub_cls_logits.as_ref().expect("cls heads ran")), t.sub_labels.clone(), Some(-1)));
     let device = t.itm_labels.device();

@@ -4,5 +4,6 @@ pub mod config;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod precision;
 pub mod schedule;
 pub mod trainer;

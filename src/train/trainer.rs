@@ -13,6 +13,7 @@ use super::config::{Task, TrainConfig};
 use super::loss::{losses, Targets};
 use super::metrics::{self, record, MetricsLog};
 use super::optim::{clip_factor, grad_norm, AdamW};
+use super::precision::{autocast, Precision};
 use super::schedule::{decays, scaled_lr, LrSchedule};
 use crate::data::dataset::{open_dataset, split_by_product, ClassMap, Dataset};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
@@ -22,7 +23,7 @@ use crate::model::weights::{load_state_dict, resolve_config, save_model, StateDi
 use crate::model::{HeadSet, Pvlt, PvltConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -184,11 +185,83 @@ fn batch_seed(seed: u64, k: usize) -> u64 {
 impl BackendTask for TrainRun {
     type Output = RunSummary;
     fn run<B: Backend>(self, device: B::Device) -> Result<RunSummary> {
-        train::<B>(self, device)
+        train::<B>(self, vec![device])
+    }
+    fn run_multi<B: Backend>(self, devices: Vec<B::Device>) -> Result<RunSummary> {
+        train::<B>(self, devices)
     }
 }
 
-fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
+/// What one micro-batch gave: its loss terms (name, value) and its gradients.
+type MicroResult = (Vec<(&'static str, f64)>, GradientsParams);
+
+/// Forward and backward of one micro-batch on `model` (a replica on `device`). `scale` divides the
+/// loss: the gradient of a step is the mean over its micro-batches and devices.
+fn micro_batch<B: Backend>(
+    model: &Pvlt<Autodiff<B>>,
+    batch: &Batch,
+    masked: bool,
+    heads: HeadSet,
+    train_mode: bool,
+    precision: Precision,
+    scale: usize,
+    device: &B::Device,
+) -> MicroResult {
+    let db = to_device::<Autodiff<B>>(batch, masked, device);
+    let step_model = autocast(model, precision);
+    let out = step_model.forward(db.input.cast(precision.dtype()), db.ids, heads, train_mode);
+    let l = losses(&out, &db.targets, heads);
+    let values = loss_values(&l);
+    if values.iter().any(|(_, v)| !v.is_finite()) {
+        return (values, GradientsParams::new());
+    }
+    let total = if scale > 1 { l.total.div_scalar(scale as f64) } else { l.total };
+    (values, GradientsParams::from_grads(total.backward(), model))
+}
+
+/// One micro-step over the devices: micro-batch `r` of `group` runs on `devices[r]`, each in its
+/// own thread on a replica forked from `model`. The gradients come back on `devices[0]`, in
+/// device order, so the sum is the same as accumulating the micro-batches one after another.
+///
+/// Why not burn's `distributed` feature (NCCL all-reduce inside backward): in burn 0.21 it makes
+/// every autodiff backend require a collective implementation that the CPU backend lacks, so the
+/// CPU build would lose training. The gradients move with burn's `GradientsParams::to_device`
+/// instead: one copy per replica per step.
+#[allow(clippy::too_many_arguments)]
+fn data_parallel<B: Backend>(
+    model: &Pvlt<Autodiff<B>>,
+    group: &[(usize, Batch, bool)],
+    devices: &[B::Device],
+    heads: HeadSet,
+    train_mode: bool,
+    precision: Precision,
+    scale: usize,
+) -> Vec<MicroResult> {
+    let run = |m: &Pvlt<Autodiff<B>>, r: usize| {
+        let (_, batch, masked) = &group[r];
+        micro_batch::<B>(m, batch, *masked, heads, train_mode, precision, scale, &devices[r])
+    };
+    if group.len() == 1 {
+        return vec![run(model, 0)];
+    }
+    let replicas: Vec<Pvlt<Autodiff<B>>> = (1..group.len()).map(|r| model.clone().fork(&devices[r])).collect();
+    let mut results = std::thread::scope(|scope| {
+        let handles: Vec<_> = replicas.iter().enumerate().map(|(i, m)| scope.spawn(move || run(m, i + 1))).collect();
+        let first = run(model, 0);
+        let mut all = vec![first];
+        for h in handles {
+            all.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        all
+    });
+    for (r, (_, grads)) in results.iter_mut().enumerate().skip(1) {
+        *grads = std::mem::take(grads).to_device(&devices[0], &replicas[r - 1]);
+    }
+    results
+}
+
+fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummary> {
+    let device = devices[0].clone();
     let _turn = RUN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let cfg = run.config;
     let dir = run.dir;
@@ -294,8 +367,8 @@ fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
         .map(Arc::new);
 
     let batches = train_loader.batches_per_epoch();
-    let steps_per_epoch = batches.div_ceil(cfg.accum_steps);
-    let global_batch = cfg.batch_size * cfg.accum_steps;
+    let steps_per_epoch = batches.div_ceil(cfg.accum_steps * devices.len());
+    let global_batch = cfg.global_batch();
     let schedule = LrSchedule {
         lr: scaled_lr(cfg.base_lr, global_batch),
         warmup_lr: cfg.warmup_lr,
@@ -334,6 +407,7 @@ fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
     let mut last_val = None;
     let mut accumulator = GradientsAccumulator::<Pvlt<AB<B>>>::new();
     let mut micro_in_step = 0usize;
+    let mut group: Vec<(usize, Batch, bool)> = Vec::with_capacity(devices.len());
     let mut sums: Vec<(&'static str, f64)> = vec![];
     let decay_rule = |name: &str, shape: &[usize]| decays(name, shape);
     let mut interrupted = false;
@@ -345,42 +419,46 @@ fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
             let end_of_epoch = bi + 1 == batches;
             if !batch.is_empty() {
                 let masked = pretrain && state.micro_step % 2 == 1;
-                let db = to_device::<AB<B>>(&batch, masked, &device);
-                <AB<B> as Backend>::seed(&device, batch_seed(cfg.seed, state.micro_step));
-                let out = model.forward(db.input, db.ids, heads, train_mode);
-                let l = losses(&out, &db.targets, heads);
-                let values = loss_values(&l);
-                if let Some((term, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
-                    pb.abandon();
-                    let ids: Vec<&str> = batch.indices.iter().map(|&i| dataset.records()[i].id.as_str()).collect();
-                    bail!(
-                        "stopping: loss term '{term}' is {v} at step {} (epoch {}, batch {bi}; items {}). The last good checkpoint is {}. \
-                         Lower base_lr or set clip_grad, then --resume.",
-                        state.step + 1,
-                        epoch + 1,
-                        ids.join(", "),
-                        last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint written yet)".into())
-                    );
-                }
-                for (name, v) in &values {
-                    match sums.iter_mut().find(|(n, _)| n == name) {
-                        Some(e) => e.1 += v,
-                        None => sums.push((name, *v)),
-                    }
-                }
-                let total = if cfg.accum_steps > 1 { l.total.div_scalar(cfg.accum_steps as f64) } else { l.total };
-                let grads = GradientsParams::from_grads(total.backward(), &model);
-                accumulator.accumulate(&model, grads);
-                micro_in_step += 1;
-                samples_run += batch.len();
-                samples_log += batch.len();
-                batches_log += 1;
+                group.push((bi, batch, masked));
             }
             state.micro_step += 1;
             state.batch = bi + 1;
             if end_of_epoch {
                 state.epoch = epoch + 1;
                 state.batch = 0;
+            }
+            if group.len() < devices.len() && !end_of_epoch {
+                continue; // one micro-batch per device
+            }
+            if !group.is_empty() {
+                <AB<B> as Backend>::seed(&device, batch_seed(cfg.seed, state.micro_step - 1));
+                let scale = cfg.accum_steps * devices.len();
+                let results = data_parallel::<B>(&model, &group, &devices, heads, train_mode, cfg.precision, scale);
+                for ((bi, batch, _), (values, grads)) in group.drain(..).zip(results) {
+                    if let Some((term, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
+                        pb.abandon();
+                        let ids: Vec<&str> = batch.indices.iter().map(|&i| dataset.records()[i].id.as_str()).collect();
+                        bail!(
+                            "stopping: loss term '{term}' is {v} at step {} (epoch {}, batch {bi}; items {}). The last good checkpoint is {}. \
+                             Lower base_lr or set clip_grad, then --resume.",
+                            state.step + 1,
+                            epoch + 1,
+                            ids.join(", "),
+                            last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint written yet)".into())
+                        );
+                    }
+                    for (name, v) in &values {
+                        match sums.iter_mut().find(|(n, _)| n == name) {
+                            Some(e) => e.1 += v,
+                            None => sums.push((name, *v)),
+                        }
+                    }
+                    accumulator.accumulate(&model, grads);
+                    samples_run += batch.len();
+                    samples_log += batch.len();
+                    batches_log += 1;
+                }
+                micro_in_step += 1;
             }
             if micro_in_step < cfg.accum_steps && !end_of_epoch {
                 continue;
