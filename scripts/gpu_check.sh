@@ -30,3 +30,28 @@ export LD_LIBRARY_PATH="$(dirname "${drv:-/usr/lib/x}"):${nvrtc}:${LD_LIBRARY_PA
   done
   $B bench --device cpu --config tiny --image-size 256 --batch 8 --heads itm --warmup 1 --iters 3
 } 2>&1 | tee "$OUT/bench.txt"
+# Training: a few hundred pvlt_tiny pre-training steps at 256 px on the synthetic catalogue (the
+# reference's recipe with one micro-batch per step), in f32 and bf16, with the GPU's memory sampled
+# every second; then the same steps in PyTorch (compute only, random inputs) when torch is there.
+# Skip with SKIP_TRAIN=1; STEPS and BATCH change the size.
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  STEPS=${STEPS:-200}; BATCH=${BATCH:-32}
+  for prec in f32 bf16; do
+    run="$OUT/train_$prec"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -l 1 > "$run.mem" &
+    smi=$!
+    $B pretrain --recipe pretrain --device cuda --precision $prec --out "$run" \
+      --set batch_size=$BATCH --set accum_steps=1 --set max_steps=$STEPS --set synthetic_images=2000 \
+      --set val_fraction=0 --set log_every=10 --set workers=12 2>&1 | tail -5
+    kill $smi
+    echo "$prec: peak GPU memory $(sort -n "$run.mem" | tail -1) MiB"
+    # Steady state: the mean rate of the second half of the metric lines.
+    python3 -c "import json,sys; r=[json.loads(l) for l in open('$run/metrics.jsonl') if '\"train\"' in l]; h=r[len(r)//2:]; print('$prec: mvlt', round(sum(x['samples_per_s'] for x in h)/len(h),2), 'samples/s; last loss', round(r[-1]['loss'],4))"
+    rm -rf "$run/checkpoints" "$run/synthetic/images"
+  done 2>&1 | tee "$OUT/train.txt"
+  if python3 -c "import torch" 2>/dev/null; then
+    for amp in none fp16 bf16; do
+      (cd scripts && python3 torch_train_bench.py ../$F --device cuda --batch $BATCH --steps 50 --amp $amp)
+    done 2>&1 | tee -a "$OUT/train.txt"
+  fi
+fi

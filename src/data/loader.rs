@@ -30,11 +30,13 @@ pub struct LoaderConfig {
     pub pretrain: bool,
     /// Side of the reconstruction mask grid (16 in the reference).
     pub mask_grid: usize,
+    /// Share of word pieces chosen for MLM (0.15 in the reference).
+    pub mlm_probability: f64,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { batch_size: 8, image_size: 256, max_len: 128, seed: 0, workers: 2, prefetch: 4, shuffle: true, pretrain: true, mask_grid: 16 }
+        LoaderConfig { batch_size: 8, image_size: 256, max_len: 128, seed: 0, workers: 2, prefetch: 4, shuffle: true, pretrain: true, mask_grid: 16, mlm_probability: super::text::MLM_PROBABILITY }
     }
 }
 
@@ -130,7 +132,7 @@ impl Loader {
         let (caption_index, itm) = if cfg.pretrain { itm_pair(index, &self.product_ids, &mut rng) } else { (index, 1) };
         let enc = self.text.encode(&self.dataset.records()[caption_index].caption, cfg.max_len)?;
         let (ids, mlm, masked) = if cfg.pretrain {
-            let (ids, mlm) = self.text.mask_tokens(&enc.input_ids, &mut rng);
+            let (ids, mlm) = self.text.mask_tokens(&enc.input_ids, cfg.mlm_probability, &mut rng);
             let mut masked = image.clone();
             apply_grid_mask(&mut masked, cfg.image_size, cfg.mask_grid, &grid_mask(cfg.mask_grid, &mut rng))?;
             (ids, mlm, masked)

@@ -104,17 +104,18 @@ impl TextProcessor {
         Ok(Encoded { truncated: keep < ids.len(), tokens, input_ids })
     }
 
-    /// MLM corruption: each word piece (not [CLS]/[SEP]/[PAD]) is chosen with p = 0.15; a chosen one
-    /// becomes [MASK] 80%, a uniformly random vocabulary id 10%, stays 10%. Returns the corrupted ids
-    /// and labels (original id where chosen, -1 elsewhere).
-    pub fn mask_tokens(&self, input_ids: &[i64], rng: &mut impl Rng) -> (Vec<i64>, Vec<i64>) {
+    /// MLM corruption: each word piece (not [CLS]/[SEP]/[PAD]) is chosen with probability `p` (the
+    /// reference: [`MLM_PROBABILITY`]); a chosen one becomes [MASK] 80%, a uniformly random
+    /// vocabulary id 10%, stays 10%. Returns the corrupted ids and labels (original id where
+    /// chosen, -1 elsewhere).
+    pub fn mask_tokens(&self, input_ids: &[i64], p: f64, rng: &mut impl Rng) -> (Vec<i64>, Vec<i64>) {
         let mut ids = input_ids.to_vec();
         let mut labels = vec![IGNORE; ids.len()];
         for (i, id) in ids.iter_mut().enumerate() {
             if self.special_ids.contains(id) && *id != self.unk_id {
                 continue;
             }
-            if rng.random::<f64>() >= 0.15 {
+            if rng.random::<f64>() >= p {
                 continue;
             }
             labels[i] = *id;
@@ -128,6 +129,9 @@ impl TextProcessor {
         (ids, labels)
     }
 }
+
+/// The reference's share of word pieces chosen for MLM.
+pub const MLM_PROBABILITY: f64 = 0.15;
 
 /// ITM pairing for pre-training: with p = 0.5 keep the item's own caption (label 1), else take the
 /// caption of another product (label 0). Like the reference, the partner is found by jumping a
@@ -194,9 +198,9 @@ mod tests {
         let t = TextProcessor::from_vocab_file(&tiny_vocab()).unwrap();
         let ids: Vec<i64> = std::iter::once(101).chain(std::iter::repeat(104).take(20000)).chain([102, 0]).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let (a, la) = t.mask_tokens(&ids, &mut rng);
+        let (a, la) = t.mask_tokens(&ids, MLM_PROBABILITY, &mut rng);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        assert_eq!((a.clone(), la.clone()), t.mask_tokens(&ids, &mut rng));
+        assert_eq!((a.clone(), la.clone()), t.mask_tokens(&ids, MLM_PROBABILITY, &mut rng));
         assert_eq!((la[0], la[20001], la[20002]), (IGNORE, IGNORE, IGNORE), "specials never masked");
         let chosen = la.iter().filter(|&&l| l != IGNORE).count() as f64 / 20000.0;
         assert!((chosen - 0.15).abs() < 0.01, "{chosen}");
@@ -205,6 +209,10 @@ mod tests {
         let n = chosen * 20000.0;
         assert!((masked / n - 0.8).abs() < 0.03 && (kept / n - 0.1).abs() < 0.03, "{} {}", masked / n, kept / n);
         assert!(la.iter().all(|&l| l == IGNORE || l == 104));
+        // Another share when asked.
+        let (_, l4) = t.mask_tokens(&ids, 0.4, &mut rng);
+        let chosen = l4.iter().filter(|&&l| l != IGNORE).count() as f64 / 20000.0;
+        assert!((chosen - 0.4).abs() < 0.015, "{chosen}");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct TrainConfig {
     pub max_len: usize,
     /// Reconstruction mask grid side in cells (the reference: 16).
     pub mask_grid: usize,
+    /// Share of word pieces chosen for MLM (the reference: 0.15).
+    pub mlm_probability: f64,
     /// Per-step batch (per device).
     pub batch_size: usize,
     /// Batches whose gradients are summed before one optimiser step.
@@ -106,6 +108,7 @@ impl Default for TrainConfig {
             image_size: 256,
             max_len: 128,
             mask_grid: 16,
+            mlm_probability: crate::data::text::MLM_PROBABILITY,
             batch_size: 8,
             accum_steps: 1,
             epochs: 150,
@@ -196,6 +199,9 @@ impl TrainConfig {
         }
         if self.task == Task::Finetune && self.init.is_none() {
             bail!("fine-tuning starts from pre-trained weights: set init = \"path/to/weights\" (ours or the authors' .pth)");
+        }
+        if !(self.mlm_probability > 0.0 && self.mlm_probability <= 1.0) {
+            bail!("mlm_probability must be in (0, 1], got {}", self.mlm_probability);
         }
         for (name, v) in [("dropout", self.dropout), ("drop_path_rate", self.drop_path_rate)] {
             if !(0.0..1.0).contains(&v) {
