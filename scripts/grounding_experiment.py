@@ -1,0 +1,116 @@
+"""Why ITM does not learn in CPU-sized pre-training runs: an experiment with the independent PyTorch
+PVLT of torch_pvlt.py (the same architecture and init as mvlt's micro config).
+
+The captions of a synthetic catalogue are cut to "<colour> <sub-category>." so that a masked word can
+only be predicted from the image. It trains the micro PVLT (64 px) and reports, every 250 steps, the
+accuracy of predicting a masked colour word with the product's own image and with a neighbouring
+row's image (often another view of the same product, so an upper bound on what the text alone gives).
+
+  mvlt synth --out /tmp/cat --n 800 --size 64
+  python3 scripts/grounding_experiment.py /tmp/cat --mask sparse --objectives full --steps 1500
+  python3 scripts/grounding_experiment.py /tmp/cat --mask dense  --objectives full --steps 12000
+
+--mask sparse: the reference's MLM (each word piece with p = 0.15; [MASK] always here).
+--mask dense: exactly one of the colour and the noun is masked in every caption.
+--objectives mlm: MLM only; full: MLM + ITM (negatives take another row's colour and noun) + 10 x
+SmoothL1 reconstruction, as in pre-training. Batch 32, AdamW lr 3e-4, weight decay 0.01.
+"""
+import argparse
+import json
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from torch_pvlt import forward, random_weights
+
+COLOURS = ["black", "white", "navy", "red", "burgundy", "green", "olive", "beige", "brown", "grey", "pink", "yellow", "blue", "orange", "purple"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("catalog")
+    ap.add_argument("--mask", choices=["sparse", "dense"], default="sparse")
+    ap.add_argument("--objectives", choices=["mlm", "full"], default="full")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    rows = [json.loads(l) for l in open(f"{a.catalog}/catalog.jsonl")]
+    subs = sorted({r["subcategory"] for r in rows})
+    vocab = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "."] + COLOURS + subs
+    V = len(vocab)
+    colour = lambda caption: next(w for w in re.findall(r"[a-z]+", caption.lower()) if w in COLOURS)  # noqa: E731
+    imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(f"{a.catalog}/{r['image']}").convert("RGB").resize((64, 64)), dtype=np.float32) / 255).permute(2, 0, 1) for r in rows])
+    col_id = torch.tensor([5 + COLOURS.index(colour(r["caption"])) for r in rows])
+    sub_id = torch.tensor([5 + len(COLOURS) + subs.index(r["subcategory"]) for r in rows])
+    N = len(rows)
+    n_train = N * 9 // 10
+    spec = {"embed_dims": [32, 64, 96, 128], "num_heads": [1, 2, 2, 4], "mlp_ratios": [4, 4, 4, 4], "sr_ratios": [8, 4, 2, 1], "depths": [1, 1, 1, 1],
+            "hidden": 128, "vocab": V, "T": 6, "n_sup": 2, "n_sub": 2, "t2i_channel": 8, "img_size": 64, "patch_size": 4}
+    sd, cfg = random_weights(spec, "cpu", seed=a.seed)
+    # The reference's init: zero biases, unit LayerNorm/BatchNorm weights (random_weights perturbs them).
+    for k in list(sd):
+        if k.endswith((".bias", "linear_bias")):
+            sd[k] = torch.zeros_like(sd[k])
+        elif k.endswith(".weight") and sd[k].ndim == 1:
+            sd[k] = torch.ones_like(sd[k])
+    buffers = {k: v for k, v in sd.items() if k.endswith(("running_mean", "running_var"))}
+    params = {k: v.clone().requires_grad_(True) for k, v in sd.items() if v.is_floating_point() and k not in buffers}
+    opt = torch.optim.AdamW(params.values(), lr=a.lr, weight_decay=0.01)
+    full = a.objectives == "full"
+
+    def captions(idx):
+        return torch.stack([torch.tensor([1, col_id[i], sub_id[i], 4, 2, 0]) for i in idx])
+
+    def evaluate():
+        idx = list(range(n_train, N))
+        ids = captions(idx)
+        truth = ids[:, 1].clone()
+        ids[:, 1] = 3
+        acc = []
+        with torch.no_grad():
+            for im in (imgs[idx], imgs[idx].roll(1, 0)):
+                out = forward({**params, **buffers}, cfg, im, ids, {"mlm"})
+                acc.append((out["mlm_logits"][:, 1].argmax(-1) == truth).float().mean().item())
+        return acc
+
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        idx = torch.randint(0, n_train, (32,)).tolist()
+        ids = captions(idx)
+        if a.mask == "dense":
+            pick = torch.zeros_like(ids, dtype=torch.bool)
+            pick[torch.arange(32), 1 + torch.randint(0, 2, (32,))] = True
+        else:
+            pick = (torch.rand(ids.shape) < 0.15) & (torch.arange(6) >= 1) & (torch.arange(6) <= 3)
+        labels = torch.where(pick, ids, torch.full_like(ids, -1))
+        ids = torch.where(pick, torch.full_like(ids, 3), ids)
+        itm = torch.randint(0, 2, (32,))
+        if full:
+            other = torch.randint(0, N, (32,))
+            neg = itm == 0
+            for pos, table in ((1, col_id), (2, sub_id)):
+                ids[neg, pos] = torch.where(ids[neg, pos] == 3, ids[neg, pos], table[other[neg]])
+        out = forward({**params, **buffers}, cfg, imgs[idx], ids, {"mlm", "itm", "t2i"} if full else {"mlm"}, train=True)
+        loss_mlm = F.cross_entropy(out["mlm_logits"].reshape(-1, V), labels.reshape(-1), ignore_index=-1)
+        loss = loss_mlm
+        if full:
+            loss_itm = F.cross_entropy(out["itm_logits"].reshape(-1, 2), itm)
+            loss = loss + loss_itm + 10 * F.smooth_l1_loss(out["t2i_logits"], imgs[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0:
+            own, other = evaluate()
+            print(json.dumps({"step": step, "mlm": round(loss_mlm.item(), 4), "itm": round(loss_itm.item(), 4) if full else None,
+                              "colour_acc_own_image": round(own, 3), "colour_acc_neighbour_image": round(other, 3), "secs": round(time.time() - t0)}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
