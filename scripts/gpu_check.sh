@@ -51,7 +51,9 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   done 2>&1 | tee "$OUT/train.txt"
   if python3 -c "import torch" 2>/dev/null; then
     for amp in none fp16 bf16; do
-      (cd scripts && python3 torch_train_bench.py ../$F --device cuda --batch $BATCH --steps 50 --amp $amp)
+      # The same MLM decoder size as the mvlt runs (the synthetic catalogue's vocabulary).
+      (cd scripts && python3 torch_train_bench.py ../$F --device cuda --batch $BATCH --steps 50 --amp $amp \
+        --vocab-size "$(wc -l < "$OUT/train_f32/synthetic/vocab.txt")")
     done 2>&1 | tee -a "$OUT/train.txt"
   fi
 fi

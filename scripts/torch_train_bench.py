@@ -29,12 +29,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none")
+    ap.add_argument("--vocab-size", type=int, default=30522, help="MLM decoder size (bert-base-uncased: 30522)")
     ap.add_argument("--small", action="store_true", help="a tiny model, to test this script on a CPU")
     a = ap.parse_args()
     parity_check(a.fixtures)
 
     dev = torch.device(a.device)
-    spec = dict(TINY)
+    spec = dict(TINY, vocab=a.vocab_size)
     if a.small:
         spec.update(embed_dims=[8, 16, 16, 16], num_heads=[1, 2, 2, 2], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 1, 1],
                     hidden=16, vocab=120, T=8, t2i_channel=4)
