@@ -12,8 +12,10 @@ row's image (often another view of the same product, so an upper bound on what t
 
 --mask sparse: the reference's MLM (each word piece with p = 0.15; [MASK] always here).
 --mask dense: exactly one of the colour and the noun is masked in every caption.
---objectives mlm: MLM only; full: MLM + ITM (negatives take another row's colour and noun) + 10 x
-SmoothL1 reconstruction, as in pre-training. Batch 32, AdamW lr 3e-4, weight decay 0.01.
+--mask none: no masking (with --objectives itm).
+--objectives mlm: MLM only; itm: ITM only (negatives take another row's colour and noun); full:
+MLM + ITM + 10 x SmoothL1 reconstruction, as in pre-training. Batch 32, AdamW lr 3e-4, weight decay
+0.01. With ITM, the held-out ITM accuracy is reported too (fixed pairs, half negatives).
 """
 import argparse
 import json
@@ -34,8 +36,8 @@ COLOURS = ["black", "white", "navy", "red", "burgundy", "green", "olive", "beige
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("catalog")
-    ap.add_argument("--mask", choices=["sparse", "dense"], default="sparse")
-    ap.add_argument("--objectives", choices=["mlm", "full"], default="full")
+    ap.add_argument("--mask", choices=["sparse", "dense", "none"], default="sparse")
+    ap.add_argument("--objectives", choices=["mlm", "itm", "full"], default="full")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -63,22 +65,39 @@ def main():
     buffers = {k: v for k, v in sd.items() if k.endswith(("running_mean", "running_var"))}
     params = {k: v.clone().requires_grad_(True) for k, v in sd.items() if v.is_floating_point() and k not in buffers}
     opt = torch.optim.AdamW(params.values(), lr=a.lr, weight_decay=0.01)
-    full = a.objectives == "full"
+    use_mlm, use_itm, use_t2i = a.objectives in ("mlm", "full"), a.objectives in ("itm", "full"), a.objectives == "full"
+    heads = {h for h, on in (("mlm", use_mlm), ("itm", use_itm), ("t2i", use_t2i)) if on}
 
     def captions(idx):
         return torch.stack([torch.tensor([1, col_id[i], sub_id[i], 4, 2, 0]) for i in idx])
 
+    def with_negatives(ids, itm, g=None):
+        # Negatives take another row's colour and noun (where not masked).
+        other = torch.randint(0, N, (len(ids),), generator=g)
+        neg = itm == 0
+        for pos, table in ((1, col_id), (2, sub_id)):
+            ids[neg, pos] = torch.where(ids[neg, pos] == 3, ids[neg, pos], table[other[neg]])
+        return ids
+
+    held_out = list(range(n_train, N))
+    g = torch.Generator().manual_seed(1)
+    held_itm = torch.randint(0, 2, (len(held_out),), generator=g)
+    held_ids = with_negatives(captions(held_out), held_itm, g)
+
     def evaluate():
-        idx = list(range(n_train, N))
-        ids = captions(idx)
+        ids = captions(held_out)
         truth = ids[:, 1].clone()
         ids[:, 1] = 3
-        acc = []
+        res = {}
         with torch.no_grad():
-            for im in (imgs[idx], imgs[idx].roll(1, 0)):
-                out = forward({**params, **buffers}, cfg, im, ids, {"mlm"})
-                acc.append((out["mlm_logits"][:, 1].argmax(-1) == truth).float().mean().item())
-        return acc
+            if use_mlm:
+                for name, im in (("colour_acc_own_image", imgs[held_out]), ("colour_acc_neighbour_image", imgs[held_out].roll(1, 0))):
+                    out = forward({**params, **buffers}, cfg, im, ids, {"mlm"})
+                    res[name] = round((out["mlm_logits"][:, 1].argmax(-1) == truth).float().mean().item(), 3)
+            if use_itm:
+                out = forward({**params, **buffers}, cfg, imgs[held_out], held_ids, {"itm"})
+                res["itm_acc_held_out"] = round((out["itm_logits"].reshape(-1, 2).argmax(-1) == held_itm).float().mean().item(), 3)
+        return res
 
     t0 = time.time()
     for step in range(1, a.steps + 1):
@@ -87,29 +106,29 @@ def main():
         if a.mask == "dense":
             pick = torch.zeros_like(ids, dtype=torch.bool)
             pick[torch.arange(32), 1 + torch.randint(0, 2, (32,))] = True
-        else:
+        elif a.mask == "sparse":
             pick = (torch.rand(ids.shape) < 0.15) & (torch.arange(6) >= 1) & (torch.arange(6) <= 3)
+        else:
+            pick = torch.zeros_like(ids, dtype=torch.bool)
         labels = torch.where(pick, ids, torch.full_like(ids, -1))
         ids = torch.where(pick, torch.full_like(ids, 3), ids)
         itm = torch.randint(0, 2, (32,))
-        if full:
-            other = torch.randint(0, N, (32,))
-            neg = itm == 0
-            for pos, table in ((1, col_id), (2, sub_id)):
-                ids[neg, pos] = torch.where(ids[neg, pos] == 3, ids[neg, pos], table[other[neg]])
-        out = forward({**params, **buffers}, cfg, imgs[idx], ids, {"mlm", "itm", "t2i"} if full else {"mlm"}, train=True)
-        loss_mlm = F.cross_entropy(out["mlm_logits"].reshape(-1, V), labels.reshape(-1), ignore_index=-1)
-        loss = loss_mlm
-        if full:
-            loss_itm = F.cross_entropy(out["itm_logits"].reshape(-1, 2), itm)
-            loss = loss + loss_itm + 10 * F.smooth_l1_loss(out["t2i_logits"], imgs[idx])
+        if use_itm:
+            ids = with_negatives(ids, itm)
+        out = forward({**params, **buffers}, cfg, imgs[idx], ids, heads, train=True)
+        losses = {}
+        if use_mlm:
+            losses["mlm"] = F.cross_entropy(out["mlm_logits"].reshape(-1, V), labels.reshape(-1), ignore_index=-1)
+        if use_itm:
+            losses["itm"] = F.cross_entropy(out["itm_logits"].reshape(-1, 2), itm)
+        if use_t2i:
+            losses["t2i"] = 10 * F.smooth_l1_loss(out["t2i_logits"], imgs[idx])
         opt.zero_grad()
-        loss.backward()
+        sum(losses.values()).backward()
         opt.step()
         if step % 250 == 0:
-            own, other = evaluate()
-            print(json.dumps({"step": step, "mlm": round(loss_mlm.item(), 4), "itm": round(loss_itm.item(), 4) if full else None,
-                              "colour_acc_own_image": round(own, 3), "colour_acc_neighbour_image": round(other, 3), "secs": round(time.time() - t0)}), flush=True)
+            rec = {"step": step, **{k: round(v.item(), 4) for k, v in losses.items()}, **evaluate(), "secs": round(time.time() - t0)}
+            print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
