@@ -33,6 +33,16 @@ impl FromStr for DeviceSpec {
     }
 }
 
+impl DeviceSpec {
+    /// The device's index within its kind (the CPU is device 0).
+    pub fn index(self) -> usize {
+        match self {
+            DeviceSpec::Cpu => 0,
+            DeviceSpec::Cuda(n) => n,
+        }
+    }
+}
+
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -59,11 +69,7 @@ pub trait BackendTask {
 }
 
 pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
-    let index = match spec {
-        DeviceSpec::Cpu => 0,
-        DeviceSpec::Cuda(n) => n,
-    };
-    run_on_devices(spec, &[index], task)
+    run_on_devices(spec, &[spec.index()], task)
 }
 
 /// Run on several devices of `spec`'s kind: GPU indices for CUDA; for the CPU, which is one

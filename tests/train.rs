@@ -89,6 +89,16 @@ fn run(dir: &Path, overrides: &[String], resume: bool) -> mvlt::train::trainer::
     run_on_devices(spec, &devices, TrainRun { config, dir: dir.to_path_buf(), resume }).unwrap()
 }
 
+/// `field` of each training line of a run's metrics.jsonl, in order.
+fn train_metric(run: &Path, field: &str) -> Vec<f64> {
+    mvlt::train::metrics::read_lines(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v[field].as_f64().unwrap())
+        .collect()
+}
+
 fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     StateDict::read(path).unwrap().tensors.into_iter().map(|(k, v)| (k, v.as_bytes().to_vec())).collect()
 }
@@ -161,13 +171,7 @@ fn resume_continues_exactly() {
         assert!(m.m.to_data().as_bytes() == n.m.to_data().as_bytes(), "exp_avg of {k}");
         assert!(m.v.to_data().as_bytes() == n.v.to_data().as_bytes(), "exp_avg_sq of {k}");
     }
-    let steps: Vec<u64> = mvlt::train::metrics::read_lines(&split.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .filter(|v| v["kind"] == "train")
-        .map(|v| v["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=8).collect::<Vec<u64>>());
+    assert_eq!(train_metric(&split, "step"), (1..=8).map(f64::from).collect::<Vec<f64>>());
 }
 
 /// Data parallelism over two replicas (`devices = [0, 1]`; on the CPU both live on the one device)
@@ -196,8 +200,7 @@ fn data_parallel_equals_gradient_accumulation() {
     }
     assert!(params > 150, "{params}");
     // Same lr: the global batch (and so the scaled lr) counts the devices.
-    let lr = |dir: &str| mvlt::train::metrics::read_lines(&base.join(dir).join("metrics.jsonl")).unwrap()[0]["lr"].as_f64().unwrap();
-    assert_eq!(lr("dp"), lr("acc"));
+    assert_eq!(train_metric(&base.join("dp"), "lr")[0], train_metric(&base.join("acc"), "lr")[0]);
 }
 
 /// bf16 mixed precision through the whole loop: it runs, the losses stay finite, the exported weights are f32 (the master copy) and were trained. (Whether
@@ -214,12 +217,7 @@ fn bf16_training_runs_with_f32_master_weights() {
     let (first, last) = (read(&checkpoints[0].1), read(&base.join("bf16/final/model.safetensors")));
     assert!(last.values().all(|t| t.dtype == burn::tensor::DType::F32 || t.dtype == burn::tensor::DType::I64));
     assert_ne!(first["block1.0.attn.q.weight"], last["block1.0.attn.q.weight"], "steps 2-6 changed nothing");
-    let losses: Vec<f64> = mvlt::train::metrics::read_lines(&base.join("bf16/metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .filter(|v| v["kind"] == "train")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
+    let losses = train_metric(&base.join("bf16"), "loss");
     assert_eq!(losses.len(), 6);
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
 }

@@ -135,7 +135,7 @@ impl<B: Backend> BatchNorm2d<B> {
     /// `[B, C, H, W] -> [B, C, H, W]`. Statistics, running buffers and the normalisation are f32
     /// even when the input is bf16 (see `LayerNorm::forward`).
     pub fn forward(&self, x: Tensor<B, 4>, train: bool) -> Tensor<B, 4> {
-        let dtype = x.dtype();
+        let (dtype, device) = (x.dtype(), x.device());
         let x = x.cast(FloatDType::F32);
         let [b, c, h, w] = x.dims();
         let (mean, var) = if train {
@@ -147,7 +147,6 @@ impl<B: Backend> BatchNorm2d<B> {
             let m = self.momentum;
             // burn shares running buffers between a model and its replicas on other devices (each
             // thread's update is kept apart and averaged on the next read), hence `to_device`.
-            let device = x.device();
             let running = |s: &RunningState<Tensor<B, 1>>| s.value_sync().to_device(&device);
             let rm = running(&self.running_mean).mul_scalar(1.0 - m).add(mean.clone().detach().mul_scalar(m));
             let rv = running(&self.running_var).mul_scalar(1.0 - m).add(unbiased.mul_scalar(m));
@@ -156,7 +155,7 @@ impl<B: Backend> BatchNorm2d<B> {
             self.num_batches_tracked.update(running(&self.num_batches_tracked).add_scalar(1));
             (mean, var)
         } else {
-            (self.running_mean.value().to_device(&x.device()), self.running_var.value().to_device(&x.device()))
+            (self.running_mean.value().to_device(&device), self.running_var.value().to_device(&device))
         };
         let shape = [1, c, 1, 1];
         let scale = self.weight.val().cast(FloatDType::F32).div(var.add_scalar(self.eps).sqrt()).reshape(shape);

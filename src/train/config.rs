@@ -214,17 +214,8 @@ impl TrainConfig {
     /// Device kind and the indices to train on (`devices`, else the one in `device`).
     pub fn device_indices(&self) -> Result<(crate::device::DeviceSpec, Vec<usize>)> {
         let spec: crate::device::DeviceSpec = self.device.parse()?;
-        let indices = match (self.devices.is_empty(), spec) {
-            (false, _) => self.devices.clone(),
-            (true, crate::device::DeviceSpec::Cuda(n)) => vec![n],
-            (true, crate::device::DeviceSpec::Cpu) => vec![0],
-        };
+        let indices = if self.devices.is_empty() { vec![spec.index()] } else { self.devices.clone() };
         Ok((spec, indices))
-    }
-
-    /// Samples per optimiser step over all devices.
-    pub fn global_batch(&self) -> usize {
-        self.batch_size * self.accum_steps * self.devices.len().max(1)
     }
 
     /// The optimiser settings of this run.

@@ -17,7 +17,7 @@ use super::precision::{autocast, Precision};
 use super::schedule::{decays, scaled_lr, LrSchedule};
 use crate::data::dataset::{open_dataset, split_by_product, ClassMap, Dataset};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
-use crate::data::text::{TextProcessor, IGNORE};
+use crate::data::text::TextProcessor;
 use crate::device::BackendTask;
 use crate::model::weights::{load_state_dict, resolve_config, save_model, StateDict};
 use crate::model::{HeadSet, Pvlt, PvltConfig};
@@ -368,8 +368,10 @@ fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummar
         .map(Arc::new);
 
     let batches = train_loader.batches_per_epoch();
-    let steps_per_epoch = batches.div_ceil(cfg.accum_steps * devices.len());
-    let global_batch = cfg.global_batch();
+    // Micro-batches per optimiser step: accumulation steps times devices, each taking one.
+    let micro_batches = cfg.accum_steps * devices.len();
+    let steps_per_epoch = batches.div_ceil(micro_batches);
+    let global_batch = cfg.batch_size * micro_batches;
     let schedule = LrSchedule {
         lr: scaled_lr(cfg.base_lr, global_batch),
         warmup_lr: cfg.warmup_lr,
@@ -433,8 +435,7 @@ fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummar
             }
             if !group.is_empty() {
                 <AB<B> as Backend>::seed(&device, batch_seed(cfg.seed, state.micro_step - 1));
-                let scale = cfg.accum_steps * devices.len();
-                let results = data_parallel::<B>(&model, &group, &devices, heads, train_mode, cfg.precision, scale);
+                let results = data_parallel::<B>(&model, &group, &devices, heads, train_mode, cfg.precision, micro_batches);
                 for ((bi, batch, _), (values, grads)) in group.drain(..).zip(results) {
                     if let Some((term, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
                         pb.abandon();
@@ -579,6 +580,17 @@ pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSe
     let (mut mlm_ok, mut mlm_n, mut itm_ok, mut sup_ok, mut sup_n, mut sub_ok, mut sub_n, mut rows) = (0, 0, 0, 0, 0, 0, 0, 0);
     let (mut se, mut px, mut mlm_other_ok, mut mlm_other_n) = (0.0f64, 0usize, 0usize, 0usize);
     let argmax = |t: Tensor<B, 3>| -> Vec<i64> { t.argmax(2).into_data().convert::<i64>().to_vec().unwrap_or_default() };
+    // Correct argmax predictions over the rows with a label (negative labels: none / ignored).
+    let acc = |logits: &Option<Tensor<B, 3>>, labels: &[i64], ok: &mut usize, n: &mut usize| {
+        if let Some(l) = logits {
+            for (p, &y) in argmax(l.clone()).iter().zip(labels) {
+                if y >= 0 {
+                    *n += 1;
+                    *ok += (*p == y) as usize;
+                }
+            }
+        }
+    };
     for batch in loader.epoch(0, 0).take(n) {
         if batch.is_empty() {
             continue;
@@ -594,39 +606,17 @@ pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSe
             let k = nb / 2;
             let other = Tensor::cat(vec![db.input.clone().slice(k..nb), db.input.clone().slice(0..k)], 0);
             let out = model.forward(other, db.ids.clone(), HeadSet { mlm: true, ..HeadSet::NONE }, false);
-            for (p, &y) in argmax(out.mlm_logits.expect("mlm head ran")).iter().zip(&batch.mlm_labels) {
-                if y != IGNORE {
-                    mlm_other_n += 1;
-                    mlm_other_ok += (*p == y) as usize;
-                }
-            }
+            acc(&out.mlm_logits, &batch.mlm_labels, &mut mlm_other_ok, &mut mlm_other_n);
         }
         let out = model.forward(db.input, db.ids, heads, false);
         let l = losses(&out, &db.targets, heads);
         loss += l.total.into_scalar().elem::<f64>();
         batches += 1;
         rows += batch.len();
-        if let Some(logits) = &out.mlm_logits {
-            for (p, &y) in argmax(logits.clone()).iter().zip(&batch.mlm_labels) {
-                if y != IGNORE {
-                    mlm_n += 1;
-                    mlm_ok += (*p == y) as usize;
-                }
-            }
-        }
+        acc(&out.mlm_logits, &batch.mlm_labels, &mut mlm_ok, &mut mlm_n);
         if let Some(logits) = &out.itm_logits {
             itm_ok += argmax(logits.clone()).iter().zip(&batch.itm_labels).filter(|(p, y)| p == y).count();
         }
-        let acc = |logits: &Option<Tensor<B, 3>>, labels: &[i64], ok: &mut usize, n: &mut usize| {
-            if let Some(l) = logits {
-                for (p, &y) in argmax(l.clone()).iter().zip(labels) {
-                    if y >= 0 {
-                        *n += 1;
-                        *ok += (*p == y) as usize;
-                    }
-                }
-            }
-        };
         acc(&out.sup_cls_logits, &batch.sup_labels, &mut sup_ok, &mut sup_n);
         acc(&out.sub_cls_logits, &batch.sub_labels, &mut sub_ok, &mut sub_n);
         if let Some(rec) = out.t2i_logits {
