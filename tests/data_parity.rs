@@ -124,8 +124,8 @@ mod formats {
     fn missing_empty_and_truncated_files_name_the_file() {
         let e = format!("{:#}", Pixels::open(&file("absent.png")).unwrap_err());
         assert!(e.contains("absent.png") && e.contains("cannot read image"), "{e}");
-        let dir = std::env::temp_dir().join(format!("mvlt-img-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         std::fs::write(dir.join("empty.png"), b"").unwrap();
         let e = format!("{:#}", Pixels::open(&dir.join("empty.png")).unwrap_err());
         assert!(e.contains("empty.png") && e.contains("cannot decode"), "{e}");

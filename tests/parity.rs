@@ -152,7 +152,8 @@ fn safetensors_round_trip_is_exact() {
     let cfg = PvltConfig::resolve(&dir.join("small_io.json").display().to_string()).unwrap();
     let sd = StateDict::read(&dir.join("small_model.safetensors")).unwrap();
     let (model, _) = load_state_dict(Pvlt::<Cpu>::new(&cfg, &Default::default()), &sd, true).unwrap();
-    let out = common::tempdir("roundtrip").join("m.safetensors");
+    let tmp = common::tempdir("roundtrip");
+    let out = tmp.join("m.safetensors");
     mvlt::model::weights::save_model(&model, &cfg, &out).unwrap();
     let back = StateDict::read(&out).unwrap();
     assert_eq!(back.stored_config().unwrap().as_ref(), Some(&cfg));

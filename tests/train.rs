@@ -68,10 +68,13 @@ fn nano_overrides(dir: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 /// One synthetic catalogue (48 images, 32 px) written once per test process.
+/// It lives in cargo's per-target scratch folder (statics are never dropped, so a self-removing
+/// temporary folder would be left behind) and is rewritten by each run.
 fn shared_catalogue() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let d = tempdir("train-catalogue");
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-catalogue");
+        let _ = std::fs::remove_dir_all(&d);
         mvlt::data::synth::write_catalog(&d, 48, 3, 32, |_| {}).unwrap();
         d
     })
@@ -311,7 +314,8 @@ fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
 #[test]
 fn finetune_from_the_authors_checkpoint_on_their_layout() {
     let Some(fix) = common::fixtures() else { return };
-    let dir = tempdir("finetune-authors").join("run");
+    let base = tempdir("finetune-authors");
+    let dir = base.join("run");
     let data = fix.join("../datasets/authors_layout");
     let o = mvlt(&[
         "finetune", "--out", dir.to_str().unwrap(),

@@ -166,23 +166,18 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
-    fn tiny_vocab() -> PathBuf {
-        // One file per call: tests run in parallel threads and must not rewrite each other's file.
-        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mvlt-vocab-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("vocab.txt");
+    fn tiny_vocab() -> tempfile::NamedTempFile {
         let mut lines: Vec<String> = vec!["[PAD]".into()];
         lines.extend((1..100).map(|i| format!("[unused{i}]")));
         lines.extend(["[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "dress", "##es", "silk", "."].map(String::from));
-        std::fs::write(&p, lines.join("\n")).unwrap();
-        p
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), lines.join("\n")).unwrap();
+        f
     }
 
     #[test]
     fn encode_pads_and_truncates() {
-        let t = TextProcessor::from_vocab_file(&tiny_vocab()).unwrap();
+        let t = TextProcessor::from_vocab_file(tiny_vocab().path()).unwrap();
         let e = t.encode("Red dresses. SILK", 8).unwrap();
         assert_eq!(e.tokens, ["red", "dress", "##es", ".", "silk"]);
         assert_eq!(e.input_ids, [101, 104, 105, 106, 108, 107, 102, 0]);
@@ -195,7 +190,7 @@ mod tests {
 
     #[test]
     fn masking_is_seeded_and_follows_80_10_10() {
-        let t = TextProcessor::from_vocab_file(&tiny_vocab()).unwrap();
+        let t = TextProcessor::from_vocab_file(tiny_vocab().path()).unwrap();
         let ids: Vec<i64> = std::iter::once(101).chain(std::iter::repeat(104).take(20000)).chain([102, 0]).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let (a, la) = t.mask_tokens(&ids, MLM_PROBABILITY, &mut rng);
@@ -234,8 +229,8 @@ mod tests {
 
     #[test]
     fn rejects_files_that_are_not_wordpiece_vocabularies() {
-        let dir = std::env::temp_dir().join(format!("mvlt-badvocab-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("v.txt");
         std::fs::write(&p, "hello\nworld\n").unwrap();
         let e = TextProcessor::from_vocab_file(&p).err().unwrap().to_string();

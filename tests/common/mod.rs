@@ -18,12 +18,35 @@ pub fn fixtures() -> Option<PathBuf> {
     None
 }
 
-/// A fresh temporary folder for one test.
-pub fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mvlt-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh temporary folder for one test, removed when the value is dropped (set
+/// `MVLT_KEEP_TEST_DIRS=1` to keep it for a look after a failure). Derefs to its path.
+pub struct TempDir(Option<tempfile::TempDir>);
+
+pub fn tempdir(name: &str) -> TempDir {
+    let dir = tempfile::Builder::new().prefix(&format!("mvlt-test-{name}-")).tempdir().unwrap();
+    TempDir(Some(dir))
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.as_ref().unwrap().path()
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        self
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("MVLT_KEEP_TEST_DIRS").is_some() {
+            let kept = self.0.take().unwrap().keep();
+            eprintln!("kept {}", kept.display());
+        }
+    }
 }
 
 /// A model with every head, trained for a few steps on a small synthetic catalogue.
