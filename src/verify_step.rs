@@ -9,7 +9,7 @@
 use crate::device::BackendTask;
 use crate::model::weights::{load_model, state_dict, StateDict};
 use crate::model::PvltConfig;
-use crate::train::loss::{losses, Targets};
+use crate::train::loss::{losses, MlmTargets, Targets};
 use crate::train::optim::{named_grads, AdamW, AdamWConfig};
 use crate::verify::{compare_values, Row, Tolerance};
 use anyhow::{bail, Context, Result};
@@ -89,9 +89,13 @@ impl BackendTask for TrainStepTask {
         if ids.len() != b * t {
             bail!("in/input_ids must be [{b}, {t}] (num_text_tokens of the config), got {:?}", get("in/input_ids")?.shape);
         }
+        let mlm_labels = ints("in/mlm_labels")?;
+        if mlm_labels.len() != b * t {
+            bail!("in/mlm_labels must be [{b}, {t}] like in/input_ids, got {:?}", get("in/mlm_labels")?.shape);
+        }
         let flat = |v: Vec<i64>| Tensor::<AB<B>, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
         let targets = Targets {
-            mlm_labels: Tensor::from_data(TensorData::new(ints("in/mlm_labels")?, [b, t]), &device),
+            mlm: MlmTargets::from_labels(&mlm_labels, &device),
             itm_labels: flat(ints("in/itm_labels")?),
             clean_images: img("in/images")?,
             sup_labels: flat(ints("in/sup_cls_labels")?),
@@ -99,7 +103,7 @@ impl BackendTask for TrainStepTask {
         };
         let input_ids = Tensor::<AB<B>, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
         let heads = cfg.heads;
-        let out = model.forward(img("in/masked_images")?, input_ids, heads, true);
+        let out = model.forward_mlm_at(img("in/masked_images")?, input_ids, heads, true, Some(targets.mlm.rows.clone()));
         let l = losses(&out, &targets, heads);
 
         let mut rows = vec![];

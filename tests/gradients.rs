@@ -6,7 +6,9 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use mvlt::device::Cpu;
 use mvlt::model::weights::{load_state_dict, state_dict, StateDict};
 use mvlt::model::{HeadSet, Pvlt, PvltConfig};
-use mvlt::train::loss::{losses, Targets};
+use mvlt::train::loss::{losses, MlmTargets, Targets};
+
+mod common;
 
 type B = Autodiff<Cpu>;
 
@@ -30,12 +32,13 @@ fn tiny() -> PvltConfig {
 }
 
 fn loss_of(model: &Pvlt<B>, inputs: &(Tensor<B, 4>, Tensor<B, 2, Int>), t: &Targets<B>) -> Tensor<B, 1> {
-    let out = model.forward(inputs.0.clone(), inputs.1.clone(), HeadSet::ALL, true);
+    let out = model.forward_mlm_at(inputs.0.clone(), inputs.1.clone(), HeadSet::ALL, true, Some(t.mlm.rows.clone()));
     losses(&out, t, HeadSet::ALL).total
 }
 
 #[test]
 fn analytic_gradients_match_finite_differences() {
+    let _turn = common::backend_turn();
     let cfg = tiny();
     let device = Default::default();
     <B as burn::tensor::backend::Backend>::seed(&device, 11);
@@ -43,7 +46,7 @@ fn analytic_gradients_match_finite_differences() {
     let images = Tensor::<B, 4>::random([2, 3, 32, 32], Distribution::Uniform(0.0, 1.0), &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0], [2, 6]), &device);
     let t = Targets {
-        mlm_labels: Tensor::from_data(TensorData::new(vec![-1i64, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], [2, 6]), &device),
+        mlm: MlmTargets::from_labels(&[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], &device),
         itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0], [2]), &device),
         clean_images: images.clone(),
         sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4], [2]), &device),
@@ -106,6 +109,7 @@ fn analytic_gradients_match_finite_differences() {
 /// cosine of 0.98 of the f32 one.
 #[test]
 fn bf16_autocast_step_tracks_f32() {
+    let _turn = common::backend_turn();
     use burn::optim::GradientsParams;
     use burn::tensor::DType;
     use mvlt::train::optim::named_grads;
@@ -121,7 +125,7 @@ fn bf16_autocast_step_tracks_f32() {
         &device,
     );
     let t = Targets {
-        mlm_labels: Tensor::from_data(TensorData::new(vec![-1i64, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1, -1, 5, -1, -1, -1, -1, -1, -1, 41, 42, -1, -1], [4, 6]), &device),
+        mlm: MlmTargets::from_labels(&[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1, -1, 5, -1, -1, -1, -1, -1, -1, 41, 42, -1, -1], &device),
         itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0, 1, 0], [4]), &device),
         clean_images: images.clone(),
         sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4, 0, 1], [4]), &device),
@@ -131,7 +135,7 @@ fn bf16_autocast_step_tracks_f32() {
 
     let run = |precision: Precision| {
         let m = autocast(&model, precision);
-        let out = m.forward(images.clone().cast(precision.dtype()), ids.clone(), HeadSet::ALL, true);
+        let out = m.forward_mlm_at(images.clone().cast(precision.dtype()), ids.clone(), HeadSet::ALL, true, Some(t.mlm.rows.clone()));
         assert_eq!(out.itm_logits.as_ref().unwrap().dtype(), precision.dtype().into(), "the heads run in the step's precision");
         let l = losses(&out, &t, HeadSet::ALL);
         let terms: Vec<f32> = [l.mlm, l.itm, l.t2i, l.sup_cls, l.sub_cls].into_iter().map(|x| x.unwrap().into_scalar()).collect();
@@ -165,4 +169,54 @@ fn bf16_autocast_step_tracks_f32() {
     assert_eq!(model.t2i_head.as_ref().unwrap().reduction1._1.running_mean.value().dtype(), DType::F32);
     assert_ne!(before, after32);
     assert_ne!(after32, after16);
+}
+
+/// The trainer runs the MLM head only at the predicted positions (`forward_mlm_at`). Its loss and
+/// every gradient must be those of the reference's way: decode all B*T positions, then a
+/// cross-entropy that ignores the unlabelled ones. Also for a batch with no predicted token, where
+/// both give a zero MLM loss and zero decoder gradients.
+#[test]
+fn mlm_on_predicted_positions_equals_the_full_head() {
+    let _turn = common::backend_turn();
+    use burn::optim::GradientsParams;
+    use mvlt::data::text::IGNORE;
+    use mvlt::train::loss::cross_entropy;
+    use mvlt::train::optim::named_grads;
+
+    let cfg = tiny();
+    let device = Default::default();
+    <B as burn::tensor::backend::Backend>::seed(&device, 3);
+    let model = Pvlt::<B>::new(&cfg, &device);
+    let images = Tensor::<B, 4>::random([2, 3, 32, 32], Distribution::Uniform(0.0, 1.0), &device);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0], [2, 6]), &device);
+    let heads = HeadSet { mlm: true, ..HeadSet::NONE };
+    for labels in [vec![-1i64, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], vec![IGNORE; 12]] {
+        // The reference's way.
+        let out = model.forward(images.clone(), ids.clone(), heads, false);
+        let full = out.mlm_logits.unwrap().reshape([12, cfg.vocab_size]);
+        let want = cross_entropy(full, Tensor::from_data(TensorData::new(labels.clone(), [12]), &device), Some(IGNORE));
+        let want_value = want.clone().into_scalar();
+        let want_grads = named_grads(&model, &GradientsParams::from_grads(want.backward(), &model));
+        // The trainer's way.
+        let t = MlmTargets::<B>::from_labels(&labels, &device);
+        let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, false, Some(t.rows.clone()));
+        let got = cross_entropy(out.mlm_logits_at.unwrap(), t.labels, Some(IGNORE));
+        let got_value = got.clone().into_scalar();
+        let got_grads = named_grads(&model, &GradientsParams::from_grads(got.backward(), &model));
+
+        assert!((got_value - want_value).abs() <= 1e-6 * want_value.abs().max(1.0), "loss {got_value} vs {want_value}");
+        assert_eq!(got_grads.len(), want_grads.len());
+        let mut present = 0;
+        for ((name, _, g), (_, _, w)) in got_grads.iter().zip(&want_grads) {
+            assert_eq!(g.is_some(), w.is_some(), "{name}: gradient present in one way only");
+            if let (Some(g), Some(w)) = (g, w) {
+                present += 1;
+                let scale = w.clone().abs().max().into_scalar().max(1e-12);
+                let diff = (g.clone() - w.clone()).abs().max().into_scalar();
+                // Only the summation order differs: f32 rounding, relative to the tensor's scale.
+                assert!(diff <= 1e-5 * scale, "{name}: max abs difference {diff:e} (gradient scale {scale:e})");
+            }
+        }
+        assert!(present > 10, "only {present} gradients compared");
+    }
 }

@@ -1,7 +1,7 @@
 //! Training end to end: the step against a PyTorch step, exact resume, crash safety, NaN stops,
 //! Ctrl-C, and a pre-train -> fine-tune run that learns.
 mod common;
-use common::tempdir;
+use common::{backend_turn, tempdir};
 use mvlt::device::{run_on, run_on_devices, DeviceSpec};
 use mvlt::model::weights::StateDict;
 use mvlt::train::checkpoint;
@@ -12,13 +12,6 @@ use mvlt::verify_step::TrainStepTask;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Tests here that use the CPU backend in this process take turns: its random generator is
-/// process-wide, and building a model in one test would perturb another's seeded run.
-static BACKEND: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn backend_turn() -> std::sync::MutexGuard<'static, ()> {
-    BACKEND.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn data(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)

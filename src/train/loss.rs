@@ -7,7 +7,7 @@ use crate::data::text::IGNORE;
 use crate::model::{HeadSet, PvltOutput};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 /// Weight of the reconstruction term in the reference.
 pub const T2I_WEIGHT: f64 = 10.0;
@@ -50,10 +50,42 @@ pub struct Losses<B: Backend> {
     pub total: Tensor<B, 1>,
 }
 
+/// The MLM targets of one batch: the predicted positions and their labels. The model's MLM head
+/// runs at `rows` only ([`crate::model::Pvlt::forward_mlm_at`]).
+pub struct MlmTargets<B: Backend> {
+    /// `[M]` indices into the batch's `B*T` text positions.
+    pub rows: Tensor<B, 1, Int>,
+    /// `[M]` the original token ids there.
+    pub labels: Tensor<B, 1, Int>,
+}
+
+/// The positions of `labels` (`[B*T]`, [`IGNORE`] where nothing is predicted) that carry a label,
+/// and those labels. A batch with none gets one ignored placeholder row, so the head still runs
+/// and its parameters get the zero gradient the full head would give them (an absent gradient
+/// would change what AdamW does to them).
+pub fn mlm_positions(labels: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    let (rows, picked): (Vec<i64>, Vec<i64>) = labels.iter().enumerate().filter(|(_, &y)| y != IGNORE).map(|(i, &y)| (i as i64, y)).unzip();
+    if rows.is_empty() {
+        return (vec![0], vec![IGNORE]);
+    }
+    (rows, picked)
+}
+
+impl<B: Backend> MlmTargets<B> {
+    /// From the `[B*T]` label array of a batch.
+    pub fn from_labels(labels: &[i64], device: &B::Device) -> Self {
+        let (rows, picked) = mlm_positions(labels);
+        let t = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::from_data(TensorData::new(v, [n]), device)
+        };
+        MlmTargets { rows: t(rows), labels: t(picked) }
+    }
+}
+
 /// Targets of one batch.
 pub struct Targets<B: Backend> {
-    /// `[B, T]`, -1 where not predicted.
-    pub mlm_labels: Tensor<B, 2, Int>,
+    pub mlm: MlmTargets<B>,
     /// `[B]`
     pub itm_labels: Tensor<B, 1, Int>,
     /// The clean image `[B, 3, H, W]` the reconstruction is compared with.
@@ -62,7 +94,8 @@ pub struct Targets<B: Backend> {
     pub sub_labels: Tensor<B, 1, Int>,
 }
 
-/// Combine the heads' outputs into the objective for the heads in `heads`.
+/// Combine the heads' outputs into the objective for the heads in `heads`. The MLM term reads
+/// `mlm_logits_at`: run the model with `forward_mlm_at(.., Some(t.mlm.rows))`.
 pub fn losses<B: Backend>(out: &PvltOutput<B>, t: &Targets<B>, heads: HeadSet) -> Losses<B> {
     // Losses in f32 whatever precision the model ran in (a no-op for f32 models).
     let flat = |x: &Tensor<B, 3>| {
@@ -70,9 +103,8 @@ pub fn losses<B: Backend>(out: &PvltOutput<B>, t: &Targets<B>, heads: HeadSet) -
         x.clone().reshape([b * n, c]).cast(FloatDType::F32)
     };
     let mlm = heads.mlm.then(|| {
-        let logits = out.mlm_logits.as_ref().expect("MLM head ran");
-        let [b, tl] = t.mlm_labels.dims();
-        cross_entropy(flat(logits), t.mlm_labels.clone().reshape([b * tl]), Some(IGNORE))
+        let logits = out.mlm_logits_at.clone().expect("MLM head ran at the predicted positions");
+        cross_entropy(logits.cast(FloatDType::F32), t.mlm.labels.clone(), Some(IGNORE))
     });
     let itm = heads.itm.then(|| cross_entropy(flat(out.itm_logits.as_ref().expect("ITM head ran")), t.itm_labels.clone(), None));
     let t2i = heads.t2i.then(|| smooth_l1(out.t2i_logits.clone().expect("reconstruction head ran").cast(FloatDType::F32), t.clean_images.clone()).mul_scalar(T2I_WEIGHT));
@@ -90,7 +122,6 @@ pub fn losses<B: Backend>(out: &PvltOutput<B>, t: &Targets<B>, heads: HeadSet) -
 mod tests {
     use super::*;
     use crate::device::Cpu;
-    use burn::tensor::TensorData;
 
     fn f(v: Vec<f32>, shape: [usize; 2]) -> Tensor<Cpu, 2> {
         Tensor::from_data(TensorData::new(v, shape), &Default::default())

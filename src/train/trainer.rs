@@ -10,7 +10,7 @@
 
 use super::checkpoint::{self, TrainState};
 use super::config::{Task, TrainConfig};
-use super::loss::{losses, Targets};
+use super::loss::{losses, mlm_positions, MlmTargets, Targets};
 use super::metrics::{self, record, MetricsLog};
 use super::optim::{clip_factor, grad_norm, AdamW};
 use super::precision::{autocast, Precision};
@@ -149,7 +149,7 @@ fn to_device<B: Backend>(b: &Batch, masked: bool, device: &B::Device) -> DeviceB
         input,
         ids: Tensor::from_data(TensorData::new(b.input_ids.clone(), [n, t]), device),
         targets: Targets {
-            mlm_labels: Tensor::from_data(TensorData::new(b.mlm_labels.clone(), [n, t]), device),
+            mlm: MlmTargets::from_labels(&b.mlm_labels, device),
             itm_labels: ints(&b.itm_labels),
             clean_images: clean,
             sup_labels: ints(&b.sup_labels),
@@ -209,7 +209,7 @@ fn micro_batch<B: Backend>(
 ) -> MicroResult {
     let db = to_device::<Autodiff<B>>(batch, masked, device);
     let step_model = autocast(model, precision);
-    let out = step_model.forward(db.input.cast(precision.dtype()), db.ids, heads, train_mode);
+    let out = step_model.forward_mlm_at(db.input.cast(precision.dtype()), db.ids, heads, train_mode, Some(db.targets.mlm.rows.clone()));
     let l = losses(&out, &db.targets, heads);
     let values = loss_values(&l);
     if values.iter().any(|(_, v)| !v.is_finite()) {
@@ -579,11 +579,11 @@ pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSe
     let (mut loss, mut batches) = (0.0, 0usize);
     let (mut mlm_ok, mut mlm_n, mut itm_ok, mut sup_ok, mut sup_n, mut sub_ok, mut sub_n, mut rows) = (0, 0, 0, 0, 0, 0, 0, 0);
     let (mut se, mut px, mut mlm_other_ok, mut mlm_other_n) = (0.0f64, 0usize, 0usize, 0usize);
-    let argmax = |t: Tensor<B, 3>| -> Vec<i64> { t.argmax(2).into_data().convert::<i64>().to_vec().unwrap_or_default() };
+    let argmax = |t: Tensor<B, 2>| -> Vec<i64> { t.argmax(1).into_data().convert::<i64>().to_vec().unwrap_or_default() };
     // Correct argmax predictions over the rows with a label (negative labels: none / ignored).
-    let acc = |logits: &Option<Tensor<B, 3>>, labels: &[i64], ok: &mut usize, n: &mut usize| {
+    let acc = |logits: Option<Tensor<B, 2>>, labels: &[i64], ok: &mut usize, n: &mut usize| {
         if let Some(l) = logits {
-            for (p, &y) in argmax(l.clone()).iter().zip(labels) {
+            for (p, &y) in argmax(l).iter().zip(labels) {
                 if y >= 0 {
                     *n += 1;
                     *ok += (*p == y) as usize;
@@ -591,12 +591,21 @@ pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSe
             }
         }
     };
+    // `[B, 1, C]` head output -> `[B, C]`.
+    let rows2 = |t: &Option<Tensor<B, 3>>| {
+        t.clone().map(|t| {
+            let [b, _, c] = t.dims();
+            t.reshape([b, c])
+        })
+    };
     for batch in loader.epoch(0, 0).take(n) {
         if batch.is_empty() {
             continue;
         }
         let db = to_device::<B>(&batch, true, device);
         let clean = db.targets.clean_images.clone();
+        let mlm_rows = || Some(db.targets.mlm.rows.clone());
+        let (_, mlm_labels) = mlm_positions(&batch.mlm_labels);
         // The same texts with the images rotated by half a batch (validation rows come in product
         // order, so the partner is another product's): masked words predicted as well as with the
         // right image mean the text stream does not use the image (yet); ITM cannot learn before
@@ -605,20 +614,20 @@ pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSe
         if heads.mlm && nb > 1 {
             let k = nb / 2;
             let other = Tensor::cat(vec![db.input.clone().slice(k..nb), db.input.clone().slice(0..k)], 0);
-            let out = model.forward(other, db.ids.clone(), HeadSet { mlm: true, ..HeadSet::NONE }, false);
-            acc(&out.mlm_logits, &batch.mlm_labels, &mut mlm_other_ok, &mut mlm_other_n);
+            let out = model.forward_mlm_at(other, db.ids.clone(), HeadSet { mlm: true, ..HeadSet::NONE }, false, mlm_rows());
+            acc(out.mlm_logits_at, &mlm_labels, &mut mlm_other_ok, &mut mlm_other_n);
         }
-        let out = model.forward(db.input, db.ids, heads, false);
+        let out = model.forward_mlm_at(db.input, db.ids, heads, false, mlm_rows());
         let l = losses(&out, &db.targets, heads);
         loss += l.total.into_scalar().elem::<f64>();
         batches += 1;
         rows += batch.len();
-        acc(&out.mlm_logits, &batch.mlm_labels, &mut mlm_ok, &mut mlm_n);
-        if let Some(logits) = &out.itm_logits {
-            itm_ok += argmax(logits.clone()).iter().zip(&batch.itm_labels).filter(|(p, y)| p == y).count();
+        acc(out.mlm_logits_at, &mlm_labels, &mut mlm_ok, &mut mlm_n);
+        if let Some(logits) = rows2(&out.itm_logits) {
+            itm_ok += argmax(logits).iter().zip(&batch.itm_labels).filter(|(p, y)| p == y).count();
         }
-        acc(&out.sup_cls_logits, &batch.sup_labels, &mut sup_ok, &mut sup_n);
-        acc(&out.sub_cls_logits, &batch.sub_labels, &mut sub_ok, &mut sub_n);
+        acc(rows2(&out.sup_cls_logits), &batch.sup_labels, &mut sup_ok, &mut sup_n);
+        acc(rows2(&out.sub_cls_logits), &batch.sub_labels, &mut sub_ok, &mut sub_n);
         if let Some(rec) = out.t2i_logits {
             se += rec.sub(clean).powf_scalar(2.0).sum().into_scalar().elem::<f64>();
             px += batch.images.len();

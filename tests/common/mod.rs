@@ -18,6 +18,13 @@ pub fn fixtures() -> Option<PathBuf> {
     None
 }
 
+/// Tests of one test binary that draw from the CPU backend's random generator take turns: it is
+/// process-wide, so building a model in one test would perturb another's seeded one.
+pub fn backend_turn() -> std::sync::MutexGuard<'static, ()> {
+    static BACKEND: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    BACKEND.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A fresh temporary folder for one test, removed when the value is dropped (set
 /// `MVLT_KEEP_TEST_DIRS=1` to keep it for a look after a failure). Derefs to its path.
 pub struct TempDir(Option<tempfile::TempDir>);
