@@ -2,6 +2,7 @@
 //! differences, on a tiny config (train mode: BatchNorm batch statistics; dropout and drop_path off
 //! so the function is deterministic).
 use burn::backend::Autodiff;
+use burn::module::Module;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use mvlt::device::Cpu;
 use mvlt::model::weights::{load_state_dict, state_dict, StateDict};
@@ -36,15 +37,22 @@ fn loss_of(model: &Pvlt<B>, inputs: &(Tensor<B, 4>, Tensor<B, 2, Int>), t: &Targ
     losses(&out, t, HeadSet::ALL).total
 }
 
-#[test]
-fn analytic_gradients_match_finite_differences() {
-    let _turn = common::backend_turn();
+/// A freshly initialised tiny model (seeded) and two random 32 px images with their captions.
+fn model_and_two_pairs(seed: u64) -> (PvltConfig, Pvlt<B>, Tensor<B, 4>, Tensor<B, 2, Int>) {
     let cfg = tiny();
     let device = Default::default();
-    <B as burn::tensor::backend::Backend>::seed(&device, 11);
+    <B as burn::tensor::backend::Backend>::seed(&device, seed);
     let model = Pvlt::<B>::new(&cfg, &device);
     let images = Tensor::<B, 4>::random([2, 3, 32, 32], Distribution::Uniform(0.0, 1.0), &device);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0], [2, 6]), &device);
+    (cfg, model, images, ids)
+}
+
+#[test]
+fn analytic_gradients_match_finite_differences() {
+    let _turn = common::backend_turn();
+    let (cfg, model, images, ids) = model_and_two_pairs(11);
+    let device = model.devices()[0];
     let t = Targets {
         mlm: MlmTargets::from_labels(&[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], &device),
         itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0], [2]), &device),
@@ -177,18 +185,14 @@ fn bf16_autocast_step_tracks_f32() {
 /// both give a zero MLM loss and zero decoder gradients.
 #[test]
 fn mlm_on_predicted_positions_equals_the_full_head() {
-    let _turn = common::backend_turn();
     use burn::optim::GradientsParams;
     use mvlt::data::text::IGNORE;
     use mvlt::train::loss::cross_entropy;
     use mvlt::train::optim::named_grads;
 
-    let cfg = tiny();
-    let device = Default::default();
-    <B as burn::tensor::backend::Backend>::seed(&device, 3);
-    let model = Pvlt::<B>::new(&cfg, &device);
-    let images = Tensor::<B, 4>::random([2, 3, 32, 32], Distribution::Uniform(0.0, 1.0), &device);
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0], [2, 6]), &device);
+    let _turn = common::backend_turn();
+    let (cfg, model, images, ids) = model_and_two_pairs(3);
+    let device = model.devices()[0];
     let heads = HeadSet { mlm: true, ..HeadSet::NONE };
     for labels in [vec![-1i64, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], vec![IGNORE; 12]] {
         // The reference's way.
