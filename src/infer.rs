@@ -27,7 +27,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     /// Architecture, when the weights do not carry it (a preset or a config file).
     pub config: Option<String>,
@@ -38,12 +38,6 @@ pub struct LoadOptions {
     /// Image side the model is run at (default: the training size stored with the weights, else 256).
     pub image_size: Option<usize>,
     pub non_strict: bool,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { config: None, vocab: None, classes: None, image_size: None, non_strict: false }
-    }
 }
 
 pub struct Model<B: Backend> {

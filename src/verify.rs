@@ -325,7 +325,7 @@ pub fn compare_values(name: &str, shape: Vec<usize>, ours: &[f64], reference: &[
 
 pub fn print_rows(fixture: &str, rows: &[Row]) {
     println!("{fixture}");
-    println!("  {:<34} {:<18} {:>11} {:>11}  {}", "tensor", "shape", "max abs", "max rel", "ok");
+    println!("  {:<34} {:<18} {:>11} {:>11}  ok", "tensor", "shape", "max abs", "max rel");
     for r in rows {
         let shape = format!("{:?}", r.shape);
         match &r.skipped {

@@ -132,7 +132,7 @@ fn misshaped_tensor_names_key_and_both_shapes() {
     let cfg = mvlt::model::PvltConfig::resolve(p(&dir.join("small_io.json"))).unwrap();
     let model = mvlt::model::Pvlt::<mvlt::device::Cpu>::new(&cfg, &Default::default());
     let sd = mvlt::model::weights::StateDict::read(&bad).unwrap();
-    let e = mvlt::model::weights::load_state_dict(model, &sd, false).err().expect("non-strict load must fail on a shape mismatch");
+    let e = mvlt::model::weights::load_state_dict(model, &sd, false).expect_err("non-strict load must fail on a shape mismatch");
     assert!(e.to_string().contains("block2.0.mlp.fc1.weight"), "{e}");
 }
 

@@ -6,7 +6,7 @@ use crate::serve::{ServeConfig, Server};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ impl ServeArgs {
     }
 }
 
-fn server<B: Backend>(model: &ModelArgs, catalog: &PathBuf, cfg: ServeConfig, device: &B::Device) -> Result<Server> {
+fn server<B: Backend>(model: &ModelArgs, catalog: &Path, cfg: ServeConfig, device: &B::Device) -> Result<Server> {
     let m = model.load::<B>(device)?;
     let data: Arc<dyn Dataset> = Arc::from(open_dataset(catalog)?);
     Server::new(m, data, cfg)

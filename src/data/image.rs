@@ -218,7 +218,7 @@ pub fn grid_mask(grid: usize, rng: &mut impl rand::Rng) -> Vec<bool> {
 
 /// Set the pixels of masked cells of a `[3, size, size]` CHW image to [`MASKED_PIXEL`].
 pub fn apply_grid_mask(chw: &mut [f32], size: usize, grid: usize, mask: &[bool]) -> Result<()> {
-    if grid == 0 || size % grid != 0 {
+    if grid == 0 || !size.is_multiple_of(grid) {
         bail!("image size {size} is not divisible into a {grid}x{grid} mask grid");
     }
     let cell = size / grid;

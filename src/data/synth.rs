@@ -248,8 +248,10 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
     let bg = [rng.random_range(232..250u8), rng.random_range(232..248u8), rng.random_range(228..246u8)];
     let top = rgb(bg, 1.02);
     let bottom = rgb(bg, 0.97);
-    let mut paint = Paint::default();
-    paint.shader = LinearGradient::new(Point::from_xy(0.0, 0.0), Point::from_xy(0.0, size as f32), vec![GradientStop::new(0.0, top), GradientStop::new(1.0, bottom)], SpreadMode::Pad, Transform::identity()).unwrap_or(Shader::SolidColor(top));
+    let paint = Paint {
+        shader: LinearGradient::new(Point::from_xy(0.0, 0.0), Point::from_xy(0.0, size as f32), vec![GradientStop::new(0.0, top), GradientStop::new(1.0, bottom)], SpreadMode::Pad, Transform::identity()).unwrap_or(Shader::SolidColor(top)),
+        ..Paint::default()
+    };
     pm.fill_rect(tiny_skia::Rect::from_xywh(0.0, 0.0, size as f32, size as f32).unwrap(), &paint, Transform::identity(), None);
 
     // Pose: each view rotates, scales and shifts the product differently.
@@ -317,8 +319,10 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
             }
         }
         "gradient" => {
-            let mut gp = Paint::default();
-            gp.shader = LinearGradient::new(Point::from_xy(0.0, 5.0), Point::from_xy(0.0, 95.0), vec![GradientStop::new(0.0, rgb(main, light)), GradientStop::new(1.0, rgb(second, light))], SpreadMode::Pad, t).unwrap_or(Shader::SolidColor(rgb(main, light)));
+            let gp = Paint {
+                shader: LinearGradient::new(Point::from_xy(0.0, 5.0), Point::from_xy(0.0, 95.0), vec![GradientStop::new(0.0, rgb(main, light)), GradientStop::new(1.0, rgb(second, light))], SpreadMode::Pad, t).unwrap_or(Shader::SolidColor(rgb(main, light))),
+                ..Paint::default()
+            };
             pm.fill_rect(full, &gp, Transform::identity(), Some(&mask));
         }
         "floral print" => {

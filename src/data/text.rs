@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn masking_is_seeded_and_follows_80_10_10() {
         let t = TextProcessor::from_vocab_file(tiny_vocab().path()).unwrap();
-        let ids: Vec<i64> = std::iter::once(101).chain(std::iter::repeat(104).take(20000)).chain([102, 0]).collect();
+        let ids: Vec<i64> = std::iter::once(101).chain(std::iter::repeat_n(104, 20000)).chain([102, 0]).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let (a, la) = t.mask_tokens(&ids, MLM_PROBABILITY, &mut rng);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);

@@ -258,7 +258,7 @@ impl PvltConfig {
                 bail!("stage {}: sr_ratios, mlp_ratios and depths must be >= 1", i + 1);
             }
         }
-        if self.patch_size == 0 || self.img_size % (self.patch_size * 8) != 0 {
+        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size * 8) {
             bail!(
                 "img_size {} (the positional-embedding size) must be divisible by patch_size*8 = {}",
                 self.img_size,
@@ -281,7 +281,7 @@ impl PvltConfig {
     /// The stage-1 grid is H/patch, then each stage halves it: H and W must divide by patch*8.
     pub fn check_image_size(&self, h: usize, w: usize) -> Result<()> {
         let m = self.patch_size * 8;
-        if h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(m) || !w.is_multiple_of(m) {
             bail!(
                 "image size {h}x{w} does not divide into the four stage grids: height and width must be \
                  multiples of patch_size*8 = {m} (e.g. 224 or 256)"

@@ -426,6 +426,9 @@ pub fn resolve_config(config: Option<&str>, first_weights: Option<&StateDict>) -
     Ok(cfg)
 }
 
+/// A model and one load report per weights file.
+pub type Loaded<B> = (Pvlt<B>, Vec<(PathBuf, LoadReport)>);
+
 /// Build a model of `cfg` and load weight files into it: the first strictly unless `non_strict`,
 /// later ones always non-strictly on top (e.g. PVT ImageNet weights). Returns one report per file.
 pub fn load_model<B: Backend>(
@@ -433,7 +436,7 @@ pub fn load_model<B: Backend>(
     weights: &[PathBuf],
     non_strict: bool,
     device: &B::Device,
-) -> Result<(Pvlt<B>, Vec<(PathBuf, LoadReport)>)> {
+) -> Result<Loaded<B>> {
     let mut model = Pvlt::<B>::new(cfg, device);
     let mut reports = vec![];
     for (i, w) in weights.iter().enumerate() {

@@ -188,7 +188,7 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.val_fraction) {
             bail!("val_fraction must be in [0, 1), got {}", self.val_fraction);
         }
-        if self.mask_grid == 0 || self.image_size % self.mask_grid != 0 {
+        if self.mask_grid == 0 || !self.image_size.is_multiple_of(self.mask_grid) {
             bail!("image_size {} is not a multiple of mask_grid {}", self.image_size, self.mask_grid);
         }
         let mut seen = self.devices.clone();

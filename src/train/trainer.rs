@@ -197,6 +197,7 @@ type MicroResult = (Vec<(&'static str, f64)>, GradientsParams);
 
 /// Forward and backward of one micro-batch on `model` (a replica on `device`). `scale` divides the
 /// loss: the gradient of a step is the mean over its micro-batches and devices.
+#[allow(clippy::too_many_arguments)]
 fn micro_batch<B: Backend>(
     model: &Pvlt<Autodiff<B>>,
     batch: &Batch,
