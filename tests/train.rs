@@ -12,7 +12,6 @@ use mvlt::verify_step::TrainStepTask;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-
 fn data(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
 }

@@ -27,32 +27,23 @@ pub fn backend_turn() -> std::sync::MutexGuard<'static, ()> {
 
 /// A fresh temporary folder for one test, removed when the value is dropped (set
 /// `MVLT_KEEP_TEST_DIRS=1` to keep it for a look after a failure). Derefs to its path.
-pub struct TempDir(Option<tempfile::TempDir>);
+pub struct TempDir(tempfile::TempDir);
 
 pub fn tempdir(name: &str) -> TempDir {
-    let dir = tempfile::Builder::new().prefix(&format!("mvlt-test-{name}-")).tempdir().unwrap();
-    TempDir(Some(dir))
+    let keep = std::env::var_os("MVLT_KEEP_TEST_DIRS").is_some();
+    TempDir(tempfile::Builder::new().prefix(&format!("mvlt-test-{name}-")).disable_cleanup(keep).tempdir().unwrap())
 }
 
 impl std::ops::Deref for TempDir {
     type Target = Path;
     fn deref(&self) -> &Path {
-        self.0.as_ref().unwrap().path()
+        self.0.path()
     }
 }
 
 impl AsRef<Path> for TempDir {
     fn as_ref(&self) -> &Path {
         self
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("MVLT_KEEP_TEST_DIRS").is_some() {
-            let kept = self.0.take().unwrap().keep();
-            eprintln!("kept {}", kept.display());
-        }
     }
 }
 
