@@ -238,3 +238,66 @@ pub fn drop_path<B: Backend>(x: Tensor<B, 3>, p: f64, train: bool) -> Tensor<B, 
     let keep = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(1.0 - p), &x.device()).cast(x.dtype());
     x.mul(keep).div_scalar(1.0 - p)
 }
+
+/// Bilinear resize of `[B, C, H, W]` to `[B, C, out_h, out_w]`, as PyTorch's
+/// `F.interpolate(mode='bilinear', antialias=False)` with the given `align_corners`.
+///
+/// Written as two matrix products with fixed interpolation matrices (`A_h · X · A_wᵀ`) rather than
+/// burn's `interpolate`: burn 0.21's CUDA backend has no backward for bilinear interpolation (it
+/// panics), and the resized tables here (position embeddings, the reconstruction head) need
+/// gradients. Matrix products differentiate on every backend.
+pub fn bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize, align_corners: bool) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    let device = x.device();
+    let dtype = x.dtype();
+    let a_h = interpolation_matrix::<B>(h, out_h, align_corners, &device).cast(dtype);
+    let a_w = interpolation_matrix::<B>(w, out_w, align_corners, &device).cast(dtype);
+    // Along W: [B*C*H, W] x [W, out_w].
+    let x = x.reshape([b * c * h, w]).matmul(a_w.transpose());
+    // Along H: [B*C, out_w, H] x [H, out_h], then back to [B, C, out_h, out_w].
+    let x = x.reshape([b * c, h, out_w]).swap_dims(1, 2).reshape([b * c * out_w, h]).matmul(a_h.transpose());
+    x.reshape([b * c, out_w, out_h]).swap_dims(1, 2).reshape([b, c, out_h, out_w])
+}
+
+/// `[n_out, n_in]`: row `o` holds the two weights PyTorch's bilinear kernel gives output `o`.
+fn interpolation_matrix<B: Backend>(n_in: usize, n_out: usize, align_corners: bool, device: &B::Device) -> Tensor<B, 2> {
+    let mut m = vec![0f32; n_out * n_in];
+    for o in 0..n_out {
+        // PyTorch's area_pixel_compute_source_index (upsample_bilinear2d, size given, no scale factor).
+        let src = if align_corners {
+            if n_out > 1 { o as f64 * (n_in as f64 - 1.0) / (n_out as f64 - 1.0) } else { 0.0 }
+        } else {
+            ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
+        };
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        let l1 = (src - i0 as f64) as f32;
+        m[o * n_in + i0] += 1.0 - l1;
+        m[o * n_in + i1] += l1;
+    }
+    Tensor::from_data(burn::tensor::TensorData::new(m, [n_out, n_in]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Cpu;
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+
+    /// Same numbers as burn's own bilinear `interpolate` (checked against PyTorch by the reference
+    /// fixtures' position tables and reconstruction output), up- and down-sampling, both corner modes.
+    #[test]
+    fn bilinear_matches_burns_interpolate() {
+        let device = Default::default();
+        let x = Tensor::<Cpu, 4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
+        for (oh, ow) in [(10, 14), (40, 56), (3, 4), (5, 7), (1, 9)] {
+            for align in [false, true] {
+                let want = interpolate(x.clone(), [oh, ow], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(align));
+                let got = bilinear(x.clone(), oh, ow, align);
+                let err: f32 = got.sub(want).abs().max().into_scalar();
+                assert!(err < 1e-5, "{oh}x{ow} align_corners={align}: max abs error {err}");
+            }
+        }
+    }
+}

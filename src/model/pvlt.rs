@@ -6,12 +6,10 @@
 //! mask). Field names and order are the reference's state-dict names and order.
 
 use super::config::{HeadSet, PvltConfig};
-use super::layers::{dropout, drop_path, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm};
+use super::layers::{bilinear, dropout, drop_path, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Distribution, FloatDType, Int, Tensor};
 
 /// Stage input: `Conv2d(kernel = stride = patch)` then flatten and LayerNorm.
@@ -189,7 +187,7 @@ pub struct T2iHead<B: Backend> {
 
 fn upsample<B: Backend>(x: Tensor<B, 4>, factor: usize) -> Tensor<B, 4> {
     let [_, _, h, w] = x.dims();
-    interpolate(x, [h * factor, w * factor], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(true))
+    bilinear(x, h * factor, w * factor, true)
 }
 
 impl<B: Backend> T2iHead<B> {
@@ -552,6 +550,6 @@ pub fn resize_pos_embed<B: Backend>(table: Tensor<B, 3>, s: usize, h: usize, w: 
     }
     let c = table.dims()[2];
     let grid = table.reshape([1, s, s, c]).permute([0, 3, 1, 2]);
-    let resized = interpolate(grid, [h, w], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false));
+    let resized = bilinear(grid, h, w, false);
     resized.reshape([1, c, h * w]).swap_dims(1, 2)
 }
