@@ -1,59 +1,88 @@
 #!/usr/bin/env bash
 # GPU check, run on a lent NVIDIA machine with a binary built elsewhere (nothing is compiled here):
-#   carry devbin/mvlt (cargo build --release --features cuda) and .devfix/ (copies of the shared
-#   reference fixtures), then: bash scripts/gpu_check.sh
-# Parity on CUDA against the reference fixtures, then forward-pass timings; logs go to $OUT.
+#   carry devbin/ (mvlt.gz: `cargo build --release --features cuda`, gzipped to fit the transfer) and
+#   .devfix/ (copies of the shared reference fixtures), then: bash scripts/gpu_check.sh
+# 1. parity on CUDA against the reference fixtures (mvlt verify);
+# 2. a few hundred pvlt_tiny pre-training steps at 256 px on the synthetic catalogue, f32 and bf16,
+#    samples/s and peak GPU memory; then the same steps in PyTorch (scripts/torch_train_bench.py);
+# 3. with the time left before DEADLINE seconds: ITM experiments of scripts/grounding_experiment.py
+#    on the GPU, several at once (why ITM stays at ln 2 in CPU-sized runs).
+# The device tool returns at most 8 files from $OUT, so the runs live in $RUNS and only a log and
+# the metric files are copied to $OUT. For a dry run on a CPU:
+#   DEV=cpu STEPS=2 BATCH=2 TORCH_ARGS=--small DEADLINE=150 B=target/release/mvlt bash scripts/gpu_check.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/mvlt-gpu}; mkdir -p "$OUT"
-B=./devbin/mvlt; F=.devfix
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-# cudarc loads the driver and NVRTC at run time. The driver's folder goes first: some toolkit and
-# wheel folders hold a stub libcuda that fails with CUDA_ERROR_STUB_LIBRARY.
-drv=$(ldconfig -p | awk '/libcuda\.so\.1 /{print $NF; exit}')
-nvrtc=$(find /usr/local /opt /usr/lib -name 'libnvrtc.so*' -not -path '*stubs*' -printf '%h\n' 2>/dev/null | sort -u | head -1)
-echo "driver: $drv; nvrtc: $nvrtc" | tee -a "$OUT/gpu.txt"
-export LD_LIBRARY_PATH="$(dirname "${drv:-/usr/lib/x}"):${nvrtc}:${LD_LIBRARY_PATH:-}"
-{
-  echo "== verify on cuda"
-  $B verify $F/small_io.json --device cuda
-  $B verify $F/small_e2e_256.json --config $F/small_io.json --weights $F/small_model.safetensors \
-     --image-tensor $F/image_preproc.safetensors:02_dress_striped_navy_256x256/tensor_u8 --device cuda
-  $B verify $F/pvt_partial_load.json --config $F/small_io.json --weights $F/small_model.safetensors \
-     --inputs $F/small_io.safetensors --device cuda
-} 2>&1 | tee "$OUT/verify_cuda.txt"
-{
-  echo "== forward timings (pvlt_tiny, 256x256)"
-  for heads in itm all; do
-    for batch in 8 64; do
-      $B bench --device cuda --config tiny --image-size 256 --batch $batch --heads $heads --warmup 3 --iters 10
-    done
-  done
-  $B bench --device cpu --config tiny --image-size 256 --batch 8 --heads itm --warmup 1 --iters 3
-} 2>&1 | tee "$OUT/bench.txt"
-# Training: a few hundred pvlt_tiny pre-training steps at 256 px on the synthetic catalogue (the
-# reference's recipe with one micro-batch per step), in f32 and bf16, with the GPU's memory sampled
-# every second; then the same steps in PyTorch (compute only, random inputs) when torch is there.
-# Skip with SKIP_TRAIN=1; STEPS and BATCH change the size.
-if [ -z "${SKIP_TRAIN:-}" ]; then
-  STEPS=${STEPS:-200}; BATCH=${BATCH:-32}
-  for prec in f32 bf16; do
-    run="$OUT/train_$prec"
+OUT=${OUT:-/tmp/mvlt-gpu}; RUNS=${RUNS:-/tmp/mvlt-gpu-runs}; mkdir -p "$OUT" "$RUNS"
+B=${B:-./devbin/mvlt}; [ "$B" = ./devbin/mvlt ] && [ ! -x "$B" ] && gunzip -k devbin/mvlt.gz; F=${F:-.devfix}; DEV=${DEV:-cuda}; PY=${PY:-python3}
+DEADLINE=${DEADLINE:-540}; STEPS=${STEPS:-200}; BATCH=${BATCH:-32}
+START=$SECONDS
+left() { echo $(( DEADLINE - (SECONDS - START) )); }
+stage() { echo; echo "== [t=$((SECONDS - START)) s] $*"; }
+
+main() {
+stage "machine"
+if [ "$DEV" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  # cudarc loads the driver and NVRTC at run time. The driver's folder goes first: some toolkit and
+  # wheel folders hold a stub libcuda that fails with CUDA_ERROR_STUB_LIBRARY.
+  drv=$(ldconfig -p | awk '/libcuda\.so\.1 /{print $NF; exit}')
+  nvrtc=$(find /usr/local /opt /usr/lib -name 'libnvrtc.so*' -not -path '*stubs*' -printf '%h\n' 2>/dev/null | sort -u | head -1)
+  echo "driver: $drv; nvrtc: $nvrtc"
+  export LD_LIBRARY_PATH="$(dirname "${drv:-/usr/lib/x}"):${nvrtc}:${LD_LIBRARY_PATH:-}"
+fi
+nproc; $PY -c "import torch; print('torch', torch.__version__)" || true
+
+stage "verify on $DEV"
+timeout 90 $B verify $F/small_io.json --device $DEV
+timeout 60 $B verify $F/small_e2e_256.json --config $F/small_io.json --weights $F/small_model.safetensors \
+   --image-tensor $F/image_preproc.safetensors:02_dress_striped_navy_256x256/tensor_u8 --device $DEV
+timeout 60 $B verify $F/pvt_partial_load.json --config $F/small_io.json --weights $F/small_model.safetensors \
+   --inputs $F/small_io.safetensors --device $DEV
+
+# Training: pvlt_tiny pre-training steps at 256 px on the synthetic catalogue (the reference's
+# recipe with one micro-batch per step) with the GPU's memory sampled every second.
+for prec in f32 bf16; do
+  stage "mvlt pretrain, pvlt_tiny 256 px, batch $BATCH, $STEPS steps, $prec"
+  run="$RUNS/train_$prec"
+  if [ "$DEV" = cuda ]; then
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -l 1 > "$run.mem" &
     smi=$!
-    $B pretrain --recipe pretrain --device cuda --precision $prec --out "$run" \
-      --set batch_size=$BATCH --set accum_steps=1 --set max_steps=$STEPS --set synthetic_images=2000 \
-      --set val_fraction=0 --set log_every=10 --set workers=12 2>&1 | tail -5
-    kill $smi
-    echo "$prec: peak GPU memory $(sort -n "$run.mem" | tail -1) MiB"
-    # Steady state: the mean rate of the second half of the metric lines.
-    python3 -c "import json,sys; r=[json.loads(l) for l in open('$run/metrics.jsonl') if '\"train\"' in l]; h=r[len(r)//2:]; print('$prec: mvlt', round(sum(x['samples_per_s'] for x in h)/len(h),2), 'samples/s; last loss', round(r[-1]['loss'],4))"
-    rm -rf "$run/checkpoints" "$run/synthetic/images"
-  done 2>&1 | tee "$OUT/train.txt"
-  if python3 -c "import torch" 2>/dev/null; then
-    for amp in none fp16 bf16; do
-      # The same MLM decoder size as the mvlt runs (the synthetic catalogue's vocabulary).
-      (cd scripts && python3 torch_train_bench.py ../$F --device cuda --batch $BATCH --steps 50 --amp $amp \
-        --vocab-size "$(wc -l < "$OUT/train_f32/synthetic/vocab.txt")")
-    done 2>&1 | tee -a "$OUT/train.txt"
   fi
+  timeout 150 $B pretrain --recipe pretrain --device $DEV --precision $prec --out "$run" \
+    --set batch_size=$BATCH --set accum_steps=1 --set max_steps=$STEPS --set synthetic_images=2000 \
+    --set val_fraction=0 --set log_every=10 --set workers=12 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -4
+  [ "$DEV" = cuda ] && { kill $smi; echo "$prec: peak GPU memory $(sort -n "$run.mem" | tail -1) MiB"; }
+  # Steady state: the mean rate over the second half of the metric lines.
+  $PY -c "import json; r=[json.loads(l) for l in open('$run/metrics.jsonl') if '\"train\"' in l]; h=r[len(r)//2:]; print('$prec: mvlt', round(sum(x['samples_per_s'] for x in h)/len(h),2), 'samples/s over steps', h[0]['step'], '-', r[-1]['step'], '; loss', round(r[0]['loss'],4), '->', round(r[-1]['loss'],4))"
+  cp "$run/metrics.jsonl" "$OUT/train_${prec}_metrics.jsonl"
+done
+[ -f "$RUNS/train_f32/loss.png" ] && cp "$RUNS/train_f32/loss.png" "$OUT/train_f32_loss.png"
+
+if $PY -c "import torch" 2>/dev/null; then
+  stage "PyTorch, the same steps (compute only, random inputs)"
+  for amp in none bf16 fp16; do
+    # The same MLM decoder size as the mvlt runs (the synthetic catalogue's vocabulary).
+    (cd scripts && timeout 60 $PY torch_train_bench.py ../$F --device $DEV --batch $BATCH --steps 50 --amp $amp ${TORCH_ARGS:-} \
+      --vocab-size "$(wc -l < "$RUNS/train_f32/synthetic/vocab.txt")")
+  done
+
+  # ITM experiments, side by side on the GPU, until the deadline. All on "colour sub-category."
+  # captions of a 64 px catalogue of 800 images.
+  stage "grounding experiments for $(left) s"
+  cat64="$RUNS/cat64"; $B synth --out "$cat64" --n 800 --size 64 > /dev/null
+  declare -A exp=(
+    [itm_tiny_d2_b128]="--mask none --objectives itm --width tiny --depths 2,2,2,2 --batch 128 --lr 3e-4"
+    [full_tiny_d2_b128]="--mask sparse --objectives full --width tiny --depths 2,2,2,2 --batch 128 --lr 3e-4"
+    [itm_micro_std0.1_b128]="--mask none --objectives itm --batch 128 --lr 3e-4 --init-std 0.1"
+    [itm_micro_b512]="--mask none --objectives itm --batch 512 --lr 1e-3"
+  )
+  t=$(( $(left) - 10 )); [ $t -lt 30 ] && t=30
+  for name in "${!exp[@]}"; do
+    (cd scripts && PYTHONUNBUFFERED=1 timeout $t $PY grounding_experiment.py "$cat64" ${exp[$name]} \
+      --steps 1000000 --eval-every 500 --device $DEV > "$OUT/grounding_$name.jsonl" 2>&1) &
+  done
+  wait
+  for name in "${!exp[@]}"; do echo "$name (${exp[$name]}):"; tail -3 "$OUT/grounding_$name.jsonl"; done
 fi
+stage "done"
+}
+main 2>&1 | tee "$OUT/log.txt"
