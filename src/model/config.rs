@@ -88,6 +88,15 @@ pub struct PvltConfig {
     pub block_norm_eps: f64,
     pub norm_eps: f64,
     pub bert_layer_norm_eps: f64,
+    /// Standard deviation of every Linear weight at initialisation. The reference's 0.02 suits its
+    /// widths (64-512, 768); at a few dozen channels it leaves the attention path so weak that
+    /// the text tokens hardly see the image, and ITM does not learn (see README, Training).
+    pub linear_init_std: f64,
+    /// Standard deviation of the text position and token-type embedding tables at initialisation.
+    /// The reference leaves them at PyTorch's default, 1, fifty times the word embeddings' 0.02:
+    /// after the embedding LayerNorm a word's identity is then about 1% of its token vector, and
+    /// it takes many steps before the text stream tells words apart.
+    pub text_table_init_std: f64,
     pub heads: HeadSet,
 }
 
@@ -115,6 +124,8 @@ impl PvltConfig {
             block_norm_eps: 1e-6,
             norm_eps: 1e-5,
             bert_layer_norm_eps: 1e-12,
+            linear_init_std: 0.02,
+            text_table_init_std: 1.0,
             heads: HeadSet::ALL,
         }
     }
@@ -236,6 +247,8 @@ impl PvltConfig {
             block_norm_eps: f64_of(&["block_norm_eps"], base.block_norm_eps)?,
             norm_eps: f64_of(&["norm_eps"], base.norm_eps)?,
             bert_layer_norm_eps: f64_of(&["bert_layer_norm_eps", "layer_norm_eps"], base.bert_layer_norm_eps)?,
+            linear_init_std: f64_of(&["linear_init_std"], base.linear_init_std)?,
+            text_table_init_std: f64_of(&["text_table_init_std"], base.text_table_init_std)?,
             heads,
         };
         cfg.validate()?;
@@ -274,6 +287,11 @@ impl PvltConfig {
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) || !(0.0..1.0).contains(&self.text_dropout) {
             bail!("drop_path_rate and text_dropout must be in [0, 1)");
+        }
+        for (name, v) in [("linear_init_std", self.linear_init_std), ("text_table_init_std", self.text_table_init_std)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{name} must be a positive number, got {v}");
+            }
         }
         Ok(())
     }
@@ -333,6 +351,18 @@ mod tests {
         // Our own serialised form round-trips.
         let back = PvltConfig::from_json(&serde_json::to_value(&c).unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    /// The init scales: the reference's by default (a fixture's config has neither key), read from
+    /// the micro config, and a non-positive one is refused by name.
+    #[test]
+    fn init_scales() {
+        let fixture = PvltConfig::from_json(&serde_json::json!({"embed_dims": [16, 32, 40, 64]})).unwrap();
+        assert_eq!((fixture.linear_init_std, fixture.text_table_init_std), (0.02, 1.0));
+        let micro = PvltConfig::from_json(&serde_json::from_str(include_str!("../../configs/pvlt_micro.json")).unwrap()).unwrap();
+        assert_eq!((micro.linear_init_std, micro.text_table_init_std), (0.1, 0.02));
+        let e = format!("{:#}", PvltConfig::from_json(&serde_json::json!({"linear_init_std": 0.0})).unwrap_err());
+        assert!(e.contains("linear_init_std must be a positive number, got 0"), "{e}");
     }
 
     #[test]

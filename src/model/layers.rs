@@ -14,9 +14,9 @@ use burn::tensor::module::{conv2d, embedding, linear};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor};
 
-/// Linear layer, weight `[out, in]` as in PyTorch. Init: trunc-normal(0.02) weight, zero bias
-/// (`_init_weights` in the reference; PyTorch's trunc_normal_ bounds are +-2 absolute, i.e. 100
-/// standard deviations, so a plain normal is the same distribution).
+/// Linear layer, weight `[out, in]` as in PyTorch. Init: normal(`std`) weight, zero bias. The
+/// reference's `_init_weights` uses trunc-normal(0.02); its bounds are +-2 absolute, i.e. 100
+/// standard deviations at 0.02, so a plain normal is the same distribution.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
@@ -24,8 +24,8 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    pub fn new(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
-        let weight = Tensor::random([d_out, d_in], Distribution::Normal(0.0, 0.02), device);
+    pub fn new(d_in: usize, d_out: usize, bias: bool, std: f64, device: &B::Device) -> Self {
+        let weight = Tensor::random([d_out, d_in], Distribution::Normal(0.0, std), device);
         Linear {
             weight: Param::from_tensor(weight),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
@@ -170,8 +170,9 @@ pub struct Embedding<B: Backend> {
 }
 
 impl<B: Backend> Embedding<B> {
-    pub fn new(n: usize, d: usize, padding_idx: Option<usize>, device: &B::Device) -> Self {
-        let mut w = Tensor::random([n, d], Distribution::Normal(0.0, 1.0), device);
+    /// Normal(`std`) rows (PyTorch's `nn.Embedding` default is std 1), the padding row zero.
+    pub fn new(n: usize, d: usize, padding_idx: Option<usize>, std: f64, device: &B::Device) -> Self {
+        let mut w = Tensor::random([n, d], Distribution::Normal(0.0, std), device);
         if let Some(p) = padding_idx {
             w = w.slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
         }
@@ -193,8 +194,8 @@ pub struct LinearNorm<B: Backend> {
 }
 
 impl<B: Backend> LinearNorm<B> {
-    pub fn new(d_in: usize, d_out: usize, eps: f64, device: &B::Device) -> Self {
-        LinearNorm { _0: Linear::new(d_in, d_out, true, device), _1: LayerNorm::new(d_out, eps, device) }
+    pub fn new(d_in: usize, d_out: usize, eps: f64, std: f64, device: &B::Device) -> Self {
+        LinearNorm { _0: Linear::new(d_in, d_out, true, std, device), _1: LayerNorm::new(d_out, eps, device) }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {

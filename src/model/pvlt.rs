@@ -153,8 +153,8 @@ pub struct ClsHead<B: Backend> {
 }
 
 impl<B: Backend> ClsHead<B> {
-    fn new(d: usize, k: usize, device: &B::Device) -> Self {
-        ClsHead { linear_bias: Param::from_tensor(Tensor::zeros([k], device)), linear: Linear::new(d, k, true, device) }
+    fn new(d: usize, k: usize, std: f64, device: &B::Device) -> Self {
+        ClsHead { linear_bias: Param::from_tensor(Tensor::zeros([k], device)), linear: Linear::new(d, k, true, std, device) }
     }
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.linear.forward(x) + self.linear_bias.val().unsqueeze()
@@ -308,6 +308,7 @@ impl<B: Backend> Pvlt<B> {
     pub fn new(cfg: &PvltConfig, device: &B::Device) -> Self {
         let d = cfg.embed_dims;
         let th = cfg.token_hidden_size;
+        let std = cfg.linear_init_std;
         let trunc = |shape: [usize; 3]| Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device));
         let grid = |i: usize| cfg.pos_table_grid(i);
         let total_blocks: usize = cfg.depths.iter().sum();
@@ -327,17 +328,17 @@ impl<B: Backend> Pvlt<B> {
                     Block {
                         norm1: LayerNorm::new(c, cfg.block_norm_eps, device),
                         attn: Attention {
-                            q: Linear::new(c, c, cfg.qkv_bias, device),
-                            kv: Linear::new(c, 2 * c, cfg.qkv_bias, device),
-                            proj: Linear::new(c, c, true, device),
+                            q: Linear::new(c, c, cfg.qkv_bias, std, device),
+                            kv: Linear::new(c, 2 * c, cfg.qkv_bias, std, device),
+                            proj: Linear::new(c, c, true, std, device),
                             sr: (sr > 1).then(|| Conv2d::new(c, c, sr, sr, 0, true, device)),
                             norm: (sr > 1).then(|| LayerNorm::new(c, cfg.norm_eps, device)),
                             num_heads: cfg.num_heads[i],
                         },
                         norm2: LayerNorm::new(c, cfg.block_norm_eps, device),
                         mlp: Mlp {
-                            fc1: Linear::new(c, c * cfg.mlp_ratios[i], true, device),
-                            fc2: Linear::new(c * cfg.mlp_ratios[i], c, true, device),
+                            fc1: Linear::new(c, c * cfg.mlp_ratios[i], true, std, device),
+                            fc2: Linear::new(c * cfg.mlp_ratios[i], c, true, std, device),
                         },
                         drop_path: rate,
                     }
@@ -348,12 +349,12 @@ impl<B: Backend> Pvlt<B> {
             let (c_in, k) = if i == 0 { (3, cfg.patch_size) } else { (d[i - 1], 2) };
             PatchEmbed { proj: Conv2d::new(c_in, d[i], k, k, 0, true, device), norm: LayerNorm::new(d[i], cfg.norm_eps, device) }
         };
-        let text_embed = |i: usize| LinearNorm::new(if i == 0 { th } else { d[i - 1] }, d[i], cfg.norm_eps, device);
-        let head_embed = || LinearNorm::new(d[3], th, cfg.norm_eps, device);
+        let text_embed = |i: usize| LinearNorm::new(if i == 0 { th } else { d[i - 1] }, d[i], cfg.norm_eps, std, device);
+        let head_embed = || LinearNorm::new(d[3], th, cfg.norm_eps, std, device);
         let h = cfg.heads;
         let t = cfg.num_text_tokens;
 
-        let mut word_embeddings = Embedding::new(cfg.vocab_size, th, Some(0), device);
+        let mut word_embeddings = Embedding::new(cfg.vocab_size, th, Some(0), 1.0, device);
         if h.mlm {
             // The reference's init pass re-initialises the tied decoder Linear, i.e. the word
             // embeddings become trunc-normal(0.02) including the [PAD] row.
@@ -387,22 +388,22 @@ impl<B: Backend> Pvlt<B> {
             block4,
             text_embeddings: TextEmbeddings {
                 word_embeddings,
-                position_embeddings: Embedding::new(cfg.max_position_embeddings, th, None, device),
-                token_type_embeddings: Embedding::new(cfg.type_vocab_size, th, None, device),
+                position_embeddings: Embedding::new(cfg.max_position_embeddings, th, None, cfg.text_table_init_std, device),
+                token_type_embeddings: Embedding::new(cfg.type_vocab_size, th, None, cfg.text_table_init_std, device),
                 LayerNorm: LayerNorm::new(th, cfg.bert_layer_norm_eps, device),
                 dropout: cfg.text_dropout,
             },
             mlm_head_embed: h.mlm.then(head_embed),
             mlm_head: h.mlm.then(|| MlmHead {
                 bias: Param::from_tensor(Tensor::zeros([cfg.vocab_size], device)),
-                transform: MlmTransform { dense: Linear::new(th, th, true, device), LayerNorm: LayerNorm::new(th, cfg.norm_eps, device) },
+                transform: MlmTransform { dense: Linear::new(th, th, true, std, device), LayerNorm: LayerNorm::new(th, cfg.norm_eps, device) },
             }),
             itm_head_embed: h.itm.then(head_embed),
-            itm_head: h.itm.then(|| ClsHead::new(th, 2, device)),
+            itm_head: h.itm.then(|| ClsHead::new(th, 2, std, device)),
             sup_cls_head_embed: h.cls.then(head_embed),
-            sup_cls_head: h.cls.then(|| ClsHead::new(th, cfg.num_sup_classes, device)),
+            sup_cls_head: h.cls.then(|| ClsHead::new(th, cfg.num_sup_classes, std, device)),
             sub_cls_head_embed: h.cls.then(head_embed),
-            sub_cls_head: h.cls.then(|| ClsHead::new(th, cfg.num_sub_classes, device)),
+            sub_cls_head: h.cls.then(|| ClsHead::new(th, cfg.num_sub_classes, std, device)),
             t2i_head: h.t2i.then(|| T2iHead::new([d[1], d[2], d[3]], cfg.t2i_channel, device)),
             pos_grids: [grid(0), grid(1), grid(2), grid(3)],
         }
@@ -552,4 +553,30 @@ pub fn resize_pos_embed<B: Backend>(table: Tensor<B, 3>, s: usize, h: usize, w: 
     let grid = table.reshape([1, s, s, c]).permute([0, 3, 1, 2]);
     let resized = bilinear(grid, h, w, false);
     resized.reshape([1, c, h * w]).swap_dims(1, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Cpu;
+
+    /// The config's init scales reach the weights: every Linear and the text position/token-type
+    /// tables, and nothing else (the word embeddings stay at the reference's 0.02).
+    #[test]
+    fn init_scales_reach_the_weights() {
+        let cfg = PvltConfig { linear_init_std: 0.1, text_table_init_std: 0.05, ..PvltConfig::tiny() };
+        let m = Pvlt::<Cpu>::new(&cfg, &Default::default());
+        let std = |t: Tensor<Cpu, 2>| -> f32 { t.var(1).mean().sqrt().into_scalar() };
+        let b = &m.block1[0];
+        for (name, w, want) in [
+            ("q", b.attn.q.weight.val(), 0.1),
+            ("fc2", b.mlp.fc2.weight.val(), 0.1),
+            ("text_embed1", m.text_embed1._0.weight.val(), 0.1),
+            ("position table", m.text_embeddings.position_embeddings.weight.val(), 0.05),
+            ("word embeddings", m.text_embeddings.word_embeddings.weight.val(), 0.02),
+        ] {
+            let got = std(w);
+            assert!((got / want as f32 - 1.0).abs() < 0.05, "{name}: std {got}, want {want}");
+        }
+    }
 }
