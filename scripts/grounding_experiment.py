@@ -42,7 +42,16 @@ On an H100 (--device cuda, scripts/gpu_check.sh, four runs side by side for 6.5 
 And on the CPU, all three objectives with that init:
   --mask sparse --objectives full --batch 128 --lr 3e-4 --init-std 0.1: ITM batch loss 0.51 at step
   500, 0.22 at 1000; held-out ITM accuracy 0.74 at step 500, 0.84 at 1000; masked colours 0.76 right
-  with the product's image against 0.48 with a neighbouring row's (9.5 minutes on one core).
+  with the product's image against 0.48 with a neighbouring row's (1000 steps in 8 minutes on one core).
+  The same with --masked-odd (grid-masked images on odd steps, as in pre-training): ITM batch loss
+  0.52 at step 700, 0.35 at 900; held-out 0.71-0.73 from step 600.
+Started from mvlt's own initial weights (--init-from: `mvlt pretrain --set max_steps=1 --set
+warmup_lr=1e-12` with configs/pvlt_micro.json on the scripts/short_captions.py catalogue, whose
+token ids are this script's), --mask sparse --objectives full --masked-odd --batch 128 --lr 3e-4:
+  ITM batch loss 0.58 at step 600, 0.33 at 700, 0.19 at 1000; held-out 0.79-0.90 from step 700.
+  With --reference-pairs as well: 0.65 at step 800, 0.43 at 1000; held-out 0.65-0.71 from step 800.
+  mvlt itself on that catalogue, from those weights (README, Training): ITM leaves ln 2 at about
+  step 780 and is 0.39 at step 1000.
 Why the init matters: with Linear weights at std 0.02 and a few dozen channels, each Linear scales
 its input by about 0.02 * sqrt(C) = 0.1, so the attention output (two Linears: value, projection)
 added to a text token is about 1% of that token at initialisation, and the part of it that depends
@@ -84,6 +93,13 @@ def main():
                          "then an MLP; shows how quickly a plain late-fusion model learns the same matching task")
     ap.add_argument("--device", default="cpu", help="cpu or cuda; the random draws (data order, masks, init) stay on the CPU, so a seed picks the same run on both")
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--init-from", help="start from these weights (e.g. an mvlt run's step-1 weights written with warmup_lr=1e-12, "
+                    "on a catalogue whose vocab.txt lists this script's vocabulary in its order) instead of drawing them")
+    ap.add_argument("--reference-pairs", action="store_true",
+                    help="build the ITM pair before MLM masking, as the reference and mvlt do: a negative's masked words are then "
+                         "labelled with the other product's words (default: with the image's own words)")
+    ap.add_argument("--masked-odd", action="store_true",
+                    help="as mvlt pretrain and the reference: odd steps feed the image with half of its 16x16 grid cells set to 1e-6")
     a = ap.parse_args()
     dev = torch.device(a.device)
     torch.manual_seed(a.seed)
@@ -110,6 +126,10 @@ def main():
             sd[k] = torch.ones_like(sd[k])
         elif k.endswith(".weight") and sd[k].ndim == 2 and "embeddings" not in k:
             sd[k] = sd[k] * (a.init_std / 0.02)
+    if a.init_from:
+        from safetensors.torch import load_file
+        sd = {k: v.to(dev) for k, v in load_file(a.init_from).items() if v.is_floating_point()}
+        V = sd["text_embeddings.word_embeddings.weight"].shape[0]
     buffers = {k: v for k, v in sd.items() if k.endswith(("running_mean", "running_var"))}
     params = {k: v.clone().requires_grad_(True) for k, v in sd.items() if v.is_floating_point() and k not in buffers}
     opt = torch.optim.AdamW(params.values(), lr=a.lr, weight_decay=0.01)
@@ -179,13 +199,22 @@ def main():
             pick = (torch.rand(ids.shape) < 0.15) & (torch.arange(6) >= 1) & (torch.arange(6) <= 3)
         else:
             pick = torch.zeros_like(ids, dtype=torch.bool)
+        itm = torch.randint(0, 2, (a.batch,))
+        if a.reference_pairs and use_itm:
+            # The reference's order (and mvlt's): pick the caption first, then mask it, so the MLM
+            # labels of a negative pair are the other product's words.
+            ids = with_negatives(ids, itm)
         labels = torch.where(pick, ids, torch.full_like(ids, -1))
         ids = torch.where(pick, torch.full_like(ids, 3), ids)
-        itm = torch.randint(0, 2, (a.batch,))
-        if use_itm:
+        if use_itm and not a.reference_pairs:
             ids = with_negatives(ids, itm)
         ids, labels, itm = ids.to(dev), labels.to(dev), itm.to(dev)
-        out = model_forward({**params, **buffers}, cfg, imgs[idx], ids, heads, train=True)
+        inp = imgs[idx]
+        if a.masked_odd and step % 2 == 0:  # steps count from 1 here: the reference's odd (0-based) steps
+            cells = torch.rand(a.batch, 16 * 16).argsort(1) < 128
+            grid = cells.reshape(a.batch, 1, 16, 16).repeat_interleave(4, 2).repeat_interleave(4, 3).to(dev)
+            inp = torch.where(grid, torch.full_like(inp, 1e-6), inp)
+        out = model_forward({**params, **buffers}, cfg, inp, ids, heads, train=True)
         losses = {}
         if use_mlm:
             losses["mlm"] = F.cross_entropy(out["mlm_logits"].reshape(-1, V), labels.reshape(-1), ignore_index=-1)
