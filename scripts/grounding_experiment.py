@@ -51,7 +51,7 @@ token ids are this script's), --mask sparse --objectives full --masked-odd --bat
   ITM batch loss 0.58 at step 600, 0.33 at 700, 0.19 at 1000; held-out 0.79-0.90 from step 700.
   With --reference-pairs as well: 0.65 at step 800, 0.43 at 1000; held-out 0.65-0.71 from step 800.
   mvlt itself on that catalogue, from those weights (README, Training): ITM leaves ln 2 at about
-  step 780 and is 0.39 at step 1000.
+  step 770 and is 0.38-0.39 at step 1000.
 Why the init matters: with Linear weights at std 0.02 and a few dozen channels, each Linear scales
 its input by about 0.02 * sqrt(C) = 0.1, so the attention output (two Linears: value, projection)
 added to a text token is about 1% of that token at initialisation, and the part of it that depends
