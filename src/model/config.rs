@@ -88,9 +88,9 @@ pub struct PvltConfig {
     pub block_norm_eps: f64,
     pub norm_eps: f64,
     pub bert_layer_norm_eps: f64,
-    /// Standard deviation of every Linear weight at initialisation. The reference's 0.02 suits its
-    /// widths (64-512, 768); at a few dozen channels it leaves the attention path so weak that
-    /// the text tokens hardly see the image, and ITM does not learn (see README, Training).
+    /// Standard deviation of every Linear weight at initialisation (the reference: 0.02). At a few
+    /// dozen channels 0.02 leaves the attention path so weak that the text tokens hardly see the
+    /// image, and ITM does not learn in CPU-sized runs (see README, Training).
     pub linear_init_std: f64,
     /// Standard deviation of the text position and token-type embedding tables at initialisation.
     /// The reference leaves them at PyTorch's default, 1, fifty times the word embeddings' 0.02:
