@@ -13,7 +13,9 @@
 #   DEV=cpu STEPS=2 BATCH=2 TORCH_ARGS=--small DEADLINE=150 B=target/release/mvlt bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/mvlt-gpu}; RUNS=${RUNS:-/tmp/mvlt-gpu-runs}; mkdir -p "$OUT" "$RUNS"
-B=${B:-./devbin/mvlt}; [ "$B" = ./devbin/mvlt ] && [ ! -x "$B" ] && gunzip -k devbin/mvlt.gz; F=${F:-.devfix}; DEV=${DEV:-cuda}; PY=${PY:-python3}
+B=${B:-./devbin/mvlt}; F=${F:-.devfix}; DEV=${DEV:-cuda}; PY=${PY:-python3}
+# gunzip gives the file the archive's mode (not executable): without the chmod every command fails.
+if [ "$B" = ./devbin/mvlt ] && [ ! -x "$B" ]; then gunzip -kf devbin/mvlt.gz && chmod +x "$B" || exit 1; fi
 DEADLINE=${DEADLINE:-540}; STEPS=${STEPS:-200}; BATCH=${BATCH:-32}
 START=$SECONDS
 left() { echo $(( DEADLINE - (SECONDS - START) )); }

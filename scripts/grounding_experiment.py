@@ -60,7 +60,6 @@ on the image is smaller still (measured: swapping the images changes the stage-4
 """
 import argparse
 import json
-import re
 import sys
 import time
 
@@ -69,9 +68,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from short_captions import COLOURS, SPECIALS, caption_colour, vocabulary
 from torch_pvlt import forward, random_weights
-
-COLOURS = ["black", "white", "navy", "red", "burgundy", "green", "olive", "beige", "brown", "grey", "pink", "yellow", "blue", "orange", "purple"]
 
 
 def main():
@@ -105,12 +103,10 @@ def main():
     torch.manual_seed(a.seed)
     rows = [json.loads(l) for l in open(f"{a.catalog}/catalog.jsonl")]
     subs = sorted({r["subcategory"] for r in rows})
-    vocab = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "."] + COLOURS + subs
-    V = len(vocab)
-    colour = lambda caption: next(w for w in re.findall(r"[a-z]+", caption.lower()) if w in COLOURS)  # noqa: E731
+    V = len(vocabulary(subs))
     imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(f"{a.catalog}/{r['image']}").convert("RGB").resize((64, 64)), dtype=np.float32) / 255).permute(2, 0, 1) for r in rows]).to(dev)
-    col_id = torch.tensor([5 + COLOURS.index(colour(r["caption"])) for r in rows])
-    sub_id = torch.tensor([5 + len(COLOURS) + subs.index(r["subcategory"]) for r in rows])
+    col_id = torch.tensor([len(SPECIALS) + COLOURS.index(caption_colour(r["caption"])) for r in rows])
+    sub_id = torch.tensor([len(SPECIALS) + len(COLOURS) + subs.index(r["subcategory"]) for r in rows])
     N = len(rows)
     n_train = N * 9 // 10
     widths = {"micro": {"embed_dims": [32, 64, 96, 128], "num_heads": [1, 2, 2, 4], "mlp_ratios": [4, 4, 4, 4], "hidden": 128},

@@ -15,23 +15,37 @@ import re
 import sys
 
 COLOURS = ["black", "white", "navy", "red", "burgundy", "green", "olive", "beige", "brown", "grey", "pink", "yellow", "blue", "orange", "purple"]
+SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "."]
+
+
+def vocabulary(subcategories):
+    """Token ids of both scripts: specials, colours, then one word per sub-category (sorted)."""
+    return SPECIALS + COLOURS + list(subcategories)
+
+
+def caption_colour(caption):
+    """The first colour word of a synthetic caption."""
+    return next(w for w in re.findall(r"[a-z]+", caption.lower()) if w in COLOURS)
+
+
+def one_word(subcategory):
+    """'BOMBER JACKETS' -> 'bomberjackets'."""
+    return re.sub(r"[^a-z]", "", subcategory.lower())
 
 
 def main(src, dst):
     rows = [json.loads(line) for line in open(os.path.join(src, "catalog.jsonl"))]
-    word = lambda s: re.sub(r"[^a-z]", "", s.lower())  # noqa: E731  "BOMBER JACKETS" -> "bomberjackets"
     subs = sorted({r["subcategory"] for r in rows})
     os.makedirs(dst, exist_ok=True)
     images = os.path.join(dst, "images")
     if not os.path.exists(images):
         os.symlink(os.path.abspath(os.path.join(src, "images")), images)
-    vocab = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "."] + COLOURS + [word(s) for s in subs] + ["[UNK]"]
+    vocab = vocabulary(one_word(s) for s in subs) + ["[UNK]"]
     with open(os.path.join(dst, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
     with open(os.path.join(dst, "catalog.jsonl"), "w") as f:
         for r in rows:
-            colour = next(w for w in re.findall(r"[a-z]+", r["caption"].lower()) if w in COLOURS)
-            r["caption"] = f"{colour} {word(r['subcategory'])}."
+            r["caption"] = f"{caption_colour(r['caption'])} {one_word(r['subcategory'])}."
             f.write(json.dumps(r) + "\n")
     print(f"{len(rows)} rows, {len(vocab)} words -> {dst}")
 
