@@ -88,7 +88,10 @@ fn api_answers_and_errors() {
 
     for (ctype, body, want) in [
         ("text/plain", b"x".to_vec(), 415),
-        ("application/json", vec![b' '; 2 << 20], 413),
+        // Far over the 1 MiB limit, so the client is still writing when the server has seen enough:
+        // the server must read on (and discard) for the client to get the 413 at all.
+        ("application/json", vec![b' '; 16 << 20], 413),
+        (&format!("multipart/form-data; boundary={boundary}"), [&body[..], &vec![b' '; 2 << 20]].concat(), 413),
         ("application/json", br#"{"image": "aGVsbG8=", "text": "a shirt"}"#.to_vec(), 400),
         ("application/json", serde_json::json!({"image": b64, "text": " "}).to_string().into_bytes(), 400),
         ("application/json", br#"{"image": 5}"#.to_vec(), 400),

@@ -112,18 +112,56 @@ impl Input {
     }
 }
 
+/// How much of an over-limit body is still read (and thrown away) before the 413 answer, and for
+/// how long. Most clients send the whole body before they read the answer (no `Expect:
+/// 100-continue`); a server that answers and closes early leaves them writing into a reset
+/// connection ("broken pipe") and they never see the 413. Bounded, so a huge upload cannot keep a
+/// connection busy for long.
+const DRAIN_BYTES: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// The whole body, at most `limit` bytes (413 beyond, after draining as above).
+async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| bad(format!("reading the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if buf.len() + data.len() > limit {
+            let drain = async {
+                let mut seen = buf.len() + data.len();
+                while let Some(Ok(frame)) = body.frame().await {
+                    seen += frame.into_data().map(|d| d.len()).unwrap_or(0);
+                    if seen > DRAIN_BYTES {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over the {limit}-byte limit")));
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
+}
+
 async fn read_input(req: Request, limit: usize) -> Result<Input, ApiError> {
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    let too_big = |_| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over the {limit}-byte limit"));
-    if ctype.starts_with("application/json") {
-        let body = axum::body::to_bytes(req.into_body(), limit).await.map_err(too_big)?;
+    let is_json = ctype.starts_with("application/json");
+    if !is_json && !ctype.starts_with("multipart/form-data") {
+        return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json or multipart/form-data, got '{ctype}'")));
+    }
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, limit).await?;
+    if is_json {
         serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))
-    } else if ctype.starts_with("multipart/form-data") {
+    } else {
+        let req = Request::from_parts(parts, axum::body::Body::from(body));
         let mut mp = axum::extract::Multipart::from_request(req, &()).await.map_err(|e| bad(format!("invalid multipart body: {e}")))?;
         let mut input = Input::default();
         while let Some(field) = mp.next_field().await.map_err(|e| bad(format!("invalid multipart body: {e}")))? {
             let name = field.name().unwrap_or("").to_string();
-            let data = field.bytes().await.map_err(|e| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("reading part '{name}': {e}")))?;
+            let data = field.bytes().await.map_err(|e| bad(format!("reading part '{name}': {e}")))?;
             let text = || String::from_utf8(data.to_vec()).map_err(|_| bad(format!("part '{name}' is not UTF-8 text")));
             match name.as_str() {
                 "image" => input.image_bytes = Some(data.clone()),
@@ -135,8 +173,6 @@ async fn read_input(req: Request, limit: usize) -> Result<Input, ApiError> {
             }
         }
         Ok(input)
-    } else {
-        Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json or multipart/form-data, got '{ctype}'")))
     }
 }
 
