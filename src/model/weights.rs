@@ -380,6 +380,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The same weights on another backend (or device), through the backend-neutral state dict.
+pub fn to_backend<B1: Backend, B2: Backend>(model: &Pvlt<B1>, cfg: &PvltConfig, device: &B2::Device) -> Result<Pvlt<B2>> {
+    let sd = StateDict { path: PathBuf::from("(in memory)"), format: "memory", tensors: state_dict(model, cfg)?.into_iter().collect(), metadata: HashMap::new() };
+    Ok(load_state_dict(Pvlt::<B2>::new(cfg, device), &sd, true)?.0)
+}
+
 /// Save a model as safetensors with its config in the metadata.
 pub fn save_model<B: Backend>(model: &Pvlt<B>, cfg: &PvltConfig, path: &Path) -> Result<()> {
     let tensors = state_dict(model, cfg)?;

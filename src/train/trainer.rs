@@ -18,8 +18,8 @@ use super::schedule::{decays, scaled_lr, LrSchedule};
 use crate::data::dataset::{open_dataset, split_by_product, ClassMap, Dataset};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::text::TextProcessor;
-use crate::device::BackendTask;
-use crate::model::weights::{load_state_dict, resolve_config, save_model, StateDict};
+use crate::device::{BackendTask, Cpu};
+use crate::model::weights::{load_state_dict, resolve_config, save_model, to_backend, StateDict};
 use crate::model::{HeadSet, Pvlt, PvltConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::backend::Autodiff;
@@ -316,8 +316,13 @@ fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummar
             let classes = ClassMap::from_records(dataset.records());
             let init = cfg.init.as_ref().map(|p| StateDict::read(p)).transpose()?;
             let model_config = model_config(&cfg, &text, &classes, init.as_ref())?;
+            // The initial weights are drawn on the CPU whatever the device: each backend's
+            // generator draws other numbers from one seed, and one seed should mean one model
+            // (a GPU run then starts where the CPU run with that seed starts).
+            let cpu = Default::default();
+            <Cpu as Backend>::seed(&cpu, cfg.seed);
+            let mut model = to_backend::<Cpu, AB<B>>(&Pvlt::<Cpu>::new(&model_config, &cpu), &model_config, &device)?;
             <AB<B> as Backend>::seed(&device, cfg.seed);
-            let mut model = Pvlt::<AB<B>>::new(&model_config, &device);
             if let Some(mut sd) = init {
                 drop_mismatched_class_heads(&mut sd, &model_config);
                 let (m, report) = load_state_dict(model, &sd, !cfg.init_non_strict)?;
