@@ -11,6 +11,10 @@
 # The device tool returns at most 8 files from $OUT, so the runs live in $RUNS and only a log and
 # the metric files are copied to $OUT. For a dry run on a CPU:
 #   DEV=cpu STEPS=2 BATCH=2 TORCH_ARGS=--small DEADLINE=150 B=target/release/mvlt bash scripts/gpu_check.sh
+# The same kernels and backward rules as CUDA (burn-cubecl), without a GPU, through burn's WGPU
+# backend on Mesa's software Vulkan driver (`apt-get install mesa-vulkan-drivers`; src/device.rs):
+#   cargo build --release --features wgpu
+#   DEV=wgpu STEPS=2 BATCH=2 TORCH_ARGS=--small DEADLINE=0 B=target/release/mvlt bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/mvlt-gpu}; RUNS=${RUNS:-/tmp/mvlt-gpu-runs}; mkdir -p "$OUT" "$RUNS"
 B=${B:-./devbin/mvlt}; F=${F:-.devfix}; DEV=${DEV:-cuda}; PY=${PY:-python3}
@@ -41,9 +45,14 @@ timeout 60 $B verify $F/small_e2e_256.json --config $F/small_io.json --weights $
 timeout 60 $B verify $F/pvt_partial_load.json --config $F/small_io.json --weights $F/small_model.safetensors \
    --inputs $F/small_io.safetensors --device $DEV
 
+stage "verify --train-step on $DEV (one pre-training step and its AdamW update: tests/data/train_step)"
+timeout 120 $B verify --train-step tests/data/train_step/step.safetensors --weights tests/data/train_step/weights.safetensors \
+   --config tests/data/train_step/config.json --device $DEV 2>&1 | tail -4
+
 # Training: pvlt_tiny pre-training steps at 256 px on the synthetic catalogue (the reference's
 # recipe with one micro-batch per step) with the GPU's memory sampled every second.
-for prec in f32 bf16; do
+precs="f32 bf16"; [ "$DEV" = wgpu ] && precs=f32   # WGSL has no bf16
+for prec in $precs; do
   stage "mvlt pretrain, pvlt_tiny 256 px, batch $BATCH, $STEPS steps, $prec"
   run="$RUNS/train_$prec"
   if [ "$DEV" = cuda ]; then

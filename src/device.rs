@@ -1,6 +1,12 @@
 //! Where the model runs: `cpu` (burn's Flex backend) or `cuda[:N]` (burn's CUDA backend, behind the
 //! `cuda` cargo feature). This is the only module that names concrete burn backends, so moving to
 //! another burn release or backend touches this file alone.
+//!
+//! `wgpu` (behind the `wgpu` feature) is a check, not a training target: burn's WGPU backend runs
+//! the same burn-cubecl kernels and backward rules as CUDA, and with a software Vulkan driver
+//! (Mesa's lavapipe) it runs on any CPU. So a machine without an NVIDIA GPU can still find what the
+//! GPU path lacks (the bilinear-backward panic of the first H100 run was such a gap) before a GPU
+//! session is spent on it. See `scripts/jit_check.sh`.
 
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
@@ -12,11 +18,16 @@ pub type Cpu = burn::backend::Flex;
 /// The CUDA backend.
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda;
+/// burn-cubecl through WGPU (see the module comment).
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
+    /// The default WGPU adapter (a check of the JIT path; see the module comment).
+    Wgpu,
 }
 
 impl FromStr for DeviceSpec {
@@ -25,19 +36,20 @@ impl FromStr for DeviceSpec {
         match s {
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "wgpu" => Ok(DeviceSpec::Wgpu),
             _ => match s.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
                 Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
-                _ => bail!("unknown device '{s}': use cpu, cuda or cuda:N"),
+                _ => bail!("unknown device '{s}': use cpu, cuda, cuda:N (or wgpu, a check of the GPU code path)"),
             },
         }
     }
 }
 
 impl DeviceSpec {
-    /// The device's index within its kind (the CPU is device 0).
+    /// The device's index within its kind (the CPU and the WGPU adapter are device 0).
     pub fn index(self) -> usize {
         match self {
-            DeviceSpec::Cpu => 0,
+            DeviceSpec::Cpu | DeviceSpec::Wgpu => 0,
             DeviceSpec::Cuda(n) => n,
         }
     }
@@ -48,6 +60,7 @@ impl fmt::Display for DeviceSpec {
         match self {
             DeviceSpec::Cpu => write!(f, "cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Wgpu => write!(f, "wgpu"),
         }
     }
 }
@@ -81,7 +94,33 @@ pub fn run_on_devices<T: BackendTask>(spec: DeviceSpec, indices: &[usize], task:
     match spec {
         DeviceSpec::Cpu => task.run_multi::<Cpu>(vec![Default::default(); indices.len()]),
         DeviceSpec::Cuda(_) => run_cuda(indices, task),
+        DeviceSpec::Wgpu => run_wgpu(indices, task),
     }
+}
+
+#[cfg(feature = "wgpu")]
+fn run_wgpu<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
+    if indices.len() > 1 {
+        bail!("wgpu: one device only (it is a check of the GPU code path, not a training target)");
+    }
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    // wgpu panics when no adapter is found (no Vulkan/Metal/DX12 driver): an error that says so.
+    let probe = std::panic::catch_unwind(|| burn::tensor::Tensor::<Wgpu, 1>::ones([1], &device).into_scalar());
+    if let Err(e) = probe {
+        bail!("wgpu: no usable adapter on this machine ({}); on Debian, `apt-get install mesa-vulkan-drivers` gives a software one", panic_message(&e));
+    }
+    task.run::<Wgpu>(device)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn run_wgpu<T: BackendTask>(_indices: &[usize], _task: T) -> Result<T::Output> {
+    bail!("wgpu: this mvlt was built without it; rebuild with `cargo build --release --features wgpu`")
+}
+
+/// The text of a caught panic.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn panic_message(e: &Box<dyn std::any::Any + Send>) -> String {
+    e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
 }
 
 #[cfg(feature = "cuda")]
@@ -96,12 +135,7 @@ fn run_cuda<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
             t.into_scalar()
         });
         if let Err(e) = probe {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            bail!("cuda:{n}: no usable NVIDIA GPU / CUDA driver with this index on this machine ({msg})");
+            bail!("cuda:{n}: no usable NVIDIA GPU / CUDA driver with this index on this machine ({})", panic_message(&e));
         }
         devices.push(device);
     }
@@ -121,6 +155,7 @@ mod tests {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!("wgpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Wgpu);
         assert!("tpu".parse::<DeviceSpec>().unwrap_err().to_string().contains("unknown device 'tpu'"));
     }
 }
