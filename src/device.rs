@@ -6,7 +6,7 @@
 //! the same burn-cubecl kernels and backward rules as CUDA, and with a software Vulkan driver
 //! (Mesa's lavapipe) it runs on any CPU. So a machine without an NVIDIA GPU can still find what the
 //! GPU path lacks (the bilinear-backward panic of the first H100 run was such a gap) before a GPU
-//! session is spent on it. See `scripts/jit_check.sh`.
+//! session is spent on it. `scripts/gpu_check.sh` runs with `DEV=wgpu` (README, "Devices").
 
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
