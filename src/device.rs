@@ -104,10 +104,8 @@ fn run_wgpu<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
         bail!("wgpu: one device only (it is a check of the GPU code path, not a training target)");
     }
     let device = burn::backend::wgpu::WgpuDevice::default();
-    // wgpu panics when no adapter is found (no Vulkan/Metal/DX12 driver): an error that says so.
-    let probe = std::panic::catch_unwind(|| burn::tensor::Tensor::<Wgpu, 1>::ones([1], &device).into_scalar());
-    if let Err(e) = probe {
-        bail!("wgpu: no usable adapter on this machine ({}); on Debian, `apt-get install mesa-vulkan-drivers` gives a software one", panic_message(&e));
+    if let Err(msg) = probe::<Wgpu>(&device) {
+        bail!("wgpu: no usable adapter on this machine ({msg}); on Debian, `apt-get install mesa-vulkan-drivers` gives a software one");
     }
     task.run::<Wgpu>(device)
 }
@@ -117,10 +115,16 @@ fn run_wgpu<T: BackendTask>(_indices: &[usize], _task: T) -> Result<T::Output> {
     bail!("wgpu: this mvlt was built without it; rebuild with `cargo build --release --features wgpu`")
 }
 
-/// The text of a caught panic.
+/// One tiny tensor op on `device`. GPU runtimes load their drivers at first use and panic when
+/// they are missing (cudarc without libcuda/NVRTC, wgpu without an adapter): the panic's text, to
+/// turn into an error that says what is missing instead of a backtrace.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn panic_message(e: &Box<dyn std::any::Any + Send>) -> String {
-    e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+fn probe<B: Backend>(device: &B::Device) -> std::result::Result<(), String> {
+    // The device is only read, and nothing runs on it after a failed probe.
+    let op = std::panic::AssertUnwindSafe(|| burn::tensor::Tensor::<B, 1>::ones([1], device).into_scalar());
+    std::panic::catch_unwind(op).map(|_| ()).map_err(|e| {
+        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    })
 }
 
 #[cfg(feature = "cuda")]
@@ -128,14 +132,8 @@ fn run_cuda<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
     let mut devices = vec![];
     for &n in indices {
         let device = burn::backend::cuda::CudaDevice::new(n);
-        // cudarc loads libcuda/NVRTC at first use and panics when they are absent: turn that into
-        // an error that says what is missing instead of a backtrace.
-        let probe = std::panic::catch_unwind(|| {
-            let t = burn::tensor::Tensor::<Gpu, 1>::ones([1], &device);
-            t.into_scalar()
-        });
-        if let Err(e) = probe {
-            bail!("cuda:{n}: no usable NVIDIA GPU / CUDA driver with this index on this machine ({})", panic_message(&e));
+        if let Err(msg) = probe::<Gpu>(&device) {
+            bail!("cuda:{n}: no usable NVIDIA GPU / CUDA driver with this index on this machine ({msg})");
         }
         devices.push(device);
     }
