@@ -208,15 +208,15 @@ impl TrainConfig {
                 bail!("{name} must be in [0, 1), got {v}");
             }
         }
+        if self.precision == Precision::Bf16 && self.device.parse::<crate::device::DeviceSpec>().ok() == Some(crate::device::DeviceSpec::Wgpu) {
+            bail!("precision = \"bf16\" does not run on wgpu (its WGSL shaders have no bf16 type): use precision = \"f32\" there");
+        }
         Ok(())
     }
 
     /// Device kind and the indices to train on (`devices`, else the one in `device`).
     pub fn device_indices(&self) -> Result<(crate::device::DeviceSpec, Vec<usize>)> {
         let spec: crate::device::DeviceSpec = self.device.parse()?;
-        if spec == crate::device::DeviceSpec::Wgpu && self.precision == Precision::Bf16 {
-            bail!("precision = \"bf16\" does not run on wgpu (its WGSL shaders have no bf16 type): use precision = \"f32\" there");
-        }
         let indices = if self.devices.is_empty() { vec![spec.index()] } else { self.devices.clone() };
         Ok((spec, indices))
     }
@@ -259,8 +259,7 @@ mod tests {
         assert!(e.contains("batch_size must be at least 1"), "{e}");
         let e = TrainConfig::resolve("task = \"finetune\"", &[]).unwrap_err().to_string();
         assert!(e.contains("set init"), "{e}");
-        let c = TrainConfig::resolve("", &["device=wgpu".into(), "precision=bf16".into()]).unwrap();
-        let e = c.device_indices().unwrap_err().to_string();
+        let e = TrainConfig::resolve("", &["device=wgpu".into(), "precision=bf16".into()]).unwrap_err().to_string();
         assert!(e.contains("no bf16 type"), "{e}");
     }
 }
