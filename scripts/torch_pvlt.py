@@ -41,7 +41,9 @@ def forward(sd, cfg, images, ids, heads, train=False):
     """Dropout and drop_path are never applied (rates 0); `train` switches BatchNorm to batch statistics."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device)
-    y = F.embedding(ids, sd["text_embeddings.word_embeddings.weight"]) + F.embedding(pos, sd["text_embeddings.position_embeddings.weight"])[None] + sd["text_embeddings.token_type_embeddings.weight"][0]
+    # nn.Embedding(vocab, hidden, padding_idx=pad_token_id=0) (MVLT-SPEC 2.1): the lookup passes no
+    # gradient to the [PAD] row; the tied decoder below still does.
+    y = F.embedding(ids, sd["text_embeddings.word_embeddings.weight"], padding_idx=0) + F.embedding(pos, sd["text_embeddings.position_embeddings.weight"])[None] + sd["text_embeddings.token_type_embeddings.weight"][0]
     y = ln(y, sd, "text_embeddings.LayerNorm", 1e-12)
     x = images
     feats = []
@@ -92,7 +94,10 @@ def forward(sd, cfg, images, ids, heads, train=False):
     if "mlm" in heads:
         e = ln(lin(y, sd, "mlm_head_embed.0"), sd, "mlm_head_embed.1", 1e-5)
         hid = ln(F.gelu(lin(e, sd, "mlm_head.transform.dense")), sd, "mlm_head.transform.LayerNorm", 1e-5)
-        out["mlm_logits"] = hid @ sd["text_embeddings.word_embeddings.weight"].t() + sd["mlm_head.bias"]
+        # The decoder weight IS the word-embedding matrix (tied); a caller may pass it under its own
+        # key to see the two uses' gradients apart.
+        dec = sd.get("mlm_head.mlm_decoder.weight", sd["text_embeddings.word_embeddings.weight"])
+        out["mlm_logits"] = hid @ dec.t() + sd["mlm_head.bias"]
     if "t2i" in heads:
         f2, f3, f4 = feats[1], feats[2], feats[3]
         t = "t2i_head."

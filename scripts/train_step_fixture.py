@@ -1,6 +1,10 @@
 """Build a training-step fixture in the format the training issue defines, with the independent
 PyTorch PVLT of scripts/torch_pvlt.py (checked against the reference's small_io fixture first).
 
+The inputs hold [PAD] positions; the word-embedding lookup has padding_idx 0 (MVLT-SPEC 2.1), and
+the fixture also stores the lookup's and the tied decoder's parts of that gradient apart
+(`grad_part/lookup/...`, `grad_part/decoder/...`).
+
 The step: the odd (masked-image) pre-training step with all five losses, train mode (BatchNorm
 batch statistics), dropout and drop_path off, then one torch.optim.AdamW step (lr 1e-3, betas
 0.9/0.999, eps 1e-8, weight decay 0.01 on every parameter). Computed in float64, stored as float32.
@@ -87,7 +91,12 @@ def main():
 
     params = {k: v.double().clone().requires_grad_(True) for k, v in sd.items() if not is_buffer(k) and v.is_floating_point()}
     buffers = {k: v.double().clone() for k, v in sd.items() if k.endswith(("running_mean", "running_var"))}
-    out = forward({**params, **buffers}, cfg, masked.double(), ids, {"itm", "mlm", "t2i", "cls"}, train=True)
+    # The tied word embeddings enter twice: the lookup (padding_idx 0) and the MLM decoder. A second
+    # leaf with the same values for the decoder gives the two gradients apart; the parameter's
+    # gradient is their sum, as with one tied tensor.
+    word = "text_embeddings.word_embeddings.weight"
+    decoder = params[word].detach().clone().requires_grad_(True)
+    out = forward({**params, **buffers, "mlm_head.mlm_decoder.weight": decoder}, cfg, masked.double(), ids, {"itm", "mlm", "t2i", "cls"}, train=True)
     losses = {
         "loss_mlm": F.cross_entropy(out["mlm_logits"].reshape(-1, V), mlm.reshape(-1), ignore_index=-1),
         "loss_itm": F.cross_entropy(out["itm_logits"].reshape(B, 2), itm),
@@ -97,6 +106,9 @@ def main():
     }
     total = sum(losses.values())
     total.backward()
+    lookup_part = params[word].grad.clone()
+    assert lookup_part[0].abs().max() == 0, "the lookup must give the [PAD] row no gradient"
+    params[word].grad += decoder.grad
 
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     fx = {"in/images": images, "in/masked_images": masked, "in/input_ids": ids, "in/mlm_labels": mlm,
@@ -106,6 +118,8 @@ def main():
     fx["loss/total_loss"] = f32(total)
     for k, p in params.items():
         fx[f"grad/{k}"] = f32(p.grad)
+    fx[f"grad_part/lookup/{word}"] = f32(lookup_part)
+    fx[f"grad_part/decoder/{word}"] = f32(decoder.grad)
     for k, v in buffers.items():
         fx[f"bn_after/{k}"] = f32(v)
     for k, v in sd.items():

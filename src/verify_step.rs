@@ -62,6 +62,26 @@ fn missing(name: &str, why: &str) -> Row {
     Row { name: name.to_string(), shape: vec![], max_abs: f64::NAN, max_rel: f64::NAN, ok: false, skipped: Some(why.to_string()) }
 }
 
+/// The word-embedding gradient's two sources, checked apart where they differ: the lookup
+/// (`padding_idx` 0) gives the [PAD] row nothing, so that row's gradient is the tied MLM decoder's
+/// alone. Rows: the fixture's lookup part is zero there, and our [PAD] row equals its decoder part.
+/// Fixtures without `grad_part/*` entries (older ones) add no rows.
+fn pad_row_check(fx: &BTreeMap<String, TensorData>, ours: &BTreeMap<String, Vec<f64>>, tol: &Tolerance) -> Vec<Row> {
+    let key = crate::model::weights::WORD_EMBEDDINGS_KEY;
+    let (Some(lookup), Some(decoder)) = (fx.get(&format!("grad_part/lookup/{key}")), fx.get(&format!("grad_part/decoder/{key}"))) else {
+        return vec![];
+    };
+    let hidden = decoder.shape.last().copied().unwrap_or(0);
+    let row0 = |d: &TensorData| values(d).into_iter().take(hidden).collect::<Vec<f64>>();
+    let mut rows = vec![compare_values(&format!("grad_part/lookup/{key}[PAD row] is zero"), vec![hidden], &row0(lookup), &vec![0.0; hidden], false, &Tolerance { atol: 0.0, rtol: 0.0 })];
+    let name = format!("grad_part/decoder/{key}[PAD row] = our whole gradient's");
+    match ours.get(key) {
+        Some(g) => rows.push(compare_values(&name, vec![hidden], &g[..hidden.min(g.len())], &row0(decoder), false, tol)),
+        None => rows.push(missing(&name, "we computed no gradient for the word embeddings")),
+    }
+    rows
+}
+
 impl BackendTask for TrainStepTask {
     type Output = Vec<Row>;
     fn run<B: Backend>(self, device: B::Device) -> Result<Vec<Row>> {
@@ -140,6 +160,8 @@ impl BackendTask for TrainStepTask {
                 rows.push(missing(k, "stored gradient of a parameter this model does not have"));
             }
         }
+
+        rows.extend(pad_row_check(&fx, &our_grads, tol));
 
         // BatchNorm buffers after the forward (the running update happened in it).
         let after: BTreeMap<String, TensorData> = state_dict(&burn::module::AutodiffModule::valid(&model), &cfg)?.into_iter().collect();

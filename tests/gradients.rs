@@ -224,3 +224,37 @@ fn mlm_on_predicted_positions_equals_the_full_head() {
         assert!(present > 10, "only {present} gradients compared");
     }
 }
+
+/// The tied word embeddings, each use apart (MVLT-SPEC 2.1): the lookup gives the [PAD] row no
+/// gradient (`padding_idx` 0), the MLM decoder gives every row one. With the MLM head, row 0's
+/// gradient is therefore the decoder's alone and non-zero; with only the ITM head, the lookup is
+/// the table's one use and row 0 gets exactly nothing, though PAD positions are looked up.
+#[test]
+fn pad_row_learns_only_through_the_decoder() {
+    use burn::optim::GradientsParams;
+    use mvlt::train::optim::named_grads;
+
+    let _turn = common::backend_turn();
+    let (cfg, model, images, ids) = model_and_two_pairs(7);
+    let device = model.devices()[0];
+    let t = Targets {
+        mlm: MlmTargets::from_labels(&[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], &device),
+        itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0], [2]), &device),
+        clean_images: images.clone(),
+        sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4], [2]), &device),
+        sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0], [2]), &device),
+    };
+    let word_grad_rows = |heads: HeadSet| -> (Vec<f32>, Vec<f32>) {
+        let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, true, Some(t.mlm.rows.clone()));
+        let grads = GradientsParams::from_grads(losses(&out, &t, heads).total.backward(), &model);
+        let (_, _, g) = named_grads(&model, &grads).into_iter().find(|(k, _, _)| k == "text_embeddings.word_embeddings.weight").unwrap();
+        let g: Vec<f32> = g.expect("the word embeddings get a gradient").into_data().to_vec().unwrap();
+        let h = cfg.token_hidden_size;
+        (g[..h].to_vec(), g[7 * h..8 * h].to_vec())
+    };
+    let (pad, looked_up) = word_grad_rows(HeadSet { itm: true, ..HeadSet::NONE });
+    assert!(pad.iter().all(|&x| x == 0.0), "ITM only: the [PAD] row got {pad:?} from the lookup");
+    assert!(looked_up.iter().any(|&x| x != 0.0), "ITM only: row 7 is looked up and must get a gradient");
+    let (pad, _) = word_grad_rows(HeadSet { itm: true, mlm: true, ..HeadSet::NONE });
+    assert!(pad.iter().any(|&x| x != 0.0), "with the MLM head the tied decoder gives the [PAD] row a gradient");
+}

@@ -117,6 +117,10 @@ fn training_step_matches_the_pytorch_step() {
     assert_eq!(rows.iter().filter(|r| r.name.starts_with("param_after/")).count(), grads);
     assert_eq!(rows.iter().filter(|r| r.name.starts_with("bn_after/")).count(), 33);
     assert!(grads > 150, "{grads}");
+    // The [PAD] row of the word embeddings, its two sources apart: the fixture's lookup part is
+    // zero there (padding_idx), and our gradient equals the fixture's decoder part.
+    let pad_rows: Vec<_> = rows.iter().filter(|r| r.name.starts_with("grad_part/") && r.name.contains("[PAD row]")).collect();
+    assert_eq!(pad_rows.len(), 2, "{:?}", rows.iter().map(|r| &r.name).collect::<Vec<_>>());
 }
 
 #[test]

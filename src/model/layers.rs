@@ -163,25 +163,37 @@ impl<B: Backend> BatchNorm2d<B> {
     }
 }
 
-/// Embedding table `[n, d]`. Init N(0, 1) (PyTorch's default); `padding_idx` rows start at zero.
+/// `nn.Embedding(n, d, padding_idx)`: table `[n, d]`, init N(0, `std`) (PyTorch's default is 1),
+/// the padding row zero at init. As in PyTorch, the lookup gives the padding row no gradient; the row
+/// can still learn through other uses of the table (the tied MLM decoder, MVLT-SPEC 2.1).
 #[derive(Module, Debug)]
 pub struct Embedding<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
+    /// Looked-up rows of this id pass no gradient back to the table.
+    pub padding_idx: Option<usize>,
 }
 
 impl<B: Backend> Embedding<B> {
-    /// Normal(`std`) rows (PyTorch's `nn.Embedding` default is std 1), the padding row zero.
     pub fn new(n: usize, d: usize, padding_idx: Option<usize>, std: f64, device: &B::Device) -> Self {
         let mut w = Tensor::random([n, d], Distribution::Normal(0.0, std), device);
         if let Some(p) = padding_idx {
             w = w.slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
         }
-        Embedding { weight: Param::from_tensor(w) }
+        Embedding { weight: Param::from_tensor(w), padding_idx }
     }
 
     /// `[B, T] ids -> [B, T, d]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.weight.val(), ids)
+        let Some(pad) = self.padding_idx else {
+            return embedding(self.weight.val(), ids);
+        };
+        let [b, t] = ids.dims();
+        let [_, d] = self.weight.dims();
+        let is_pad = ids.clone().equal_elem(pad as i64).unsqueeze_dim::<3>(2).expand([b, t, d]);
+        let rows = embedding(self.weight.val(), ids);
+        // The same values, but at padding positions they come from a detached copy, so the
+        // lookup's gradient skips the padding row exactly as PyTorch's `padding_idx` does.
+        rows.clone().mask_where(is_pad, rows.detach())
     }
 }
 
@@ -298,6 +310,36 @@ mod tests {
                 let got = bilinear(x.clone(), oh, ow, align);
                 let err: f32 = got.sub(want).abs().max().into_scalar();
                 assert!(err < 1e-5, "{oh}x{ow} align_corners={align}: max abs error {err}");
+            }
+        }
+    }
+
+    /// `padding_idx`: the looked-up [PAD] rows carry their values forward but send no gradient back
+    /// to row 0 (PyTorch's `nn.Embedding(padding_idx=0)`); other rows get the summed gradient of
+    /// every position that looked them up; without `padding_idx` row 0 learns like any other.
+    #[test]
+    fn padding_row_gets_no_gradient_from_the_lookup() {
+        type AB = burn::backend::Autodiff<Cpu>;
+        let device = Default::default();
+        let ids = Tensor::<AB, 2, Int>::from_data(burn::tensor::TensorData::new(vec![0i64, 3, 0, 5, 3, 0], [2, 3]), &device);
+        let upstream = Tensor::<AB, 3>::from_data(burn::tensor::TensorData::new((0..24).map(|i| i as f32 + 1.0).collect::<Vec<_>>(), [2, 3, 4]), &device);
+        for padding_idx in [Some(0), None] {
+            let mut emb = Embedding::<AB>::new(6, 4, padding_idx, 1.0, &device);
+            // A non-zero padding row, as the tied decoder's init leaves it in the full model.
+            emb.weight = Param::from_tensor(Tensor::random([6, 4], Distribution::Normal(0.0, 1.0), &device).require_grad());
+            let out = emb.forward(ids.clone());
+            let table: Vec<f32> = emb.weight.val().into_data().to_vec().unwrap();
+            let got: Vec<f32> = out.clone().into_data().to_vec().unwrap();
+            assert_eq!(&got[0..4], &table[0..4], "the [PAD] position still reads row 0");
+            let grads = (out * upstream.clone()).sum().backward();
+            let g: Vec<f32> = emb.weight.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            // Row 3 is looked up at positions 1 and 4 (upstream 5..8 and 17..20).
+            assert_eq!(&g[12..16], &[22.0, 24.0, 26.0, 28.0]);
+            let pad_row: &[f32] = &g[0..4];
+            match padding_idx {
+                // Positions 0, 2, 5: 1..4 + 9..12 + 21..24.
+                None => assert_eq!(pad_row, &[31.0, 34.0, 37.0, 40.0]),
+                Some(_) => assert_eq!(pad_row, &[0.0; 4]),
             }
         }
     }
