@@ -59,7 +59,7 @@ pub struct Classification {
 /// Read class names: our `classes.json` ({"main": [..], "sub": [..]}) or the authors'
 /// `class_names.json` ({"categories": [..], "subcategories": [..]}).
 pub fn read_classes(path: &Path) -> Result<ClassMap> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read class names {}", path.display()))?;
+    let text = crate::files::read_text_limited(path, "class names file", crate::files::MAX_SMALL_FILE_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let list = |a: &str, b: &str| -> Result<Vec<String>> {
         let arr = v.get(a).or_else(|| v.get(b)).with_context(|| format!("{}: expected '{a}' (or '{b}') lists of class names", path.display()))?;
@@ -142,16 +142,16 @@ impl<B: Backend> Model<B> {
         let Some(out) = self.run_heads(images, ids, HeadSet { itm: true, ..HeadSet::NONE })? else {
             return Ok(vec![]);
         };
-        let logits = out.itm_logits.expect("itm head ran");
+        let logits = out.itm_logits.context("the ITM head gave no output")?;
         let [n, _, _] = logits.dims();
         let p = softmax(logits.reshape([n, 2]), 1).slice([0..n, 1..2]).reshape([n]);
-        Ok(p.into_data().convert::<f32>().to_vec().unwrap_or_default())
+        output_values(p)
     }
 
     pub fn score(&self, image: &Pixels, text: &str) -> Result<f32> {
         let img = self.prepare_image(image)?;
         let ids = self.prepare_text(text)?;
-        Ok(self.match_probs(&[&img], &[&ids])?[0])
+        self.match_probs(&[&img], &[&ids])?.pop().context("the model gave no score")
     }
 
     /// Main and sub category probabilities (top `k` of each). The recognition heads read the text
@@ -162,10 +162,16 @@ impl<B: Backend> Model<B> {
             Some(t) => self.prepare_text(t)?,
             None => self.text.encode("", self.config.num_text_tokens)?.input_ids,
         };
-        let (main, sub) = self.class_probs(&[&img], &[&ids])?.pop().expect("one pair");
+        let (main, sub) = self.class_probs(&[&img], &[&ids])?.pop().context("the model gave no class probabilities")?;
         let names = self.classes.as_ref();
         Ok(Classification { main: top_k(&main, names.map(|c| &c.main), k), sub: top_k(&sub, names.map(|c| &c.sub), k) })
     }
+}
+
+/// A model output's values as f32, or an error saying it could not be read (never an empty vector
+/// that a caller would index into).
+fn output_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+    t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading the model's output: {e:?}"))
 }
 
 /// The `k` most probable classes, by name (`class N` when names are unknown).
@@ -201,13 +207,13 @@ impl<B: Backend> Model<B> {
         let Some(out) = self.run_heads(images, ids, HeadSet { cls: true, ..HeadSet::NONE })? else {
             return Ok(vec![]);
         };
-        let rows = |logits: Tensor<B, 3>| -> Vec<Vec<f32>> {
+        let rows = |logits: Tensor<B, 3>| -> Result<Vec<Vec<f32>>> {
             let [n, _, c] = logits.dims();
-            let p: Vec<f32> = softmax(logits.reshape([n, c]), 1).into_data().convert::<f32>().to_vec().unwrap_or_default();
-            p.chunks(c.max(1)).map(|r| r.to_vec()).collect()
+            let p = output_values(softmax(logits.reshape([n, c]), 1))?;
+            Ok(p.chunks(c.max(1)).map(|r| r.to_vec()).collect())
         };
-        let main = rows(out.sup_cls_logits.expect("cls ran"));
-        let sub = rows(out.sub_cls_logits.expect("cls ran"));
+        let main = rows(out.sup_cls_logits.context("the recognition heads gave no main-category output")?)?;
+        let sub = rows(out.sub_cls_logits.context("the recognition heads gave no sub-category output")?)?;
         Ok(main.into_iter().zip(sub).collect())
     }
 
@@ -216,16 +222,20 @@ impl<B: Backend> Model<B> {
         let Some(out) = self.run_heads(images, ids, HeadSet { cls: true, ..HeadSet::NONE })? else {
             return Ok(vec![]);
         };
-        let arg = |t: Tensor<B, 3>| -> Vec<usize> { t.argmax(2).into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default().into_iter().map(|x| x as usize).collect() };
-        let main = arg(out.sup_cls_logits.expect("cls ran"));
-        let sub = arg(out.sub_cls_logits.expect("cls ran"));
+        let arg = |t: Tensor<B, 3>| -> Result<Vec<usize>> {
+            let v = t.argmax(2).into_data().convert::<i64>().to_vec::<i64>().map_err(|e| anyhow::anyhow!("reading the model's output: {e:?}"))?;
+            Ok(v.into_iter().map(|x| x as usize).collect())
+        };
+        let main = arg(out.sup_cls_logits.context("the recognition heads gave no main-category output")?)?;
+        let sub = arg(out.sub_cls_logits.context("the recognition heads gave no sub-category output")?)?;
         Ok(main.into_iter().zip(sub).collect())
     }
 
     /// Score catalogue `rows` against a query, `batch` pairs per forward pass; best first. The
     /// candidates' other halves come from the closure (images decoded from disk for the CLI, a
-    /// preprocessed cache in the server); `progress` is told each batch's size.
-    pub fn rank_candidates(&self, rows: &[usize], query: Candidates<'_>, batch: usize, progress: impl Fn(usize)) -> Result<Vec<(usize, f32)>> {
+    /// preprocessed cache in the server); `progress` is told each batch's size, and an error from it
+    /// stops the ranking there (the server's way to drop work nobody waits for).
+    pub fn rank_candidates(&self, rows: &[usize], query: Candidates<'_>, batch: usize, progress: impl Fn(usize) -> Result<()>) -> Result<Vec<(usize, f32)>> {
         use rayon::prelude::*;
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(batch.max(1)) {
@@ -242,7 +252,7 @@ impl<B: Backend> Model<B> {
                 }
             };
             out.extend(chunk.iter().copied().zip(scores));
-            progress(chunk.len());
+            progress(chunk.len())?;
         }
         out.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(out)
@@ -251,6 +261,10 @@ impl<B: Backend> Model<B> {
     /// Exhaustive ITM scoring of `rows` of a catalogue against the query; best first.
     pub fn search(&self, ds: &dyn crate::data::dataset::Dataset, rows: &[usize], query: SearchQuery, batch: usize, progress: impl Fn(usize)) -> Result<Vec<Hit>> {
         let recs = ds.records();
+        let progress = |k: usize| -> Result<()> {
+            progress(k);
+            Ok(())
+        };
         let scored = match query {
             SearchQuery::Text(text) => {
                 let ids = self.prepare_text(text)?;

@@ -155,7 +155,7 @@ fn safetensors_of_another_model_is_rejected() {
     std::fs::write(&junk, b"this is not a tensor file").unwrap();
     let o = mvlt(&["inspect", p(&junk)]);
     let t = text(&o);
-    assert!(!o.status.success() && t.contains("is neither a PyTorch file nor a valid safetensors file"), "{t}");
+    assert!(!o.status.success() && t.contains("is not a weights file: it is neither safetensors"), "{t}");
     let o = mvlt(&["inspect", p(&tmp.join("absent.pth"))]);
     assert!(text(&o).contains("does not exist"), "{}", text(&o));
 }

@@ -301,6 +301,10 @@ fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
     let dir = base.join("run");
     let config = config(&nano_overrides(&base, &["max_steps=1"]));
     let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true }).unwrap_err().to_string();
+    assert!(e.contains("does not exist"), "{e}");
+    assert!(!dir.exists(), "--resume must not create the run folder it was pointed at");
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true }).unwrap_err().to_string();
     assert!(e.contains("no checkpoint"), "{e}");
     run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: false }).unwrap();
     let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir, resume: false }).unwrap_err().to_string();
@@ -329,4 +333,38 @@ fn finetune_from_the_authors_checkpoint_on_their_layout() {
     assert!(t.contains("loaded 189 keys"), "{t}");
     let classes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("final/classes.json")).unwrap()).unwrap();
     assert_eq!(classes["sub"].as_array().unwrap().len(), 6);
+}
+
+/// `--resume` whose newest checkpoint is cut short falls back to the newest one that loads, says
+/// which it skipped and why, moves the broken one aside, and continues exactly: the result equals
+/// an uninterrupted run of the same length.
+#[test]
+fn resume_falls_back_past_a_truncated_checkpoint() {
+    let _turn = backend_turn();
+    let base = tempdir("resume-fallback");
+    let (straight, split) = (base.join("straight"), base.join("split"));
+    run(&straight, &nano_overrides(&base, &["max_steps=6"]), false);
+    run(&split, &nano_overrides(&base, &["max_steps=4", "checkpoint_every=2", "keep_last=10"]), false);
+    let ckpts = checkpoint::list(&split.join("checkpoints"));
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4]);
+    let newest = &ckpts[1].1;
+    let len = std::fs::metadata(newest).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(newest).unwrap().set_len(len / 2).unwrap();
+    let r = run(&split, &nano_overrides(&base, &["max_steps=6", "checkpoint_every=2", "keep_last=10"]), true);
+    assert_eq!(r.steps, 6);
+    assert!(newest.with_extension("safetensors.broken").exists(), "the truncated checkpoint is moved aside");
+    let a = model_tensors(&straight.join("final/model.safetensors"));
+    let b = model_tensors(&split.join("final/model.safetensors"));
+    for ((ka, va), (_, vb)) in a.iter().zip(&b) {
+        assert!(va == vb, "{ka} differs after resuming from step 2");
+    }
+    // The CLI says what it skipped.
+    let o = Command::new(env!("CARGO_BIN_EXE_mvlt"))
+        .args(["pretrain", "--resume", "--out"])
+        .arg(base.join("nowhere"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("does not exist"), "{}", text(&o));
+    assert!(!base.join("nowhere").exists());
 }

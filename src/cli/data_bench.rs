@@ -102,7 +102,7 @@ pub struct DataInfoArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Show the sizes of a train/validation split by product with this validation fraction.
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_fraction)]
     pub val_fraction: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -12,7 +12,7 @@ pub struct TokenizeArgs {
     #[arg(long)]
     vocab: PathBuf,
     /// Text length T of the model input ([CLS] + up to T-2 pieces + [SEP] + [PAD]...).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::parse_text_len)]
     max_len: usize,
     /// One JSON object per text: {"text", "tokens", "input_ids"}.
     #[arg(long)]

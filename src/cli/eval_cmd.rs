@@ -91,7 +91,7 @@ pub struct RecognitionArgs {
     #[arg(long)]
     data: PathBuf,
     /// Evaluate only the validation split of a training run's data (val_fraction, seed of the run).
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_fraction)]
     val_fraction: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,

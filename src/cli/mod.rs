@@ -98,3 +98,19 @@ pub fn main() -> anyhow::Result<()> {
         Command::Preprocess(a) => data_cmd::preprocess_cmd(a),
     }
 }
+
+/// A fraction in [0, 1) (`--val-fraction`): NaN, negative and >= 1 are refused by clap.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(0.0..1.0).contains(&v) {
+        return Err(format!("{v} is not a fraction in [0, 1)"));
+    }
+    Ok(v)
+}
+
+/// A text length T in [2, 512]: [CLS] and [SEP] at least, the position table at most.
+fn parse_text_len(s: &str) -> Result<usize, String> {
+    let v: usize = s.parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    crate::data::text::check_max_len(v).map_err(|e| e.to_string())?;
+    Ok(v)
+}

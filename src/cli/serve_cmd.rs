@@ -31,6 +31,24 @@ pub struct ServeArgs {
     /// How long the model waits for concurrent requests to batch together, milliseconds.
     #[arg(long, default_value_t = 2)]
     batch_window_ms: u64,
+    /// Catalogue rows one search scores at most.
+    #[arg(long, default_value_t = ServeConfig::default().max_candidates)]
+    max_candidates: usize,
+    /// Texts one /v1/score request may carry.
+    #[arg(long, default_value_t = ServeConfig::default().max_texts)]
+    max_texts: usize,
+    /// Pixels a request image may have (read from its header; larger ones get 400 before decoding).
+    #[arg(long, default_value_t = ServeConfig::default().max_image_pixels)]
+    max_image_pixels: u64,
+    /// Open connections at most; more clients wait in the listen backlog.
+    #[arg(long, default_value_t = ServeConfig::default().max_connections)]
+    max_connections: usize,
+    /// Seconds a client has to send its headers (also closes idle keep-alive connections).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body (408 after).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
 }
 
 impl ServeArgs {
@@ -41,6 +59,12 @@ impl ServeArgs {
             queue: self.queue,
             max_batch: self.model.batch_size,
             window: Duration::from_millis(self.batch_window_ms),
+            max_candidates: self.max_candidates,
+            max_texts: self.max_texts,
+            max_image_pixels: self.max_image_pixels,
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs_f64(self.header_timeout),
+            body_timeout: Duration::from_secs_f64(self.body_timeout),
             ..ServeConfig::default()
         }
     }
@@ -177,8 +201,9 @@ impl BackendTask for &ServeBenchArgs {
             }
             println!("| {name} | {st} | {json_err} |");
         }
+        failed += hostile_mix(addr, &self.serve.config())?;
         let health = ureq::get(&format!("http://{addr}/healthz")).call().map(|r| r.status()).unwrap_or(0);
-        println!("\n/healthz after the bad requests: {health}");
+        println!("\n/healthz after the bad and hostile requests: {health}");
         let _ = stop_tx.send(());
         rt.block_on(handle).context("server task")??;
         if failed > 0 || health != 200 {
@@ -186,6 +211,105 @@ impl BackendTask for &ServeBenchArgs {
         }
         Ok(())
     }
+}
+
+/// Peak resident memory of this process (server and load-test client together), bytes; reset
+/// first with [`reset_peak_rss`]. `None` off Linux.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn reset_peak_rss() {
+    // Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The hostile mix: each case sent by 8 clients at once, the server's answers checked (a 4xx with
+/// a JSON error, or 200 for the image at the pixel limit), the slow clients checked to be cut off,
+/// and the process's peak memory over the mix reported. Returns the number of failed cases.
+fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let side = (cfg.max_image_pixels as f64).sqrt() as u32;
+    // An image at the pixel limit, decoded for real: a blocky pattern so the PNG stays small.
+    let at_limit = {
+        let img = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x / 16) as u8, (y / 16) as u8, 128]));
+        let mut png = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        png
+    };
+    let small = b64(&crate::data::image::png_claiming(16, 16));
+    let cases: Vec<(String, String, u16)> = vec![
+        (format!("16000x16000 PNG header ({} bytes)", crate::data::image::png_claiming(16000, 16000).len()), serde_json::json!({"image": b64(&crate::data::image::png_claiming(16000, 16000)), "text": "a shirt"}).to_string(), 400),
+        (format!("{side}x{side} PNG at the pixel limit ({} KB)", at_limit.len() >> 10), serde_json::json!({"image": b64(&at_limit), "text": "a shirt"}).to_string(), 200),
+        ("12,000 texts".into(), serde_json::json!({"image": small, "texts": vec!["a red shirt"; 12_000]}).to_string(), 400),
+        ("one 7 MB text".into(), serde_json::json!({"image": small, "text": "red ".repeat(7 << 18)}).to_string(), 400),
+    ];
+    let url = format!("http://{addr}/v1/score");
+    println!("\n| hostile case, 8 at once | statuses | JSON errors | seconds | peak RSS MB |");
+    println!("|---|---|---|---|---|");
+    let mut failed = 0;
+    let mut overall_peak = 0u64;
+    for (name, body, want) in &cases {
+        if body.len() > cfg.max_body {
+            println!("| {name} | (skipped: {} bytes is over --max-body-mib) | | | |", body.len());
+            continue;
+        }
+        reset_peak_rss();
+        let t0 = Instant::now();
+        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8).map(|_| s.spawn(|| post(&url, "application/json", body.as_bytes()))).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or((0, "client thread panicked".into()))).collect()
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        let peak = peak_rss().unwrap_or(0);
+        overall_peak = overall_peak.max(peak);
+        let statuses: std::collections::BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
+        let json_errors = answers.iter().filter(|(_, t)| serde_json::from_str::<serde_json::Value>(t).ok().and_then(|v| v.get("error").cloned()).is_some()).count();
+        let ok = answers.iter().all(|(st, _)| st == want) && (*want == 200 || json_errors == answers.len());
+        if !ok {
+            failed += 1;
+            eprintln!("note: hostile case '{name}': expected {want}, got {:?}", answers.iter().map(|(s, t)| format!("{s} {}", &t[..t.len().min(120)])).collect::<Vec<_>>());
+        }
+        println!("| {name} | {statuses:?} | {json_errors}/8 | {secs:.2} | {:.0} |", peak as f64 / 1e6);
+    }
+    // Slow clients: connect only, partial headers, idle keep-alive; each must be closed by the
+    // server within the header timeout (plus a second of slack).
+    let limit = cfg.header_timeout + Duration::from_secs(1);
+    let slow: [(&str, &[u8]); 3] = [
+        ("connect only", b""),
+        ("partial headers", b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Ty"),
+        ("idle keep-alive after a request", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ];
+    for (name, send) in slow {
+        let t0 = Instant::now();
+        let closed = (|| -> Result<bool> {
+            let mut c = std::net::TcpStream::connect(addr)?;
+            c.set_read_timeout(Some(limit + Duration::from_secs(5)))?;
+            c.write_all(send)?;
+            let mut buf = [0u8; 4096];
+            // Read until the server closes (0 bytes) or the read times out (not closed).
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) => return Ok(true),
+                    Ok(_) => continue,
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(false),
+                    Err(_) => return Ok(true),
+                }
+            }
+        })()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let ok = closed && t0.elapsed() <= limit;
+        if !ok {
+            failed += 1;
+        }
+        println!("| slow client: {name} | {} | | {secs:.2} | |", if closed { "closed by the server" } else { "still open" });
+    }
+    println!("\npeak RSS over the hostile mix (server and load-test client in one process): {:.0} MB", overall_peak as f64 / 1e6);
+    Ok(failed)
 }
 
 pub fn bench(a: ServeBenchArgs) -> Result<()> {

@@ -11,7 +11,7 @@ use super::image::Pixels;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// What every reader yields per image (several images may share a product: poses).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -142,6 +142,9 @@ fn check_caption(caption: &str) -> Result<(), String> {
     if caption.trim().is_empty() {
         return Err("empty caption".into());
     }
+    if caption.len() > super::text::MAX_TEXT_BYTES {
+        return Err(format!("caption of {} bytes, over the limit of {}", caption.len(), super::text::MAX_TEXT_BYTES));
+    }
     Ok(())
 }
 
@@ -151,6 +154,9 @@ fn check_caption(caption: &str) -> Result<(), String> {
 pub struct FileDataset {
     /// The catalogue file or the layout's folder.
     pub source: PathBuf,
+    /// The folder every image must stay inside (resolved): checked again at each read, so a file
+    /// swapped for a symlink after opening is still refused.
+    image_root: PathBuf,
     records: Vec<Record>,
     images: Vec<PathBuf>,
     skips: SkipReport,
@@ -164,7 +170,9 @@ impl Dataset for FileDataset {
         &self.records
     }
     fn pixels(&self, i: usize) -> Result<Pixels> {
-        Pixels::open(&self.images[i])
+        let rel = self.images[i].strip_prefix(&self.image_root).unwrap_or(&self.images[i]);
+        let path = crate::files::resolve_inside(&self.image_root, rel).map_err(|e| anyhow!(e))?;
+        Pixels::open(&path)
     }
     fn skips(&self) -> &SkipReport {
         &self.skips
@@ -173,6 +181,9 @@ impl Dataset for FileDataset {
         Some(&self.images[i])
     }
 }
+
+/// Longest catalogue line (one product) read; longer lines are skipped and reported.
+pub const MAX_LINE: usize = 1 << 20;
 
 #[derive(Deserialize)]
 struct JsonlRow {
@@ -195,11 +206,31 @@ impl FileDataset {
     /// A catalogue: one JSON object per line with `id`, `image` (path relative to the file),
     /// `caption`, `category`, `subcategory`, optional `product_id` (defaults to `id`).
     pub fn open_jsonl(path: &Path) -> Result<FileDataset> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read catalogue {}", path.display()))?;
-        let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        use std::io::BufRead;
+        crate::files::regular_file_size(path, "catalogue")?;
+        let file = std::fs::File::open(path).with_context(|| format!("cannot read catalogue {}", path.display()))?;
+        // Streamed line by line, each line at most MAX_LINE bytes: a catalogue's size is bounded
+        // only by the disk, and one runaway line must not take the memory with it.
+        let mut reader = std::io::BufReader::new(file);
+        let root = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let (mut records, mut images, mut skips) = (vec![], vec![], SkipReport::default());
-        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
-            let row = format!("{} line {}", path.display(), n + 1);
+        let mut first_line_of_id: std::collections::HashMap<String, usize> = Default::default();
+        let mut line = Vec::new();
+        for n in 1.. {
+            line.clear();
+            let got = std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line).with_context(|| format!("cannot read catalogue {}", path.display()))?;
+            if got == 0 {
+                break;
+            }
+            let row = format!("{} line {n}", path.display());
+            if line.len() > MAX_LINE && line.last() != Some(&b'\n') {
+                // Skip the rest of the over-long line.
+                reader.skip_until(b'\n').with_context(|| format!("cannot read catalogue {}", path.display()))?;
+                skips.total_rows += 1;
+                skips.skip(row, format!("line longer than {MAX_LINE} bytes"));
+                continue;
+            }
+            let line = line.strip_suffix(b"\n").unwrap_or(&line);
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
@@ -215,21 +246,27 @@ impl FileDataset {
                     continue;
                 }
             };
-            let rel = Path::new(&r.image);
-            if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-                skips.skip(row, format!("image path '{}' escapes the catalogue folder", r.image));
-                continue;
-            }
             if let Err(why) = check_caption(&r.caption) {
                 skips.skip(row, why);
                 continue;
             }
-            let image = root.join(rel);
+            let image = match crate::files::resolve_inside(&root, Path::new(&r.image)) {
+                Ok(p) => p,
+                Err(why) => {
+                    skips.skip(row, why);
+                    continue;
+                }
+            };
             if !image.is_file() {
-                skips.skip(row, format!("image {} does not exist", image.display()));
+                skips.skip(row, format!("image {} is not a regular file", image.display()));
                 continue;
             }
             let id = id_string(&r.id);
+            if let Some(first) = first_line_of_id.get(&id) {
+                skips.skip(row, format!("duplicate id '{id}' (first on line {first}); ids must be unique per image"));
+                continue;
+            }
+            first_line_of_id.insert(id.clone(), n);
             records.push(Record {
                 product_id: r.product_id.as_ref().map(id_string).unwrap_or_else(|| id.clone()),
                 id,
@@ -242,7 +279,8 @@ impl FileDataset {
         if records.is_empty() {
             bail!("catalogue {} has no usable rows{}", path.display(), skips.summary().map(|s| format!(" ({s})")).unwrap_or_default());
         }
-        Ok(FileDataset { source: path.to_path_buf(), records, images, skips })
+        let image_root = root.canonicalize().with_context(|| format!("cannot resolve folder {}", root.display()))?;
+        Ok(FileDataset { source: path.to_path_buf(), image_root, records, images, skips })
     }
 }
 
@@ -381,7 +419,7 @@ fn sorted_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
 /// Read a pickle as plain data. Unknown classes (numpy arrays in the real files' `input_ids`)
 /// become placeholders instead of being executed or rejected.
 pub fn read_pickle(path: &Path) -> Result<serde_pickle::Value> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::files::read_limited(path, "pickle", crate::files::MAX_SMALL_FILE_BYTES)?;
     serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new().replace_unresolved_globals().decode_strings())
         .map_err(|e| anyhow!("{} is not a readable pickle: {e}", path.display()))
 }
@@ -415,8 +453,16 @@ impl FileDataset {
             bail!("image and pickle names do not pair up in {}: {}", root.display(), bad.join(", "));
         }
         let (mut records, mut kept, mut skips) = (vec![], vec![], SkipReport { total_rows: images.len(), ..Default::default() });
+        let image_root = img_dir.canonicalize().with_context(|| format!("cannot resolve folder {}", img_dir.display()))?;
         for (img, info) in images.iter().zip(&infos) {
             let row = info.display().to_string();
+            let img = match crate::files::resolve_inside(&image_root, Path::new(img.file_name().unwrap_or_default())) {
+                Ok(p) => p,
+                Err(why) => {
+                    skips.skip(row, why);
+                    continue;
+                }
+            };
             let v = match read_pickle(info) {
                 Ok(v) => v,
                 Err(e) => {
@@ -426,7 +472,7 @@ impl FileDataset {
             };
             let fields = (|| -> Result<Record, String> {
                 Ok(Record {
-                    id: stem(img),
+                    id: stem(&img),
                     product_id: pickle_str(&v, "product_id")?,
                     caption: pickle_str(&v, "captions")?,
                     category: pickle_str(&v, "super_cls_name")?,
@@ -436,11 +482,11 @@ impl FileDataset {
             match fields.and_then(|r| check_caption(&r.caption).map(|_| r)) {
                 Ok(r) => {
                     records.push(r);
-                    kept.push(img.clone());
+                    kept.push(img);
                 }
                 Err(why) => skips.skip(row, why),
             }
         }
-        Ok(FileDataset { source: root.to_path_buf(), records, images: kept, skips })
+        Ok(FileDataset { source: root.to_path_buf(), image_root, records, images: kept, skips })
     }
 }

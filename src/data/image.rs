@@ -5,8 +5,12 @@
 use anyhow::{anyhow, bail, Context, Result};
 use fast_image_resize::images::Image as FirImage;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, GenericImageView};
+use image::DynamicImage;
 use std::path::Path;
+
+/// Most pixels a decoded image may have (an 8000x8000 photo): larger ones are refused from their
+/// header. The server sets a lower limit (`mvlt serve --max-image-pixels`).
+pub const MAX_PIXELS: u64 = 64_000_000;
 
 /// Decoded pixels as PIL holds them for this pipeline: 8-bit RGB, or 8-bit grey for mode-L files.
 #[derive(Clone, Debug)]
@@ -16,6 +20,36 @@ pub struct Pixels {
     /// 1 (grey) or 3 (RGB) interleaved channels.
     pub channels: usize,
     pub data: Vec<u8>,
+}
+
+/// A PNG that claims `w`x`h` grey pixels and holds almost none (signature, IHDR, a tiny IDAT,
+/// IEND): what a client sends to make a server allocate a canvas it never fills. For load tests.
+pub fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| -> Vec<u8> {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+        c.extend(&body);
+        // CRC-32 (IEEE) of type and data, bit by bit: 17 bytes, no table needed.
+        let mut crc = 0xffff_ffffu32;
+        for b in body {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        c.extend((!crc).to_be_bytes());
+        c
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grey, deflate, no filter, no interlace
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    // A zlib stream holding one empty stored block: far too little data, which decoders only
+    // notice once they decode (they read the size, and look for this chunk, first).
+    png.extend(chunk(b"IDAT", &[0x78, 0x01, 0x01, 0x00, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x01]));
+    png.extend(chunk(b"IEND", &[]));
+    png
 }
 
 /// Left, top, right, bottom; right and bottom exclusive (PIL's crop box).
@@ -40,16 +74,40 @@ impl Pixels {
     /// everything else (RGBA, 16-bit, palette, CMYK JPEG) becomes 8-bit RGB, dropping alpha like
     /// PIL's `convert('RGB')`.
     pub fn open(path: &Path) -> Result<Pixels> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+        let bytes = crate::files::read_limited(path, "image", crate::files::MAX_IMAGE_FILE_BYTES)?;
         Self::decode(&bytes).with_context(|| format!("image {}", path.display()))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Pixels> {
-        let img = image::load_from_memory(bytes).map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
-        let (w, h) = img.dimensions();
+        Self::decode_limited(bytes, MAX_PIXELS)
+    }
+
+    /// [`Pixels::decode`] of an image of at most `max_pixels` pixels. The size is read from the
+    /// header before anything is decoded, so a small file that claims a huge canvas (a 250 KB PNG
+    /// of 16000x16000) is refused without allocating it; the decoder's own allocations are capped
+    /// to what that many pixels need.
+    pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<Pixels> {
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| anyhow!("cannot read the image header: {e}"))
+        };
+        let (w, h) = reader()?.into_dimensions().map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
         if w == 0 || h == 0 {
             bail!("image has zero size ({w}x{h})");
         }
+        let pixels = w as u64 * h as u64;
+        if pixels > max_pixels {
+            bail!("image is {w}x{h} = {pixels} pixels, over the limit of {max_pixels} pixels; scale it down first");
+        }
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(w);
+        limits.max_image_height = Some(h);
+        // 16-bit RGBA, the widest pixel these decoders produce, plus room for their buffers.
+        limits.max_alloc = Some(pixels * 8 + (16 << 20));
+        let mut r = reader()?;
+        r.limits(limits);
+        let img = r.decode().map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
         Ok(match img {
             DynamicImage::ImageLuma8(g) => Pixels { width: w as usize, height: h as usize, channels: 1, data: g.into_raw() },
             DynamicImage::ImageLuma16(_) => Pixels { width: w as usize, height: h as usize, channels: 1, data: img.to_luma8().into_raw() },

@@ -5,7 +5,7 @@
 //! lower-case + accent stripping; BertPreTokenizer; WordPiece with `##` continuations), which gives
 //! the reference's slow BertTokenizer pieces on all fixture cases.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use rand::Rng;
 use std::path::{Path, PathBuf};
 use tokenizers::models::wordpiece::WordPiece;
@@ -43,11 +43,26 @@ pub struct TextProcessor {
     special_ids: Vec<i64>,
 }
 
+/// Longest text handed to the tokenizer, which holds every piece of its input though only T - 2
+/// are kept. Longer texts are first cut to a prefix that holds the same first pieces
+/// ([`prefix_with_pieces`]); one still longer than this (no spaces to cut at) is refused.
+/// Fashion-Gen's longest caption is about 1 KiB.
+pub const MAX_TEXT_BYTES: usize = 256 << 10;
+/// Largest text length T: the position table of every PVLT has 512 rows.
+pub const MAX_TEXT_TOKENS: usize = 512;
+
+/// T must hold [CLS] and [SEP] and fit the position table.
+pub fn check_max_len(max_len: usize) -> Result<()> {
+    if !(2..=MAX_TEXT_TOKENS).contains(&max_len) {
+        bail!("the text length T must be between 2 ([CLS] and [SEP]) and {MAX_TEXT_TOKENS} (the position table), got {max_len}");
+    }
+    Ok(())
+}
+
 impl TextProcessor {
     /// Load a WordPiece vocabulary (one token per line, id = line number).
     pub fn from_vocab_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read(path).with_context(|| format!("cannot read vocabulary file {}", path.display()))?;
-        let text = String::from_utf8(text).map_err(|e| anyhow!("vocabulary file {} is not UTF-8 text: {e}", path.display()))?;
+        let text = crate::files::read_text_limited(path, "vocabulary file", crate::files::MAX_VOCAB_FILE_BYTES)?;
         let vocab: ahash::AHashMap<String, u32> = text.lines().enumerate().map(|(i, l)| (l.trim_end_matches('\r').to_string(), i as u32)).collect();
         let id = |t: &str| -> Result<i64> {
             vocab.get(t).map(|&i| i as i64).ok_or_else(|| {
@@ -83,7 +98,7 @@ impl TextProcessor {
         })
     }
 
-    /// WordPiece tokens and ids of a text (no specials).
+    /// WordPiece tokens and ids of a text (no specials). Texts over [`MAX_TEXT_BYTES`] are refused.
     pub fn tokenize(&self, text: &str) -> Result<(Vec<String>, Vec<i64>)> {
         let enc = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing {:?}: {e}", truncate_for_message(text)))?;
         Ok((enc.get_tokens().to_vec(), enc.get_ids().iter().map(|&i| i as i64).collect()))
@@ -91,8 +106,10 @@ impl TextProcessor {
 
     /// The reference's `text_process`: keep at most T-2 pieces, then `[CLS] pieces [SEP] [PAD]...`.
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Encoded> {
-        if max_len < 2 {
-            bail!("the text length T must be at least 2 ([CLS] and [SEP]), got {max_len}");
+        check_max_len(max_len)?;
+        let text = prefix_with_pieces(text, max_len);
+        if text.len() > MAX_TEXT_BYTES {
+            bail!("the text has {} bytes without a space, over the limit of {MAX_TEXT_BYTES} bytes", text.len());
         }
         let (tokens, ids) = self.tokenize(text)?;
         let keep = ids.len().min(max_len - 2);
@@ -153,6 +170,28 @@ pub fn itm_pair(index: usize, product_ids: &[String], rng: &mut impl Rng) -> (us
     (index, 1) // every item is the same product: no negative exists
 }
 
+/// The shortest prefix of `text`, cut before an ASCII space, that surely holds at least `n` word
+/// pieces; the whole text when it may hold fewer. Its pieces are exactly the first pieces of the
+/// whole text: a space always separates BERT words, and every space-separated segment with an
+/// ASCII letter or digit gives at least one piece (the normaliser never removes those; a word too
+/// long for WordPiece becomes one [UNK]). So a 7 MB caption costs its first words, not 7 MB of
+/// pieces, and encodes exactly as the reference's `text_process` would.
+pub fn prefix_with_pieces(text: &str, n: usize) -> &str {
+    let mut count = 0;
+    let mut end = 0;
+    for seg in text.split(' ') {
+        end += seg.len();
+        if seg.bytes().any(|b| b.is_ascii_alphanumeric()) {
+            count += 1;
+            if count >= n {
+                return &text[..end];
+            }
+        }
+        end += 1; // the space
+    }
+    text
+}
+
 fn truncate_for_message(t: &str) -> String {
     if t.chars().count() > 60 {
         format!("{}...", t.chars().take(60).collect::<String>())
@@ -173,6 +212,34 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), lines.join("\n")).unwrap();
         f
+    }
+
+    /// The prefix cut changes nothing: same pieces (as far as they are kept) and ids, on texts with
+    /// punctuation, accents, CJK, control characters, tabs and long runs without spaces.
+    #[test]
+    fn long_texts_encode_as_their_prefix() {
+        let t = TextProcessor::from_vocab_file(tiny_vocab().path()).unwrap();
+        let words = ["red", "dress.", "Réd", "silk\u{0B}dress", "中文", "\u{1}\u{2}", "!!", "a\tb", "dresses", "x".repeat(150).leak(), "\u{301}e", "", " "];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..200 {
+            let n = rng.random_range(0..60);
+            let text: Vec<&str> = (0..n).map(|_| words[rng.random_range(0..words.len())]).collect();
+            let text = text.join(" ");
+            for max_len in [2, 3, 5, 8, 16] {
+                let cut = prefix_with_pieces(&text, max_len);
+                let (all, _) = t.tokenize(&text).unwrap();
+                let (head, _) = t.tokenize(cut).unwrap();
+                assert!(head.len() >= max_len.min(all.len()), "{text:?} cut to {cut:?}");
+                assert_eq!(head[..], all[..head.len()], "{text:?} cut to {cut:?}");
+                let full = t.encode(&text, max_len).unwrap();
+                assert_eq!(full.input_ids, t.encode(cut, max_len).unwrap().input_ids);
+                assert_eq!(full.truncated, all.len() > max_len - 2, "{text:?}");
+            }
+        }
+        // 7 MB of words: the prefix, not 7 MB of pieces; 300 KB without a space: refused.
+        let e = t.encode(&"red ".repeat(7 << 18), 8).unwrap();
+        assert!(e.truncated && e.tokens.len() == 8);
+        assert!(t.encode(&"r".repeat(300 << 10), 8).unwrap_err().to_string().contains("without a space"));
     }
 
     #[test]
@@ -236,7 +303,7 @@ mod tests {
         let e = TextProcessor::from_vocab_file(&p).err().unwrap().to_string();
         assert!(e.contains("not a BERT WordPiece vocabulary") && e.contains("[PAD]"), "{e}");
         let e = TextProcessor::from_vocab_file(&dir.join("absent.txt")).err().unwrap().to_string();
-        assert!(e.contains("cannot read vocabulary file"), "{e}");
+        assert!(e.contains("vocabulary file") && e.contains("absent.txt does not exist"), "{e}");
         std::fs::write(&p, [0xffu8, 0xfe, 0x00]).unwrap();
         assert!(TextProcessor::from_vocab_file(&p).err().unwrap().to_string().contains("not UTF-8"));
     }

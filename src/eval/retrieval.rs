@@ -60,7 +60,7 @@ pub fn read_authors_lists(dir: &Path) -> Result<Vec<Query>> {
         .iter()
         .enumerate()
         .map(|(q, f)| {
-            let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+            let bytes = crate::files::read_limited(f, "query list", crate::files::MAX_SMALL_FILE_BYTES)?;
             // serde_json's map keeps insertion order (feature preserve_order), and serde-pickle hands
             // dict items over in pickle order; serde_pickle::Value would sort them.
             let v: serde_json::Value = serde_pickle::from_slice(&bytes, serde_pickle::DeOptions::new().decode_strings())
@@ -88,7 +88,7 @@ pub fn read_authors_lists(dir: &Path) -> Result<Vec<Query>> {
 }
 
 pub fn read_jsonl_lists(path: &Path) -> Result<Vec<Query>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::files::read_text_limited(path, "query lists", crate::files::MAX_VOCAB_FILE_BYTES)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

@@ -60,6 +60,9 @@ impl HeadSet {
     }
 }
 
+/// Most parameters a config may ask for (8 GB of f32; PVLT-large has about a tenth of that).
+pub const MAX_PARAMS: u64 = 2_000_000_000;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PvltConfig {
     pub patch_size: usize,
@@ -167,8 +170,7 @@ impl PvltConfig {
                 Self::PRESETS.join(", ")
             );
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text = crate::files::read_text_limited(path, "config file", crate::files::MAX_SMALL_FILE_BYTES)?;
         let value: Value = serde_json::from_str(&text)
             .with_context(|| format!("config file {} is not valid JSON", path.display()))?;
         let cfg = Self::from_json(&value).with_context(|| format!("in config file {}", path.display()))?;
@@ -288,12 +290,65 @@ impl PvltConfig {
         if !(0.0..1.0).contains(&self.drop_path_rate) || !(0.0..1.0).contains(&self.text_dropout) {
             bail!("drop_path_rate and text_dropout must be in [0, 1)");
         }
+        // Sane bounds, far above every real PVLT (large: depths [3,8,27,3], widths up to 512), so a
+        // crafted config (in a weights file's metadata, say) cannot ask for terabytes.
+        let bounds: [(&str, usize, usize); 11] = [
+            ("patch_size", self.patch_size, 64),
+            ("img_size", self.img_size, 4096),
+            ("token_hidden_size", self.token_hidden_size, 8192),
+            ("num_text_tokens", self.num_text_tokens, 4096),
+            ("vocab_size", self.vocab_size, 1_000_000),
+            ("max_position_embeddings", self.max_position_embeddings, 4096),
+            ("type_vocab_size", self.type_vocab_size, 64),
+            ("num_sup_classes", self.num_sup_classes, 100_000),
+            ("num_sub_classes", self.num_sub_classes, 100_000),
+            ("t2i_channel", self.t2i_channel, 4096),
+            ("total depth", self.depths.iter().sum(), 256),
+        ];
+        for (name, v, max) in bounds {
+            if v > max {
+                bail!("config: {name} = {v} is over the limit of {max}");
+            }
+        }
+        for (name, a, max) in [("embed_dims", self.embed_dims, 8192), ("num_heads", self.num_heads, 256), ("mlp_ratios", self.mlp_ratios, 64), ("sr_ratios", self.sr_ratios, 64)] {
+            if let Some(v) = a.iter().find(|&&v| v > max) {
+                bail!("config: {name} = {a:?} has {v}, over the limit of {max}");
+            }
+        }
+        let params = self.min_param_count();
+        if params > MAX_PARAMS {
+            bail!("config asks for at least {params} parameters, over the limit of {MAX_PARAMS} ({} GB of f32)", MAX_PARAMS * 4 / 1_000_000_000);
+        }
         for (name, v) in [("linear_init_std", self.linear_init_std), ("text_table_init_std", self.text_table_init_std)] {
             if !(v.is_finite() && v > 0.0) {
                 bail!("{name} must be a positive number, got {v}");
             }
         }
         Ok(())
+    }
+
+    /// A lower bound on the parameter count: the backbone (patch and text projections, position
+    /// tables, blocks) and the text embeddings, heads left out. Checked before a model is built;
+    /// real models have somewhat more (their heads).
+    pub fn min_param_count(&self) -> u64 {
+        let mut n: u64 = 0;
+        let hidden = self.token_hidden_size as u64;
+        n += (self.vocab_size as u64 + self.max_position_embeddings as u64 + self.type_vocab_size as u64 + 2) * hidden;
+        let grid0 = (self.img_size / self.patch_size.max(1)) as u64;
+        let t = self.num_text_tokens as u64;
+        for i in 0..4 {
+            let c = self.embed_dims[i] as u64;
+            let (c_in, k, t_in) = if i == 0 { (3, self.patch_size as u64, hidden) } else { (self.embed_dims[i - 1] as u64, 2, self.embed_dims[i - 1] as u64) };
+            n += c_in * c * k * k + 3 * c; // patch embedding + its LayerNorm
+            n += t_in * c + 3 * c; // text projection + LayerNorm
+            let g = grid0 >> i;
+            n += g * g * c + t * c; // position tables
+            let (sr, mlp) = (self.sr_ratios[i] as u64, self.mlp_ratios[i] as u64);
+            let attn = 4 * c * c + 4 * c + if sr > 1 { c * c * sr * sr + 3 * c } else { 0 };
+            let block = 4 * c + attn + 2 * mlp * c * c + mlp * c + c;
+            n += self.depths[i] as u64 * block;
+        }
+        n
     }
 
     /// The stage-1 grid is H/patch, then each stage halves it: H and W must divide by patch*8.

@@ -26,7 +26,54 @@ pub const POSITION_IDS_KEY: &str = "text_embeddings.position_ids";
 /// Metadata key under which our safetensors files carry the model config (JSON).
 pub const CONFIG_METADATA_KEY: &str = "mvlt.config";
 
+/// The weight-file formats, told apart by their structure (never by one byte: a safetensors header
+/// length may start with any byte, 0x80 included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsFormat {
+    /// 8-byte little-endian header length N, then N bytes of JSON (`{` first), then the data.
+    Safetensors,
+    /// `torch.save` since PyTorch 1.6: a zip archive (`PK\x03\x04`).
+    TorchZip,
+    /// `torch.save` before 1.6: a pickle, `0x80` and protocol 2 to 5.
+    TorchPickle,
+}
+
+impl WeightsFormat {
+    pub fn detect(path: &Path, size: u64) -> Result<WeightsFormat> {
+        use std::io::Read;
+        let mut head = [0u8; 9];
+        let mut f = std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+        let n = Read::take(&mut f, 9).read(&mut head).with_context(|| format!("cannot read weights file {}", path.display()))?;
+        Self::from_head(&head[..n], size).ok_or_else(|| {
+            anyhow!(
+                "{} is not a weights file: it is neither safetensors (an 8-byte header length within the file, then '{{'), \
+                 a PyTorch zip archive (PK\\x03\\x04) nor a PyTorch pickle (0x80, protocol 2-5){}",
+                path.display(),
+                if size < 9 { format!("; it holds only {size} bytes (empty or truncated?)") } else { String::new() }
+            )
+        })
+    }
+
+    /// The format whose structure the file's first bytes (up to 9) and size fit, if any.
+    pub fn from_head(head: &[u8], size: u64) -> Option<WeightsFormat> {
+        if head.len() >= 9 {
+            let n = u64::from_le_bytes(head[..8].try_into().ok()?);
+            if n >= 2 && n.checked_add(8).is_some_and(|end| end <= size) && head[8] == b'{' {
+                return Some(WeightsFormat::Safetensors);
+            }
+        }
+        if head.starts_with(b"PK\x03\x04") {
+            return Some(WeightsFormat::TorchZip);
+        }
+        if head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) {
+            return Some(WeightsFormat::TorchPickle);
+        }
+        None
+    }
+}
+
 /// A state dict read from disk, keyed by the reference's names.
+#[derive(Debug)]
 pub struct StateDict {
     pub path: PathBuf,
     pub format: &'static str,
@@ -37,24 +84,36 @@ pub struct StateDict {
 
 impl StateDict {
     pub fn read(path: &Path) -> Result<StateDict> {
-        if !path.exists() {
-            bail!("weights file {} does not exist", path.display());
-        }
-        let mut magic = [0u8; 4];
-        {
-            use std::io::Read;
-            let mut f = std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
-            let n = f.read(&mut magic).with_context(|| format!("cannot read weights file {}", path.display()))?;
-            if n < 4 {
-                bail!("weights file {} is empty or truncated ({n} bytes)", path.display());
+        let size = crate::files::regular_file_size(path, "weights file")?;
+        let sd = match WeightsFormat::detect(path, size)? {
+            WeightsFormat::Safetensors => Self::read_safetensors(path)?,
+            WeightsFormat::TorchZip | WeightsFormat::TorchPickle => Self::read_pth(path, size)?,
+        };
+        sd.check_finite()?;
+        Ok(sd)
+    }
+
+    /// Every float value is finite: NaN or infinite weights would only show up later as NaN
+    /// scores or losses, far from the file that caused them.
+    fn check_finite(&self) -> Result<()> {
+        for (key, data) in &self.tensors {
+            if !data.dtype.is_float() {
+                continue;
+            }
+            let values = data.clone().convert::<f32>();
+            let values = values.as_slice::<f32>().map_err(|e| anyhow!("{}: cannot read tensor '{key}': {e:?}", self.path.display()))?;
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                let first = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                bail!(
+                    "{}: tensor '{key}' holds {bad} NaN or infinite value(s) (the first at flat index {first}: {}); these weights are broken \
+                     (a diverged run?): use an earlier checkpoint",
+                    self.path.display(),
+                    values[first]
+                );
             }
         }
-        // torch.save writes a zip archive (PK..) since 1.6, a bare pickle (0x80 proto) before.
-        if &magic == b"PK\x03\x04" || magic[0] == 0x80 {
-            Self::read_pth(path)
-        } else {
-            Self::read_safetensors(path)
-        }
+        Ok(())
     }
 
     fn read_safetensors(path: &Path) -> Result<StateDict> {
@@ -86,11 +145,34 @@ impl StateDict {
         Ok(StateDict { path: path.to_path_buf(), format: if nested { "safetensors (training checkpoint)" } else { "safetensors" }, tensors, metadata })
     }
 
-    fn read_pth(path: &Path) -> Result<StateDict> {
+    fn read_pth(path: &Path, file_size: u64) -> Result<StateDict> {
         let reader = PytorchReader::new(path).map_err(|e| {
             anyhow!("cannot read PyTorch file {}: {e} (is it a complete torch.save file?)", path.display())
         })?;
         let all = reader.into_tensors();
+        // burn-store reads tensor data lazily and pads a storage shorter than the tensor's shape
+        // with zeros; a crafted file could so claim gigabytes. No tensor can hold more bytes than
+        // the file, and the tensors together no more than twice it (tied weights such as the MLM
+        // decoder share their storage with another tensor): checked before any data is read.
+        let mut claimed_total: u64 = 0;
+        for (key, snap) in &all {
+            let claimed = snap.shape.iter().try_fold(snap.dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64)).unwrap_or(u64::MAX);
+            if claimed > file_size {
+                bail!(
+                    "{}: tensor '{key}' claims shape {:?} of {:?} ({claimed} bytes), more than the whole file ({file_size} bytes); the file is corrupt or crafted",
+                    path.display(),
+                    snap.shape.to_vec(),
+                    snap.dtype
+                );
+            }
+            claimed_total = claimed_total.saturating_add(claimed);
+        }
+        if claimed_total > 2 * file_size + (1 << 20) {
+            bail!(
+                "{}: its tensors claim {claimed_total} bytes in all, far more than the file's {file_size} bytes; the file is corrupt or crafted",
+                path.display()
+            );
+        }
         // The authors' training checkpoint nests the state dict under 'model', beside optimizer
         // state that also holds tensors (not read); a bare state dict (PVT ImageNet weights) has
         // no prefix.
@@ -119,6 +201,22 @@ impl StateDict {
                 Ok(Some(PvltConfig::from_json(&v)?))
             }
         }
+    }
+
+    /// A config stored in a file describes the weights in it: a model that needs far more values
+    /// than the file holds is refused before it is built (a crafted config could otherwise ask
+    /// for gigabytes).
+    pub fn check_config_fits(&self, cfg: &PvltConfig) -> Result<()> {
+        let held: u64 = self.tensors.values().map(|d| d.num_elements() as u64).sum();
+        let needed = cfg.min_param_count();
+        if needed > held.saturating_mul(2) + 1_000_000 {
+            bail!(
+                "{}: its stored config ({CONFIG_METADATA_KEY}) describes a model of at least {needed} parameters, but the file holds \
+                 only {held} values; the metadata does not belong to these weights",
+                self.path.display()
+            );
+        }
+        Ok(())
     }
 
     fn shape(&self, key: &str) -> Option<&[usize]> {
@@ -412,7 +510,10 @@ pub fn resolve_config(config: Option<&str>, first_weights: Option<&StateDict>) -
         None => match first_weights {
             None => bail!("no --config and no weights to read one from: pass --config tiny|small|medium|large or a config file"),
             Some(sd) => match sd.stored_config()? {
-                Some(c) => (c, ConfigSource::Explicit),
+                Some(c) => {
+                    sd.check_config_fits(&c)?;
+                    (c, ConfigSource::Explicit)
+                }
                 None => match sd.infer_config() {
                     Some(c) => (c, ConfigSource::Implicit),
                     None => bail!(
@@ -483,4 +584,86 @@ pub fn is_buffer_or_alias(key: &str) -> bool {
         || key.ends_with("running_mean")
         || key.ends_with("running_var")
         || key.ends_with("num_batches_tracked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of one F32 tensor `w` = [1, 2] whose header (JSON padded with spaces,
+    /// which the format allows) is exactly `header_len` bytes, with optional metadata.
+    fn safetensors_bytes(header_len: usize, metadata: Option<&str>) -> Vec<u8> {
+        let meta = metadata.map(|m| format!("\"__metadata__\":{m},")).unwrap_or_default();
+        let mut header = format!("{{{meta}\"w\":{{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}}}");
+        assert!(header.len() <= header_len, "header of {} bytes does not fit {header_len}", header.len());
+        header.extend(std::iter::repeat_n(' ', header_len - header.len()));
+        let mut bytes = (header_len as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(1f32.to_le_bytes());
+        bytes.extend(2f32.to_le_bytes());
+        bytes
+    }
+
+    /// Every low byte of the header length, 0x80 (a pickle's first byte) included, is read as
+    /// safetensors: the format is told by structure, not by the first byte.
+    #[test]
+    fn safetensors_of_every_low_header_byte_load() {
+        let dir = tempfile::tempdir().unwrap();
+        for low in 0..=255usize {
+            let path = dir.path().join(format!("w{low}.safetensors"));
+            std::fs::write(&path, safetensors_bytes(0x200 + low, None)).unwrap();
+            let sd = StateDict::read(&path).unwrap_or_else(|e| panic!("header length 0x{:x}: {e:#}", 0x200 + low));
+            assert_eq!(sd.format, "safetensors");
+            assert_eq!(sd.tensors["w"].to_vec::<f32>().unwrap(), vec![1.0, 2.0]);
+        }
+    }
+
+    #[test]
+    fn formats_by_structure() {
+        use WeightsFormat::*;
+        assert_eq!(WeightsFormat::from_head(b"PK\x03\x04\x14\x00\x00\x00\x00", 100), Some(TorchZip));
+        assert_eq!(WeightsFormat::from_head(&[0x80, 2, b'}', b'q', 0, 0, 0, 0, 0], 100), Some(TorchPickle));
+        // 0x80 then a byte that is no pickle protocol, and a header length beyond the file.
+        assert_eq!(WeightsFormat::from_head(&[0x80, 0x5d, 0, 0, 0, 0, 0, 0, b'{'], 100), None);
+        // A header length that fits, but no '{' after it.
+        assert_eq!(WeightsFormat::from_head(&[0x10, 0, 0, 0, 0, 0, 0, 0, b'x'], 100), None);
+        assert_eq!(WeightsFormat::from_head(b"hello", 5), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("notes.txt");
+        std::fs::write(&p, "just some text, not weights").unwrap();
+        let e = format!("{:#}", StateDict::read(&p).unwrap_err());
+        assert!(e.contains("is not a weights file"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_weights_name_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nan.safetensors");
+        let mut bytes = safetensors_bytes(0x100, None);
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&p, bytes).unwrap();
+        let e = format!("{:#}", StateDict::read(&p).unwrap_err());
+        assert!(e.contains("tensor 'w' holds 1 NaN or infinite value(s)") && e.contains("flat index 1"), "{e}");
+    }
+
+    /// A config in the metadata that asks for a huge model is refused before anything is built:
+    /// beyond the sane bounds, or beyond what the file holds.
+    #[test]
+    fn crafted_stored_configs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (r#"{"depths":[100000,1,1,1]}"#, "total depth = 100003 is over the limit"),
+            (r#"{"embed_dims":[8192,8192,8192,8192],"num_heads":[1,1,1,1]}"#, "over the limit of 2000000000"),
+            (r#"{"depths":[2,2,2,2]}"#, "the metadata does not belong to these weights"),
+        ];
+        for (i, (cfg, want)) in cases.iter().enumerate() {
+            let meta = format!("{{\"{CONFIG_METADATA_KEY}\":{}}}", serde_json::to_string(cfg).unwrap());
+            let p = dir.path().join(format!("c{i}.safetensors"));
+            std::fs::write(&p, safetensors_bytes(0x200, Some(&meta))).unwrap();
+            let sd = StateDict::read(&p).unwrap();
+            let e = format!("{:#}", resolve_config(None, Some(&sd)).unwrap_err());
+            assert!(e.contains(want), "{cfg}: {e}");
+        }
+    }
 }

@@ -39,7 +39,20 @@ pub struct Job {
     pub work: Work,
     pub reply: oneshot::Sender<Result<Output, String>>,
     pub enqueued: Instant,
+    /// After this the client has been answered 504: the work is dropped, not finished.
+    pub deadline: Instant,
 }
+
+impl Job {
+    /// Nobody waits for the answer any more: the client went away (its handler was dropped, which
+    /// closes the reply channel) or was answered 504.
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed() || Instant::now() >= self.deadline
+    }
+}
+
+/// What the model thread answers for work it dropped.
+const ABANDONED: &str = "the request was abandoned (client gone or timed out)";
 
 /// What the model thread needs of the catalogue: preprocessed images (u8, as the model sees them)
 /// and tokenised captions.
@@ -63,9 +76,10 @@ pub enum Submit {
 }
 
 impl Queue {
-    pub fn submit(&self, work: Work) -> Submit {
+    pub fn submit(&self, work: Work, timeout: Duration) -> Submit {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { work, reply, enqueued: Instant::now() }) {
+        let now = Instant::now();
+        match self.tx.try_send(Job { work, reply, enqueued: now, deadline: now + timeout }) {
             Ok(()) => {
                 self.metrics.queue_depth.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Submit::Ok(rx)
@@ -101,6 +115,12 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![];
         take(first, &mut jobs);
+        let drop_abandoned = |jobs: &mut Vec<Job>| {
+            for j in jobs.extract_if(.., |j| j.abandoned()) {
+                metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = j.reply.send(Err(ABANDONED.into()));
+            }
+        };
         // Wait a little for concurrent requests, then take what is queued.
         let deadline = Instant::now() + cfg.window;
         loop {
@@ -114,6 +134,7 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
                 break;
             }
         }
+        drop_abandoned(&mut jobs);
         for head in [Head::Itm, Head::Cls] {
             let group: Vec<Job> = jobs.extract_if(.., |j| matches!(&j.work, Work::Pairs { head: h, .. } if *h == head)).collect();
             if !group.is_empty() {
@@ -121,8 +142,21 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
             }
         }
         for job in jobs {
-            let Work::Search { text, image, rows } = job.work else { unreachable!("pairs were taken above") };
-            let out = search(&model, &cat, text, image, &rows, cfg.max_batch, &metrics).map(Output::Search).map_err(|e| format!("{e:#}"));
+            if job.abandoned() {
+                metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            let Work::Search { text, image, rows } = &job.work else { unreachable!("pairs were taken above") };
+            // Checked after every forward pass: a search nobody waits for stops there.
+            let progress = |n: usize| {
+                metrics.record_batch(n);
+                if job.abandoned() {
+                    metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    anyhow::bail!(ABANDONED);
+                }
+                Ok(())
+            };
+            let out = search(&model, &cat, text.clone(), image.clone(), rows, cfg.max_batch, progress).map(Output::Search).map_err(|e| format!("{e:#}"));
             let _ = job.reply.send(out);
         }
     }
@@ -134,18 +168,26 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
     let mut ids: Vec<Arc<Vec<i64>>> = vec![];
     let mut counts = vec![];
     let mut replies = vec![];
+    let mut deadlines = vec![];
     for j in jobs {
         if let Work::Pairs { images: im, ids: tx, .. } = j.work {
             counts.push(im.len());
             images.extend(im);
             ids.extend(tx);
             replies.push(j.reply);
+            deadlines.push(j.deadline);
         }
     }
+    // Stop between forward passes once every job of the group is abandoned.
+    let all_abandoned = || replies.iter().zip(&deadlines).all(|(r, d)| r.is_closed() || Instant::now() >= *d);
     let result: Result<Output> = (|| {
         let mut itm = vec![];
         let mut cls = vec![];
         for (ic, tc) in images.chunks(max_batch.max(1)).zip(ids.chunks(max_batch.max(1))) {
+            if all_abandoned() {
+                metrics.abandoned.fetch_add(replies.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                anyhow::bail!(ABANDONED);
+            }
             let im: Vec<&[f32]> = ic.iter().map(|v| v.as_slice()).collect();
             let tx: Vec<&[i64]> = tc.iter().map(|v| v.as_slice()).collect();
             metrics.record_batch(im.len());
@@ -181,8 +223,15 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
     }
 }
 
-fn search<B: Backend>(model: &Model<B>, cat: &Catalogue, text: Option<Arc<Vec<i64>>>, image: Option<Arc<Vec<f32>>>, rows: &[usize], max_batch: usize, metrics: &Metrics) -> Result<Vec<(usize, f32)>> {
-    let record = |n: usize| metrics.record_batch(n);
+fn search<B: Backend>(
+    model: &Model<B>,
+    cat: &Catalogue,
+    text: Option<Arc<Vec<i64>>>,
+    image: Option<Arc<Vec<f32>>>,
+    rows: &[usize],
+    max_batch: usize,
+    record: impl Fn(usize) -> Result<()>,
+) -> Result<Vec<(usize, f32)>> {
     match (&text, &image) {
         (Some(ids), _) => {
             let image_of = |r: usize| Ok(to_unit_floats(&cat.images[r]));
@@ -207,10 +256,11 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(1);
         let q = Queue { tx, metrics: Arc::new(Metrics::default()) };
         let work = || Work::Search { text: Some(Arc::new(vec![101, 102])), image: None, rows: vec![0] };
-        assert!(matches!(q.submit(work()), Submit::Ok(_)));
-        assert!(matches!(q.submit(work()), Submit::Full));
+        let t = Duration::from_secs(1);
+        assert!(matches!(q.submit(work(), t), Submit::Ok(_)));
+        assert!(matches!(q.submit(work(), t), Submit::Full));
         assert_eq!(q.metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed), 1);
         drop(rx);
-        assert!(matches!(q.submit(work()), Submit::Closed));
+        assert!(matches!(q.submit(work(), t), Submit::Closed));
     }
 }

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub queue_depth: AtomicUsize,
     batches: AtomicU64,
     pairs: AtomicU64,
+    /// Requests whose work the model thread dropped: the client had gone or been answered 504.
+    pub abandoned: AtomicU64,
+    /// Open connections.
+    pub connections: AtomicUsize,
 }
 
 impl Metrics {
@@ -65,6 +69,10 @@ impl Metrics {
         let _ = writeln!(s, "mvlt_batches_total {}", self.batches.load(Ordering::Relaxed));
         let _ = writeln!(s, "# HELP mvlt_pairs_total Image-text pairs scored.\n# TYPE mvlt_pairs_total counter");
         let _ = writeln!(s, "mvlt_pairs_total {}", self.pairs.load(Ordering::Relaxed));
+        let _ = writeln!(s, "# HELP mvlt_abandoned_total Requests dropped unfinished (client gone or timed out).\n# TYPE mvlt_abandoned_total counter");
+        let _ = writeln!(s, "mvlt_abandoned_total {}", self.abandoned.load(Ordering::Relaxed));
+        let _ = writeln!(s, "# HELP mvlt_open_connections Open client connections.\n# TYPE mvlt_open_connections gauge");
+        let _ = writeln!(s, "mvlt_open_connections {}", self.connections.load(Ordering::Relaxed));
         s
     }
 }

@@ -9,6 +9,12 @@
 //! Requests are decoded and preprocessed on tokio's blocking pool, then queued for the model thread
 //! (`batcher`), which batches concurrent requests. A full queue answers 503, a request that takes
 //! longer than the timeout 504, a body over the limit 413, another content type 415.
+//!
+//! Every input is bounded before it costs anything (see [`ServeConfig`]): requests in flight, body
+//! bytes and the time to send them, texts per request and bytes per text, image pixels (read from
+//! the header before decoding) and concurrent decodes, candidates per search, open connections and
+//! the time to send headers (which also closes idle keep-alive connections). Work whose client has
+//! gone or timed out is dropped by the model thread between forward passes.
 
 pub mod batcher;
 pub mod metrics;
@@ -49,13 +55,52 @@ pub struct ServeConfig {
     pub window: Duration,
     /// Catalogue rows one search scores at most.
     pub max_candidates: usize,
+    /// Texts one `/v1/score` request may carry.
+    pub max_texts: usize,
+    /// Pixels of one request image (checked from its header, before decoding).
+    pub max_image_pixels: u64,
+    /// Request images decoded at once; others wait (decoding is what costs memory).
+    pub decode_slots: usize,
+    /// POST requests being read or answered at once; more are answered 503 at once.
+    pub max_inflight: usize,
+    /// Open connections; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body.
+    pub body_timeout: Duration,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        ServeConfig { max_body: 8 << 20, timeout: Duration::from_secs(30), queue: 64, max_batch: 32, window: Duration::from_millis(2), max_candidates: 100_000 }
+        ServeConfig {
+            max_body: 8 << 20,
+            timeout: Duration::from_secs(30),
+            queue: 64,
+            max_batch: 32,
+            window: Duration::from_millis(2),
+            max_candidates: 20_000,
+            max_texts: 256,
+            max_image_pixels: 16_000_000,
+            decode_slots: 2,
+            max_inflight: 32,
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+        }
     }
 }
+
+/// Longest request URI and largest header block answered by the API itself (414 / 431 as JSON);
+/// hyper refuses still larger ones on its own (`HYPER_MAX_BUF`), with an empty body.
+const MAX_URI_BYTES: usize = 8 << 10;
+const MAX_HEADER_BYTES: usize = 32 << 10;
+const MAX_HEADER_COUNT: usize = 64;
+const HYPER_MAX_BUF: usize = 256 << 10;
+const HYPER_MAX_HEADERS: usize = 128;
+/// Longest text of a request: the model reads its first T - 2 word pieces only.
+const MAX_REQUEST_TEXT_BYTES: usize = 64 << 10;
 
 struct App {
     queue: Queue,
@@ -66,6 +111,10 @@ struct App {
     data: Arc<dyn Dataset>,
     /// Catalogue rows whose image could be read.
     usable: Vec<bool>,
+    /// The heads the weights have: an endpoint whose head is missing answers 422.
+    heads: crate::model::HeadSet,
+    decode_slots: Arc<tokio::sync::Semaphore>,
+    inflight: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     cfg: ServeConfig,
 }
@@ -120,8 +169,15 @@ impl Input {
 const DRAIN_BYTES: usize = 64 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// The whole body, at most `limit` bytes (413 beyond, after draining as above).
-async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The whole body, at most `limit` bytes (413 beyond, after draining as above), within `time`
+/// (408 beyond: a client sending a byte a second holds no connection for long).
+async fn read_body(body: axum::body::Body, limit: usize, time: Duration) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(time, read_body_unbounded_in_time(body, limit))
+        .await
+        .map_err(|_| ApiError(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {time:?}")))?
+}
+
+async fn read_body_unbounded_in_time(mut body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -145,14 +201,25 @@ async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<Bytes, Ap
     Ok(Bytes::from(buf))
 }
 
-async fn read_input(req: Request, limit: usize) -> Result<Input, ApiError> {
+/// A POST request's place among those in flight (`ServeConfig::max_inflight`), held until it is
+/// answered.
+type Slot = tokio::sync::OwnedSemaphorePermit;
+
+async fn read_input(app: &App, req: Request) -> Result<(Input, Slot), ApiError> {
+    let slot = app.inflight.clone().try_acquire_owned().map_err(|_| {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the server is busy ({} requests in flight); retry shortly", app.cfg.max_inflight))
+    })?;
+    Ok((read_fields(req, app.cfg.max_body, app.cfg.body_timeout).await?, slot))
+}
+
+async fn read_fields(req: Request, limit: usize, time: Duration) -> Result<Input, ApiError> {
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let is_json = ctype.starts_with("application/json");
     if !is_json && !ctype.starts_with("multipart/form-data") {
         return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json or multipart/form-data, got '{ctype}'")));
     }
     let (parts, body) = req.into_parts();
-    let body = read_body(body, limit).await?;
+    let body = read_body(body, limit, time).await?;
     if is_json {
         serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))
     } else {
@@ -181,21 +248,46 @@ impl App {
         if text.trim().is_empty() {
             return Err(bad("text is empty"));
         }
+        if text.len() > MAX_REQUEST_TEXT_BYTES {
+            return Err(bad(format!("a text of {} bytes, over the limit of {MAX_REQUEST_TEXT_BYTES} bytes (a product description is a few hundred)", text.len())));
+        }
         self.text.encode(text, self.max_len).map(|e| Arc::new(e.input_ids)).map_err(|e| bad(format!("text: {e:#}")))
     }
 
-    /// Decode and preprocess on the blocking pool (CPU work off the async threads).
+    /// Decode and preprocess on the blocking pool (CPU work off the async threads), at most
+    /// `decode_slots` at a time, images of at most `max_image_pixels`.
     async fn image(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<Vec<f32>>, ApiError> {
         let size = self.image_size;
-        tokio::task::spawn_blocking(move || -> Result<Vec<f32>> { Ok(crate::data::image::preprocess_floats(&Pixels::decode(&bytes)?, size)?.0) })
+        let max_pixels = self.cfg.max_image_pixels;
+        let slot = tokio::time::timeout(self.cfg.timeout, self.decode_slots.clone().acquire_owned())
+            .await
+            .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy decoding images; retry shortly".into()))?
+            .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the image decoder is closed".into()))?;
+        tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
+            let _slot = slot;
+            Ok(crate::data::image::preprocess_floats(&Pixels::decode_limited(&bytes, max_pixels)?, size)?.0)
+        })
             .await
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
             .map(Arc::new)
             .map_err(|e| bad(format!("image: {e:#}")))
     }
 
+    /// 422 unless the weights have `head`, naming the weights that do.
+    fn require(&self, head: Head) -> Result<(), ApiError> {
+        let (present, what) = match head {
+            Head::Itm => (self.heads.itm, "these weights have no image-text matching head (itm_head): serve pre-training weights (mvlt pretrain's final/model.safetensors)"),
+            Head::Cls => (self.heads.cls, "these weights have no recognition heads (sup_cls_head, sub_cls_head): serve fine-tuned weights (mvlt finetune's final/model.safetensors)"),
+        };
+        if present {
+            Ok(())
+        } else {
+            Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, what.into()))
+        }
+    }
+
     async fn run(&self, work: Work) -> Result<Output, ApiError> {
-        let rx = match self.queue.submit(work) {
+        let rx = match self.queue.submit(work, self.cfg.timeout) {
             Submit::Ok(rx) => rx,
             Submit::Full => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy (queue full); retry shortly".into())),
             Submit::Closed => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread stopped".into())),
@@ -210,13 +302,17 @@ impl App {
 }
 
 async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
-    let input = read_input(req, app.cfg.max_body).await?;
+    app.require(Head::Itm)?;
+    let (input, _slot) = read_input(&app, req).await?;
     let bytes = input.image()?.ok_or_else(|| bad("image is required"))?;
     let texts: Vec<String> = match (&input.text, &input.texts) {
         (Some(t), None) => vec![t.clone()],
         (None, Some(ts)) if !ts.is_empty() => ts.clone(),
         _ => return Err(bad("give text (a string) or texts (a non-empty list of strings)")),
     };
+    if texts.len() > app.cfg.max_texts {
+        return Err(bad(format!("{} texts in one request, over the limit of {}; split them over several requests", texts.len(), app.cfg.max_texts)));
+    }
     let ids = texts.iter().map(|t| app.ids(t)).collect::<Result<Vec<_>, _>>()?;
     let img = app.image(bytes).await?;
     let Output::Itm(p) = app.run(Work::Pairs { head: Head::Itm, images: vec![img; ids.len()], ids }).await? else { unreachable!() };
@@ -225,7 +321,8 @@ async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_j
 }
 
 async fn classify(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
-    let input = read_input(req, app.cfg.max_body).await?;
+    app.require(Head::Cls)?;
+    let (input, _slot) = read_input(&app, req).await?;
     let bytes = input.image()?.ok_or_else(|| bad("image is required"))?;
     let ids = match &input.text {
         Some(t) => app.ids(t)?,
@@ -240,7 +337,8 @@ async fn classify(State(app): State<Arc<App>>, req: Request) -> Result<Json<serd
 }
 
 async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
-    let input = read_input(req, app.cfg.max_body).await?;
+    app.require(Head::Itm)?;
+    let (input, _slot) = read_input(&app, req).await?;
     let k = input.top.unwrap_or(10).clamp(1, 1000);
     let mut rows: Vec<usize> = filter_rows(app.data.as_ref(), input.category.as_deref(), input.subcategory.as_deref(), None).into_iter().filter(|&r| app.usable[r]).collect();
     let (text, image) = match (&input.text, input.image()?) {
@@ -267,7 +365,8 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
     Ok(Json(json!({ "candidates": candidates, "hits": hits })))
 }
 
-async fn catalogue_image(State(app): State<Arc<App>>, UrlPath(row): UrlPath<usize>) -> Result<Response, ApiError> {
+async fn catalogue_image(State(app): State<Arc<App>>, row: Result<UrlPath<usize>, axum::extract::rejection::PathRejection>) -> Result<Response, ApiError> {
+    let UrlPath(row) = row.map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("no such catalogue image: {e} (rows are 0..{})", app.data.len())))?;
     if row >= app.data.len() {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no catalogue row {row}")));
     }
@@ -303,6 +402,28 @@ async fn page() -> Html<&'static str> {
 
 async fn fallback() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no such endpoint (see /openapi.json)".into())
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {} (see /openapi.json)", req.method(), req.uri().path()))
+}
+
+/// 414 and 431 as JSON, below hyper's own limits (whose answers have no body).
+async fn bounded_head(req: Request, next: axum::middleware::Next) -> Response {
+    let uri = req.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        return ApiError(StatusCode::URI_TOO_LONG, format!("the request URI is {uri} bytes, over the limit of {MAX_URI_BYTES}")).into_response();
+    }
+    let headers = req.headers();
+    let bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if headers.len() > MAX_HEADER_COUNT || bytes > MAX_HEADER_BYTES {
+        return ApiError(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("{} headers of {bytes} bytes, over the limit of {MAX_HEADER_COUNT} headers or {MAX_HEADER_BYTES} bytes", headers.len()),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Record status and latency of every request.
@@ -341,9 +462,13 @@ impl Server {
             .collect::<Result<Vec<_>>>()?;
         let catalogue = Arc::new(Catalogue { images: images.into_iter().map(Option::unwrap_or_default).collect(), captions });
         let metrics = Arc::new(Metrics::default());
-        let (text, max_len, image_size, classes) = (model.text.clone(), model.config.num_text_tokens, model.image_size, model.classes.clone());
+        let (text, max_len, image_size, classes, heads) = (model.text.clone(), model.config.num_text_tokens, model.image_size, model.classes.clone(), model.config.heads);
         let queue = batcher::start(model, catalogue, BatcherConfig { queue: cfg.queue, max_batch: cfg.max_batch, window: cfg.window }, metrics.clone());
-        Ok(Server { app: Arc::new(App { queue, text, max_len, image_size, classes, data, usable, metrics, cfg }) })
+        // A request's memory goes back to the system when it is answered (see `crate::memory`).
+        crate::memory::keep_freed_memory(false);
+        let decode_slots = Arc::new(tokio::sync::Semaphore::new(cfg.decode_slots.max(1)));
+        let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight.max(1)));
+        Ok(Server { app: Arc::new(App { queue, text, max_len, image_size, classes, data, usable, heads, decode_slots, inflight, metrics, cfg }) })
     }
 
     pub fn router(&self) -> Router {
@@ -358,6 +483,8 @@ impl Server {
             .route("/v1/search", post(search))
             .route("/v1/images/{row}", get(catalogue_image))
             .fallback(fallback)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn(bounded_head))
             .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
             // The body limit is enforced while reading (413 as JSON); this stops axum's own
             // 2 MB default from answering first.
@@ -372,8 +499,53 @@ impl Server {
         Ok((listener, bound))
     }
 
-    /// Serve until `shutdown` resolves; in-flight requests finish first.
+    /// Serve until `shutdown` resolves; in-flight requests finish first (for at most the request
+    /// timeout). At most `max_connections` connections are open at once; each must send its
+    /// headers within `header_timeout`, which also closes idle keep-alive connections.
     pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await.context("server")
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        let router = self.router();
+        let cfg = self.app.cfg.clone();
+        let metrics = self.app.metrics.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections.max(1)));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_timeout)
+            .max_buf_size(HYPER_MAX_BUF)
+            .max_headers(HYPER_MAX_HEADERS);
+        tokio::pin!(shutdown);
+        loop {
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.context("connection slots closed")?,
+                _ = &mut shutdown => break,
+            };
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little rather than spin.
+                        eprintln!("note: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            let metrics = metrics.clone();
+            metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _ = conn.await;
+                metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                drop(slot);
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(cfg.timeout + cfg.body_timeout, graceful.shutdown()).await.is_err() {
+            eprintln!("note: some connections were still open at shutdown and were closed");
+        }
+        Ok(())
     }
 }

@@ -105,6 +105,29 @@ pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
     out
 }
 
+/// Whether `path` is a complete checkpoint: every tensor within the file and the training state
+/// readable. A file cut short (a full disk, a copy interrupted) fails here.
+pub fn probe(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("not a complete safetensors file ({e})"))?;
+    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("not a complete safetensors file ({e})"))?;
+    let json = meta.metadata().as_ref().and_then(|m| m.get(STATE_METADATA_KEY)).with_context(|| format!("no {STATE_METADATA_KEY} metadata"))?;
+    serde_json::from_str::<TrainState>(json).context("unreadable training state")?;
+    Ok(())
+}
+
+/// The newest checkpoint of `dir` that [`probe`] accepts, and each newer one it skipped with why.
+pub fn newest_loadable(dir: &Path) -> (Option<PathBuf>, Vec<(PathBuf, String)>) {
+    let mut skipped = vec![];
+    for (_, path) in list(dir).into_iter().rev() {
+        match probe(&path) {
+            Ok(()) => return (Some(path), skipped),
+            Err(e) => skipped.push((path, format!("{e:#}"))),
+        }
+    }
+    (None, skipped)
+}
+
 /// Delete all but the newest `keep` checkpoints.
 pub fn prune(dir: &Path, keep: usize) -> Result<()> {
     let all = list(dir);

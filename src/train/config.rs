@@ -147,7 +147,7 @@ pub fn recipe_text(spec: &str) -> Result<String> {
         "finetune" => include_str!("../../configs/finetune.toml").to_string(),
         "cpu-pretrain" => include_str!("../../configs/cpu_pretrain.toml").to_string(),
         "cpu-finetune" => include_str!("../../configs/cpu_finetune.toml").to_string(),
-        path => std::fs::read_to_string(path)
+        path => crate::files::read_text_limited(Path::new(path), "recipe", crate::files::MAX_SMALL_FILE_BYTES)
             .with_context(|| format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune)"))?,
     })
 }

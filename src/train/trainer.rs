@@ -266,11 +266,31 @@ fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummar
     let _turn = RUN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let cfg = run.config;
     let dir = run.dir;
+    if run.resume && !dir.is_dir() {
+        bail!("--resume: the run folder {} does not exist (give the --out of the run to continue)", dir.display());
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create run folder {}", dir.display()))?;
     let ckpt_dir = dir.join("checkpoints");
     let existing = checkpoint::list(&ckpt_dir);
     let resume_from = match (run.resume, existing.last()) {
-        (true, Some((_, p))) => Some(p.clone()),
+        (true, Some(_)) => {
+            // The newest checkpoint that loads; a truncated newer one is reported and skipped.
+            let (found, skipped) = checkpoint::newest_loadable(&ckpt_dir);
+            for (p, why) in &skipped {
+                // Renamed aside so that pruning never keeps it in place of a good one.
+                let aside = p.with_extension("safetensors.broken");
+                let moved = std::fs::rename(p, &aside).is_ok();
+                eprintln!(
+                    "warning: skipping checkpoint {}: {why}{}",
+                    p.display(),
+                    if moved { format!(" (renamed to {})", aside.display()) } else { String::new() }
+                );
+            }
+            match found {
+                Some(p) => Some(p),
+                None => bail!("--resume: none of the {} checkpoints in {} can be loaded (see the warnings above)", existing.len(), ckpt_dir.display()),
+            }
+        }
         (true, None) => bail!("--resume: no checkpoint in {} to continue from", ckpt_dir.display()),
         (false, Some(_)) => bail!(
             "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",

@@ -1,0 +1,127 @@
+//! Reading files a user (or a client) names, with the checks that come before any allocation:
+//! the path exists, is a regular file (not a FIFO, device or folder, which never end or cannot be
+//! sized), is not over the size limit of what it is meant to be; and paths that must stay inside a
+//! folder are resolved (symlinks included) before they are trusted.
+
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Largest image file read from disk (a 4000x6000 PNG is about 70 MB at most).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 128 << 20;
+/// Largest vocabulary file (bert-base-uncased's is 226 KiB).
+pub const MAX_VOCAB_FILE_BYTES: u64 = 64 << 20;
+/// Largest JSON config or class-name file.
+pub const MAX_SMALL_FILE_BYTES: u64 = 16 << 20;
+
+/// The size of `path` if it is a regular file (symlinks followed); otherwise an error saying what
+/// it is. `what` names the file's role in messages ("image", "vocabulary").
+pub fn regular_file_size(path: &Path, what: &str) -> Result<u64> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{what} {} does not exist", path.display()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {what} {}", path.display())),
+    };
+    if meta.is_dir() {
+        bail!("{what} {} is a folder, not a file", path.display());
+    }
+    if !meta.is_file() {
+        bail!("{what} {} is not a regular file (a FIFO, socket or device?)", path.display());
+    }
+    Ok(meta.len())
+}
+
+/// The whole of a regular file of at most `max` bytes. The size is checked before reading, and the
+/// read stops at `max` too, in case the file grows meanwhile.
+pub fn read_limited(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
+    let size = regular_file_size(path, what)?;
+    if size > max {
+        bail!("{what} {} is {size} bytes, over the limit of {max} bytes", path.display());
+    }
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {what} {}", path.display()))?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    f.take(max + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{what} {} grew past the limit of {max} bytes while being read", path.display());
+    }
+    Ok(bytes)
+}
+
+/// [`read_limited`] as UTF-8 text.
+pub fn read_text_limited(path: &Path, what: &str, max: u64) -> Result<String> {
+    String::from_utf8(read_limited(path, what, max)?).map_err(|e| anyhow::anyhow!("{what} {} is not UTF-8 text ({e})", path.display()))
+}
+
+/// `root.join(rel)` with symlinks resolved, if it stays inside `root` (itself resolved); an error
+/// saying why otherwise. `rel` may contain `..` as long as it stays inside
+/// (`images/../images/x.png`). A path that leaves the folder by its `..`s is refused before the
+/// disk is asked, so the answer never tells whether a file outside exists; then the file must
+/// exist, and where its symlinks lead must be inside too.
+pub fn resolve_inside(root: &Path, rel: &Path) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let mut depth = 0usize;
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir if depth > 0 => depth -= 1,
+            Component::ParentDir => return Err(format!("image path '{}' escapes the catalogue folder", rel.display())),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("image path '{}' is absolute; it must be relative to the catalogue folder", rel.display()))
+            }
+        }
+    }
+    let root = root.canonicalize().map_err(|e| format!("cannot resolve folder {}: {e}", root.display()))?;
+    let joined = root.join(rel);
+    let real = match joined.canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(format!("image {} does not exist", joined.display())),
+        Err(e) => return Err(format!("cannot resolve image {}: {e}", joined.display())),
+    };
+    if !real.starts_with(&root) {
+        return Err(format!("image path '{}' escapes the catalogue folder {} through a symlink (to {})", rel.display(), root.display(), real.display()));
+    }
+    Ok(real)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_what_is_not_a_bounded_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.txt");
+        std::fs::write(&f, b"hello").unwrap();
+        assert_eq!(read_limited(&f, "vocabulary", 5).unwrap(), b"hello");
+        let e = read_limited(&f, "vocabulary", 4).unwrap_err().to_string();
+        assert!(e.contains("5 bytes, over the limit of 4 bytes"), "{e}");
+        let e = read_limited(&dir.path().join("none"), "image", 10).unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let e = read_limited(dir.path(), "image", 10).unwrap_err().to_string();
+        assert!(e.contains("is a folder"), "{e}");
+        let e = read_limited(Path::new("/dev/zero"), "catalogue", 10).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn resolves_paths_and_refuses_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cat");
+        std::fs::create_dir_all(root.join("images")).unwrap();
+        std::fs::write(root.join("images/x.png"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret.png"), b"s").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.png"), root.join("images/link.png")).unwrap();
+        assert!(resolve_inside(&root, Path::new("images/../images/x.png")).is_ok());
+        assert!(resolve_inside(&root, Path::new("./images/x.png")).is_ok());
+        let e = resolve_inside(&root, Path::new("images/link.png")).unwrap_err();
+        assert!(e.contains("escapes the catalogue folder") && e.contains("through a symlink"), "{e}");
+        // Refused by its `..`s alone, whether or not the file exists.
+        for rel in ["../secret.png", "../absent.png", "images/../../secret.png"] {
+            let e = resolve_inside(&root, Path::new(rel)).unwrap_err();
+            assert!(e.contains("escapes the catalogue folder") && !e.contains("symlink"), "{e}");
+        }
+        assert!(resolve_inside(&root, Path::new("/etc/passwd")).unwrap_err().contains("absolute"));
+        assert!(resolve_inside(&root, Path::new("images/none.png")).unwrap_err().contains("does not exist"));
+    }
+}
