@@ -284,26 +284,37 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
         ("partial headers", b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Ty"),
         ("idle keep-alive after a request", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
     ];
-    for (name, send) in slow {
-        let t0 = Instant::now();
-        let closed = (|| -> Result<bool> {
-            let mut c = std::net::TcpStream::connect(addr)?;
-            c.set_read_timeout(Some(limit + Duration::from_secs(5)))?;
-            c.write_all(send)?;
-            let mut buf = [0u8; 4096];
-            // Read until the server closes (0 bytes) or the read times out (not closed).
-            loop {
-                match c.read(&mut buf) {
-                    Ok(0) => return Ok(true),
-                    Ok(_) => continue,
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(false),
-                    Err(_) => return Ok(true),
-                }
-            }
-        })()?;
-        let secs = t0.elapsed().as_secs_f64();
-        let ok = closed && t0.elapsed() <= limit;
-        if !ok {
+    // All at once: each waits out the header timeout.
+    let results: Vec<(bool, f64)> = std::thread::scope(|scope| {
+        let hs: Vec<_> = slow
+            .iter()
+            .map(|(_, send)| {
+                scope.spawn(move || {
+                    let t0 = Instant::now();
+                    let closed = (|| -> Result<bool> {
+                        let mut c = std::net::TcpStream::connect(addr)?;
+                        c.set_read_timeout(Some(limit + Duration::from_secs(5)))?;
+                        c.write_all(send)?;
+                        let mut buf = [0u8; 4096];
+                        // Read until the server closes (0 bytes) or the read times out (not closed).
+                        loop {
+                            match c.read(&mut buf) {
+                                Ok(0) => return Ok(true),
+                                Ok(_) => continue,
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(false),
+                                Err(_) => return Ok(true),
+                            }
+                        }
+                    })()
+                    .unwrap_or(false);
+                    (closed, t0.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or((false, f64::NAN))).collect()
+    });
+    for ((name, _), (closed, secs)) in slow.iter().zip(results) {
+        if !(closed && secs <= limit.as_secs_f64()) {
             failed += 1;
         }
         println!("| slow client: {name} | {} | | {secs:.2} | |", if closed { "closed by the server" } else { "still open" });
