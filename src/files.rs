@@ -4,7 +4,7 @@
 //! folder are resolved (symlinks included) before they are trusted.
 
 use anyhow::{bail, Context, Result};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Largest image file read from disk (a 4000x6000 PNG is about 70 MB at most).
@@ -82,6 +82,25 @@ pub fn resolve_inside(root: &Path, rel: &Path) -> Result<PathBuf, String> {
         return Err(format!("image path '{}' escapes the catalogue folder {} through a symlink (to {})", rel.display(), root.display(), real.display()));
     }
     Ok(real)
+}
+
+/// Write `bytes` to `path` atomically: a temporary file beside it, fsynced, then renamed, so a
+/// crash or `kill -9` never leaves a half-written file under the final name (checkpoints,
+/// weights, metrics, plots, reports). Creates the parent folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! Images are preprocessed exactly as in training (the reference's crop, resize, [0, 1]); texts are
 //! tokenised with the model's vocabulary.
 
-use crate::data::dataset::{default_vocab, ClassMap};
+use crate::data::dataset::{vocab_beside_weights, ClassMap};
 use crate::data::image::{preprocess_floats, Pixels};
 use crate::data::text::TextProcessor;
 use crate::model::weights::{load_state_dict, resolve_config, StateDict};
@@ -78,7 +78,7 @@ impl<B: Backend> Model<B> {
         }
         let vocab = match &o.vocab {
             Some(v) => v.clone(),
-            None => default_vocab(weights).with_context(|| format!("no --vocab given and no vocab.txt beside {}", weights.display()))?,
+            None => vocab_beside_weights(weights).with_context(|| format!("no --vocab given and no vocab.txt beside {}", weights.display()))?,
         };
         let text = std::sync::Arc::new(TextProcessor::from_vocab_file(&vocab)?);
         if text.vocab_size != config.vocab_size {
@@ -134,7 +134,7 @@ impl<B: Backend> Model<B> {
             return Ok(None);
         }
         let (img, tok) = self.tensors(images, ids);
-        Ok(Some(self.net.forward(img, tok, heads, false)))
+        Ok(Some(self.net.forward(img, tok, heads, crate::model::Mode::Eval)))
     }
 
     /// ITM match probability of each (image, text) pair; one forward pass for all of them.

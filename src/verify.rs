@@ -7,7 +7,7 @@
 
 use crate::device::BackendTask;
 use crate::model::weights::{load_model, StateDict};
-use crate::model::{Pvlt, PvltConfig, PvltOutput};
+use crate::model::{HiddenStates, Mode, Pvlt, PvltConfig, PvltOutput};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -185,21 +185,21 @@ struct Computed {
 }
 
 impl Computed {
-    fn new<B: Backend>(out: &PvltOutput<B>) -> Computed {
+    fn new<B: Backend>(out: &PvltOutput<B>, hidden: &HiddenStates<B>) -> Computed {
         let mut base = BTreeMap::new();
         for i in 0..4 {
-            base.insert(format!("img_feats.{i}"), to_f64(out.img_feats[i].clone()));
-            base.insert(format!("text_feats.{i}"), to_f64(out.text_feats[i].clone()));
-            base.insert(format!("pos_embed_used.{i}"), to_f64(out.pos_embed_used[i].clone()));
+            base.insert(format!("img_feats.{i}"), to_f64(hidden.img_feats[i].clone()));
+            base.insert(format!("text_feats.{i}"), to_f64(hidden.text_feats[i].clone()));
+            base.insert(format!("pos_embed_used.{i}"), to_f64(hidden.pos_embed_used[i].clone()));
         }
-        base.insert("text_embeddings".into(), to_f64(out.text_embeddings.clone()));
-        base.insert("patch_embed1".into(), to_f64(out.patch_embed1.clone()));
+        base.insert("text_embeddings".into(), to_f64(hidden.text_embeddings.clone()));
+        base.insert("patch_embed1".into(), to_f64(hidden.patch_embed1.clone()));
         let opt3 = |t: &Option<Tensor<B, 3>>| t.clone().map(to_f64);
         for (k, v) in [
             ("itm_logits", opt3(&out.itm_logits)),
             ("sup_cls_logits", opt3(&out.sup_cls_logits)),
             ("sub_cls_logits", opt3(&out.sub_cls_logits)),
-            ("mlm_hidden", opt3(&out.mlm_hidden)),
+            ("mlm_hidden", opt3(&hidden.mlm_hidden)),
             ("mlm_logits", opt3(&out.mlm_logits)),
             ("t2i_logits", out.t2i_logits.clone().map(to_f64)),
         ] {
@@ -284,8 +284,8 @@ impl Computed {
 }
 
 /// Compare a forward pass with the stored tensors.
-pub fn compare<B: Backend>(out: &PvltOutput<B>, expected: &BTreeMap<String, TensorData>, mlm_rows: Option<&[usize]>, tol: &Tolerance) -> Vec<Row> {
-    let computed = Computed::new(out);
+pub fn compare<B: Backend>((out, hidden): &(PvltOutput<B>, HiddenStates<B>), expected: &BTreeMap<String, TensorData>, mlm_rows: Option<&[usize]>, tol: &Tolerance) -> Vec<Row> {
+    let computed = Computed::new(out, hidden);
     let mut rows = vec![];
     for (name, data) in expected {
         let want = data.shape.to_vec();
@@ -362,7 +362,7 @@ impl BackendTask for VerifyTask<'_> {
     }
 }
 
-pub fn forward_fixture<B: Backend>(model: &Pvlt<B>, f: &Fixture, device: &B::Device) -> Result<PvltOutput<B>> {
+pub fn forward_fixture<B: Backend>(model: &Pvlt<B>, f: &Fixture, device: &B::Device) -> Result<(PvltOutput<B>, HiddenStates<B>)> {
     let [b, c, h, w]: [usize; 4] = f.images.shape.to_vec().try_into().map_err(|_| anyhow::anyhow!("images must be [B,3,H,W], got {:?}", f.images.shape))?;
     if c != 3 {
         bail!("images must have 3 channels, got {c}");
@@ -378,5 +378,5 @@ pub fn forward_fixture<B: Backend>(model: &Pvlt<B>, f: &Fixture, device: &B::Dev
     }
     let images = Tensor::<B, 4>::from_data(f.images.clone(), device);
     let input_ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, ids_shape[1]]), device);
-    Ok(model.forward(images, input_ids, model.heads(), false))
+    Ok(model.output_hidden_states(images, input_ids, model.heads(), Mode::Eval))
 }

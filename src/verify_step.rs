@@ -8,7 +8,7 @@
 
 use crate::device::BackendTask;
 use crate::model::weights::{load_model, state_dict, StateDict};
-use crate::model::PvltConfig;
+use crate::model::{Mode, PvltConfig};
 use crate::train::loss::{losses, MlmTargets, Targets};
 use crate::train::optim::{named_grads, AdamW, AdamWConfig};
 use crate::verify::{compare_values, Row, Tolerance};
@@ -123,7 +123,7 @@ impl BackendTask for TrainStepTask {
         };
         let input_ids = Tensor::<AB<B>, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
         let heads = cfg.heads;
-        let out = model.forward_mlm_at(img("in/masked_images")?, input_ids, heads, true, Some(targets.mlm.rows.clone()));
+        let out = model.forward_mlm_at(img("in/masked_images")?, input_ids, heads, Mode::Train, targets.mlm.rows.clone());
         let l = losses(&out, &targets, heads);
 
         let mut rows = vec![];

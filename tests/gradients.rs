@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use mvlt::device::Cpu;
 use mvlt::model::weights::{load_state_dict, state_dict, StateDict};
-use mvlt::model::{HeadSet, Pvlt, PvltConfig};
+use mvlt::model::{HeadSet, Mode, Pvlt, PvltConfig};
 use mvlt::train::loss::{losses, MlmTargets, Targets};
 
 mod common;
@@ -33,7 +33,7 @@ fn tiny() -> PvltConfig {
 }
 
 fn loss_of(model: &Pvlt<B>, inputs: &(Tensor<B, 4>, Tensor<B, 2, Int>), t: &Targets<B>) -> Tensor<B, 1> {
-    let out = model.forward_mlm_at(inputs.0.clone(), inputs.1.clone(), HeadSet::ALL, true, Some(t.mlm.rows.clone()));
+    let out = model.forward_mlm_at(inputs.0.clone(), inputs.1.clone(), HeadSet::ALL, Mode::Train, t.mlm.rows.clone());
     losses(&out, t, HeadSet::ALL).total
 }
 
@@ -143,7 +143,7 @@ fn bf16_autocast_step_tracks_f32() {
 
     let run = |precision: Precision| {
         let m = autocast(&model, precision);
-        let out = m.forward_mlm_at(images.clone().cast(precision.dtype()), ids.clone(), HeadSet::ALL, true, Some(t.mlm.rows.clone()));
+        let out = m.forward_mlm_at(images.clone().cast(precision.dtype()), ids.clone(), HeadSet::ALL, Mode::Train, t.mlm.rows.clone());
         assert_eq!(out.itm_logits.as_ref().unwrap().dtype(), precision.dtype().into(), "the heads run in the step's precision");
         let l = losses(&out, &t, HeadSet::ALL);
         let terms: Vec<f32> = [l.mlm, l.itm, l.t2i, l.sup_cls, l.sub_cls].into_iter().map(|x| x.unwrap().into_scalar()).collect();
@@ -196,14 +196,14 @@ fn mlm_on_predicted_positions_equals_the_full_head() {
     let heads = HeadSet { mlm: true, ..HeadSet::NONE };
     for labels in [vec![-1i64, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], vec![IGNORE; 12]] {
         // The reference's way.
-        let out = model.forward(images.clone(), ids.clone(), heads, false);
+        let out = model.forward(images.clone(), ids.clone(), heads, Mode::Eval);
         let full = out.mlm_logits.unwrap().reshape([12, cfg.vocab_size]);
         let want = cross_entropy(full, Tensor::from_data(TensorData::new(labels.clone(), [12]), &device), Some(IGNORE));
         let want_value = want.clone().into_scalar();
         let want_grads = named_grads(&model, &GradientsParams::from_grads(want.backward(), &model));
         // The trainer's way.
         let t = MlmTargets::<B>::from_labels(&labels, &device);
-        let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, false, Some(t.rows.clone()));
+        let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, Mode::Eval, t.rows.clone());
         let got = cross_entropy(out.mlm_logits_at.unwrap(), t.labels, Some(IGNORE));
         let got_value = got.clone().into_scalar();
         let got_grads = named_grads(&model, &GradientsParams::from_grads(got.backward(), &model));
@@ -245,7 +245,7 @@ fn pad_row_learns_only_through_the_decoder() {
         sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0], [2]), &device),
     };
     let word_grad_rows = |heads: HeadSet| -> (Vec<f32>, Vec<f32>) {
-        let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, true, Some(t.mlm.rows.clone()));
+        let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, Mode::Train, t.mlm.rows.clone());
         let grads = GradientsParams::from_grads(losses(&out, &t, heads).total.backward(), &model);
         let (_, _, g) = named_grads(&model, &grads).into_iter().find(|(k, _, _)| k == "text_embeddings.word_embeddings.weight").unwrap();
         let g: Vec<f32> = g.expect("the word embeddings get a gradient").into_data().to_vec().unwrap();

@@ -1,5 +1,5 @@
 use crate::device::{run_on, BackendTask, DeviceSpec};
-use crate::model::{HeadSet, Pvlt, PvltConfig};
+use crate::model::{HeadSet, Mode, Pvlt, PvltConfig};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
@@ -57,9 +57,9 @@ impl BackendTask for Bench<'_> {
         let mut times = vec![];
         for i in 0..a.warmup + a.iters {
             let t0 = Instant::now();
-            let out = model.forward(images.clone(), ids.clone(), heads, false);
+            let out = model.forward(images.clone(), ids.clone(), heads, Mode::Eval);
             // Read a value back so asynchronous backends finish the work inside the timing.
-            let _ = out.text_feats[3].clone().sum().into_scalar();
+            let _ = out.text_tokens.clone().sum().into_scalar();
             if let Some(l) = out.itm_logits { let _ = l.sum().into_scalar(); }
             if let Some(l) = out.mlm_logits { let _ = l.sum().into_scalar(); }
             if let Some(l) = out.t2i_logits { let _ = l.sum().into_scalar(); }

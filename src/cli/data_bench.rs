@@ -1,5 +1,5 @@
 //! `mvlt data bench`: how fast batches are made, against the reference's PIL pipeline.
-use crate::data::dataset::default_vocab;
+use crate::data::dataset::vocab_beside_data;
 use crate::progress::progress_bar;
 use crate::data::dataset::{open_dataset, ClassMap, Dataset};
 use crate::data::image::preprocess_floats;
@@ -39,7 +39,7 @@ pub fn run(a: DataBenchArgs) -> Result<()> {
     if let Some(s) = ds.skips().summary() {
         eprintln!("{s}");
     }
-    let vocab = a.vocab.clone().or_else(|| default_vocab(&a.data)).context("no --vocab given and no vocab.txt beside the data")?;
+    let vocab = a.vocab.clone().or_else(|| vocab_beside_data(&a.data)).context("no --vocab given and no vocab.txt beside the data")?;
     let text = Arc::new(TextProcessor::from_vocab_file(&vocab)?);
     let classes = Arc::new(ClassMap::from_records(ds.records()));
     let n = a.n.min(ds.len());

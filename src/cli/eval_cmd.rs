@@ -73,7 +73,7 @@ impl BackendTask for &RetrievalArgs {
         println!("|----------------------|--------|--------|--------|---------|------------|");
         println!("| {:<20} | {:>6.2} | {:>6.2} | {:>6.2} | {:>7} | {:>10} |", "mvlt", 100.0 * r.r1, 100.0 * r.r5, 100.0 * r.r10, r.queries, cands);
         if let Some(p) = &self.json {
-            crate::model::weights::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            crate::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
         }
         Ok(())
     }
@@ -136,7 +136,7 @@ impl BackendTask for &RecognitionArgs {
             println!("| {name:<13} | {:>8.2} | {:>8.2} | {:>8.2} | {:>11.2} | {:>6} |", 100.0 * rep.accuracy, 100.0 * rep.macro_f1, 100.0 * rep.micro_f1, 100.0 * rep.weighted_f1, rep.samples);
         }
         if let Some(p) = &self.json {
-            crate::model::weights::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            crate::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
         }
         if let Some(prefix) = &self.confusion {
             for (tag, names, (t, pr)) in [("main", &r.main_names, &r.main_pairs), ("sub", &r.sub_names, &r.sub_pairs)] {

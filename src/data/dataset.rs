@@ -85,10 +85,17 @@ pub fn open_dataset(path: &Path) -> Result<Box<dyn Dataset>> {
     }
 }
 
-/// `vocab.txt` beside a dataset (the synthetic catalogue writes one), if there is one.
-pub fn default_vocab(data: &Path) -> Option<std::path::PathBuf> {
+/// `vocab.txt` in a dataset's folder (the synthetic catalogue writes one): the folder itself, or
+/// the folder of a catalogue or HDF5 file.
+pub fn vocab_beside_data(data: &Path) -> Option<std::path::PathBuf> {
     let dir = if data.is_dir() { data.to_path_buf() } else { data.parent()?.to_path_buf() };
     let v = dir.join("vocab.txt");
+    v.exists().then_some(v)
+}
+
+/// `vocab.txt` beside a weights file (training exports one into `final/`).
+pub fn vocab_beside_weights(weights: &Path) -> Option<std::path::PathBuf> {
+    let v = weights.parent()?.join("vocab.txt");
     v.exists().then_some(v)
 }
 

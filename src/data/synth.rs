@@ -519,8 +519,8 @@ pub fn write_catalog(out: &Path, n: usize, seed: u64, size: u32, progress: impl 
         lines += &r?;
         lines.push('\n');
     }
-    crate::model::weights::write_atomic(&out.join("catalog.jsonl"), lines.as_bytes())?;
-    crate::model::weights::write_atomic(&out.join("vocab.txt"), (vocabulary().join("\n") + "\n").as_bytes())?;
+    crate::files::write_atomic(&out.join("catalog.jsonl"), lines.as_bytes())?;
+    crate::files::write_atomic(&out.join("vocab.txt"), (vocabulary().join("\n") + "\n").as_bytes())?;
     Ok(jobs.len())
 }
 

@@ -101,5 +101,5 @@ pub fn plot_confusion(path: &Path, title: &str, names: &[String], y_true: &[usiz
     let mut png = vec![];
     use image::ImageEncoder;
     image::codecs::png::PngEncoder::new(&mut png).write_image(&buf, w as u32, h as u32, image::ExtendedColorType::Rgb8)?;
-    crate::model::weights::write_atomic(path, &png)
+    crate::files::write_atomic(path, &png)
 }

@@ -150,7 +150,7 @@ pub fn generate(ds: &dyn Dataset, queries: usize, candidates: usize, negatives: 
 
 pub fn write_jsonl(path: &Path, queries: &[Query]) -> Result<()> {
     let text: String = queries.iter().map(|q| serde_json::to_string(q).map(|s| s + "\n")).collect::<Result<_, _>>()?;
-    crate::model::weights::write_atomic(path, text.as_bytes())
+    crate::files::write_atomic(path, text.as_bytes())
 }
 
 /// Where candidate images come from: files in a folder (authors' lists) or dataset rows by id.

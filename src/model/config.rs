@@ -137,6 +137,14 @@ impl PvltConfig {
     pub fn medium() -> Self { Self::pvlt([3, 4, 18, 3]) }
     pub fn large() -> Self { Self::pvlt([3, 8, 27, 3]) }
 
+    /// The micro PVLT (`configs/pvlt_micro.json`): a CPU-sized model for demos, tests and the
+    /// `cpu-pretrain` recipe.
+    pub fn micro() -> Self {
+        let v: Value = serde_json::from_str(include_str!("../../configs/pvlt_micro.json")).expect("configs/pvlt_micro.json is JSON");
+        Self::from_json(&v).expect("configs/pvlt_micro.json is a valid config (tested)")
+    }
+
+    /// The reference's variants (MVLT-SPEC 2); [`PvltConfig::preset`] also takes `micro`.
     pub const PRESETS: [&'static str; 4] = ["tiny", "small", "medium", "large"];
 
     pub fn preset(name: &str) -> Option<Self> {
@@ -145,13 +153,14 @@ impl PvltConfig {
             "small" => Some(Self::small()),
             "medium" => Some(Self::medium()),
             "large" => Some(Self::large()),
+            "micro" => Some(Self::micro()),
             _ => None,
         }
     }
 
     /// The preset with the same depths, if any (used by `inspect` to name a checkpoint).
     pub fn variant_name(&self) -> Option<&'static str> {
-        Self::PRESETS.into_iter().find(|p| {
+        Self::PRESETS.into_iter().chain(["micro"]).find(|p| {
             let c = Self::preset(p).unwrap();
             c.depths == self.depths && c.embed_dims == self.embed_dims
         })
@@ -166,7 +175,7 @@ impl PvltConfig {
         let path = Path::new(spec);
         if !path.exists() {
             bail!(
-                "--config '{spec}' is neither a preset ({}) nor an existing file",
+                "--config '{spec}' is neither a preset ({}, micro) nor an existing file",
                 Self::PRESETS.join(", ")
             );
         }
@@ -414,7 +423,7 @@ mod tests {
     fn init_scales() {
         let fixture = PvltConfig::from_json(&serde_json::json!({"embed_dims": [16, 32, 40, 64]})).unwrap();
         assert_eq!((fixture.linear_init_std, fixture.text_table_init_std), (0.02, 1.0));
-        let micro = PvltConfig::from_json(&serde_json::from_str(include_str!("../../configs/pvlt_micro.json")).unwrap()).unwrap();
+        let micro = PvltConfig::micro();
         assert_eq!((micro.linear_init_std, micro.text_table_init_std), (0.1, 0.02));
         let e = format!("{:#}", PvltConfig::from_json(&serde_json::json!({"linear_init_std": 0.0})).unwrap_err());
         assert!(e.contains("linear_init_std must be a positive number, got 0"), "{e}");

@@ -5,4 +5,4 @@ pub mod pvlt;
 pub mod weights;
 
 pub use config::{HeadSet, PvltConfig};
-pub use pvlt::{Pvlt, PvltOutput};
+pub use pvlt::{HiddenStates, MlmAt, Mode, Pvlt, PvltOutput};

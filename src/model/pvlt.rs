@@ -275,9 +275,49 @@ struct Stage<'a, B: Backend> {
     blocks: &'a [Block<B>],
 }
 
-/// Everything a forward pass produced. Heads not asked for are `None`.
+/// Train or eval: dropout, stochastic depth and BatchNorm batch statistics are on in `Train`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+impl Mode {
+    pub fn is_train(self) -> bool {
+        self == Mode::Train
+    }
+}
+
+/// Where the MLM head decodes.
+#[derive(Clone, Debug)]
+pub enum MlmAt<B: Backend> {
+    /// Every text position, as the reference does: `mlm_logits` `[B, T, vocab]`.
+    AllPositions,
+    /// Only these rows of the `B*T` text positions (row-major): `mlm_logits_at` `[M, vocab]`.
+    Rows(Tensor<B, 1, Int>),
+}
+
+/// What the heads produced (those not asked for are `None`), and the stage-4 text tokens they read.
 #[derive(Debug, Clone)]
 pub struct PvltOutput<B: Backend> {
+    /// Stage-4 text tokens `[B, T, C4]`: what every token head reads.
+    pub text_tokens: Tensor<B, 3>,
+    /// `[B, 1, 2]`; softmax(...)[1] is the match probability.
+    pub itm_logits: Option<Tensor<B, 3>>,
+    /// `[B, T, vocab]` ([`MlmAt::AllPositions`]).
+    pub mlm_logits: Option<Tensor<B, 3>>,
+    /// `[M, vocab]` at the `M` rows of [`MlmAt::Rows`].
+    pub mlm_logits_at: Option<Tensor<B, 2>>,
+    pub sup_cls_logits: Option<Tensor<B, 3>>,
+    pub sub_cls_logits: Option<Tensor<B, 3>>,
+    /// Reconstructed image `[B, 3, H, W]`.
+    pub t2i_logits: Option<Tensor<B, 4>>,
+}
+
+/// The intermediate tensors the parity checks compare (`mvlt verify`); see
+/// [`Pvlt::output_hidden_states`].
+#[derive(Debug, Clone)]
+pub struct HiddenStates<B: Backend> {
     /// Stage image maps, NCHW.
     pub img_feats: Vec<Tensor<B, 4>>,
     /// Stage text tokens `[B, T, C_i]`.
@@ -288,19 +328,8 @@ pub struct PvltOutput<B: Backend> {
     pub patch_embed1: Tensor<B, 3>,
     /// The (resized) positional embedding added at each stage `[1, Hi*Wi, Ci]`.
     pub pos_embed_used: Vec<Tensor<B, 3>>,
-    /// `[B, 1, 2]`; softmax(...)[1] is the match probability.
-    pub itm_logits: Option<Tensor<B, 3>>,
-    /// Decoder input `[B, T, hidden]`.
+    /// MLM decoder input `[B, T, hidden]` (with [`MlmAt::AllPositions`] and the MLM head).
     pub mlm_hidden: Option<Tensor<B, 3>>,
-    /// `[B, T, vocab]`
-    pub mlm_logits: Option<Tensor<B, 3>>,
-    /// `[M, vocab]` at the `M` positions given to [`Pvlt::forward_mlm_at`] (then `mlm_logits` and
-    /// `mlm_hidden` are `None`).
-    pub mlm_logits_at: Option<Tensor<B, 2>>,
-    pub sup_cls_logits: Option<Tensor<B, 3>>,
-    pub sub_cls_logits: Option<Tensor<B, 3>>,
-    /// Reconstructed image `[B, 3, H, W]`.
-    pub t2i_logits: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> Pvlt<B> {
@@ -440,23 +469,37 @@ impl<B: Backend> Pvlt<B> {
     }
 
     /// Run the backbone and the requested heads (only those; the MLM decoder alone costs more than
-    /// the backbone).
+    /// the backbone), the MLM head at every position.
     ///
     /// - `images`: `[B, 3, H, W]` in [0, 1], H and W multiples of patch_size*8.
     /// - `input_ids`: `[B, T]`, T = num_text_tokens.
-    /// - `train`: dropout, stochastic depth, BatchNorm batch statistics.
-    pub fn forward(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, train: bool) -> PvltOutput<B> {
-        self.forward_mlm_at(images, input_ids, heads, train, None)
+    pub fn forward(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode) -> PvltOutput<B> {
+        self.run(images, input_ids, heads, mode, MlmAt::AllPositions, false).0
     }
 
-    /// [`Pvlt::forward`], with the MLM head run only at `mlm_rows` (indices into the `B*T` text
-    /// positions, row-major) when given; its logits come back as `mlm_logits_at` `[M, vocab]`.
+    /// [`Pvlt::forward`], with the MLM head run only at `rows` (indices into the `B*T` text
+    /// positions, row-major); its logits come back as `mlm_logits_at` `[M, vocab]`.
     ///
     /// Why: training predicts about 15% of the word pieces, and the decoder over the whole
     /// vocabulary is the largest matmul of the model (at T = 128 and the bert vocabulary it costs
     /// more than the backbone). The reference decodes every position and ignores the rest in the
     /// loss; decoding only the predicted ones gives the same loss and gradients for far less work.
-    pub fn forward_mlm_at(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, train: bool, mlm_rows: Option<Tensor<B, 1, Int>>) -> PvltOutput<B> {
+    pub fn forward_mlm_at(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode, rows: Tensor<B, 1, Int>) -> PvltOutput<B> {
+        self.run(images, input_ids, heads, mode, MlmAt::Rows(rows), false).0
+    }
+
+    /// [`Pvlt::forward`] and every intermediate tensor the reference fixtures store (candle's
+    /// `output_hidden_states`): for `mvlt verify`, never on the training or inference path.
+    pub fn output_hidden_states(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode) -> (PvltOutput<B>, HiddenStates<B>) {
+        let (out, hidden) = self.run(images, input_ids, heads, mode, MlmAt::AllPositions, true);
+        (out, hidden.expect("hidden states were asked for"))
+    }
+
+    /// The forward pass of MVLT-SPEC 2.1-2.4: text embedding, four stages of [image ; text]
+    /// tokens through spatial-reduction blocks, then the heads on the stage-4 text tokens and
+    /// stage maps. Keeps the intermediate tensors only when `keep_hidden`.
+    fn run(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode, mlm_at: MlmAt<B>, keep_hidden: bool) -> (PvltOutput<B>, Option<HiddenStates<B>>) {
+        let train = mode.is_train();
         let text_embeddings = self.text_embeddings.forward(input_ids, train);
         let mut img = images;
         let mut text = text_embeddings.clone();
@@ -465,12 +508,14 @@ impl<B: Backend> Pvlt<B> {
         for i in 0..4 {
             let st = self.stage(i);
             let (x, h, w) = st.patch_embed.forward(img);
-            if i == 0 {
+            if i == 0 && keep_hidden {
                 patch_embed1 = Some(x.clone());
             }
             let pos = self.pos_embed_for(i, h, w);
-            let x = x + pos.clone();
-            pos_used.push(pos);
+            if keep_hidden {
+                pos_used.push(pos.clone());
+            }
+            let x = x + pos;
             let y = st.text_embed.forward(text) + st.text_pos_embed.val();
             let [b, hw, c] = x.dims();
             let t = y.dims()[1];
@@ -481,26 +526,27 @@ impl<B: Backend> Pvlt<B> {
             let x = z.clone().slice([0..b, 0..hw, 0..c]);
             text = z.slice([0..b, hw..hw + t, 0..c]);
             img = x.swap_dims(1, 2).reshape([b, c, h, w]);
-            img_feats.push(img.clone());
-            text_feats.push(text.clone());
+            // The reconstruction head reads stage maps 2-4.
+            if i >= 1 || keep_hidden {
+                img_feats.push(img.clone());
+            }
+            if keep_hidden {
+                text_feats.push(text.clone());
+            }
         }
         let [b, _, c] = text.dims();
         let cls_token = || text.clone().slice([0..b, 0..1, 0..c]);
 
         let mut out = PvltOutput {
-            img_feats,
-            text_feats,
-            text_embeddings,
-            patch_embed1: patch_embed1.expect("four stages ran"),
-            pos_embed_used: pos_used,
+            text_tokens: text.clone(),
             itm_logits: None,
-            mlm_hidden: None,
             mlm_logits: None,
             mlm_logits_at: None,
             sup_cls_logits: None,
             sub_cls_logits: None,
             t2i_logits: None,
         };
+        let mut mlm_hidden = None;
         if heads.itm {
             if let (Some(e), Some(head)) = (&self.itm_head_embed, &self.itm_head) {
                 out.itm_logits = Some(head.forward(e.forward(cls_token())));
@@ -520,13 +566,15 @@ impl<B: Backend> Pvlt<B> {
                 let words = self.text_embeddings.word_embeddings.weight.val().transpose();
                 let bias = head.bias.val();
                 let tr = &head.transform;
-                match mlm_rows {
-                    None => {
+                match mlm_at {
+                    MlmAt::AllPositions => {
                         let hidden = tr.LayerNorm.forward(gelu(tr.dense.forward(e.forward(text.clone()))));
                         out.mlm_logits = Some(burn::tensor::module::linear(hidden.clone(), words, Some(bias)));
-                        out.mlm_hidden = Some(hidden);
+                        if keep_hidden {
+                            mlm_hidden = Some(hidden);
+                        }
                     }
-                    Some(rows) => {
+                    MlmAt::Rows(rows) => {
                         let picked = text.clone().reshape([b * text.dims()[1], c]).select(0, rows);
                         let hidden = tr.LayerNorm.forward(gelu(tr.dense.forward(e.forward(picked))));
                         out.mlm_logits_at = Some(burn::tensor::module::linear(hidden, words, Some(bias)));
@@ -536,11 +584,20 @@ impl<B: Backend> Pvlt<B> {
         }
         if heads.t2i {
             if let Some(head) = &self.t2i_head {
-                let f = &out.img_feats;
-                out.t2i_logits = Some(head.forward(f[1].clone(), f[2].clone(), f[3].clone(), train));
+                // Stage maps 2, 3, 4 are the last three kept.
+                let f = &img_feats[img_feats.len() - 3..];
+                out.t2i_logits = Some(head.forward(f[0].clone(), f[1].clone(), f[2].clone(), train));
             }
         }
-        out
+        let hidden = keep_hidden.then(|| HiddenStates {
+            img_feats,
+            text_feats,
+            text_embeddings,
+            patch_embed1: patch_embed1.expect("four stages ran"),
+            pos_embed_used: pos_used,
+            mlm_hidden,
+        });
+        (out, hidden)
     }
 }
 

@@ -14,7 +14,6 @@ use burn::store::{ModuleSnapshot, TensorSnapshot};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, TensorData};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The tied MLM decoder weight: in `.pth` files an alias of the word embeddings; never stored in
@@ -459,23 +458,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, TensorData)], metadata
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::tensor::serialize(views, &Some(metadata)).map_err(|e| anyhow!("serialising safetensors: {e}"))?;
-    write_atomic(path, &bytes)
-}
-
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// The same weights on another backend (or device), through the backend-neutral state dict.

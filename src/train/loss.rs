@@ -95,7 +95,7 @@ pub struct Targets<B: Backend> {
 }
 
 /// Combine the heads' outputs into the objective for the heads in `heads`. The MLM term reads
-/// `mlm_logits_at`: run the model with `forward_mlm_at(.., Some(t.mlm.rows))`.
+/// `mlm_logits_at`: run the model with `forward_mlm_at(.., t.mlm.rows)`.
 pub fn losses<B: Backend>(out: &PvltOutput<B>, t: &Targets<B>, heads: HeadSet) -> Losses<B> {
     // Losses in f32 whatever precision the model ran in (a no-op for f32 models).
     let flat = |x: &Tensor<B, 3>| {

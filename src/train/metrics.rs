@@ -25,7 +25,7 @@ impl MetricsLog {
                     .map(|v| v.to_string())
                     .collect();
                 let text = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
-                crate::model::weights::write_atomic(path, text.as_bytes())?;
+                crate::files::write_atomic(path, text.as_bytes())?;
             }
             Some(_) => {}
             None => {
@@ -122,7 +122,7 @@ pub fn plot_panels(path: &Path, title: &str, series: &[Series], smooth: usize) -
     image::codecs::png::PngEncoder::new(&mut png)
         .write_image(&buf, w, h, image::ExtendedColorType::Rgb8)
         .context("encoding plot PNG")?;
-    crate::model::weights::write_atomic(path, &png)
+    crate::files::write_atomic(path, &png)
 }
 
 use image::ImageEncoder;

@@ -6,4 +6,7 @@ pub mod metrics;
 pub mod optim;
 pub mod precision;
 pub mod schedule;
+pub mod setup;
+pub mod step;
 pub mod trainer;
+pub mod validate;

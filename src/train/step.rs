@@ -1,0 +1,139 @@
+//! One training step's model maths, apart from the loop's bookkeeping (burn's `TrainStep` shape):
+//! a host batch on the device, its forward pass and losses, the backward pass, and the same over
+//! several devices at once.
+
+use super::loss::{losses, Losses, MlmTargets, Targets};
+use super::precision::{autocast, Precision};
+use crate::data::loader::Batch;
+use crate::model::{HeadSet, Mode, Pvlt};
+use anyhow::{anyhow, Result};
+use burn::backend::Autodiff;
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// A host batch as device tensors: the model input (clean or grid-masked image, token ids) and
+/// the targets of every loss.
+pub struct DeviceBatch<B: Backend> {
+    pub input: Tensor<B, 4>,
+    pub ids: Tensor<B, 2, Int>,
+    pub targets: Targets<B>,
+}
+
+/// Which image a pre-training batch feeds the model: the reference alternates clean (even
+/// batches) and grid-masked (odd) inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageInput {
+    Clean,
+    Masked,
+}
+
+pub fn to_device<B: Backend>(b: &Batch, image: ImageInput, device: &B::Device) -> DeviceBatch<B> {
+    let (n, s, t) = (b.len(), b.image_size, b.text_len);
+    let img = |v: &Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v.clone(), [n, 3, s, s]), device);
+    let ints = |v: &Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device);
+    let clean = img(&b.images);
+    let input = if image == ImageInput::Masked && !b.masked_images.is_empty() { img(&b.masked_images) } else { clean.clone() };
+    DeviceBatch {
+        input,
+        ids: Tensor::from_data(TensorData::new(b.input_ids.clone(), [n, t]), device),
+        targets: Targets {
+            mlm: MlmTargets::from_labels(&b.mlm_labels, device),
+            itm_labels: ints(&b.itm_labels),
+            clean_images: clean,
+            sup_labels: ints(&b.sup_labels),
+            sub_labels: ints(&b.sub_labels),
+        },
+    }
+}
+
+/// Loss-term names, in the order they are logged.
+pub const TERMS: [&str; 5] = ["mlm", "itm", "t2i", "sup_cls", "sub_cls"];
+
+/// (name, value) of each present loss term, then ("loss", total), read back in one transfer.
+pub fn loss_values<B: Backend>(l: &Losses<B>) -> Result<Vec<(&'static str, f64)>> {
+    let parts = [&l.mlm, &l.itm, &l.t2i, &l.sup_cls, &l.sub_cls];
+    let mut names = vec![];
+    let mut ts = vec![];
+    for (name, t) in TERMS.iter().zip(parts) {
+        if let Some(t) = t {
+            names.push(*name);
+            ts.push(t.clone().detach());
+        }
+    }
+    names.push("loss");
+    ts.push(l.total.clone().detach());
+    let v: Vec<f64> = Tensor::cat(ts, 0).into_data().convert::<f64>().to_vec().map_err(|e| anyhow!("reading the loss values back: {e:?}"))?;
+    Ok(names.into_iter().zip(v).collect())
+}
+
+/// What every micro-batch of a step shares.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSettings {
+    pub heads: HeadSet,
+    pub mode: Mode,
+    pub precision: Precision,
+    /// Micro-batches in the step: each loss is divided by it, so the step's gradient is the mean.
+    pub micro_batches: usize,
+}
+
+/// One micro-batch of a step: where it is in the run, the batch, and the image it feeds.
+pub struct MicroBatch {
+    pub epoch: usize,
+    /// Batch index within the epoch.
+    pub index: usize,
+    pub batch: Batch,
+    pub image: ImageInput,
+}
+
+/// What one micro-batch gave.
+pub struct MicroResult {
+    /// Loss terms (name, value); a non-finite one means no gradients were computed.
+    pub losses: Vec<(&'static str, f64)>,
+    pub grads: GradientsParams,
+}
+
+/// Forward and backward of one micro-batch on `model` (a replica on `device`).
+fn micro_batch<B: Backend>(model: &Pvlt<Autodiff<B>>, mb: &MicroBatch, s: StepSettings, device: &B::Device) -> Result<MicroResult> {
+    let db = to_device::<Autodiff<B>>(&mb.batch, mb.image, device);
+    let step_model = autocast(model, s.precision);
+    let out = step_model.forward_mlm_at(db.input.cast(s.precision.dtype()), db.ids, s.heads, s.mode, db.targets.mlm.rows.clone());
+    let l = losses(&out, &db.targets, s.heads);
+    let values = loss_values(&l)?;
+    if values.iter().any(|(_, v)| !v.is_finite()) {
+        return Ok(MicroResult { losses: values, grads: GradientsParams::new() });
+    }
+    let total = if s.micro_batches > 1 { l.total.div_scalar(s.micro_batches as f64) } else { l.total };
+    Ok(MicroResult { losses: values, grads: GradientsParams::from_grads(total.backward(), model) })
+}
+
+/// One micro-step over the devices: micro-batch `r` of `group` runs on `devices[r]`, each in its
+/// own thread on a replica forked from `model`. The gradients come back on `devices[0]`, in
+/// device order, so the sum is the same as accumulating the micro-batches one after another.
+///
+/// Why not burn's `distributed` feature (NCCL all-reduce inside backward): in burn 0.21 it makes
+/// every autodiff backend require a collective implementation that the CPU backend lacks, so the
+/// CPU build would lose training. The gradients move with burn's `GradientsParams::to_device`
+/// instead: one copy per replica per step.
+pub fn data_parallel<B: Backend>(model: &Pvlt<Autodiff<B>>, group: &[MicroBatch], devices: &[B::Device], s: StepSettings) -> Result<Vec<MicroResult>> {
+    let run = |m: &Pvlt<Autodiff<B>>, r: usize| micro_batch::<B>(m, &group[r], s, &devices[r]);
+    if group.len() == 1 {
+        return Ok(vec![run(model, 0)?]);
+    }
+    let replicas: Vec<Pvlt<Autodiff<B>>> = (1..group.len()).map(|r| model.clone().fork(&devices[r])).collect();
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = replicas.iter().enumerate().map(|(i, m)| scope.spawn(move || run(m, i + 1))).collect();
+        let first = run(model, 0);
+        let mut all = vec![first];
+        for h in handles {
+            all.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        all
+    });
+    let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    for (r, res) in results.iter_mut().enumerate().skip(1) {
+        res.grads = std::mem::take(&mut res.grads).to_device(&devices[0], &replicas[r - 1]);
+    }
+    Ok(results)
+}
