@@ -123,7 +123,10 @@ fn probe<B: Backend>(device: &B::Device) -> std::result::Result<(), String> {
     // The device is only read, and nothing runs on it after a failed probe.
     let op = std::panic::AssertUnwindSafe(|| burn::tensor::Tensor::<B, 1>::ones([1], device).into_scalar());
     std::panic::catch_unwind(op).map(|_| ()).map_err(|e| {
-        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
     })
 }
 
@@ -142,7 +145,10 @@ fn run_cuda<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda<T: BackendTask>(indices: &[usize], _task: T) -> Result<T::Output> {
-    bail!("cuda:{}: this mvlt was built without GPU support; rebuild with `cargo build --release --features cuda`", indices[0])
+    bail!(
+        "cuda:{}: this mvlt was built without GPU support; rebuild with `cargo build --release --features cuda`",
+        indices[0]
+    )
 }
 
 #[cfg(test)]

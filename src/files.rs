@@ -49,7 +49,8 @@ pub fn read_limited(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
 
 /// [`read_limited`] as UTF-8 text.
 pub fn read_text_limited(path: &Path, what: &str, max: u64) -> Result<String> {
-    String::from_utf8(read_limited(path, what, max)?).map_err(|e| anyhow::anyhow!("{what} {} is not UTF-8 text ({e})", path.display()))
+    String::from_utf8(read_limited(path, what, max)?)
+        .map_err(|e| anyhow::anyhow!("{what} {} is not UTF-8 text ({e})", path.display()))
 }
 
 /// `root.join(rel)` with symlinks resolved, if it stays inside `root` (itself resolved); an error
@@ -67,7 +68,10 @@ pub fn resolve_inside(root: &Path, rel: &Path) -> Result<PathBuf, String> {
             Component::ParentDir if depth > 0 => depth -= 1,
             Component::ParentDir => return Err(format!("image path '{}' escapes the catalogue folder", rel.display())),
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("image path '{}' is absolute; it must be relative to the catalogue folder", rel.display()))
+                return Err(format!(
+                    "image path '{}' is absolute; it must be relative to the catalogue folder",
+                    rel.display()
+                ))
             }
         }
     }
@@ -75,11 +79,18 @@ pub fn resolve_inside(root: &Path, rel: &Path) -> Result<PathBuf, String> {
     let joined = root.join(rel);
     let real = match joined.canonicalize() {
         Ok(p) => p,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(format!("image {} does not exist", joined.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("image {} does not exist", joined.display()))
+        }
         Err(e) => return Err(format!("cannot resolve image {}: {e}", joined.display())),
     };
     if !real.starts_with(&root) {
-        return Err(format!("image path '{}' escapes the catalogue folder {} through a symlink (to {})", rel.display(), root.display(), real.display()));
+        return Err(format!(
+            "image path '{}' escapes the catalogue folder {} through a symlink (to {})",
+            rel.display(),
+            root.display(),
+            real.display()
+        ));
     }
     Ok(real)
 }
@@ -90,7 +101,8 @@ pub fn resolve_inside(root: &Path, rel: &Path) -> Result<PathBuf, String> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    let tmp =
+        dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;

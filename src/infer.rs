@@ -60,10 +60,15 @@ pub struct Classification {
 /// `class_names.json` ({"categories": [..], "subcategories": [..]}).
 pub fn read_classes(path: &Path) -> Result<ClassMap> {
     let text = crate::files::read_text_limited(path, "class names file", crate::files::MAX_SMALL_FILE_BYTES)?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let list = |a: &str, b: &str| -> Result<Vec<String>> {
-        let arr = v.get(a).or_else(|| v.get(b)).with_context(|| format!("{}: expected '{a}' (or '{b}') lists of class names", path.display()))?;
-        serde_json::from_value(arr.clone()).with_context(|| format!("{}: '{a}' must be a list of strings", path.display()))
+        let arr = v
+            .get(a)
+            .or_else(|| v.get(b))
+            .with_context(|| format!("{}: expected '{a}' (or '{b}') lists of class names", path.display()))?;
+        serde_json::from_value(arr.clone())
+            .with_context(|| format!("{}: '{a}' must be a list of strings", path.display()))
     };
     Ok(ClassMap { main: list("main", "categories")?, sub: list("sub", "subcategories")? })
 }
@@ -78,13 +83,20 @@ impl<B: Backend> Model<B> {
         }
         let vocab = match &o.vocab {
             Some(v) => v.clone(),
-            None => vocab_beside_weights(weights).with_context(|| format!("no --vocab given and no vocab.txt beside {}", weights.display()))?,
+            None => vocab_beside_weights(weights)
+                .with_context(|| format!("no --vocab given and no vocab.txt beside {}", weights.display()))?,
         };
         let text = std::sync::Arc::new(TextProcessor::from_vocab_file(&vocab)?);
         if text.vocab_size != config.vocab_size {
-            bail!("wrong vocabulary: {} has {} entries but the model has {} word embeddings", vocab.display(), text.vocab_size, config.vocab_size);
+            bail!(
+                "wrong vocabulary: {} has {} entries but the model has {} word embeddings",
+                vocab.display(),
+                text.vocab_size,
+                config.vocab_size
+            );
         }
-        let classes_path = o.classes.clone().or_else(|| weights.parent().map(|d| d.join("classes.json")).filter(|p| p.exists()));
+        let classes_path =
+            o.classes.clone().or_else(|| weights.parent().map(|d| d.join("classes.json")).filter(|p| p.exists()));
         let classes = classes_path.map(|p| read_classes(&p)).transpose()?;
         if let (Some(c), true) = (&classes, config.heads.cls) {
             if c.main.len() != config.num_sup_classes || c.sub.len() != config.num_sub_classes {
@@ -97,7 +109,11 @@ impl<B: Backend> Model<B> {
                 );
             }
         }
-        let image_size = o.image_size.unwrap_or(if config.img_size % 32 == 0 && config.img_size != 224 { config.img_size } else { 256 });
+        let image_size = o.image_size.unwrap_or(if config.img_size % 32 == 0 && config.img_size != 224 {
+            config.img_size
+        } else {
+            256
+        });
         config.check_image_size(image_size, image_size)?;
         Ok(Model { net, config, text, classes, image_size, device: device.clone() })
     }
@@ -118,12 +134,20 @@ impl<B: Backend> Model<B> {
         let (n, s, t) = (images.len(), self.image_size, self.config.num_text_tokens);
         let img: Vec<f32> = images.iter().flat_map(|x| x.iter().copied()).collect();
         let tok: Vec<i64> = ids.iter().flat_map(|x| x.iter().copied()).collect();
-        (Tensor::from_data(TensorData::new(img, [n, 3, s, s]), &self.device), Tensor::from_data(TensorData::new(tok, [n, t]), &self.device))
+        (
+            Tensor::from_data(TensorData::new(img, [n, 3, s, s]), &self.device),
+            Tensor::from_data(TensorData::new(tok, [n, t]), &self.device),
+        )
     }
 
     /// One eval-mode forward pass of (image, text) pairs through `heads`, which the weights must
     /// have; `None` for no pairs.
-    fn run_heads(&self, images: &[&[f32]], ids: &[&[i64]], heads: HeadSet) -> Result<Option<crate::model::PvltOutput<B>>> {
+    fn run_heads(
+        &self,
+        images: &[&[f32]],
+        ids: &[&[i64]],
+        heads: HeadSet,
+    ) -> Result<Option<crate::model::PvltOutput<B>>> {
         if heads.itm && !self.config.heads.itm {
             bail!("these weights have no image-text matching head (itm_head): use pre-training weights");
         }
@@ -178,7 +202,10 @@ fn output_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>
 pub fn top_k(p: &[f32], names: Option<&Vec<String>>, k: usize) -> Vec<(String, f32)> {
     let mut idx: Vec<usize> = (0..p.len()).collect();
     idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-    idx.into_iter().take(k).map(|i| (names.and_then(|n| n.get(i).cloned()).unwrap_or_else(|| format!("class {i}")), p[i])).collect()
+    idx.into_iter()
+        .take(k)
+        .map(|i| (names.and_then(|n| n.get(i).cloned()).unwrap_or_else(|| format!("class {i}")), p[i]))
+        .collect()
 }
 
 /// One search result.
@@ -223,7 +250,12 @@ impl<B: Backend> Model<B> {
             return Ok(vec![]);
         };
         let arg = |t: Tensor<B, 3>| -> Result<Vec<usize>> {
-            let v = t.argmax(2).into_data().convert::<i64>().to_vec::<i64>().map_err(|e| anyhow::anyhow!("reading the model's output: {e:?}"))?;
+            let v = t
+                .argmax(2)
+                .into_data()
+                .convert::<i64>()
+                .to_vec::<i64>()
+                .map_err(|e| anyhow::anyhow!("reading the model's output: {e:?}"))?;
             Ok(v.into_iter().map(|x| x as usize).collect())
         };
         let main = arg(out.sup_cls_logits.context("the recognition heads gave no main-category output")?)?;
@@ -235,7 +267,13 @@ impl<B: Backend> Model<B> {
     /// candidates' other halves come from the closure (images decoded from disk for the CLI, a
     /// preprocessed cache in the server); `progress` is told each batch's size, and an error from it
     /// stops the ranking there (the server's way to drop work nobody waits for).
-    pub fn rank_candidates(&self, rows: &[usize], query: Candidates<'_>, batch: usize, progress: impl Fn(usize) -> Result<()>) -> Result<Vec<(usize, f32)>> {
+    pub fn rank_candidates(
+        &self,
+        rows: &[usize],
+        query: Candidates<'_>,
+        batch: usize,
+        progress: impl Fn(usize) -> Result<()>,
+    ) -> Result<Vec<(usize, f32)>> {
         use rayon::prelude::*;
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(batch.max(1)) {
@@ -259,7 +297,14 @@ impl<B: Backend> Model<B> {
     }
 
     /// Exhaustive ITM scoring of `rows` of a catalogue against the query; best first.
-    pub fn search(&self, ds: &dyn crate::data::dataset::Dataset, rows: &[usize], query: SearchQuery, batch: usize, progress: impl Fn(usize)) -> Result<Vec<Hit>> {
+    pub fn search(
+        &self,
+        ds: &dyn crate::data::dataset::Dataset,
+        rows: &[usize],
+        query: SearchQuery,
+        batch: usize,
+        progress: impl Fn(usize),
+    ) -> Result<Vec<Hit>> {
         let recs = ds.records();
         let progress = |k: usize| -> Result<()> {
             progress(k);
@@ -274,14 +319,27 @@ impl<B: Backend> Model<B> {
             SearchQuery::Image(image) => {
                 let img = self.prepare_image(image)?;
                 let ids_of = |r: usize| self.prepare_text(&recs[r].caption);
-                self.rank_candidates(&distinct_captions(ds, rows), Candidates::Captions { image: &img, ids_of: &ids_of }, batch, progress)?
+                self.rank_candidates(
+                    &distinct_captions(ds, rows),
+                    Candidates::Captions { image: &img, ids_of: &ids_of },
+                    batch,
+                    progress,
+                )?
             }
         };
         Ok(scored
             .into_iter()
             .map(|(row, score)| {
                 let r = &recs[row];
-                Hit { row, id: r.id.clone(), product_id: r.product_id.clone(), caption: r.caption.clone(), category: r.category.clone(), subcategory: r.subcategory.clone(), score }
+                Hit {
+                    row,
+                    id: r.id.clone(),
+                    product_id: r.product_id.clone(),
+                    caption: r.caption.clone(),
+                    category: r.category.clone(),
+                    subcategory: r.subcategory.clone(),
+                    score,
+                }
             })
             .collect())
     }
@@ -304,7 +362,12 @@ pub fn distinct_captions(ds: &dyn crate::data::dataset::Dataset, rows: &[usize])
 }
 
 /// Catalogue rows passing the filters (case-insensitive), at most `max` of them, in catalogue order.
-pub fn filter_rows(ds: &dyn crate::data::dataset::Dataset, category: Option<&str>, subcategory: Option<&str>, max: Option<usize>) -> Vec<usize> {
+pub fn filter_rows(
+    ds: &dyn crate::data::dataset::Dataset,
+    category: Option<&str>,
+    subcategory: Option<&str>,
+    max: Option<usize>,
+) -> Vec<usize> {
     let eq = |a: &str, b: Option<&str>| b.is_none_or(|b| a.eq_ignore_ascii_case(b));
     ds.records()
         .iter()

@@ -52,12 +52,16 @@ fn read_safetensors_map(path: &Path) -> Result<BTreeMap<String, TensorData>> {
 
 impl Fixture {
     pub fn load(json_path: &Path, o: &FixtureOverrides) -> Result<Fixture> {
-        let text = std::fs::read_to_string(json_path).with_context(|| format!("cannot read fixture {}", json_path.display()))?;
-        let meta: Value = serde_json::from_str(&text).with_context(|| format!("fixture {} is not valid JSON", json_path.display()))?;
+        let text = std::fs::read_to_string(json_path)
+            .with_context(|| format!("cannot read fixture {}", json_path.display()))?;
+        let meta: Value = serde_json::from_str(&text)
+            .with_context(|| format!("fixture {} is not valid JSON", json_path.display()))?;
         let dir = json_path.parent().unwrap_or(Path::new("."));
         let config = match (&o.config, meta.get("config")) {
             (Some(spec), _) => PvltConfig::resolve(spec)?,
-            (None, Some(_)) => PvltConfig::from_json(&meta).with_context(|| format!("config of {}", json_path.display()))?,
+            (None, Some(_)) => {
+                PvltConfig::from_json(&meta).with_context(|| format!("config of {}", json_path.display()))?
+            }
             (None, None) => bail!("fixture {} has no `config` object; pass --config", json_path.display()),
         };
         let mut weights = o.weights.clone();
@@ -215,7 +219,8 @@ impl Computed {
         if let Some(b) = self.base.get(name) {
             return Ok((b.0.clone(), b.1.clone(), false));
         }
-        let get = |base: &str| self.base.get(base).ok_or_else(|| format!("model did not produce `{base}` (head absent?)"));
+        let get =
+            |base: &str| self.base.get(base).ok_or_else(|| format!("model did not produce `{base}` (head absent?)"));
         // MLM logits are stored sliced and reduced, not whole.
         if let Some(rest) = name.strip_prefix("mlm_logits_") {
             let (v, s) = get("mlm_logits")?;
@@ -284,17 +289,36 @@ impl Computed {
 }
 
 /// Compare a forward pass with the stored tensors.
-pub fn compare<B: Backend>((out, hidden): &(PvltOutput<B>, HiddenStates<B>), expected: &BTreeMap<String, TensorData>, mlm_rows: Option<&[usize]>, tol: &Tolerance) -> Vec<Row> {
+pub fn compare<B: Backend>(
+    (out, hidden): &(PvltOutput<B>, HiddenStates<B>),
+    expected: &BTreeMap<String, TensorData>,
+    mlm_rows: Option<&[usize]>,
+    tol: &Tolerance,
+) -> Vec<Row> {
     let computed = Computed::new(out, hidden);
     let mut rows = vec![];
     for (name, data) in expected {
         let want = data.shape.to_vec();
         let reference: Vec<f64> = data.clone().convert::<f64>().to_vec::<f64>().expect("numeric");
         match computed.ours(name, &want, mlm_rows) {
-            Err(why) => rows.push(Row { name: name.clone(), shape: want, max_abs: f64::NAN, max_rel: f64::NAN, ok: true, skipped: Some(why) }),
+            Err(why) => rows.push(Row {
+                name: name.clone(),
+                shape: want,
+                max_abs: f64::NAN,
+                max_rel: f64::NAN,
+                ok: true,
+                skipped: Some(why),
+            }),
             Ok((ours, shape, exact)) => {
                 if shape.iter().product::<usize>() != want.iter().product::<usize>() {
-                    rows.push(Row { name: name.clone(), shape: want.clone(), max_abs: f64::NAN, max_rel: f64::NAN, ok: false, skipped: Some(format!("shape mismatch: ours {shape:?}, reference {want:?}")) });
+                    rows.push(Row {
+                        name: name.clone(),
+                        shape: want.clone(),
+                        max_abs: f64::NAN,
+                        max_rel: f64::NAN,
+                        ok: false,
+                        skipped: Some(format!("shape mismatch: ours {shape:?}, reference {want:?}")),
+                    });
                     continue;
                 }
                 rows.push(compare_values(name, want, &ours, &reference, exact, tol));
@@ -305,7 +329,14 @@ pub fn compare<B: Backend>((out, hidden): &(PvltOutput<B>, HiddenStates<B>), exp
 }
 
 /// Element-wise `|ours - ref| <= atol + rtol * |ref|` (or equality when `exact`).
-pub fn compare_values(name: &str, shape: Vec<usize>, ours: &[f64], reference: &[f64], exact: bool, tol: &Tolerance) -> Row {
+pub fn compare_values(
+    name: &str,
+    shape: Vec<usize>,
+    ours: &[f64],
+    reference: &[f64],
+    exact: bool,
+    tol: &Tolerance,
+) -> Row {
     let (mut max_abs, mut max_rel, mut ok) = (0.0f64, 0.0f64, true);
     for (a, e) in ours.iter().zip(reference) {
         let d = (a - e).abs();
@@ -331,13 +362,23 @@ pub fn print_rows(fixture: &str, rows: &[Row]) {
         match &r.skipped {
             Some(why) if r.ok => println!("  {:<34} {:<18} {:>11} {:>11}  skipped: {why}", r.name, shape, "-", "-"),
             Some(why) => println!("  {:<34} {:<18} {:>11} {:>11}  FAIL: {why}", r.name, shape, "-", "-"),
-            None => println!("  {:<34} {:<18} {:>11.3e} {:>11.3e}  {}", r.name, shape, r.max_abs, r.max_rel, if r.ok { "ok" } else { "FAIL" }),
+            None => println!(
+                "  {:<34} {:<18} {:>11.3e} {:>11.3e}  {}",
+                r.name,
+                shape,
+                r.max_abs,
+                r.max_rel,
+                if r.ok { "ok" } else { "FAIL" }
+            ),
         }
     }
     let compared = rows.iter().filter(|r| r.skipped.is_none()).count();
     let failed = rows.iter().filter(|r| !r.ok).count();
     let worst = rows.iter().filter(|r| r.skipped.is_none()).map(|r| r.max_abs).fold(0.0, f64::max);
-    println!("  {compared} tensors compared, {failed} failed, {} skipped; max abs error {worst:.3e}", rows.len() - compared - rows.iter().filter(|r| r.skipped.is_some() && !r.ok).count());
+    println!(
+        "  {compared} tensors compared, {failed} failed, {} skipped; max abs error {worst:.3e}",
+        rows.len() - compared - rows.iter().filter(|r| r.skipped.is_some() && !r.ok).count()
+    );
 }
 
 /// Load the fixture's model on a backend, run it in eval mode and compare.
@@ -351,19 +392,27 @@ impl BackendTask for VerifyTask<'_> {
     type Output = Vec<Row>;
     fn run<B: Backend>(self, device: B::Device) -> Result<Vec<Row>> {
         let f = self.fixture;
-        let (model, reports) = load_model::<B>(&f.config, &f.weights, f.non_strict, &device)?;
+        let loaded = load_model::<B>(&f.config, &f.weights, f.non_strict, &device)?;
         if self.verbose_load {
-            for (w, report) in reports {
-                eprintln!("{}: {}", w.display(), report.summary());
-            }
+            loaded.print_reports();
         }
+        let model = loaded.model;
         let out = forward_fixture(&model, f, &device)?;
         Ok(compare(&out, &f.expected, f.mlm_rows.as_deref(), &self.tol))
     }
 }
 
-pub fn forward_fixture<B: Backend>(model: &Pvlt<B>, f: &Fixture, device: &B::Device) -> Result<(PvltOutput<B>, HiddenStates<B>)> {
-    let [b, c, h, w]: [usize; 4] = f.images.shape.to_vec().try_into().map_err(|_| anyhow::anyhow!("images must be [B,3,H,W], got {:?}", f.images.shape))?;
+pub fn forward_fixture<B: Backend>(
+    model: &Pvlt<B>,
+    f: &Fixture,
+    device: &B::Device,
+) -> Result<(PvltOutput<B>, HiddenStates<B>)> {
+    let [b, c, h, w]: [usize; 4] = f
+        .images
+        .shape
+        .to_vec()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("images must be [B,3,H,W], got {:?}", f.images.shape))?;
     if c != 3 {
         bail!("images must have 3 channels, got {c}");
     }

@@ -1,16 +1,8 @@
 //! End-to-end tests of the `mvlt` binary: the commands a user runs, and the errors bad input gets.
 mod common;
+use common::{mvlt, text};
 
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn mvlt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mvlt")).args(args).output().expect("run mvlt")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -23,7 +15,10 @@ fn verify_passes_on_small_io_and_prints_a_row_per_tensor() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     for name in ["itm_logits", "t2i_logits", "mlm_logits_argmax", "pos_embed_used.3", "text_feats.3"] {
-        assert!(t.lines().any(|l| l.trim_start().starts_with(name) && l.trim_end().ends_with("ok")), "no ok row for {name}:\n{t}");
+        assert!(
+            t.lines().any(|l| l.trim_start().starts_with(name) && l.trim_end().ends_with("ok")),
+            "no ok row for {name}:\n{t}"
+        );
     }
     assert!(t.contains("25 tensors compared, 0 failed"), "{t}");
 }
@@ -55,7 +50,8 @@ fn convert_pth_then_verify_with_converted_weights() {
     let Some(dir) = common::fixtures() else { return };
     let tmp = common::tempdir("convert");
     let out = tmp.join("small.safetensors");
-    let o = mvlt(&["convert", p(&dir.join("small_checkpoint.pth")), p(&out), "--config", p(&dir.join("small_io.json"))]);
+    let o =
+        mvlt(&["convert", p(&dir.join("small_checkpoint.pth")), p(&out), "--config", p(&dir.join("small_io.json"))]);
     assert!(o.status.success(), "{}", text(&o));
     // The converted file carries its config: no --config needed.
     let o = mvlt(&["verify", p(&dir.join("small_io.json")), "--weights", p(&out)]);
@@ -74,7 +70,8 @@ fn inspect_matches_manifests_and_counts_tiny_parameters() {
     assert!(t.contains("parameters:    40,947,029"), "{t}");
     assert!(t.contains("all keys and shapes match"), "{t}");
     // A checkpoint: variant guessed from shapes is 'custom' for the small test config, keys listed.
-    let o = mvlt(&["inspect", p(&dir.join("small_checkpoint.pth")), "--config", p(&dir.join("small_io.json")), "--keys"]);
+    let o =
+        mvlt(&["inspect", p(&dir.join("small_checkpoint.pth")), "--config", p(&dir.join("small_io.json")), "--keys"]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("training checkpoint") && t.contains("block3.1.attn.kv.weight"), "{t}");
@@ -107,7 +104,10 @@ fn pth_missing_keys_fails_strict_and_loads_non_strict() {
     // --non-strict loads what matches and names the rest (the outputs then differ, as they should).
     let o = mvlt(&["verify", p(&dir.join("small_io.json")), "--weights", p(&pvt), "--non-strict"]);
     let t = text(&o);
-    assert!(t.contains("loaded 156 keys; ignored 5 unexpected") && t.contains("missing 123 (kept their initial values)"), "{t}");
+    assert!(
+        t.contains("loaded 156 keys; ignored 5 unexpected") && t.contains("missing 123 (kept their initial values)"),
+        "{t}"
+    );
     assert!(!o.status.success() && t.contains("FAIL"), "{t}");
 }
 
@@ -127,12 +127,18 @@ fn misshaped_tensor_names_key_and_both_shapes() {
     let o = mvlt(&["verify", p(&dir.join("small_io.json")), "--weights", p(&bad)]);
     let t = text(&o);
     assert!(!o.status.success());
-    assert!(t.contains("shape mismatch for key 'block2.0.mlp.fc1.weight'") && t.contains("[8, 32]") && t.contains("[256, 32]"), "{t}");
+    assert!(
+        t.contains("shape mismatch for key 'block2.0.mlp.fc1.weight'")
+            && t.contains("[8, 32]")
+            && t.contains("[256, 32]"),
+        "{t}"
+    );
     // Shape mismatches are errors under non-strict loading too.
     let cfg = mvlt::model::PvltConfig::resolve(p(&dir.join("small_io.json"))).unwrap();
     let model = mvlt::model::Pvlt::<mvlt::device::Cpu>::new(&cfg, &Default::default());
     let sd = mvlt::model::weights::StateDict::read(&bad).unwrap();
-    let e = mvlt::model::weights::load_state_dict(model, &sd, false).expect_err("non-strict load must fail on a shape mismatch");
+    let e = mvlt::model::weights::load_state_dict(model, &sd, false)
+        .expect_err("non-strict load must fail on a shape mismatch");
     assert!(e.to_string().contains("block2.0.mlp.fc1.weight"), "{e}");
 }
 
@@ -142,7 +148,10 @@ fn safetensors_of_another_model_is_rejected() {
     let tmp = common::tempdir("other");
     let other = tmp.join("bert.safetensors");
     let tensors = vec![
-        ("encoder.layer.0.attention.self.query.weight".to_string(), burn::tensor::TensorData::new(vec![0f32; 4], [2, 2])),
+        (
+            "encoder.layer.0.attention.self.query.weight".to_string(),
+            burn::tensor::TensorData::new(vec![0f32; 4], [2, 2]),
+        ),
         ("pooler.dense.bias".to_string(), burn::tensor::TensorData::new(vec![0f32; 2], [2])),
     ];
     mvlt::model::weights::write_safetensors(&other, &tensors, Default::default()).unwrap();
@@ -188,12 +197,25 @@ fn cpu_only_build_says_how_to_get_cuda() {
 fn tokenize_json_gives_reference_ids() {
     let Some(dir) = common::fixtures() else { return };
     let vocab = dir.join("../vocab/bert-base-uncased-vocab.txt");
-    let o = mvlt(&["tokenize", "--vocab", p(&vocab), "--json", "--max-len", "16", "Crêpe de Chine blouse in ivory.", "Red"]);
+    let o = mvlt(&[
+        "tokenize",
+        "--vocab",
+        p(&vocab),
+        "--json",
+        "--max-len",
+        "16",
+        "Crêpe de Chine blouse in ivory.",
+        "Red",
+    ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!(lines[0]["tokens"], serde_json::json!(["cr", "##ep", "##e", "de", "chin", "##e", "blouse", "in", "ivory", "."]));
+    assert_eq!(
+        lines[0]["tokens"],
+        serde_json::json!(["cr", "##ep", "##e", "de", "chin", "##e", "blouse", "in", "ivory", "."])
+    );
     assert_eq!(lines[1]["input_ids"], serde_json::json!([101, 2417, 102, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
     let o = mvlt(&["tokenize", "--vocab", p(&dir.join("small_io.json")), "x"]);
     assert!(!o.status.success() && text(&o).contains("not a BERT WordPiece vocabulary"), "{}", text(&o));
@@ -204,7 +226,18 @@ fn preprocess_reports_the_reference_crop_box() {
     let Some(dir) = common::fixtures() else { return };
     let tmp = common::tempdir("preprocess");
     let img = dir.join("images/08_sock_dotted_blue_speck_360x480.jpg");
-    let o = mvlt(&["preprocess", "--image", p(&img), "--size", "128", "--json", "--png", p(&tmp.join("seen.png")), "--safetensors", p(&tmp.join("seen.safetensors"))]);
+    let o = mvlt(&[
+        "preprocess",
+        "--image",
+        p(&img),
+        "--size",
+        "128",
+        "--json",
+        "--png",
+        p(&tmp.join("seen.png")),
+        "--safetensors",
+        p(&tmp.join("seen.safetensors")),
+    ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
@@ -225,7 +258,19 @@ fn preprocess_reports_the_reference_crop_box() {
 fn synth_writes_a_catalogue_the_readers_accept() {
     let tmp = common::tempdir("synth-cli");
     let out = tmp.join("cat");
-    let o = mvlt(&["synth", "--out", p(&out), "--n", "40", "--size", "64", "--seed", "3", "--contact-sheet", p(&tmp.join("sheet.png"))]);
+    let o = mvlt(&[
+        "synth",
+        "--out",
+        p(&out),
+        "--n",
+        "40",
+        "--size",
+        "64",
+        "--seed",
+        "3",
+        "--contact-sheet",
+        p(&tmp.join("sheet.png")),
+    ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("wrote 40 images"), "{t}");

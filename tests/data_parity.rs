@@ -13,7 +13,8 @@ fn tokenizer_matches_all_reference_cases() {
     let t = TextProcessor::from_vocab_file(&vocab(&dir)).unwrap();
     assert_eq!(t.vocab_size, 30522);
     assert_eq!((t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id), (0, 100, 101, 102, 103));
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_cases.json")).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_cases.json")).unwrap()).unwrap();
     let items = cases["items"].as_array().unwrap();
     assert_eq!(items.len(), 40);
     let mut failures = vec![];
@@ -41,7 +42,8 @@ mod images {
     #[test]
     fn preprocessing_matches_reference_boxes_dithers_and_tensors() {
         let Some(dir) = common::fixtures() else { return };
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("image_preproc.json")).unwrap()).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("image_preproc.json")).unwrap()).unwrap();
         let tensors = StateDict::read(&dir.join("image_preproc.safetensors")).unwrap().tensors;
         let items = meta["items"].as_array().unwrap();
         assert_eq!(items.len(), 8);
@@ -67,12 +69,20 @@ mod images {
             let out = preprocess(&pixels, 256).unwrap();
             assert_eq!(out.crop_box.map(|b| b.to_vec()), Some(want_box.clone()), "{}", file.display());
             let d = max_diff(&out.chw_u8, &want);
-            report.push(format!("{}: box {:?}, max |diff| {d}/255", file.file_name().unwrap().to_string_lossy(), want_box));
+            report.push(format!(
+                "{}: box {:?}, max |diff| {d}/255",
+                file.file_name().unwrap().to_string_lossy(),
+                want_box
+            ));
             assert!(d <= 1, "{}: resized pixels differ by {d}/255", file.display());
             // And from the file with our own decoder (for JPEGs, decoders may differ by a little).
             if it["decoded_key"].is_string() {
                 let own = preprocess(&Pixels::open(&file).unwrap(), 256).unwrap();
-                report.push(format!("   own JPEG decode: box {:?}, max |diff| {}/255", own.crop_box, max_diff(&own.chw_u8, &want)));
+                report.push(format!(
+                    "   own JPEG decode: box {:?}, max |diff| {}/255",
+                    own.crop_box,
+                    max_diff(&own.chw_u8, &want)
+                ));
             }
         }
         eprintln!("{}", report.join("\n"));
@@ -87,7 +97,10 @@ fn float_pipeline_equals_reference_tensor_bit_for_bit_definition() {
     let u8s = mvlt::data::image::preprocess(&p, 64).unwrap().chw_u8;
     let (floats, _) = mvlt::data::image::preprocess_floats(&p, 64).unwrap();
     let want: Vec<f32> = u8s.iter().map(|&v| v as f32 / 255.0).collect();
-    assert_eq!(floats.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), want.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        floats.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+    );
 }
 
 mod formats {

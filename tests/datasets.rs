@@ -54,7 +54,8 @@ fn authors_layout_pairs_images_and_pickles() {
     let Some(dir) = datasets_dir() else { return };
     let ds = open_dataset(&dir.join("authors_layout")).unwrap();
     assert_eq!(ds.len(), 12);
-    let classes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("authors_layout/class_names.json")).unwrap()).unwrap();
+    let classes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("authors_layout/class_names.json")).unwrap()).unwrap();
     let r = &ds.records()[0];
     assert_eq!(r.id, "100231_id_gridfs_1");
     assert!(!r.caption.is_empty());
@@ -79,7 +80,10 @@ fn authors_layout_bad_pickles_are_skipped_and_reported() {
     let ds = open_dataset(&tmp).unwrap();
     assert_eq!(ds.len(), 1);
     let s = ds.skips().summary().unwrap();
-    assert!(s.starts_with("skipped 2 of 3 rows") && s.contains("not a dict") && s.contains("no 'product_id' key"), "{s}");
+    assert!(
+        s.starts_with("skipped 2 of 3 rows") && s.contains("not a dict") && s.contains("no 'product_id' key"),
+        "{s}"
+    );
     // Names that do not pair up are an error.
     std::fs::rename(img.join("100232_id_gridfs_1.png"), img.join("100299_id_gridfs_1.png")).unwrap();
     let e = open_dataset(&tmp).err().unwrap().to_string();
@@ -91,7 +95,8 @@ fn jsonl_catalogue_skips_bad_rows_with_reasons() {
     let Some(dir) = datasets_dir() else { return };
     let tmp = common::tempdir("jsonl");
     std::fs::create_dir_all(tmp.join("img")).unwrap();
-    std::fs::copy(dir.join("authors_layout/extracted_valid_images/100231_id_gridfs_1.png"), tmp.join("img/a.png")).unwrap();
+    std::fs::copy(dir.join("authors_layout/extracted_valid_images/100231_id_gridfs_1.png"), tmp.join("img/a.png"))
+        .unwrap();
     let good = r#"{"id": "a1", "image": "img/a.png", "caption": "Red tee.", "category": "TOPS", "subcategory": "T-SHIRTS", "product_id": "a"}"#;
     let lines = [
         good,
@@ -111,7 +116,14 @@ fn jsonl_catalogue_skips_bad_rows_with_reasons() {
     assert_eq!(ds.records()[1].id, "6");
     assert_eq!(ds.records()[1].product_id, "6", "product_id defaults to id");
     let s = ds.skips().summary().unwrap();
-    for want in ["skipped 6 of 8 rows", "line 2: not a catalogue row", "line 3: not a catalogue row", "escapes the catalogue folder", "empty caption", "does not exist"] {
+    for want in [
+        "skipped 6 of 8 rows",
+        "line 2: not a catalogue row",
+        "line 3: not a catalogue row",
+        "escapes the catalogue folder",
+        "empty caption",
+        "does not exist",
+    ] {
         assert!(s.contains(want), "missing '{want}' in: {s}");
     }
     assert!(ds.skips().skipped.iter().any(|(_, w)| w == "not valid UTF-8"));

@@ -2,21 +2,12 @@
 //! imply, generated lists reproduce, and the score / classify / search / eval commands run on a
 //! freshly trained model.
 mod common;
-use common::{fixtures, tempdir, trained_model};
+use common::{fixtures, mvlt, tempdir, text, trained_model};
 use mvlt::data::image::Pixels;
 use mvlt::device::Cpu;
 use mvlt::eval::retrieval::{self, Direction, ImageSource};
 use mvlt::infer::{LoadOptions, Model};
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn mvlt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mvlt")).args(args).output().expect("run mvlt")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 fn authors() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/datasets/authors_layout")
@@ -26,7 +17,13 @@ fn authors() -> PathBuf {
 fn retrieval_ranks_are_the_ranks_the_scores_imply() {
     let Some(fix) = fixtures() else { return };
     let vocab = fix.join("../vocab/bert-base-uncased-vocab.txt");
-    let o = LoadOptions { config: Some(fix.join("small_io.json").display().to_string()), vocab: Some(vocab), classes: None, image_size: Some(64), non_strict: false };
+    let o = LoadOptions {
+        config: Some(fix.join("small_io.json").display().to_string()),
+        vocab: Some(vocab),
+        classes: None,
+        image_size: Some(64),
+        non_strict: false,
+    };
     let model = Model::<Cpu>::load(&fix.join("small_model.safetensors"), &o, &Default::default()).unwrap();
     let images = authors().join("extracted_valid_images");
     for (dir, direction) in [("retrieve_ITR", Direction::Itr), ("retrieve_TIR", Direction::Tir)] {
@@ -34,7 +31,8 @@ fn retrieval_ranks_are_the_ranks_the_scores_imply() {
         assert_eq!(queries.len(), 3);
         assert!(queries.iter().all(|q| q.candidates.len() == 5));
         // Batches of 2 candidates: the batching must not change the scores.
-        let r = retrieval::evaluate(&model, &queries, direction, &ImageSource::Folder(images.clone()), 2, || {}).unwrap();
+        let r =
+            retrieval::evaluate(&model, &queries, direction, &ImageSource::Folder(images.clone()), 2, || {}).unwrap();
         for (q, &rank) in queries.iter().zip(&r.ranks) {
             let scores: Vec<f32> = q
                 .candidates
@@ -62,13 +60,24 @@ fn retrieval_cli_on_the_authors_lists_writes_the_json() {
     let dir = tempdir("retrieval-cli");
     let out = dir.join("tir.json");
     let o = mvlt(&[
-        "eval", "retrieval", "--direction", "tir",
-        "--lists", authors().join("retrieve_TIR").to_str().unwrap(),
-        "--images", authors().join("extracted_valid_images").to_str().unwrap(),
-        "--weights", fix.join("small_model.safetensors").to_str().unwrap(),
-        "--config", fix.join("small_io.json").to_str().unwrap(),
-        "--vocab", fix.join("../vocab/bert-base-uncased-vocab.txt").to_str().unwrap(),
-        "--image-size", "64", "--json", out.to_str().unwrap(),
+        "eval",
+        "retrieval",
+        "--direction",
+        "tir",
+        "--lists",
+        authors().join("retrieve_TIR").to_str().unwrap(),
+        "--images",
+        authors().join("extracted_valid_images").to_str().unwrap(),
+        "--weights",
+        fix.join("small_model.safetensors").to_str().unwrap(),
+        "--config",
+        fix.join("small_io.json").to_str().unwrap(),
+        "--vocab",
+        fix.join("../vocab/bert-base-uncased-vocab.txt").to_str().unwrap(),
+        "--image-size",
+        "64",
+        "--json",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("| mvlt"), "{}", text(&o));
@@ -89,9 +98,21 @@ fn inference_and_evaluation_commands_on_a_trained_model() {
     let img = data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap();
     let img = img.to_str().unwrap();
 
-    let o = mvlt(&["score", "--weights", w, "--image", img, "--text", "red cotton shirt", "--text", "black leather boots", "--json"]);
+    let o = mvlt(&[
+        "score",
+        "--weights",
+        w,
+        "--image",
+        img,
+        "--text",
+        "red cotton shirt",
+        "--text",
+        "black leather boots",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert!(lines.iter().all(|v| (0.0..=1.0).contains(&v["match_probability"].as_f64().unwrap())));
 
@@ -99,17 +120,41 @@ fn inference_and_evaluation_commands_on_a_trained_model() {
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["main"].as_array().unwrap().len(), 3);
-    let classes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(weights.with_file_name("classes.json")).unwrap()).unwrap();
+    let classes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(weights.with_file_name("classes.json")).unwrap()).unwrap();
     let name = v["sub"][0][0].as_str().unwrap();
     assert!(classes["sub"].as_array().unwrap().iter().any(|c| c == name), "{name} is a class name");
 
     let sheet = base.join("hits.png");
-    let o = mvlt(&["search", "--weights", w, "--catalog", data.to_str().unwrap(), "--text", "a blue dress", "--top", "4", "--sheet", sheet.to_str().unwrap()]);
+    let o = mvlt(&[
+        "search",
+        "--weights",
+        w,
+        "--catalog",
+        data.to_str().unwrap(),
+        "--text",
+        "a blue dress",
+        "--top",
+        "4",
+        "--sheet",
+        sheet.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("(60 of 60 candidates scored)"), "{}", text(&o));
     assert!(image::open(&sheet).is_ok());
 
-    let o = mvlt(&["search", "--weights", w, "--catalog", data.to_str().unwrap(), "--image", img, "--subcategory", "boots", "--json"]);
+    let o = mvlt(&[
+        "search",
+        "--weights",
+        w,
+        "--catalog",
+        data.to_str().unwrap(),
+        "--image",
+        img,
+        "--subcategory",
+        "boots",
+        "--json",
+    ]);
     let o_text = text(&o);
     if o.status.success() {
         let hits: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
@@ -122,7 +167,22 @@ fn inference_and_evaluation_commands_on_a_trained_model() {
 
     let lists = base.join("lists.jsonl");
     let run = |extra: &[&str]| {
-        let mut args = vec!["eval", "retrieval", "--direction", "tir", "--weights", w, "--data", data.to_str().unwrap(), "--queries", "6", "--candidates", "5", "--seed", "3"];
+        let mut args = vec![
+            "eval",
+            "retrieval",
+            "--direction",
+            "tir",
+            "--weights",
+            w,
+            "--data",
+            data.to_str().unwrap(),
+            "--queries",
+            "6",
+            "--candidates",
+            "5",
+            "--seed",
+            "3",
+        ];
         args.extend_from_slice(extra);
         mvlt(&args)
     };
@@ -138,7 +198,18 @@ fn inference_and_evaluation_commands_on_a_trained_model() {
 
     let prefix = base.join("cm");
     let rj = base.join("rec.json");
-    let o = mvlt(&["eval", "recognition", "--weights", w, "--data", data.to_str().unwrap(), "--json", rj.to_str().unwrap(), "--confusion", prefix.to_str().unwrap()]);
+    let o = mvlt(&[
+        "eval",
+        "recognition",
+        "--weights",
+        w,
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        rj.to_str().unwrap(),
+        "--confusion",
+        prefix.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("| sub-category"), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rj).unwrap()).unwrap();

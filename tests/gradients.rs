@@ -44,7 +44,10 @@ fn model_and_two_pairs(seed: u64) -> (PvltConfig, Pvlt<B>, Tensor<B, 4>, Tensor<
     <B as burn::tensor::backend::Backend>::seed(&device, seed);
     let model = Pvlt::<B>::new(&cfg, &device);
     let images = Tensor::<B, 4>::random([2, 3, 32, 32], Distribution::Uniform(0.0, 1.0), &device);
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0], [2, 6]), &device);
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0], [2, 6]),
+        &device,
+    );
     (cfg, model, images, ids)
 }
 
@@ -68,8 +71,14 @@ fn analytic_gradients_match_finite_differences() {
         ("itm_head.linear_bias", model.itm_head.as_ref().unwrap().linear_bias.grad(&grads).unwrap()),
         ("block2.0.attn.kv.bias", model.block2[0].attn.kv.bias.as_ref().unwrap().grad(&grads).unwrap()),
         ("text_embed1.0.bias", model.text_embed1._0.bias.as_ref().unwrap().grad(&grads).unwrap()),
-        ("t2i_head.score.0.bias", model.t2i_head.as_ref().unwrap().score._0.bias.as_ref().unwrap().grad(&grads).unwrap()),
-        ("sub_cls_head.linear.bias", model.sub_cls_head.as_ref().unwrap().linear.bias.as_ref().unwrap().grad(&grads).unwrap()),
+        (
+            "t2i_head.score.0.bias",
+            model.t2i_head.as_ref().unwrap().score._0.bias.as_ref().unwrap().grad(&grads).unwrap(),
+        ),
+        (
+            "sub_cls_head.linear.bias",
+            model.sub_cls_head.as_ref().unwrap().linear.bias.as_ref().unwrap().grad(&grads).unwrap(),
+        ),
     ];
     // The tied word embeddings get one gradient (decoder + lookup): check a row that is looked up.
     let word = model.text_embeddings.word_embeddings.weight.grad(&grads).unwrap();
@@ -88,7 +97,12 @@ fn analytic_gradients_match_finite_differences() {
                     *d = TensorData::new(v, d.shape.clone());
                 }
             }
-            let st = StateDict { path: "in-memory".into(), format: "test", tensors: tensors.into_iter().collect(), metadata: Default::default() };
+            let st = StateDict {
+                path: "in-memory".into(),
+                format: "test",
+                tensors: tensors.into_iter().collect(),
+                metadata: Default::default(),
+            };
             let (m, _) = load_state_dict(Pvlt::<B>::new(&cfg, &device), &st, true).unwrap();
             loss_of(&m, &inputs, &t).into_scalar() as f64
         };
@@ -129,24 +143,43 @@ fn bf16_autocast_step_tracks_f32() {
     let model = Pvlt::<B>::new(&cfg, &device);
     let images = Tensor::<B, 4>::random([4, 3, 64, 64], Distribution::Uniform(0.0, 1.0), &device);
     let ids = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0, 101, 5, 6, 102, 0, 0, 101, 40, 41, 42, 43, 102], [4, 6]),
+        TensorData::new(
+            vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0, 101, 5, 6, 102, 0, 0, 101, 40, 41, 42, 43, 102],
+            [4, 6],
+        ),
         &device,
     );
     let t = Targets {
-        mlm: MlmTargets::from_labels(&[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1, -1, 5, -1, -1, -1, -1, -1, -1, 41, 42, -1, -1], &device),
+        mlm: MlmTargets::from_labels(
+            &[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1, -1, 5, -1, -1, -1, -1, -1, -1, 41, 42, -1, -1],
+            &device,
+        ),
         itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0, 1, 0], [4]), &device),
         clean_images: images.clone(),
         sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4, 0, 1], [4]), &device),
         sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0, 3, 3], [4]), &device),
     };
-    let running_mean = || -> Vec<f32> { model.t2i_head.as_ref().unwrap().reduction1._1.running_mean.value_sync().into_data().to_vec().unwrap() };
+    let running_mean = || -> Vec<f32> {
+        model.t2i_head.as_ref().unwrap().reduction1._1.running_mean.value_sync().into_data().to_vec().unwrap()
+    };
 
     let run = |precision: Precision| {
         let m = autocast(&model, precision);
-        let out = m.forward_mlm_at(images.clone().cast(precision.dtype()), ids.clone(), HeadSet::ALL, Mode::Train, t.mlm.rows.clone());
-        assert_eq!(out.itm_logits.as_ref().unwrap().dtype(), precision.dtype().into(), "the heads run in the step's precision");
+        let out = m.forward_mlm_at(
+            images.clone().cast(precision.dtype()),
+            ids.clone(),
+            HeadSet::ALL,
+            Mode::Train,
+            t.mlm.rows.clone(),
+        );
+        assert_eq!(
+            out.itm_logits.as_ref().unwrap().dtype(),
+            precision.dtype().into(),
+            "the heads run in the step's precision"
+        );
         let l = losses(&out, &t, HeadSet::ALL);
-        let terms: Vec<f32> = [l.mlm, l.itm, l.t2i, l.sup_cls, l.sub_cls].into_iter().map(|x| x.unwrap().into_scalar()).collect();
+        let terms: Vec<f32> =
+            [l.mlm, l.itm, l.t2i, l.sup_cls, l.sub_cls].into_iter().map(|x| x.unwrap().into_scalar()).collect();
         assert_eq!(l.total.dtype(), DType::F32, "{precision:?}: the loss must be f32");
         let grads = GradientsParams::from_grads(l.total.backward(), &model);
         (terms, named_grads(&model, &grads))
@@ -163,10 +196,14 @@ fn bf16_autocast_step_tracks_f32() {
     assert_eq!(g32.len(), g16.len());
     let mut worst = (1.0f64, String::new());
     for ((name, _, a), (_, _, b)) in g32.iter().zip(&g16) {
-        let (a, b) = (a.clone().unwrap_or_else(|| panic!("{name}: no f32 gradient")), b.clone().unwrap_or_else(|| panic!("{name}: no bf16 gradient")));
+        let (a, b) = (
+            a.clone().unwrap_or_else(|| panic!("{name}: no f32 gradient")),
+            b.clone().unwrap_or_else(|| panic!("{name}: no bf16 gradient")),
+        );
         assert_eq!(b.dtype(), DType::F32, "{name}: the master gradient must be f32");
         let dot = (a.clone() * b.clone()).sum().into_scalar() as f64;
-        let norms = (a.clone() * a).sum().into_scalar().sqrt() as f64 * (b.clone() * b).sum().into_scalar().sqrt() as f64;
+        let norms =
+            (a.clone() * a).sum().into_scalar().sqrt() as f64 * (b.clone() * b).sum().into_scalar().sqrt() as f64;
         if norms > 0.0 && dot / norms < worst.0 {
             worst = (dot / norms, name.clone());
         }
@@ -247,7 +284,10 @@ fn pad_row_learns_only_through_the_decoder() {
     let word_grad_rows = |heads: HeadSet| -> (Vec<f32>, Vec<f32>) {
         let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, Mode::Train, t.mlm.rows.clone());
         let grads = GradientsParams::from_grads(losses(&out, &t, heads).total.backward(), &model);
-        let (_, _, g) = named_grads(&model, &grads).into_iter().find(|(k, _, _)| k == "text_embeddings.word_embeddings.weight").unwrap();
+        let (_, _, g) = named_grads(&model, &grads)
+            .into_iter()
+            .find(|(k, _, _)| k == "text_embeddings.word_embeddings.weight")
+            .unwrap();
         let g: Vec<f32> = g.expect("the word embeddings get a gradient").into_data().to_vec().unwrap();
         let h = cfg.token_hidden_size;
         (g[..h].to_vec(), g[7 * h..8 * h].to_vec())

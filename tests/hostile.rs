@@ -3,19 +3,11 @@
 //! from outside the folders it belongs to. The command-line cases are one table; the server cases
 //! run over HTTP on loopback, each bounded in count and time.
 mod common;
-use common::tempdir;
+use common::{mvlt, tempdir, text};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn mvlt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mvlt")).args(args).output().expect("run mvlt")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 fn hostile(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hostile").join(name)
@@ -68,16 +60,31 @@ fn bad_command_line_inputs_get_clear_errors() {
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let converted = tmp.join("converted.safetensors");
     let oversized = hostile("oversized_tensor.pth");
-    let (sparse, huge, zero_catalogue, nan, fifo, converted, oversized) =
-        (sparse.to_str().unwrap(), huge.to_str().unwrap(), zero_catalogue.to_str().unwrap(), nan.to_str().unwrap(), fifo.to_str().unwrap(), converted.to_str().unwrap(), oversized.to_str().unwrap());
+    let (sparse, huge, zero_catalogue, nan, fifo, converted, oversized) = (
+        sparse.to_str().unwrap(),
+        huge.to_str().unwrap(),
+        zero_catalogue.to_str().unwrap(),
+        nan.to_str().unwrap(),
+        fifo.to_str().unwrap(),
+        converted.to_str().unwrap(),
+        oversized.to_str().unwrap(),
+    );
     let data_s = data.to_str().unwrap();
 
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         ("a .pth tensor claiming 4 GB", vec!["inspect", oversized], "more than the whole file"),
         ("converting it", vec!["convert", oversized, converted, "--config", "tiny"], "more than the whole file"),
-        ("a 2 GB sparse image", vec!["score", "--weights", w, "--image", sparse, "--text", "a shirt"], "over the limit of 134217728 bytes"),
+        (
+            "a 2 GB sparse image",
+            vec!["score", "--weights", w, "--image", sparse, "--text", "a shirt"],
+            "over the limit of 134217728 bytes",
+        ),
         ("a FIFO as image", vec!["score", "--weights", w, "--image", fifo, "--text", "a shirt"], "not a regular file"),
-        ("a 16000x16000 image", vec!["score", "--weights", w, "--image", huge, "--text", "a shirt"], "over the limit of 64000000 pixels"),
+        (
+            "a 16000x16000 image",
+            vec!["score", "--weights", w, "--image", huge, "--text", "a shirt"],
+            "over the limit of 64000000 pixels",
+        ),
         ("/dev/zero as vocabulary", vec!["tokenize", "--vocab", "/dev/zero", "x"], "not a regular file"),
         ("/dev/zero as catalogue", vec!["data", "info", "--data", zero_catalogue], "not a regular file"),
         ("T = 2^64 - 1", vec!["tokenize", "--vocab", vocab, "--max-len", "18446744073709551615", "x"], "between 2"),
@@ -86,7 +93,11 @@ fn bad_command_line_inputs_get_clear_errors() {
         ("--val-fraction 2", vec!["data", "info", "--data", data_s, "--val-fraction", "2"], "not a fraction"),
         ("--val-fraction NaN", vec!["data", "info", "--data", data_s, "--val-fraction", "NaN"], "not a fraction"),
         ("--val-fraction -1", vec!["data", "info", "--data", data_s, "--val-fraction=-1"], "not a fraction"),
-        ("weights holding NaN", vec!["score", "--weights", nan, "--image", sparse, "--text", "x"], "tensor 'itm_head.linear.weight' holds 1 NaN"),
+        (
+            "weights holding NaN",
+            vec!["score", "--weights", nan, "--image", sparse, "--text", "x"],
+            "tensor 'itm_head.linear.weight' holds 1 NaN",
+        ),
         ("a text file as weights", vec!["inspect", vocab], "is not a weights file"),
     ];
     let mut failures = vec![];
@@ -98,7 +109,12 @@ fn bad_command_line_inputs_get_clear_errors() {
         if o.status.success() || panicked || !out.contains(want) {
             failures.push(format!("{name}: exit {:?}, expected '{want}' in:\n{out}", o.status.code()));
         }
-        eprintln!("{name}: exit {:?} in {:.2} s: {}", o.status.code(), t0.elapsed().as_secs_f64(), out.lines().last().unwrap_or(""));
+        eprintln!(
+            "{name}: exit {:?} in {:.2} s: {}",
+            o.status.code(),
+            t0.elapsed().as_secs_f64(),
+            out.lines().last().unwrap_or("")
+        );
     }
     assert!(!Path::new(converted).exists(), "a refused conversion writes nothing");
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
@@ -118,7 +134,11 @@ fn catalogue_rows_stay_inside_and_unique() {
     std::fs::copy(&some_image, cat.join("images/a.png")).unwrap();
     std::fs::copy(&some_image, tmp.join("outside.png")).unwrap();
     std::os::unix::fs::symlink(tmp.join("outside.png"), cat.join("images/link.png")).unwrap();
-    let row = |id: &str, image: &str| format!(r#"{{"id": "{id}", "image": "{image}", "caption": "a red shirt", "category": "TOPS", "subcategory": "SHIRTS"}}"#);
+    let row = |id: &str, image: &str| {
+        format!(
+            r#"{{"id": "{id}", "image": "{image}", "caption": "a red shirt", "category": "TOPS", "subcategory": "SHIRTS"}}"#
+        )
+    };
     let lines = [
         row("1", "images/a.png"),
         row("2", "images/../images/a.png"),
@@ -159,7 +179,15 @@ impl Drop for Server {
 
 fn serve(weights: &Path, catalog: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mvlt"))
-        .args(["serve", "--weights", weights.to_str().unwrap(), "--catalog", catalog.to_str().unwrap(), "--addr", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--catalog",
+            catalog.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
         .args(["--header-timeout", "1", "--body-timeout", "1"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -168,7 +196,11 @@ fn serve(weights: &Path, catalog: &Path, extra: &[&str]) -> Server {
         .unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("unexpected first line: {line}")).to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
     Server { child, addr }
 }
 
@@ -206,9 +238,13 @@ fn hostile_requests_get_json_errors_and_slow_clients_are_cut_off() {
     let s = serve(weights, data, &["--max-body-mib", "8", "--max-texts", "64"]);
     let a = s.addr.as_str();
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let img = std::fs::read(data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap()).unwrap();
+    let img =
+        std::fs::read(data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap()).unwrap();
     let long_uri = format!("GET /v1/images/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "9".repeat(10_000));
-    let many_headers = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n", (0..80).map(|i| format!("X-H{i}: v\r\n")).collect::<String>());
+    let many_headers = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n",
+        (0..80).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()
+    );
     let cases: Vec<(&str, (u16, String), u16, &str)> = vec![
         ("12,000 texts", post_json(a, "/v1/score", &serde_json::json!({"image": b64(&img), "texts": vec!["a shirt"; 12_000]}).to_string()), 400, "over the limit of 64"),
         ("a 7 MB text", post_json(a, "/v1/score", &serde_json::json!({"image": b64(&img), "text": "red ".repeat(7 << 18)}).to_string()), 400, "over the limit of 65536 bytes"),
@@ -229,7 +265,11 @@ fn hostile_requests_get_json_errors_and_slow_clients_are_cut_off() {
     }
     // Slow clients: connect only, partial headers, idle after a request; closed within the
     // 1 s header timeout (allow 5 s for a loaded machine).
-    for (name, send) in [("connect only", &b""[..]), ("partial headers", b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Ty"), ("idle keep-alive", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")] {
+    for (name, send) in [
+        ("connect only", &b""[..]),
+        ("partial headers", b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Ty"),
+        ("idle keep-alive", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ] {
         let t0 = Instant::now();
         let (_, _) = raw(a, send);
         let secs = t0.elapsed().as_secs_f64();
@@ -253,12 +293,15 @@ fn missing_heads_are_422_and_abandoned_work_is_dropped() {
     let sd = StateDict::read(weights).unwrap();
     let mut cfg = sd.stored_config().unwrap().unwrap();
     cfg.heads.cls = false;
-    let (net, _) = load_state_dict(mvlt::model::Pvlt::<mvlt::device::Cpu>::new(&cfg, &Default::default()), &sd, false).unwrap();
+    let (net, _) =
+        load_state_dict(mvlt::model::Pvlt::<mvlt::device::Cpu>::new(&cfg, &Default::default()), &sd, false).unwrap();
     let no_cls = tmp.join("no_cls.safetensors");
     save_model(&net, &cfg, &no_cls).unwrap();
     std::fs::copy(weights.parent().unwrap().join("vocab.txt"), tmp.join("vocab.txt")).unwrap();
     use base64::Engine;
-    let img = base64::engine::general_purpose::STANDARD.encode(std::fs::read(data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap()).unwrap());
+    let img = base64::engine::general_purpose::STANDARD.encode(
+        std::fs::read(data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap()).unwrap(),
+    );
     let s = serve(&no_cls, data, &[]);
     let (st, body) = post_json(&s.addr, "/v1/classify", &serde_json::json!({"image": img}).to_string());
     assert_eq!(st, 422, "{body}");
@@ -269,13 +312,18 @@ fn missing_heads_are_422_and_abandoned_work_is_dropped() {
     let s = serve(weights, data, &["--timeout", "0.000001"]);
     let texts = vec!["a red shirt"; 64];
     for _ in 0..3 {
-        let (st, body) = post_json(&s.addr, "/v1/score", &serde_json::json!({"image": img, "texts": texts}).to_string());
+        let (st, body) =
+            post_json(&s.addr, "/v1/score", &serde_json::json!({"image": img, "texts": texts}).to_string());
         assert_eq!(st, 504, "{body}");
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, metrics) = raw(&s.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let abandoned: u64 = metrics.lines().find_map(|l| l.strip_prefix("mvlt_abandoned_total ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let abandoned: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("mvlt_abandoned_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         if abandoned >= 3 {
             break;
         }

@@ -12,7 +12,8 @@ fn loader(dir: &std::path::Path, workers: usize, seed: u64) -> Arc<Loader> {
     let text = Arc::new(TextProcessor::from_vocab_file(&dir.join("vocab.txt")).unwrap());
     let classes = Arc::new(ClassMap::from_records(ds.records()));
     let rows = (0..ds.len()).collect();
-    let cfg = LoaderConfig { batch_size: 5, image_size: 32, max_len: 24, seed, workers, prefetch: 2, ..Default::default() };
+    let cfg =
+        LoaderConfig { batch_size: 5, image_size: 32, max_len: 24, seed, workers, prefetch: 2, ..Default::default() };
     Arc::new(Loader::new(ds, text, classes, rows, cfg).unwrap())
 }
 
@@ -22,7 +23,10 @@ fn synth_is_deterministic_and_readable() {
     assert_eq!(write_catalog(&a, 30, 7, 48, |_| {}).unwrap(), 30);
     write_catalog(&b, 30, 7, 48, |_| {}).unwrap();
     assert_eq!(std::fs::read(a.join("catalog.jsonl")).unwrap(), std::fs::read(b.join("catalog.jsonl")).unwrap());
-    assert_eq!(std::fs::read(a.join("images/100003_1.png")).unwrap(), std::fs::read(b.join("images/100003_1.png")).unwrap());
+    assert_eq!(
+        std::fs::read(a.join("images/100003_1.png")).unwrap(),
+        std::fs::read(b.join("images/100003_1.png")).unwrap()
+    );
     let cat = FileDataset::open_jsonl(&a.join("catalog.jsonl")).unwrap();
     assert_eq!(cat.len(), 30);
     assert!(cat.skips().summary().is_none());
@@ -30,7 +34,11 @@ fn synth_is_deterministic_and_readable() {
     let products: std::collections::BTreeSet<_> = cat.records().iter().map(|r| &r.product_id).collect();
     assert!(products.len() < 20);
     let text = TextProcessor::from_vocab_file(&a.join("vocab.txt")).unwrap();
-    let unk = cat.records().iter().map(|r| text.encode(&r.caption, 128).unwrap().input_ids.iter().filter(|&&i| i == text.unk_id).count()).sum::<usize>();
+    let unk = cat
+        .records()
+        .iter()
+        .map(|r| text.encode(&r.caption, 128).unwrap().input_ids.iter().filter(|&&i| i == text.unk_id).count())
+        .sum::<usize>();
     assert_eq!(unk, 0, "the built-in vocabulary covers every caption word");
 }
 

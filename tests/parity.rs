@@ -10,7 +10,8 @@ use mvlt::verify::{print_rows, Fixture, FixtureOverrides, Tolerance, VerifyTask}
 use std::path::Path;
 
 fn check(name: &str, fixture: Fixture) {
-    let rows = run_on(DeviceSpec::Cpu, VerifyTask { fixture: &fixture, tol: Tolerance::default(), verbose_load: true }).unwrap();
+    let rows = run_on(DeviceSpec::Cpu, VerifyTask { fixture: &fixture, tol: Tolerance::default(), verbose_load: true })
+        .unwrap();
     print_rows(name, &rows);
     let compared = rows.iter().filter(|r| r.skipped.is_none()).count();
     assert!(compared >= 10, "{name}: only {compared} tensors compared");
@@ -38,7 +39,10 @@ fn small_e2e_256_matches_reference() {
     let o = FixtureOverrides {
         config: Some(dir.join("small_io.json").display().to_string()),
         weights: vec![dir.join("small_model.safetensors")],
-        image: Some(format!("{}:02_dress_striped_navy_256x256/tensor_u8", dir.join("image_preproc.safetensors").display())),
+        image: Some(format!(
+            "{}:02_dress_striped_navy_256x256/tensor_u8",
+            dir.join("image_preproc.safetensors").display()
+        )),
         ..Default::default()
     };
     check("small_e2e_256", Fixture::load(&dir.join("small_e2e_256.json"), &o).unwrap());
@@ -59,7 +63,8 @@ fn pvt_partial_load_matches_reference() {
 #[test]
 fn pvt_partial_load_reports_accepted_and_ignored_keys() {
     let Some(dir) = common::fixtures() else { return };
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pvt_partial_load.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("pvt_partial_load.json")).unwrap()).unwrap();
     let names = |k: &str| -> Vec<String> {
         let mut v: Vec<String> = serde_json::from_value(meta[k].clone()).unwrap();
         v.sort();
@@ -81,13 +86,18 @@ fn pvt_partial_load_reports_accepted_and_ignored_keys() {
 #[test]
 fn pos_embed_resize_matches_reference_cases() {
     let Some(dir) = common::fixtures() else { return };
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pos_embed_interp.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("pos_embed_interp.json")).unwrap()).unwrap();
     let sd = StateDict::read(&dir.join("pos_embed_interp.safetensors")).unwrap();
     let cases = meta["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 15);
     let device = Default::default();
     for c in cases {
-        let (i, s, d) = (c["case"].as_u64().unwrap(), c["src_grid"].as_u64().unwrap() as usize, c["dst_grid"].as_u64().unwrap() as usize);
+        let (i, s, d) = (
+            c["case"].as_u64().unwrap(),
+            c["src_grid"].as_u64().unwrap() as usize,
+            c["dst_grid"].as_u64().unwrap() as usize,
+        );
         let src = sd.tensors[&format!("case{i}/src")].clone();
         let want: Vec<f32> = sd.tensors[&format!("case{i}/out")].to_vec().unwrap();
         let out = resize_pos_embed(Tensor::<Cpu, 3>::from_data(src, &device), s, d, d);
@@ -129,12 +139,23 @@ fn layouts_equal_reference_manifests_for_all_variants() {
             .collect();
         let ours: Vec<(String, Vec<usize>)> = layout.iter().map(|(k, s, _)| (k.clone(), s.clone())).collect();
         assert_eq!(ours, theirs, "{variant}: keys, shapes and order");
-        assert_eq!(unique_params(&layout) as u64, m["total_parameters_unique"].as_u64().unwrap(), "{variant}: parameter count");
+        assert_eq!(
+            unique_params(&layout) as u64,
+            m["total_parameters_unique"].as_u64().unwrap(),
+            "{variant}: parameter count"
+        );
         // The authors' two recipes drop heads; their counts must match too.
-        for (heads, field) in [(HeadSet::PRETRAIN, "total_parameters_unique_pretrain_config"), (HeadSet::FINETUNE, "total_parameters_unique_finetune_config")] {
+        for (heads, field) in [
+            (HeadSet::PRETRAIN, "total_parameters_unique_pretrain_config"),
+            (HeadSet::FINETUNE, "total_parameters_unique_finetune_config"),
+        ] {
             let cfg = PvltConfig { heads, ..cfg.clone() };
             let model = Pvlt::<Cpu>::new(&cfg, &Default::default());
-            assert_eq!(unique_params(&reference_layout(&model, &cfg)) as u64, m[field].as_u64().unwrap(), "{variant} {field}");
+            assert_eq!(
+                unique_params(&reference_layout(&model, &cfg)) as u64,
+                m[field].as_u64().unwrap(),
+                "{variant} {field}"
+            );
         }
     }
 }
@@ -169,13 +190,16 @@ fn safetensors_round_trip_is_exact() {
 #[test]
 fn weight_decay_groups_equal_the_authors_optimizer_groups() {
     let Some(dir) = common::fixtures() else { return };
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("small_checkpoint.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("small_checkpoint.json")).unwrap()).unwrap();
     let opt = &meta["optimizer"];
     let sizes: Vec<usize> = serde_json::from_value(opt["param_groups_sizes"].clone()).unwrap();
     assert_eq!(sizes, [161, 85]);
     // Group 0 (no weight decay) holds optimizer indices 0..161, group 1 the rest.
-    let names: std::collections::BTreeMap<String, String> = serde_json::from_value(opt["index_to_name"].clone()).unwrap();
-    let model: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("small_model.json")).unwrap()).unwrap();
+    let names: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(opt["index_to_name"].clone()).unwrap();
+    let model: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("small_model.json")).unwrap()).unwrap();
     let shapes: std::collections::HashMap<String, Vec<usize>> = model["keys"]
         .as_array()
         .unwrap()

@@ -1,7 +1,7 @@
 //! Training end to end: the step against a PyTorch step, exact resume, crash safety, NaN stops,
 //! Ctrl-C, and a pre-train -> fine-tune run that learns.
 mod common;
-use common::{backend_turn, tempdir};
+use common::{backend_turn, mvlt, tempdir, text, Overrides};
 use mvlt::device::{run_on, run_on_devices, DeviceSpec};
 use mvlt::model::weights::StateDict;
 use mvlt::train::checkpoint;
@@ -10,53 +10,31 @@ use mvlt::train::trainer::TrainRun;
 use mvlt::verify::Tolerance;
 use mvlt::verify_step::TrainStepTask;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 fn data(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
 }
 
-fn mvlt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mvlt")).args(args).output().expect("run mvlt")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
 /// A model small enough that a training step takes milliseconds (PVLT's structure, all heads).
-fn nano_model(dir: &Path) -> String {
-    let p = dir.join("nano.json");
-    std::fs::write(
-        &p,
-        r#"{"embed_dims": [8, 16, 16, 16], "num_heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1],
-            "token_hidden_size": 16, "t2i_channel": 4}"#,
-    )
-    .unwrap();
-    p.display().to_string()
-}
-
 /// Settings for a tiny run on a 32 px synthetic catalogue shared by the tests of one process.
 fn nano_overrides(dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut o: Vec<String> = [
-        format!("model=\"{}\"", nano_model(dir)),
-        format!("data=\"{}\"", shared_catalogue().display()),
-        "image_size=32".into(),
-        "max_len=16".into(),
-        "batch_size=4".into(),
-        "epochs=2".into(),
-        "base_lr=0.064".into(),
-        "warmup_epochs=0.2".into(),
-        "dropout=0.1".into(),
-        "drop_path_rate=0.1".into(),
-        "log_every=1".into(),
-        "val_batches=2".into(),
-        "workers=1".into(),
-    ]
-    .into_iter()
-    .collect();
-    o.extend(extra.iter().map(|s| s.to_string()));
-    o
+    Overrides::default()
+        .path("model", &common::nano_model(dir))
+        .path("data", &shared_catalogue())
+        .set("image_size", 32)
+        .set("max_len", 16)
+        .set("batch_size", 4)
+        .set("epochs", 2)
+        .set("base_lr", 0.064)
+        .set("warmup_epochs", 0.2)
+        .set("dropout", 0.1)
+        .set("drop_path_rate", 0.1)
+        .set("log_every", 1)
+        .set("val_batches", 2)
+        .set("workers", 1)
+        .raw(extra)
+        .build()
 }
 
 /// One synthetic catalogue (48 images, 32 px) written once per test process.
@@ -119,7 +97,8 @@ fn training_step_matches_the_pytorch_step() {
     assert!(grads > 150, "{grads}");
     // The [PAD] row of the word embeddings, its two sources apart: the fixture's lookup part is
     // zero there (padding_idx), and our gradient equals the fixture's decoder part.
-    let pad_rows: Vec<_> = rows.iter().filter(|r| r.name.starts_with("grad_part/") && r.name.contains("[PAD row]")).collect();
+    let pad_rows: Vec<_> =
+        rows.iter().filter(|r| r.name.starts_with("grad_part/") && r.name.contains("[PAD row]")).collect();
     assert_eq!(pad_rows.len(), 2, "{:?}", rows.iter().map(|r| &r.name).collect::<Vec<_>>());
 }
 
@@ -161,8 +140,16 @@ fn resume_continues_exactly() {
         assert!(va == vb, "{ka} differs after resume");
     }
     // Same optimiser state too, and the metrics log has each step once.
-    let (sa, oa) = checkpoint::load_state::<mvlt::device::Cpu>(&checkpoint::list(&straight.join("checkpoints")).last().unwrap().1, &Default::default()).unwrap();
-    let (sb, ob) = checkpoint::load_state::<mvlt::device::Cpu>(&checkpoint::list(&split.join("checkpoints")).last().unwrap().1, &Default::default()).unwrap();
+    let (sa, oa) = checkpoint::load_state::<mvlt::device::Cpu>(
+        &checkpoint::list(&straight.join("checkpoints")).last().unwrap().1,
+        &Default::default(),
+    )
+    .unwrap();
+    let (sb, ob) = checkpoint::load_state::<mvlt::device::Cpu>(
+        &checkpoint::list(&split.join("checkpoints")).last().unwrap().1,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!((sa.step, sa.micro_step), (sb.step, sb.micro_step));
     for (k, m) in &oa.state {
         let n = &ob.state[k];
@@ -208,7 +195,11 @@ fn data_parallel_equals_gradient_accumulation() {
 fn bf16_training_runs_with_f32_master_weights() {
     let _turn = backend_turn();
     let base = tempdir("bf16");
-    let s = run(&base.join("bf16"), &nano_overrides(&base, &["max_steps=6", "precision=\"bf16\"", "checkpoint_every=1", "keep_last=6"]), false);
+    let s = run(
+        &base.join("bf16"),
+        &nano_overrides(&base, &["max_steps=6", "precision=\"bf16\"", "checkpoint_every=1", "keep_last=6"]),
+        false,
+    );
     assert_eq!(s.steps, 6);
     let checkpoints = checkpoint::list(&base.join("bf16/checkpoints"));
     assert_eq!(checkpoints.len(), 6);
@@ -226,7 +217,8 @@ fn a_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint() {
     let _turn = backend_turn();
     let base = tempdir("nan");
     let dir = base.join("run");
-    let config = config(&nano_overrides(&base, &["base_lr=1e12", "warmup_epochs=0", "checkpoint_every=1", "max_steps=20"]));
+    let config =
+        config(&nano_overrides(&base, &["base_lr=1e12", "warmup_epochs=0", "checkpoint_every=1", "max_steps=20"]));
     let err = run_on(DeviceSpec::Cpu, TrainRun { config, dir: dir.clone(), resume: false }).unwrap_err().to_string();
     assert!(err.contains("stopping: loss term"), "{err}");
     assert!(err.contains("at step") && err.contains("items"), "{err}");
@@ -258,7 +250,10 @@ fn wait_for_checkpoints(dir: &Path, n: usize) {
 fn kill_9_leaves_loadable_checkpoints_and_resume_works() {
     let base = tempdir("kill9");
     let dir = base.join("run");
-    let mut child = cli_pretrain(&dir, &base, &["checkpoint_every=1", "keep_last=100", "epochs=50"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = cli_pretrain(&dir, &base, &["checkpoint_every=1", "keep_last=100", "epochs=50"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     wait_for_checkpoints(&dir, 3);
     child.kill().unwrap(); // SIGKILL, possibly in the middle of writing a checkpoint
     child.wait().unwrap();
@@ -268,7 +263,14 @@ fn kill_9_leaves_loadable_checkpoints_and_resume_works() {
         checkpoint::load_state::<mvlt::device::Cpu>(p, &Default::default()).unwrap();
     }
     let last = ckpts.last().unwrap().0;
-    let o = cli_pretrain(&dir, &base, &["checkpoint_every=1", "keep_last=100", "epochs=50", &format!("max_steps={}", last + 2)]).arg("--resume").output().unwrap();
+    let o = cli_pretrain(
+        &dir,
+        &base,
+        &["checkpoint_every=1", "keep_last=100", "epochs=50", &format!("max_steps={}", last + 2)],
+    )
+    .arg("--resume")
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains(&format!("resuming from {}", ckpts.last().unwrap().1.display())), "{}", text(&o));
     assert!(text(&o).contains(&format!("done: {} steps", last + 2)), "{}", text(&o));
@@ -278,7 +280,11 @@ fn kill_9_leaves_loadable_checkpoints_and_resume_works() {
 fn ctrl_c_writes_a_checkpoint_and_exits() {
     let base = tempdir("ctrlc");
     let dir = base.join("run");
-    let child = cli_pretrain(&dir, &base, &["checkpoint_every=1000", "epochs=50"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = cli_pretrain(&dir, &base, &["checkpoint_every=1000", "epochs=50"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait until training is under way (the metrics log has a line), then interrupt.
     let t0 = std::time::Instant::now();
     while std::fs::read_to_string(dir.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 2 {
@@ -300,11 +306,15 @@ fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
     let base = tempdir("refuse");
     let dir = base.join("run");
     let config = config(&nano_overrides(&base, &["max_steps=1"]));
-    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true }).unwrap_err().to_string();
+    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("does not exist"), "{e}");
     assert!(!dir.exists(), "--resume must not create the run folder it was pointed at");
     std::fs::create_dir_all(&dir).unwrap();
-    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true }).unwrap_err().to_string();
+    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no checkpoint"), "{e}");
     run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: false }).unwrap();
     let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir, resume: false }).unwrap_err().to_string();
@@ -318,20 +328,37 @@ fn finetune_from_the_authors_checkpoint_on_their_layout() {
     let dir = base.join("run");
     let data = fix.join("../datasets/authors_layout");
     let o = mvlt(&[
-        "finetune", "--out", dir.to_str().unwrap(),
-        "--init", fix.join("small_checkpoint.pth").to_str().unwrap(),
-        "--data", data.to_str().unwrap(),
-        "--vocab", fix.join("../vocab/bert-base-uncased-vocab.txt").to_str().unwrap(),
-        "--set", &format!("model=\"{}\"", fix.join("small_io.json").display()),
-        "--set", "image_size=64", "--set", "max_len=32", "--set", "batch_size=4", "--set", "max_steps=2",
-        "--set", "val_fraction=0.3", "--set", "workers=1",
+        "finetune",
+        "--out",
+        dir.to_str().unwrap(),
+        "--init",
+        fix.join("small_checkpoint.pth").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--vocab",
+        fix.join("../vocab/bert-base-uncased-vocab.txt").to_str().unwrap(),
+        "--set",
+        &format!("model=\"{}\"", fix.join("small_io.json").display()),
+        "--set",
+        "image_size=64",
+        "--set",
+        "max_len=32",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "val_fraction=0.3",
+        "--set",
+        "workers=1",
     ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     // The authors' heads have 48 / 122 classes; the fixture data 5 / 6: those heads start fresh.
     assert!(t.contains("has 122 classes in sub_cls_head.*, the data 6: that head starts fresh"), "{t}");
     assert!(t.contains("loaded 189 keys"), "{t}");
-    let classes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("final/classes.json")).unwrap()).unwrap();
+    let classes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("final/classes.json")).unwrap()).unwrap();
     assert_eq!(classes["sub"].as_array().unwrap().len(), 6);
 }
 

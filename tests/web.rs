@@ -37,7 +37,17 @@ impl Drop for ServerProcess {
 
 fn start_server(weights: &std::path::Path, catalog: &std::path::Path, extra: &[&str]) -> ServerProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mvlt"))
-        .args(["serve", "--weights", weights.to_str().unwrap(), "--catalog", catalog.to_str().unwrap(), "--addr", "127.0.0.1:0", "--max-body-mib", "1"])
+        .args([
+            "serve",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--catalog",
+            catalog.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--max-body-mib",
+            "1",
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -45,7 +55,11 @@ fn start_server(weights: &std::path::Path, catalog: &std::path::Path, extra: &[&
         .unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line: {line}")).to_string();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
     ServerProcess { child, url }
 }
 
@@ -63,14 +77,23 @@ fn api_answers_and_errors() {
     let base = tempdir("api");
     let (weights, data) = trained_model(&base);
     let s = start_server(&weights, &data, &[]);
-    let img = std::fs::read(data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap()).unwrap();
+    let img =
+        std::fs::read(data.join("images").read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap()).unwrap();
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(&img);
 
-    let (st, v) = post(&format!("{}/v1/score", s.url), "application/json", serde_json::json!({"image": b64, "texts": ["a red shirt", "black boots"]}).to_string().as_bytes());
+    let (st, v) = post(
+        &format!("{}/v1/score", s.url),
+        "application/json",
+        serde_json::json!({"image": b64, "texts": ["a red shirt", "black boots"]}).to_string().as_bytes(),
+    );
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["results"].as_array().unwrap().len(), 2);
-    let (st, v) = post(&format!("{}/v1/classify", s.url), "application/json", serde_json::json!({"image": format!("data:image/png;base64,{b64}"), "top": 2}).to_string().as_bytes());
+    let (st, v) = post(
+        &format!("{}/v1/classify", s.url),
+        "application/json",
+        serde_json::json!({"image": format!("data:image/png;base64,{b64}"), "top": 2}).to_string().as_bytes(),
+    );
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["sub"].as_array().unwrap().len(), 2);
     let (st, v) = post(&format!("{}/v1/search", s.url), "application/json", br#"{"text": "a blue dress", "top": 3}"#);
@@ -123,7 +146,16 @@ fn web_page_in_headless_chromium() {
     let (weights, data) = trained_model(&base);
     let s = start_server(&weights, &data, &[]);
     let profile = base.join("chrome-profile");
-    let args: Vec<&std::ffi::OsStr> = ["--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"].iter().map(std::ffi::OsStr::new).collect();
+    let args: Vec<&std::ffi::OsStr> = [
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+    ]
+    .iter()
+    .map(std::ffi::OsStr::new)
+    .collect();
     let browser = Browser::new(LaunchOptions {
         path: Some(chrome),
         headless: true,
@@ -143,12 +175,16 @@ fn web_page_in_headless_chromium() {
     assert_eq!(cards.len(), 12, "the top 12 products");
     let status = tab.find_element("#status").unwrap().get_inner_text().unwrap();
     assert!(status.contains("best of 60 products"), "{status}");
-    let js = |expr: &str| -> serde_json::Value { tab.evaluate(expr, false).unwrap().value.unwrap_or(serde_json::Value::Null) };
-    let scores: Vec<f64> = serde_json::from_str::<Vec<String>>(js("JSON.stringify([...document.querySelectorAll('.card .score')].map(e => e.textContent))").as_str().unwrap())
-        .unwrap()
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let js = |expr: &str| -> serde_json::Value {
+        tab.evaluate(expr, false).unwrap().value.unwrap_or(serde_json::Value::Null)
+    };
+    let scores: Vec<f64> = serde_json::from_str::<Vec<String>>(
+        js("JSON.stringify([...document.querySelectorAll('.card .score')].map(e => e.textContent))").as_str().unwrap(),
+    )
+    .unwrap()
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
     assert_eq!(scores.len(), 12);
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
     // Images load from the server.
@@ -160,7 +196,9 @@ fn web_page_in_headless_chromium() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let loaded = js("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)");
-    let shot = tab.capture_screenshot(headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption::Png, None, None, true).unwrap();
+    let shot = tab
+        .capture_screenshot(headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption::Png, None, None, true)
+        .unwrap();
     std::fs::write(base.join("serve_page.png"), &shot).unwrap();
     if let Ok(dir) = std::env::var("MVLT_SCREENSHOT_DIR") {
         std::fs::write(PathBuf::from(dir).join("serve_page.png"), &shot).unwrap();

@@ -52,17 +52,28 @@ impl BackendTask for Bench<'_> {
         let (a, cfg, heads) = (self.0, self.1, self.2);
         B::seed(&device, 0);
         let model = Pvlt::<B>::new(&cfg, &device);
-        let images = Tensor::<B, 4>::random([a.batch, 3, a.image_size, a.image_size], Distribution::Uniform(0.0, 1.0), &device);
-        let ids = Tensor::<B, 2, Int>::random([a.batch, cfg.num_text_tokens], Distribution::Uniform(1000.0, 30000.0), &device);
+        let images =
+            Tensor::<B, 4>::random([a.batch, 3, a.image_size, a.image_size], Distribution::Uniform(0.0, 1.0), &device);
+        let ids = Tensor::<B, 2, Int>::random(
+            [a.batch, cfg.num_text_tokens],
+            Distribution::Uniform(1000.0, 30000.0),
+            &device,
+        );
         let mut times = vec![];
         for i in 0..a.warmup + a.iters {
             let t0 = Instant::now();
             let out = model.forward(images.clone(), ids.clone(), heads, Mode::Eval);
             // Read a value back so asynchronous backends finish the work inside the timing.
             let _ = out.text_tokens.clone().sum().into_scalar();
-            if let Some(l) = out.itm_logits { let _ = l.sum().into_scalar(); }
-            if let Some(l) = out.mlm_logits { let _ = l.sum().into_scalar(); }
-            if let Some(l) = out.t2i_logits { let _ = l.sum().into_scalar(); }
+            if let Some(l) = out.itm_logits {
+                let _ = l.sum().into_scalar();
+            }
+            if let Some(l) = out.mlm_logits {
+                let _ = l.sum().into_scalar();
+            }
+            if let Some(l) = out.t2i_logits {
+                let _ = l.sum().into_scalar();
+            }
             if i >= a.warmup {
                 times.push(t0.elapsed().as_secs_f64());
             }

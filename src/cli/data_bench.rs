@@ -1,10 +1,10 @@
 //! `mvlt data bench`: how fast batches are made, against the reference's PIL pipeline.
 use crate::data::dataset::vocab_beside_data;
-use crate::progress::progress_bar;
 use crate::data::dataset::{open_dataset, ClassMap, Dataset};
 use crate::data::image::preprocess_floats;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::text::TextProcessor;
+use crate::progress::progress_bar;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,7 +39,11 @@ pub fn run(a: DataBenchArgs) -> Result<()> {
     if let Some(s) = ds.skips().summary() {
         eprintln!("{s}");
     }
-    let vocab = a.vocab.clone().or_else(|| vocab_beside_data(&a.data)).context("no --vocab given and no vocab.txt beside the data")?;
+    let vocab = a
+        .vocab
+        .clone()
+        .or_else(|| vocab_beside_data(&a.data))
+        .context("no --vocab given and no vocab.txt beside the data")?;
     let text = Arc::new(TextProcessor::from_vocab_file(&vocab)?);
     let classes = Arc::new(ClassMap::from_records(ds.records()));
     let n = a.n.min(ds.len());
@@ -54,7 +58,13 @@ pub fn run(a: DataBenchArgs) -> Result<()> {
     let ours_per_core = n as f64 / t0.elapsed().as_secs_f64();
 
     // 2. Whole batches (images + masked images + MLM/ITM text) with the worker pool.
-    let cfg = LoaderConfig { batch_size: a.batch_size, image_size: a.size, max_len: 128, workers: a.workers, ..Default::default() };
+    let cfg = LoaderConfig {
+        batch_size: a.batch_size,
+        image_size: a.size,
+        max_len: 128,
+        workers: a.workers,
+        ..Default::default()
+    };
     let loader = Arc::new(Loader::new(ds.clone(), text, classes, rows.clone(), cfg)?);
     let pb = progress_bar(n as u64, "batches");
     let t0 = Instant::now();
@@ -74,7 +84,11 @@ pub fn run(a: DataBenchArgs) -> Result<()> {
 
     // 3. The reference pipeline in PIL, one process.
     if let Some(py) = &a.reference_python {
-        let paths: Vec<String> = rows.iter().map(|&i| ds.image_path(i).map(|p| p.display().to_string())).collect::<Option<_>>().context("the PIL comparison needs a dataset with one file per image (catalogue or authors' layout)")?;
+        let paths: Vec<String> = rows
+            .iter()
+            .map(|&i| ds.image_path(i).map(|p| p.display().to_string()))
+            .collect::<Option<_>>()
+            .context("the PIL comparison needs a dataset with one file per image (catalogue or authors' layout)")?;
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/reference_pipeline.py");
         let mut child = std::process::Command::new(py)
             .arg(script)
@@ -92,41 +106,6 @@ pub fn run(a: DataBenchArgs) -> Result<()> {
         let rate = v["images"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(f64::NAN);
         println!("  reference PIL pipeline, 1 process:         {rate:8.1} images/s");
         println!("  per-core ratio (ours / reference):         {:8.2}x", ours_per_core / rate);
-    }
-    Ok(())
-}
-
-#[derive(clap::Args)]
-pub struct DataInfoArgs {
-    /// Dataset: catalogue .jsonl (or its folder), Fashion-Gen .h5, or an authors'-layout folder.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Show the sizes of a train/validation split by product with this validation fraction.
-    #[arg(long, value_parser = super::parse_fraction)]
-    pub val_fraction: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Rows to print.
-    #[arg(long, default_value_t = 3)]
-    pub head: usize,
-}
-
-pub fn info(a: DataInfoArgs) -> Result<()> {
-    let ds = open_dataset(&a.data)?;
-    let classes = ClassMap::from_records(ds.records());
-    let products: std::collections::BTreeSet<_> = ds.records().iter().map(|r| &r.product_id).collect();
-    println!("{}: {} images of {} products", ds.source(), ds.len(), products.len());
-    println!("  {} main categories: {}", classes.main.len(), classes.main.join(", "));
-    println!("  {} sub-categories: {}", classes.sub.len(), classes.sub.join(", "));
-    if let Some(s) = ds.skips().summary() {
-        println!("  {s}");
-    }
-    if let Some(f) = a.val_fraction {
-        let (train, val) = crate::data::dataset::split_by_product(ds.records(), f, a.seed);
-        println!("  split by product (seed {}): {} train / {} validation images", a.seed, train.len(), val.len());
-    }
-    for r in ds.records().iter().take(a.head) {
-        println!("  {}", serde_json::to_string(r)?);
     }
     Ok(())
 }

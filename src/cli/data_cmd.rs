@@ -1,4 +1,6 @@
-//! `mvlt tokenize` and `mvlt preprocess`: what the model sees of a text and of an image.
+//! `mvlt tokenize`, `mvlt preprocess` and `mvlt data info`: what the model sees of a text and of an
+//! image, and what a dataset holds.
+use crate::data::dataset::{open_dataset, ClassMap};
 use crate::data::image::{preprocess, Pixels};
 use crate::data::text::TextProcessor;
 use crate::model::weights::write_safetensors;
@@ -29,7 +31,12 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
             println!("{}", serde_json::json!({"text": text, "tokens": e.tokens, "input_ids": e.input_ids}));
         } else {
             println!("{text}");
-            println!("  pieces ({}{}): {}", e.tokens.len(), if e.truncated { ", truncated" } else { "" }, e.tokens.join(" "));
+            println!(
+                "  pieces ({}{}): {}",
+                e.tokens.len(),
+                if e.truncated { ", truncated" } else { "" },
+                e.tokens.join(" ")
+            );
             println!("  input_ids: {:?}", e.input_ids);
         }
     }
@@ -78,7 +85,50 @@ pub fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::json!({"image": a.image, "crop_box_ltrb": b, "size": [a.size, a.size]}));
     } else {
-        println!("{}: {}x{} -> crop box (l, t, r, b) = {:?} -> {}x{}", a.image.display(), pixels.width, pixels.height, b, a.size, a.size);
+        println!(
+            "{}: {}x{} -> crop box (l, t, r, b) = {:?} -> {}x{}",
+            a.image.display(),
+            pixels.width,
+            pixels.height,
+            b,
+            a.size,
+            a.size
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct DataInfoArgs {
+    /// Dataset: catalogue .jsonl (or its folder), Fashion-Gen .h5, or an authors'-layout folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Show the sizes of a train/validation split by product with this validation fraction.
+    #[arg(long, value_parser = super::parse_fraction)]
+    pub val_fraction: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Rows to print.
+    #[arg(long, default_value_t = 3)]
+    pub head: usize,
+}
+
+pub fn info(a: DataInfoArgs) -> Result<()> {
+    let ds = open_dataset(&a.data)?;
+    let classes = ClassMap::from_records(ds.records());
+    let products: std::collections::BTreeSet<_> = ds.records().iter().map(|r| &r.product_id).collect();
+    println!("{}: {} images of {} products", ds.source(), ds.len(), products.len());
+    println!("  {} main categories: {}", classes.main.len(), classes.main.join(", "));
+    println!("  {} sub-categories: {}", classes.sub.len(), classes.sub.join(", "));
+    if let Some(s) = ds.skips().summary() {
+        println!("  {s}");
+    }
+    if let Some(f) = a.val_fraction {
+        let (train, val) = crate::data::dataset::split_by_product(ds.records(), f, a.seed);
+        println!("  split by product (seed {}): {} train / {} validation images", a.seed, train.len(), val.len());
+    }
+    for r in ds.records().iter().take(a.head) {
+        println!("  {}", serde_json::to_string(r)?);
     }
     Ok(())
 }

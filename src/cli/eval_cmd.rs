@@ -49,8 +49,12 @@ impl BackendTask for &RetrievalArgs {
         let queries = match (&self.lists, &data) {
             (Some(l), _) if l.is_dir() => retrieval::read_authors_lists(l)?,
             (Some(l), _) => retrieval::read_jsonl_lists(l)?,
-            (None, Some(ds)) => retrieval::generate(ds.as_ref(), self.queries, self.candidates, self.negatives, self.seed)?,
-            (None, None) => bail!("give --lists (the authors' folder or a .jsonl of lists) or --data to generate lists from"),
+            (None, Some(ds)) => {
+                retrieval::generate(ds.as_ref(), self.queries, self.candidates, self.negatives, self.seed)?
+            }
+            (None, None) => {
+                bail!("give --lists (the authors' folder or a .jsonl of lists) or --data to generate lists from")
+            }
         };
         if let Some(p) = &self.save_lists {
             retrieval::write_jsonl(p, &queries)?;
@@ -58,7 +62,10 @@ impl BackendTask for &RetrievalArgs {
         }
         let source = match (&self.images, &data) {
             (Some(dir), _) => ImageSource::Folder(dir.clone()),
-            (None, Some(ds)) => ImageSource::Dataset(ds.as_ref(), ds.records().iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect()),
+            (None, Some(ds)) => ImageSource::Dataset(
+                ds.as_ref(),
+                ds.records().iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect(),
+            ),
             (None, None) => bail!("give --images (the folder the lists' img_name entries are in) or --data"),
         };
         let pb = progress_bar(queries.len() as u64, "queries");
@@ -71,7 +78,15 @@ impl BackendTask for &RetrievalArgs {
         let cands = queries.iter().map(|q| q.candidates.len()).max().unwrap_or(0);
         println!("| {name:<20} | R@1    | R@5    | R@10   | queries | candidates |");
         println!("|----------------------|--------|--------|--------|---------|------------|");
-        println!("| {:<20} | {:>6.2} | {:>6.2} | {:>6.2} | {:>7} | {:>10} |", "mvlt", 100.0 * r.r1, 100.0 * r.r5, 100.0 * r.r10, r.queries, cands);
+        println!(
+            "| {:<20} | {:>6.2} | {:>6.2} | {:>6.2} | {:>7} | {:>10} |",
+            "mvlt",
+            100.0 * r.r1,
+            100.0 * r.r5,
+            100.0 * r.r10,
+            r.queries,
+            cands
+        );
         if let Some(p) = &self.json {
             crate::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
         }
@@ -133,7 +148,14 @@ impl BackendTask for &RecognitionArgs {
         println!("| recognition   | accuracy | macro-F1 | micro-F1 | weighted-F1 | images |");
         println!("|---------------|----------|----------|----------|-------------|--------|");
         for (name, rep) in [("main category", &r.main), ("sub-category", &r.sub)] {
-            println!("| {name:<13} | {:>8.2} | {:>8.2} | {:>8.2} | {:>11.2} | {:>6} |", 100.0 * rep.accuracy, 100.0 * rep.macro_f1, 100.0 * rep.micro_f1, 100.0 * rep.weighted_f1, rep.samples);
+            println!(
+                "| {name:<13} | {:>8.2} | {:>8.2} | {:>8.2} | {:>11.2} | {:>6} |",
+                100.0 * rep.accuracy,
+                100.0 * rep.macro_f1,
+                100.0 * rep.micro_f1,
+                100.0 * rep.weighted_f1,
+                rep.samples
+            );
         }
         if let Some(p) = &self.json {
             crate::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
@@ -141,7 +163,13 @@ impl BackendTask for &RecognitionArgs {
         if let Some(prefix) = &self.confusion {
             for (tag, names, (t, pr)) in [("main", &r.main_names, &r.main_pairs), ("sub", &r.sub_names, &r.sub_pairs)] {
                 let path = PathBuf::from(format!("{}_{tag}.png", prefix.display()));
-                recognition::plot_confusion(&path, &format!("{tag} category confusion (rows: truth, columns: prediction; row-normalised)"), names, t, pr)?;
+                recognition::plot_confusion(
+                    &path,
+                    &format!("{tag} category confusion (rows: truth, columns: prediction; row-normalised)"),
+                    names,
+                    t,
+                    pr,
+                )?;
                 println!("confusion matrix: {}", path.display());
             }
         }

@@ -35,7 +35,13 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Model<B>> {
-        let o = LoadOptions { config: self.config.clone(), vocab: self.vocab.clone(), classes: self.classes.clone(), image_size: self.image_size, non_strict: false };
+        let o = LoadOptions {
+            config: self.config.clone(),
+            vocab: self.vocab.clone(),
+            classes: self.classes.clone(),
+            image_size: self.image_size,
+            non_strict: false,
+        };
         Model::load(&self.weights, &o, device)
     }
 }
@@ -150,7 +156,11 @@ impl BackendTask for &SearchArgs {
         let ds = open_dataset(&self.catalog)?;
         let rows = filter_rows(ds.as_ref(), self.category.as_deref(), self.subcategory.as_deref(), self.max_candidates);
         if rows.is_empty() {
-            bail!("no catalogue row passes the filters (category {:?}, subcategory {:?})", self.category, self.subcategory);
+            bail!(
+                "no catalogue row passes the filters (category {:?}, subcategory {:?})",
+                self.category,
+                self.subcategory
+            );
         }
         let image;
         let query = match (&self.text, &self.image) {
@@ -171,7 +181,14 @@ impl BackendTask for &SearchArgs {
             println!("{:>4}  {:>7}  {:<14} {:<18} {:<16} caption", "rank", "score", "id", "sub-category", "product");
             for (i, h) in top.iter().enumerate() {
                 let cap: String = h.caption.chars().take(70).collect();
-                println!("{:>4}  {:>7.4}  {:<14} {:<18} {:<16} {cap}", i + 1, h.score, h.id, h.subcategory, h.product_id);
+                println!(
+                    "{:>4}  {:>7.4}  {:<14} {:<18} {:<16} {cap}",
+                    i + 1,
+                    h.score,
+                    h.id,
+                    h.subcategory,
+                    h.product_id
+                );
             }
             println!("({} of {} candidates scored)", hits.len(), rows.len());
         }
@@ -189,7 +206,13 @@ pub fn search(a: SearchArgs) -> Result<()> {
 }
 
 /// Images of `rows` in a grid of `cols` columns, `cell` pixels each, in order.
-pub fn contact_sheet(ds: &dyn crate::data::dataset::Dataset, rows: &[usize], cols: usize, cell: u32, path: &std::path::Path) -> Result<()> {
+pub fn contact_sheet(
+    ds: &dyn crate::data::dataset::Dataset,
+    rows: &[usize],
+    cols: usize,
+    cell: u32,
+    path: &std::path::Path,
+) -> Result<()> {
     let per_line = cols.max(1);
     let cols = rows.len().clamp(1, per_line) as u32;
     let lines = rows.len().div_ceil(per_line).max(1) as u32;

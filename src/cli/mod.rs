@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "mvlt", version, about = "MVLT (Masked Vision-Language Transformer in Fashion) in Rust: \
-verify against the reference, inspect and convert weights, benchmark", long_about = None)]
+pre-train and fine-tune, evaluate, score / classify / search, serve an HTTP API, verify against the reference, \
+inspect and convert weights, benchmark", long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +51,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write the built-in synthetic fashion catalogue (JSONL + PNG images + vocabulary).
     Synth(synth_cmd::SynthArgs),
-    /// Data tools: `mvlt data bench` times the loader against the reference pipeline.
+    /// Data tools: `mvlt data info` describes a dataset; `mvlt data bench` times the loader
+    /// against the reference pipeline.
     #[command(subcommand)]
     Data(DataCommand),
     /// Print the word pieces and model input ids of texts.
@@ -72,7 +74,7 @@ enum DataCommand {
     /// Images/s of the image pipeline and of whole batches (optionally vs the reference PIL pipeline).
     Bench(data_bench::DataBenchArgs),
     /// Rows, products, classes and skipped rows of a dataset (any of the three formats).
-    Info(data_bench::DataInfoArgs),
+    Info(data_cmd::DataInfoArgs),
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -93,7 +95,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Data(DataCommand::Bench(a)) => data_bench::run(a),
-        Command::Data(DataCommand::Info(a)) => data_bench::info(a),
+        Command::Data(DataCommand::Info(a)) => data_cmd::info(a),
         Command::Tokenize(a) => data_cmd::tokenize(a),
         Command::Preprocess(a) => data_cmd::preprocess_cmd(a),
     }

@@ -137,9 +137,16 @@ impl BackendTask for &ServeBenchArgs {
         let p = data.pixels(0)?;
         let mut png = vec![];
         use image::ImageEncoder;
-        image::codecs::png::PngEncoder::new(&mut png).write_image(&p.data, p.width as u32, p.height as u32, image::ExtendedColorType::Rgb8)?;
+        image::codecs::png::PngEncoder::new(&mut png).write_image(
+            &p.data,
+            p.width as u32,
+            p.height as u32,
+            image::ExtendedColorType::Rgb8,
+        )?;
         use base64::Engine;
-        let body = serde_json::json!({"image": base64::engine::general_purpose::STANDARD.encode(&png), "text": self.text}).to_string();
+        let body =
+            serde_json::json!({"image": base64::engine::general_purpose::STANDARD.encode(&png), "text": self.text})
+                .to_string();
 
         let rt = tokio::runtime::Runtime::new()?;
         let (listener, addr) = rt.block_on(Server::bind("127.0.0.1:0".parse()?))?;
@@ -178,7 +185,13 @@ impl BackendTask for &ServeBenchArgs {
             if let Some(e) = results.iter().find(|r| r.0 != 200) {
                 eprintln!("note: {} of {} requests failed, e.g. {} {}", results.len() - ok, results.len(), e.0, e.2);
             }
-            println!("| {c:>11} | {:>8} | {ok:>3} | {:>6.1} | {:>6.1} | {:>6.1} |", results.len(), results.len() as f64 / secs, percentile(&lat, 0.5), percentile(&lat, 0.99));
+            println!(
+                "| {c:>11} | {:>8} | {ok:>3} | {:>6.1} | {:>6.1} | {:>6.1} |",
+                results.len(),
+                results.len() as f64 / secs,
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99)
+            );
         }
         // Bad requests: each must get a 4xx with a JSON error, and the server must stay up.
         let huge = vec![b'a'; (self.serve.max_body_mib << 20) + 1024];
@@ -186,7 +199,13 @@ impl BackendTask for &ServeBenchArgs {
             ("wrong content type", "text/plain", b"hello".to_vec()),
             ("body over the limit", "application/json", huge),
             ("broken image", "application/json", br#"{"image": "aGVsbG8gd29ybGQ=", "text": "a shirt"}"#.to_vec()),
-            ("empty text", "application/json", serde_json::json!({"image": base64::engine::general_purpose::STANDARD.encode(&png), "text": "  "}).to_string().into_bytes()),
+            (
+                "empty text",
+                "application/json",
+                serde_json::json!({"image": base64::engine::general_purpose::STANDARD.encode(&png), "text": "  "})
+                    .to_string()
+                    .into_bytes(),
+            ),
             ("wrong field type", "application/json", br#"{"image": 5, "text": ["x"]}"#.to_vec()),
             ("not JSON", "application/json", b"{nope".to_vec()),
         ];
@@ -195,7 +214,8 @@ impl BackendTask for &ServeBenchArgs {
         let mut failed = 0;
         for (name, ctype, body) in cases {
             let (st, text) = post(&url, ctype, &body);
-            let json_err = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v.get("error").cloned()).is_some();
+            let json_err =
+                serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v.get("error").cloned()).is_some();
             if !(400..500).contains(&st) || !json_err {
                 failed += 1;
             }
@@ -243,9 +263,22 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
     };
     let small = b64(&crate::data::image::png_claiming(16, 16));
     let cases: Vec<(String, String, u16)> = vec![
-        (format!("16000x16000 PNG header ({} bytes)", crate::data::image::png_claiming(16000, 16000).len()), serde_json::json!({"image": b64(&crate::data::image::png_claiming(16000, 16000)), "text": "a shirt"}).to_string(), 400),
-        (format!("{side}x{side} PNG at the pixel limit ({} KB)", at_limit.len() >> 10), serde_json::json!({"image": b64(&at_limit), "text": "a shirt"}).to_string(), 200),
-        ("12,000 texts".into(), serde_json::json!({"image": small, "texts": vec!["a red shirt"; 12_000]}).to_string(), 400),
+        (
+            format!("16000x16000 PNG header ({} bytes)", crate::data::image::png_claiming(16000, 16000).len()),
+            serde_json::json!({"image": b64(&crate::data::image::png_claiming(16000, 16000)), "text": "a shirt"})
+                .to_string(),
+            400,
+        ),
+        (
+            format!("{side}x{side} PNG at the pixel limit ({} KB)", at_limit.len() >> 10),
+            serde_json::json!({"image": b64(&at_limit), "text": "a shirt"}).to_string(),
+            200,
+        ),
+        (
+            "12,000 texts".into(),
+            serde_json::json!({"image": small, "texts": vec!["a red shirt"; 12_000]}).to_string(),
+            400,
+        ),
         ("one 7 MB text".into(), serde_json::json!({"image": small, "text": "red ".repeat(7 << 18)}).to_string(), 400),
     ];
     let url = format!("http://{addr}/v1/score");
@@ -268,11 +301,19 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
         let peak = peak_rss().unwrap_or(0);
         overall_peak = overall_peak.max(peak);
         let statuses: std::collections::BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
-        let json_errors = answers.iter().filter(|(_, t)| serde_json::from_str::<serde_json::Value>(t).ok().and_then(|v| v.get("error").cloned()).is_some()).count();
+        let json_errors = answers
+            .iter()
+            .filter(|(_, t)| {
+                serde_json::from_str::<serde_json::Value>(t).ok().and_then(|v| v.get("error").cloned()).is_some()
+            })
+            .count();
         let ok = answers.iter().all(|(st, _)| st == want) && (*want == 200 || json_errors == answers.len());
         if !ok {
             failed += 1;
-            eprintln!("note: hostile case '{name}': expected {want}, got {:?}", answers.iter().map(|(s, t)| format!("{s} {}", &t[..t.len().min(120)])).collect::<Vec<_>>());
+            eprintln!(
+                "note: hostile case '{name}': expected {want}, got {:?}",
+                answers.iter().map(|(s, t)| format!("{s} {}", &t[..t.len().min(120)])).collect::<Vec<_>>()
+            );
         }
         println!("| {name} | {statuses:?} | {json_errors}/8 | {secs:.2} | {:.0} |", peak as f64 / 1e6);
     }
@@ -301,7 +342,14 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
                             match c.read(&mut buf) {
                                 Ok(0) => return Ok(true),
                                 Ok(_) => continue,
-                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(false),
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) =>
+                                {
+                                    return Ok(false)
+                                }
                                 Err(_) => return Ok(true),
                             }
                         }
@@ -317,9 +365,15 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
         if !(closed && secs <= limit.as_secs_f64()) {
             failed += 1;
         }
-        println!("| slow client: {name} | {} | | {secs:.2} | |", if closed { "closed by the server" } else { "still open" });
+        println!(
+            "| slow client: {name} | {} | | {secs:.2} | |",
+            if closed { "closed by the server" } else { "still open" }
+        );
     }
-    println!("\npeak RSS over the hostile mix (server and load-test client in one process): {:.0} MB", overall_peak as f64 / 1e6);
+    println!(
+        "\npeak RSS over the hostile mix (server and load-test client in one process): {:.0} MB",
+        overall_peak as f64 / 1e6
+    );
     Ok(failed)
 }
 

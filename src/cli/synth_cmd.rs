@@ -1,8 +1,8 @@
 //! `mvlt synth`: write the built-in synthetic catalogue.
 use crate::data::dataset::{Dataset, FileDataset};
 use crate::data::synth::write_catalog;
-use anyhow::Result;
 use crate::progress::progress_bar;
+use anyhow::Result;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -43,7 +43,10 @@ pub fn run(a: SynthArgs) -> Result<()> {
     );
     if let Some(sheet) = &a.contact_sheet {
         // One view of each of the first 16 products.
-        let firsts: Vec<usize> = (0..cat.len()).filter(|&i| i == 0 || cat.records()[i].product_id != cat.records()[i - 1].product_id).take(16).collect();
+        let firsts: Vec<usize> = (0..cat.len())
+            .filter(|&i| i == 0 || cat.records()[i].product_id != cat.records()[i - 1].product_id)
+            .take(16)
+            .collect();
         let k = firsts.len();
         super::infer_cmd::contact_sheet(&cat, &firsts, 4, 128, sheet)?;
         println!("contact sheet of {k} images: {}", sheet.display());

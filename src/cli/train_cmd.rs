@@ -13,8 +13,9 @@ pub struct TrainArgs {
     #[arg(long)]
     recipe: Option<String>,
     /// Run folder: checkpoints/, metrics.jsonl, loss.png, val.png, config.toml, final/.
-    #[arg(long, default_value = "runs/pretrain")]
-    out: PathBuf,
+    /// Default: runs/pretrain or runs/finetune.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -53,19 +54,16 @@ pub struct TrainArgs {
 }
 
 pub fn run(task: Task, a: TrainArgs) -> Result<()> {
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(task.name()));
     let recipe = match (&a.recipe, a.resume) {
         (Some(r), _) => recipe_text(r)?,
-        (None, true) if a.out.join("config.toml").exists() => recipe_text(&a.out.join("config.toml").display().to_string())?,
-        (None, _) => recipe_text(match task {
-            Task::Pretrain => "cpu-pretrain",
-            Task::Finetune => "cpu-finetune",
-        })?,
+        (None, true) if out.join("config.toml").exists() => {
+            recipe_text(&out.join("config.toml").display().to_string())?
+        }
+        (None, _) => recipe_text(task.cpu_recipe())?,
     };
     let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    let mut over = vec![format!("task={}", q(match task {
-        Task::Pretrain => "pretrain",
-        Task::Finetune => "finetune",
-    }))];
+    let mut over = vec![format!("task={}", q(task.name()))];
     let path = |p: &PathBuf| q(&p.display().to_string());
     over.extend(a.data.as_ref().map(|v| format!("data={}", q(v))));
     over.extend(a.vocab.as_ref().map(|v| format!("vocab={}", path(v))));
@@ -88,9 +86,13 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     over.extend(a.set.iter().cloned());
     let config = TrainConfig::resolve(&recipe, &over)?;
     let (device, indices) = config.device_indices()?;
-    let s = run_on_devices(device, &indices, TrainRun { config, dir: a.out.clone(), resume: a.resume })?;
+    let s = run_on_devices(device, &indices, TrainRun { config, dir: out.clone(), resume: a.resume })?;
     if s.interrupted {
-        println!("interrupted after step {}; continue with --resume (checkpoint {})", s.steps, s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_default());
+        println!(
+            "interrupted after step {}; continue with --resume (checkpoint {})",
+            s.steps,
+            s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_default()
+        );
         std::process::exit(130);
     }
     println!("done: {} steps, {:.1} samples/s", s.steps, s.samples_per_s);
@@ -100,6 +102,6 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     if let Some(w) = &s.final_weights {
         println!("weights: {} (with classes.json and vocab.txt beside it)", w.display());
     }
-    println!("metrics: {0}/metrics.jsonl; plots: {0}/loss.png, {0}/val.png", a.out.display());
+    println!("metrics: {0}/metrics.jsonl; plots: {0}/loss.png, {0}/val.png", out.display());
     Ok(())
 }

@@ -40,19 +40,36 @@ pub struct VerifyArgs {
 pub fn run(a: VerifyArgs) -> Result<()> {
     if let Some(step) = &a.train_step {
         let (Some(weights), Some(config)) = (a.weights.first(), &a.config) else {
-            bail!("--train-step needs --weights W.safetensors and --config FIXTURE.json (a file with a `config` object)");
+            bail!(
+                "--train-step needs --weights W.safetensors and --config FIXTURE.json (a file with a `config` object)"
+            );
         };
-        let task = TrainStepTask { step_file: step.clone(), weights: weights.clone(), config: config.clone(), non_strict: a.non_strict, tol: Tolerance { atol: a.atol, rtol: a.rtol } };
+        let task = TrainStepTask {
+            step_file: step.clone(),
+            weights: weights.clone(),
+            config: config.clone(),
+            non_strict: a.non_strict,
+            tol: Tolerance { atol: a.atol, rtol: a.rtol },
+        };
         let rows = run_on(a.device, task)?;
         print_rows(&step.display().to_string(), &rows);
         let failed = rows.iter().filter(|r| !r.ok).count();
         if failed > 0 {
             bail!("{failed} of {} training-step tensors differ (losses and gradients: atol {} / rtol {}; parameters after the step: {} of each tensor's scale)", rows.len(), a.atol, a.rtol, a.rtol);
         }
-        println!("the training step matches: {} tensors (losses, gradients, BatchNorm buffers, parameters after AdamW)", rows.len());
+        println!(
+            "the training step matches: {} tensors (losses, gradients, BatchNorm buffers, parameters after AdamW)",
+            rows.len()
+        );
         return Ok(());
     }
-    let overrides = FixtureOverrides { config: a.config, weights: a.weights, inputs: a.inputs, image: a.image_tensor, non_strict: a.non_strict };
+    let overrides = FixtureOverrides {
+        config: a.config,
+        weights: a.weights,
+        inputs: a.inputs,
+        image: a.image_tensor,
+        non_strict: a.non_strict,
+    };
     let mut failed = 0;
     for path in &a.fixtures {
         let fixture = Fixture::load(path, &overrides)?;

@@ -1,6 +1,7 @@
 use crate::device::Cpu;
 use crate::model::weights::{
-    is_buffer_or_alias, reference_layout, resolve_config, write_safetensors, StateDict, CONFIG_METADATA_KEY, TIED_DECODER_KEY,
+    is_buffer_or_alias, reference_layout, resolve_config, write_safetensors, StateDict, CONFIG_METADATA_KEY,
+    TIED_DECODER_KEY,
 };
 use crate::model::{Pvlt, PvltConfig};
 use anyhow::{bail, Context, Result};
@@ -55,16 +56,24 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let layout: Vec<(String, Vec<usize>, String)> = match &sd {
         Some(sd) => {
             println!("file:          {} ({})", sd.path.display(), sd.format);
-            sd.tensors.iter().map(|(k, d)| (k.clone(), d.shape.to_vec(), format!("{:?}", d.dtype).to_lowercase())).collect()
+            sd.tensors
+                .iter()
+                .map(|(k, d)| (k.clone(), d.shape.to_vec(), format!("{:?}", d.dtype).to_lowercase()))
+                .collect()
         }
         None => {
             let model = Pvlt::<Cpu>::new(&cfg, &Default::default());
             reference_layout(&model, &cfg).into_iter().map(|(k, s, d)| (k, s, d.to_string())).collect()
         }
     };
-    let params: usize = layout.iter().filter(|(k, _, _)| !is_buffer_or_alias(k)).map(|(_, s, _)| s.iter().product::<usize>()).sum();
+    let params: usize =
+        layout.iter().filter(|(k, _, _)| !is_buffer_or_alias(k)).map(|(_, s, _)| s.iter().product::<usize>()).sum();
     println!("architecture:  {}", describe(&cfg));
-    println!("tensors:       {} keys{}", layout.len(), if layout.iter().any(|(k, _, _)| k == TIED_DECODER_KEY) { " (incl. the tied decoder alias)" } else { "" });
+    println!(
+        "tensors:       {} keys{}",
+        layout.len(),
+        if layout.iter().any(|(k, _, _)| k == TIED_DECODER_KEY) { " (incl. the tied decoder alias)" } else { "" }
+    );
     println!("parameters:    {} (unique; the tied word embeddings / MLM decoder counted once)", thousands(params));
     if a.keys {
         for (k, s, d) in &layout {
@@ -73,7 +82,8 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     }
     if let Some(m) = &a.manifest {
         let text = std::fs::read_to_string(m).with_context(|| format!("cannot read manifest {}", m.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("manifest {} is not JSON", m.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("manifest {} is not JSON", m.display()))?;
         let diffs = manifest_differences(&layout, &v)?;
         if diffs.is_empty() {
             println!("manifest:      {} — all keys and shapes match", m.display());
@@ -89,7 +99,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 
 /// Differences between a layout and a reference manifest (`keys`: [{key, shape}]). The tied
 /// decoder alias, which safetensors files omit, is not counted as missing.
-pub fn manifest_differences(layout: &[(String, Vec<usize>, String)], manifest: &serde_json::Value) -> Result<Vec<String>> {
+pub fn manifest_differences(
+    layout: &[(String, Vec<usize>, String)],
+    manifest: &serde_json::Value,
+) -> Result<Vec<String>> {
     let keys = manifest.get("keys").and_then(|k| k.as_array()).context("manifest has no `keys` list")?;
     let ours: HashMap<&str, &Vec<usize>> = layout.iter().map(|(k, s, _)| (k.as_str(), s)).collect();
     let mut diffs = vec![];
@@ -142,7 +155,12 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
             eprintln!("note: against {}: {}", describe(cfg), report.summary());
         }
     }
-    let tensors: Vec<_> = sd.tensors.iter().filter(|(k, _)| k.as_str() != TIED_DECODER_KEY).map(|(k, d)| (k.clone(), d.clone())).collect();
+    let tensors: Vec<_> = sd
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.as_str() != TIED_DECODER_KEY)
+        .map(|(k, d)| (k.clone(), d.clone()))
+        .collect();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("mvlt.source".to_string(), a.input.display().to_string());

@@ -110,7 +110,10 @@ impl ClassMap {
     pub fn from_records(records: &[Record]) -> ClassMap {
         let main: BTreeSet<&str> = records.iter().map(|r| r.category.as_str()).collect();
         let sub: BTreeSet<&str> = records.iter().map(|r| r.subcategory.as_str()).collect();
-        ClassMap { main: main.into_iter().map(String::from).collect(), sub: sub.into_iter().map(String::from).collect() }
+        ClassMap {
+            main: main.into_iter().map(String::from).collect(),
+            sub: sub.into_iter().map(String::from).collect(),
+        }
     }
     pub fn main_id(&self, name: &str) -> Option<usize> {
         self.main.binary_search_by(|n| n.as_str().cmp(name)).ok()
@@ -225,7 +228,9 @@ impl FileDataset {
         let mut line = Vec::new();
         for n in 1.. {
             line.clear();
-            let got = std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line).with_context(|| format!("cannot read catalogue {}", path.display()))?;
+            let got = std::io::Read::take(&mut reader, MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("cannot read catalogue {}", path.display()))?;
             if got == 0 {
                 break;
             }
@@ -249,7 +254,10 @@ impl FileDataset {
             let r: JsonlRow = match serde_json::from_str(line) {
                 Ok(r) => r,
                 Err(e) => {
-                    skips.skip(row, format!("not a catalogue row ({e}); fields: id, image, caption, category, subcategory"));
+                    skips.skip(
+                        row,
+                        format!("not a catalogue row ({e}); fields: id, image, caption, category, subcategory"),
+                    );
                     continue;
                 }
             };
@@ -284,7 +292,11 @@ impl FileDataset {
             images.push(image);
         }
         if records.is_empty() {
-            bail!("catalogue {} has no usable rows{}", path.display(), skips.summary().map(|s| format!(" ({s})")).unwrap_or_default());
+            bail!(
+                "catalogue {} has no usable rows{}",
+                path.display(),
+                skips.summary().map(|s| format!(" ({s})")).unwrap_or_default()
+            );
         }
         let image_root = root.canonicalize().with_context(|| format!("cannot resolve folder {}", root.display()))?;
         Ok(FileDataset { source: path.to_path_buf(), image_root, records, images, skips })
@@ -325,7 +337,8 @@ fn latin1_strings(ds: &hdf5_reader::Dataset, n: usize) -> Result<Vec<String>> {
 }
 
 impl FashionGenH5 {
-    pub const REQUIRED: [&'static str; 5] = ["input_image", "input_description", "input_category", "input_subcategory", "input_productID"];
+    pub const REQUIRED: [&'static str; 5] =
+        ["input_image", "input_description", "input_category", "input_subcategory", "input_productID"];
 
     pub fn open(path: &Path) -> Result<FashionGenH5> {
         if !path.exists() {
@@ -334,8 +347,13 @@ impl FashionGenH5 {
         let file = hdf5_reader::Hdf5File::open(path)
             .map_err(|e| anyhow!("cannot read HDF5 file {}: {e} (truncated or not HDF5?)", path.display()))?;
         let get = |name: &str| {
-            file.dataset(&format!("/{name}"))
-                .map_err(|e| anyhow!("{} has no dataset '{name}' ({e}); Fashion-Gen files hold {}", path.display(), Self::REQUIRED.join(", ")))
+            file.dataset(&format!("/{name}")).map_err(|e| {
+                anyhow!(
+                    "{} has no dataset '{name}' ({e}); Fashion-Gen files hold {}",
+                    path.display(),
+                    Self::REQUIRED.join(", ")
+                )
+            })
         };
         let image = get("input_image")?;
         let shape: Vec<usize> = image.shape().iter().map(|&d| d as usize).collect();
@@ -348,7 +366,11 @@ impl FashionGenH5 {
         let cats = latin1_strings(&get("input_category")?, n).with_context(|| ctx("input_category"))?;
         let subs = latin1_strings(&get("input_subcategory")?, n).with_context(|| ctx("input_subcategory"))?;
         let pid_ds = get("input_productID")?;
-        let pids: Vec<i64> = pid_ds.read_array::<i32>().map(|a| a.iter().map(|&x| x as i64).collect()).or_else(|_| pid_ds.read_array::<i64>().map(|a| a.iter().copied().collect())).map_err(|e| anyhow!("{}: {e}", ctx("input_productID")))?;
+        let pids: Vec<i64> = pid_ds
+            .read_array::<i32>()
+            .map(|a| a.iter().map(|&x| x as i64).collect())
+            .or_else(|_| pid_ds.read_array::<i64>().map(|a| a.iter().copied().collect()))
+            .map_err(|e| anyhow!("{}: {e}", ctx("input_productID")))?;
         if pids.len() != n {
             bail!("{}: input_productID has {} entries, input_image {n}", path.display(), pids.len());
         }
@@ -392,7 +414,10 @@ impl Dataset for FashionGenH5 {
                 SliceInfoElem::Slice { start: 0, end: 3, step: 1 },
             ],
         };
-        let arr = self.image.read_slice::<u8>(&sel).map_err(|e| anyhow!("{} row {row}: cannot read image: {e}", self.path.display()))?;
+        let arr = self
+            .image
+            .read_slice::<u8>(&sel)
+            .map_err(|e| anyhow!("{} row {row}: cannot read image: {e}", self.path.display()))?;
         Ok(Pixels::from_hwc_rgb(w, h, arr.iter().copied().collect()))
     }
     fn skips(&self) -> &SkipReport {
@@ -407,10 +432,18 @@ fn find_subdir(root: &Path, prefix: &str, suffix: &str) -> Result<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(root)
         .with_context(|| format!("cannot list {}", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix)))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
+        })
         .collect();
     found.sort();
-    found.into_iter().next().ok_or_else(|| anyhow!("{} has no {prefix}*{suffix} folder (the authors' layout: extracted_*_images/ and full_*_info_PAI/)", root.display()))
+    found.into_iter().next().ok_or_else(|| {
+        anyhow!(
+            "{} has no {prefix}*{suffix} folder (the authors' layout: extracted_*_images/ and full_*_info_PAI/)",
+            root.display()
+        )
+    })
 }
 
 fn sorted_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
@@ -451,16 +484,30 @@ impl FileDataset {
         let images = sorted_files(&img_dir, "png")?;
         let infos = sorted_files(&info_dir, "pkl")?;
         if images.len() != infos.len() {
-            bail!("{} holds {} images but {} holds {} pickles", img_dir.display(), images.len(), info_dir.display(), infos.len());
+            bail!(
+                "{} holds {} images but {} holds {} pickles",
+                img_dir.display(),
+                images.len(),
+                info_dir.display(),
+                infos.len()
+            );
         }
         // The reference pairs by sorted position; check that the names agree.
         let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let bad: Vec<String> = images.iter().zip(&infos).filter(|(a, b)| stem(a) != stem(b)).take(5).map(|(a, b)| format!("{} vs {}", stem(a), stem(b))).collect();
+        let bad: Vec<String> = images
+            .iter()
+            .zip(&infos)
+            .filter(|(a, b)| stem(a) != stem(b))
+            .take(5)
+            .map(|(a, b)| format!("{} vs {}", stem(a), stem(b)))
+            .collect();
         if !bad.is_empty() {
             bail!("image and pickle names do not pair up in {}: {}", root.display(), bad.join(", "));
         }
-        let (mut records, mut kept, mut skips) = (vec![], vec![], SkipReport { total_rows: images.len(), ..Default::default() });
-        let image_root = img_dir.canonicalize().with_context(|| format!("cannot resolve folder {}", img_dir.display()))?;
+        let (mut records, mut kept, mut skips) =
+            (vec![], vec![], SkipReport { total_rows: images.len(), ..Default::default() });
+        let image_root =
+            img_dir.canonicalize().with_context(|| format!("cannot resolve folder {}", img_dir.display()))?;
         for (img, info) in images.iter().zip(&infos) {
             let row = info.display().to_string();
             let img = match crate::files::resolve_inside(&image_root, Path::new(img.file_name().unwrap_or_default())) {

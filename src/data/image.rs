@@ -92,7 +92,9 @@ impl Pixels {
                 .with_guessed_format()
                 .map_err(|e| anyhow!("cannot read the image header: {e}"))
         };
-        let (w, h) = reader()?.into_dimensions().map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
+        let (w, h) = reader()?
+            .into_dimensions()
+            .map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
         if w == 0 || h == 0 {
             bail!("image has zero size ({w}x{h})");
         }
@@ -109,8 +111,12 @@ impl Pixels {
         r.limits(limits);
         let img = r.decode().map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
         Ok(match img {
-            DynamicImage::ImageLuma8(g) => Pixels { width: w as usize, height: h as usize, channels: 1, data: g.into_raw() },
-            DynamicImage::ImageLuma16(_) => Pixels { width: w as usize, height: h as usize, channels: 1, data: img.to_luma8().into_raw() },
+            DynamicImage::ImageLuma8(g) => {
+                Pixels { width: w as usize, height: h as usize, channels: 1, data: g.into_raw() }
+            }
+            DynamicImage::ImageLuma16(_) => {
+                Pixels { width: w as usize, height: h as usize, channels: 1, data: img.to_luma8().into_raw() }
+            }
             other => Pixels { width: w as usize, height: h as usize, channels: 3, data: other.to_rgb8().into_raw() },
         })
     }

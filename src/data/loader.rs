@@ -36,7 +36,18 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { batch_size: 8, image_size: 256, max_len: 128, seed: 0, workers: 2, prefetch: 4, shuffle: true, pretrain: true, mask_grid: 16, mlm_probability: super::text::MLM_PROBABILITY }
+        LoaderConfig {
+            batch_size: 8,
+            image_size: 256,
+            max_len: 128,
+            seed: 0,
+            workers: 2,
+            prefetch: 4,
+            shuffle: true,
+            pretrain: true,
+            mask_grid: 16,
+            mlm_probability: super::text::MLM_PROBABILITY,
+        }
     }
 }
 
@@ -97,10 +108,29 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(dataset: Arc<dyn Dataset>, text: Arc<TextProcessor>, classes: Arc<ClassMap>, rows: Vec<usize>, config: LoaderConfig) -> Result<Loader> {
+    pub fn new(
+        dataset: Arc<dyn Dataset>,
+        text: Arc<TextProcessor>,
+        classes: Arc<ClassMap>,
+        rows: Vec<usize>,
+        config: LoaderConfig,
+    ) -> Result<Loader> {
         let product_ids = Arc::new(dataset.records().iter().map(|r| r.product_id.clone()).collect());
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(config.workers.max(1)).thread_name(|i| format!("mvlt-data-{i}")).build()?;
-        Ok(Loader { dataset, text, classes, config, rows: Arc::new(rows), product_ids, pool: Arc::new(pool), skips: Arc::new(Mutex::new(SkipReport::default())), uncropped: Default::default() })
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.workers.max(1))
+            .thread_name(|i| format!("mvlt-data-{i}"))
+            .build()?;
+        Ok(Loader {
+            dataset,
+            text,
+            classes,
+            config,
+            rows: Arc::new(rows),
+            product_ids,
+            pool: Arc::new(pool),
+            skips: Arc::new(Mutex::new(SkipReport::default())),
+            uncropped: Default::default(),
+        })
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -111,14 +141,18 @@ impl Loader {
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         let mut order = (*self.rows).clone();
         if self.config.shuffle {
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9))));
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                self.config.seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9)),
+            ));
         }
         order
     }
 
     fn sample(&self, index: usize, epoch: u64) -> Result<Sample> {
         let cfg = &self.config;
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            cfg.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let rec = &self.dataset.records()[index];
         let pixels = self.dataset.pixels(index)?;
         let (image, crop_box) = preprocess_floats(&pixels, cfg.image_size)?;
@@ -140,14 +174,24 @@ impl Loader {
             (enc.input_ids, vec![IGNORE; cfg.max_len], vec![])
         };
         let class = |id: Option<usize>| id.map(|i| i as i64).unwrap_or(-1);
-        Ok(Sample { index, image, masked, ids, mlm, itm, sup: class(self.classes.main_id(&rec.category)), sub: class(self.classes.sub_id(&rec.subcategory)) })
+        Ok(Sample {
+            index,
+            image,
+            masked,
+            ids,
+            mlm,
+            itm,
+            sup: class(self.classes.main_id(&rec.category)),
+            sub: class(self.classes.sub_id(&rec.subcategory)),
+        })
     }
 
     /// Build batch `b` of `epoch` (blocking, in the worker pool).
     pub fn batch(&self, epoch: u64, order: &[usize], b: usize) -> Batch {
         let bs = self.config.batch_size;
         let rows = &order[b * bs..((b + 1) * bs).min(order.len())];
-        let samples: Vec<Result<Sample>> = self.pool.install(|| rows.par_iter().map(|&i| self.sample(i, epoch)).collect());
+        let samples: Vec<Result<Sample>> =
+            self.pool.install(|| rows.par_iter().map(|&i| self.sample(i, epoch)).collect());
         let mut batch = Batch {
             indices: vec![],
             images: vec![],
@@ -175,7 +219,10 @@ impl Loader {
                 Err(e) => {
                     let mut skips = self.skips.lock().expect("skip report");
                     skips.total_rows += 1;
-                    skips.skip(format!("{} item {} ({})", self.dataset.source(), row, self.dataset.records()[row].id), format!("{e:#}"));
+                    skips.skip(
+                        format!("{} item {} ({})", self.dataset.source(), row, self.dataset.records()[row].id),
+                        format!("{e:#}"),
+                    );
                     continue;
                 }
             }

@@ -16,7 +16,10 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::collections::BTreeSet;
 use std::path::Path;
-use tiny_skia::{Color, FillRule, GradientStop, LinearGradient, Mask, Paint, Path as SkPath, PathBuilder, Pixmap, Point, Shader, SpreadMode, Stroke, Transform};
+use tiny_skia::{
+    Color, FillRule, GradientStop, LinearGradient, Mask, Paint, Path as SkPath, PathBuilder, Pixmap, Point, Shader,
+    SpreadMode, Stroke, Transform,
+};
 
 /// (main category, sub-category, silhouette). Coordinates are in a 100x100 box, y down.
 pub struct Garment {
@@ -45,45 +48,414 @@ pub enum Detail {
 use Detail::*;
 
 pub const GARMENTS: &[Garment] = &[
-    Garment { category: "TOPS", subcategory: "T-SHIRTS", noun: &["t-shirt", "tee"], details: &[Logo, Pockets], shape: Shape::Poly(&[(30., 10.), (42., 8.), (50., 14.), (58., 8.), (70., 10.), (90., 25.), (82., 36.), (72., 30.), (72., 90.), (28., 90.), (28., 30.), (18., 36.), (10., 25.)]) },
-    Garment { category: "TOPS", subcategory: "SHIRTS", noun: &["shirt", "button-down shirt"], details: &[Buttons, Pockets], shape: Shape::Poly(&[(32., 10.), (44., 6.), (50., 16.), (56., 6.), (68., 10.), (86., 30.), (92., 78.), (82., 80.), (74., 40.), (74., 92.), (26., 92.), (26., 40.), (18., 80.), (8., 78.), (14., 30.)]) },
-    Garment { category: "TOPS", subcategory: "SWEATERS", noun: &["sweater", "pullover", "jumper"], details: &[Logo], shape: Shape::Poly(&[(30., 12.), (42., 9.), (50., 13.), (58., 9.), (70., 12.), (88., 28.), (94., 80.), (84., 84.), (76., 44.), (76., 86.), (78., 92.), (22., 92.), (24., 86.), (24., 44.), (16., 84.), (6., 80.), (12., 28.)]) },
-    Garment { category: "TOPS", subcategory: "HOODIES", noun: &["hoodie", "hooded sweatshirt"], details: &[Pockets, Logo], shape: Shape::Poly(&[(34., 16.), (36., 5.), (44., 1.), (56., 1.), (64., 5.), (66., 16.), (86., 30.), (92., 80.), (82., 82.), (74., 44.), (74., 92.), (26., 92.), (26., 44.), (18., 82.), (8., 80.), (14., 30.)]) },
-    Garment { category: "TOPS", subcategory: "TANK TOPS", noun: &["tank top", "camisole"], details: &[Logo], shape: Shape::Poly(&[(35., 6.), (40., 6.), (44., 18.), (56., 18.), (60., 6.), (65., 6.), (68., 28.), (70., 92.), (30., 92.), (32., 28.)]) },
-    Garment { category: "PANTS", subcategory: "JEANS", noun: &["jeans", "denim"], details: &[Pockets, Buttons], shape: Shape::Poly(&[(28., 6.), (72., 6.), (76., 94.), (58., 94.), (50., 30.), (42., 94.), (24., 94.)]) },
-    Garment { category: "PANTS", subcategory: "TROUSERS", noun: &["trousers", "pants"], details: &[Pockets], shape: Shape::Poly(&[(30., 6.), (70., 6.), (82., 94.), (57., 94.), (50., 34.), (43., 94.), (18., 94.)]) },
-    Garment { category: "PANTS", subcategory: "SHORTS", noun: &["shorts"], details: &[Pockets], shape: Shape::Poly(&[(24., 22.), (76., 22.), (82., 70.), (56., 72.), (50., 44.), (44., 72.), (18., 70.)]) },
-    Garment { category: "SKIRTS", subcategory: "MINI SKIRTS", noun: &["miniskirt", "mini skirt"], details: &[Buttons], shape: Shape::Poly(&[(34., 25.), (66., 25.), (82., 66.), (18., 66.)]) },
-    Garment { category: "SKIRTS", subcategory: "MIDI SKIRTS", noun: &["midi skirt", "skirt"], details: &[Pockets], shape: Shape::Poly(&[(38., 10.), (62., 10.), (76., 50.), (86., 92.), (14., 92.), (24., 50.)]) },
-    Garment { category: "DRESSES", subcategory: "MINI DRESSES", noun: &["minidress", "short dress"], details: &[Buttons, Logo], shape: Shape::Poly(&[(36., 6.), (42., 6.), (46., 14.), (54., 14.), (58., 6.), (64., 6.), (64., 30.), (80., 72.), (20., 72.), (36., 30.)]) },
-    Garment { category: "DRESSES", subcategory: "MAXI DRESSES", noun: &["maxi dress", "gown"], details: &[Buttons], shape: Shape::Poly(&[(40., 2.), (45., 2.), (47., 10.), (53., 10.), (55., 2.), (60., 2.), (61., 26.), (84., 97.), (16., 97.), (39., 26.)]) },
-    Garment { category: "DRESSES", subcategory: "SHIFT DRESSES", noun: &["shift dress", "dress"], details: &[Pockets, Buttons], shape: Shape::Poly(&[(30., 8.), (42., 6.), (50., 12.), (58., 6.), (70., 8.), (80., 20.), (72., 28.), (72., 90.), (28., 90.), (28., 28.), (20., 20.)]) },
-    Garment { category: "JACKETS & COATS", subcategory: "BLAZERS", noun: &["blazer", "tailored jacket"], details: &[Buttons, Pockets], shape: Shape::Poly(&[(32., 8.), (44., 6.), (50., 32.), (56., 6.), (68., 8.), (86., 26.), (92., 80.), (82., 82.), (74., 42.), (74., 84.), (26., 84.), (26., 42.), (18., 82.), (8., 80.), (14., 26.)]) },
-    Garment { category: "JACKETS & COATS", subcategory: "COATS", noun: &["coat", "overcoat"], details: &[Buttons, Pockets], shape: Shape::Poly(&[(34., 4.), (44., 2.), (50., 24.), (56., 2.), (66., 4.), (84., 20.), (90., 76.), (81., 78.), (75., 36.), (80., 98.), (20., 98.), (25., 36.), (19., 78.), (10., 76.), (16., 20.)]) },
-    Garment { category: "JACKETS & COATS", subcategory: "BOMBER JACKETS", noun: &["bomber jacket", "bomber"], details: &[Pockets, Logo], shape: Shape::Poly(&[(30., 16.), (70., 16.), (88., 30.), (93., 72.), (83., 75.), (77., 44.), (79., 78.), (74., 84.), (26., 84.), (21., 78.), (23., 44.), (17., 75.), (7., 72.), (12., 30.)]) },
-    Garment { category: "SHOES", subcategory: "SNEAKERS", noun: &["sneakers", "trainers"], details: &[Logo], shape: Shape::Poly(&[(8., 62.), (28., 56.), (42., 40.), (60., 42.), (78., 54.), (92., 60.), (93., 76.), (8., 76.)]) },
-    Garment { category: "SHOES", subcategory: "BOOTS", noun: &["boots", "ankle boots"], details: &[Buttons], shape: Shape::Poly(&[(30., 10.), (56., 10.), (57., 58.), (84., 64.), (90., 80.), (30., 80.)]) },
-    Garment { category: "SHOES", subcategory: "HEELS", noun: &["heels", "pumps"], details: &[], shape: Shape::Poly(&[(12., 56.), (40., 50.), (68., 38.), (86., 42.), (89., 52.), (80., 56.), (79., 80.), (74., 80.), (72., 58.), (42., 63.), (18., 72.), (12., 66.)]) },
-    Garment { category: "BAGS", subcategory: "TOTE BAGS", noun: &["tote", "tote bag"], details: &[Logo, Pockets], shape: Shape::Bag(&[(18., 40.), (82., 40.), (88., 92.), (12., 92.)], 30., 70., 14.) },
-    Garment { category: "BAGS", subcategory: "BACKPACKS", noun: &["backpack"], details: &[Pockets, Logo], shape: Shape::Bag(&[(26., 22.), (40., 14.), (60., 14.), (74., 22.), (78., 90.), (22., 90.)], 42., 58., 6.) },
-    Garment { category: "BAGS", subcategory: "CLUTCHES", noun: &["clutch", "pouch"], details: &[Buttons], shape: Shape::Poly(&[(10., 40.), (90., 40.), (90., 72.), (10., 72.)]) },
-    Garment { category: "HATS", subcategory: "CAPS", noun: &["cap", "baseball cap"], details: &[Logo], shape: Shape::Hat((46., 56., 30., 24.), &[(40., 56.), (94., 58.), (90., 66.), (40., 64.)]) },
-    Garment { category: "HATS", subcategory: "BEANIES", noun: &["beanie", "knit hat"], details: &[Logo], shape: Shape::Hat((50., 54., 30., 34.), &[(18., 56.), (82., 56.), (82., 74.), (18., 74.)]) },
-    Garment { category: "HATS", subcategory: "FEDORAS", noun: &["fedora", "felt hat"], details: &[], shape: Shape::Hat((50., 48., 22., 20.), &[(8., 58.), (92., 58.), (84., 68.), (16., 68.)]) },
-    Garment { category: "SCARVES", subcategory: "SCARVES", noun: &["scarf", "muffler"], details: &[], shape: Shape::Poly(&[(40., 4.), (60., 4.), (63., 94.), (37., 94.)]) },
+    Garment {
+        category: "TOPS",
+        subcategory: "T-SHIRTS",
+        noun: &["t-shirt", "tee"],
+        details: &[Logo, Pockets],
+        shape: Shape::Poly(&[
+            (30., 10.),
+            (42., 8.),
+            (50., 14.),
+            (58., 8.),
+            (70., 10.),
+            (90., 25.),
+            (82., 36.),
+            (72., 30.),
+            (72., 90.),
+            (28., 90.),
+            (28., 30.),
+            (18., 36.),
+            (10., 25.),
+        ]),
+    },
+    Garment {
+        category: "TOPS",
+        subcategory: "SHIRTS",
+        noun: &["shirt", "button-down shirt"],
+        details: &[Buttons, Pockets],
+        shape: Shape::Poly(&[
+            (32., 10.),
+            (44., 6.),
+            (50., 16.),
+            (56., 6.),
+            (68., 10.),
+            (86., 30.),
+            (92., 78.),
+            (82., 80.),
+            (74., 40.),
+            (74., 92.),
+            (26., 92.),
+            (26., 40.),
+            (18., 80.),
+            (8., 78.),
+            (14., 30.),
+        ]),
+    },
+    Garment {
+        category: "TOPS",
+        subcategory: "SWEATERS",
+        noun: &["sweater", "pullover", "jumper"],
+        details: &[Logo],
+        shape: Shape::Poly(&[
+            (30., 12.),
+            (42., 9.),
+            (50., 13.),
+            (58., 9.),
+            (70., 12.),
+            (88., 28.),
+            (94., 80.),
+            (84., 84.),
+            (76., 44.),
+            (76., 86.),
+            (78., 92.),
+            (22., 92.),
+            (24., 86.),
+            (24., 44.),
+            (16., 84.),
+            (6., 80.),
+            (12., 28.),
+        ]),
+    },
+    Garment {
+        category: "TOPS",
+        subcategory: "HOODIES",
+        noun: &["hoodie", "hooded sweatshirt"],
+        details: &[Pockets, Logo],
+        shape: Shape::Poly(&[
+            (34., 16.),
+            (36., 5.),
+            (44., 1.),
+            (56., 1.),
+            (64., 5.),
+            (66., 16.),
+            (86., 30.),
+            (92., 80.),
+            (82., 82.),
+            (74., 44.),
+            (74., 92.),
+            (26., 92.),
+            (26., 44.),
+            (18., 82.),
+            (8., 80.),
+            (14., 30.),
+        ]),
+    },
+    Garment {
+        category: "TOPS",
+        subcategory: "TANK TOPS",
+        noun: &["tank top", "camisole"],
+        details: &[Logo],
+        shape: Shape::Poly(&[
+            (35., 6.),
+            (40., 6.),
+            (44., 18.),
+            (56., 18.),
+            (60., 6.),
+            (65., 6.),
+            (68., 28.),
+            (70., 92.),
+            (30., 92.),
+            (32., 28.),
+        ]),
+    },
+    Garment {
+        category: "PANTS",
+        subcategory: "JEANS",
+        noun: &["jeans", "denim"],
+        details: &[Pockets, Buttons],
+        shape: Shape::Poly(&[(28., 6.), (72., 6.), (76., 94.), (58., 94.), (50., 30.), (42., 94.), (24., 94.)]),
+    },
+    Garment {
+        category: "PANTS",
+        subcategory: "TROUSERS",
+        noun: &["trousers", "pants"],
+        details: &[Pockets],
+        shape: Shape::Poly(&[(30., 6.), (70., 6.), (82., 94.), (57., 94.), (50., 34.), (43., 94.), (18., 94.)]),
+    },
+    Garment {
+        category: "PANTS",
+        subcategory: "SHORTS",
+        noun: &["shorts"],
+        details: &[Pockets],
+        shape: Shape::Poly(&[(24., 22.), (76., 22.), (82., 70.), (56., 72.), (50., 44.), (44., 72.), (18., 70.)]),
+    },
+    Garment {
+        category: "SKIRTS",
+        subcategory: "MINI SKIRTS",
+        noun: &["miniskirt", "mini skirt"],
+        details: &[Buttons],
+        shape: Shape::Poly(&[(34., 25.), (66., 25.), (82., 66.), (18., 66.)]),
+    },
+    Garment {
+        category: "SKIRTS",
+        subcategory: "MIDI SKIRTS",
+        noun: &["midi skirt", "skirt"],
+        details: &[Pockets],
+        shape: Shape::Poly(&[(38., 10.), (62., 10.), (76., 50.), (86., 92.), (14., 92.), (24., 50.)]),
+    },
+    Garment {
+        category: "DRESSES",
+        subcategory: "MINI DRESSES",
+        noun: &["minidress", "short dress"],
+        details: &[Buttons, Logo],
+        shape: Shape::Poly(&[
+            (36., 6.),
+            (42., 6.),
+            (46., 14.),
+            (54., 14.),
+            (58., 6.),
+            (64., 6.),
+            (64., 30.),
+            (80., 72.),
+            (20., 72.),
+            (36., 30.),
+        ]),
+    },
+    Garment {
+        category: "DRESSES",
+        subcategory: "MAXI DRESSES",
+        noun: &["maxi dress", "gown"],
+        details: &[Buttons],
+        shape: Shape::Poly(&[
+            (40., 2.),
+            (45., 2.),
+            (47., 10.),
+            (53., 10.),
+            (55., 2.),
+            (60., 2.),
+            (61., 26.),
+            (84., 97.),
+            (16., 97.),
+            (39., 26.),
+        ]),
+    },
+    Garment {
+        category: "DRESSES",
+        subcategory: "SHIFT DRESSES",
+        noun: &["shift dress", "dress"],
+        details: &[Pockets, Buttons],
+        shape: Shape::Poly(&[
+            (30., 8.),
+            (42., 6.),
+            (50., 12.),
+            (58., 6.),
+            (70., 8.),
+            (80., 20.),
+            (72., 28.),
+            (72., 90.),
+            (28., 90.),
+            (28., 28.),
+            (20., 20.),
+        ]),
+    },
+    Garment {
+        category: "JACKETS & COATS",
+        subcategory: "BLAZERS",
+        noun: &["blazer", "tailored jacket"],
+        details: &[Buttons, Pockets],
+        shape: Shape::Poly(&[
+            (32., 8.),
+            (44., 6.),
+            (50., 32.),
+            (56., 6.),
+            (68., 8.),
+            (86., 26.),
+            (92., 80.),
+            (82., 82.),
+            (74., 42.),
+            (74., 84.),
+            (26., 84.),
+            (26., 42.),
+            (18., 82.),
+            (8., 80.),
+            (14., 26.),
+        ]),
+    },
+    Garment {
+        category: "JACKETS & COATS",
+        subcategory: "COATS",
+        noun: &["coat", "overcoat"],
+        details: &[Buttons, Pockets],
+        shape: Shape::Poly(&[
+            (34., 4.),
+            (44., 2.),
+            (50., 24.),
+            (56., 2.),
+            (66., 4.),
+            (84., 20.),
+            (90., 76.),
+            (81., 78.),
+            (75., 36.),
+            (80., 98.),
+            (20., 98.),
+            (25., 36.),
+            (19., 78.),
+            (10., 76.),
+            (16., 20.),
+        ]),
+    },
+    Garment {
+        category: "JACKETS & COATS",
+        subcategory: "BOMBER JACKETS",
+        noun: &["bomber jacket", "bomber"],
+        details: &[Pockets, Logo],
+        shape: Shape::Poly(&[
+            (30., 16.),
+            (70., 16.),
+            (88., 30.),
+            (93., 72.),
+            (83., 75.),
+            (77., 44.),
+            (79., 78.),
+            (74., 84.),
+            (26., 84.),
+            (21., 78.),
+            (23., 44.),
+            (17., 75.),
+            (7., 72.),
+            (12., 30.),
+        ]),
+    },
+    Garment {
+        category: "SHOES",
+        subcategory: "SNEAKERS",
+        noun: &["sneakers", "trainers"],
+        details: &[Logo],
+        shape: Shape::Poly(&[
+            (8., 62.),
+            (28., 56.),
+            (42., 40.),
+            (60., 42.),
+            (78., 54.),
+            (92., 60.),
+            (93., 76.),
+            (8., 76.),
+        ]),
+    },
+    Garment {
+        category: "SHOES",
+        subcategory: "BOOTS",
+        noun: &["boots", "ankle boots"],
+        details: &[Buttons],
+        shape: Shape::Poly(&[(30., 10.), (56., 10.), (57., 58.), (84., 64.), (90., 80.), (30., 80.)]),
+    },
+    Garment {
+        category: "SHOES",
+        subcategory: "HEELS",
+        noun: &["heels", "pumps"],
+        details: &[],
+        shape: Shape::Poly(&[
+            (12., 56.),
+            (40., 50.),
+            (68., 38.),
+            (86., 42.),
+            (89., 52.),
+            (80., 56.),
+            (79., 80.),
+            (74., 80.),
+            (72., 58.),
+            (42., 63.),
+            (18., 72.),
+            (12., 66.),
+        ]),
+    },
+    Garment {
+        category: "BAGS",
+        subcategory: "TOTE BAGS",
+        noun: &["tote", "tote bag"],
+        details: &[Logo, Pockets],
+        shape: Shape::Bag(&[(18., 40.), (82., 40.), (88., 92.), (12., 92.)], 30., 70., 14.),
+    },
+    Garment {
+        category: "BAGS",
+        subcategory: "BACKPACKS",
+        noun: &["backpack"],
+        details: &[Pockets, Logo],
+        shape: Shape::Bag(&[(26., 22.), (40., 14.), (60., 14.), (74., 22.), (78., 90.), (22., 90.)], 42., 58., 6.),
+    },
+    Garment {
+        category: "BAGS",
+        subcategory: "CLUTCHES",
+        noun: &["clutch", "pouch"],
+        details: &[Buttons],
+        shape: Shape::Poly(&[(10., 40.), (90., 40.), (90., 72.), (10., 72.)]),
+    },
+    Garment {
+        category: "HATS",
+        subcategory: "CAPS",
+        noun: &["cap", "baseball cap"],
+        details: &[Logo],
+        shape: Shape::Hat((46., 56., 30., 24.), &[(40., 56.), (94., 58.), (90., 66.), (40., 64.)]),
+    },
+    Garment {
+        category: "HATS",
+        subcategory: "BEANIES",
+        noun: &["beanie", "knit hat"],
+        details: &[Logo],
+        shape: Shape::Hat((50., 54., 30., 34.), &[(18., 56.), (82., 56.), (82., 74.), (18., 74.)]),
+    },
+    Garment {
+        category: "HATS",
+        subcategory: "FEDORAS",
+        noun: &["fedora", "felt hat"],
+        details: &[],
+        shape: Shape::Hat((50., 48., 22., 20.), &[(8., 58.), (92., 58.), (84., 68.), (16., 68.)]),
+    },
+    Garment {
+        category: "SCARVES",
+        subcategory: "SCARVES",
+        noun: &["scarf", "muffler"],
+        details: &[],
+        shape: Shape::Poly(&[(40., 4.), (60., 4.), (63., 94.), (37., 94.)]),
+    },
 ];
 
 pub const COLOURS: &[(&str, [u8; 3])] = &[
-    ("black", [25, 25, 28]), ("white", [246, 246, 240]), ("navy", [28, 38, 84]), ("red", [196, 30, 40]),
-    ("burgundy", [110, 20, 40]), ("green", [40, 130, 60]), ("olive", [110, 110, 50]), ("beige", [214, 196, 160]),
-    ("brown", [110, 70, 40]), ("grey", [128, 128, 132]), ("pink", [236, 150, 180]), ("yellow", [240, 200, 40]),
-    ("blue", [50, 110, 200]), ("orange", [236, 120, 30]), ("purple", [110, 60, 150]),
+    ("black", [25, 25, 28]),
+    ("white", [246, 246, 240]),
+    ("navy", [28, 38, 84]),
+    ("red", [196, 30, 40]),
+    ("burgundy", [110, 20, 40]),
+    ("green", [40, 130, 60]),
+    ("olive", [110, 110, 50]),
+    ("beige", [214, 196, 160]),
+    ("brown", [110, 70, 40]),
+    ("grey", [128, 128, 132]),
+    ("pink", [236, 150, 180]),
+    ("yellow", [240, 200, 40]),
+    ("blue", [50, 110, 200]),
+    ("orange", [236, 120, 30]),
+    ("purple", [110, 60, 150]),
 ];
 
 pub const PATTERNS: &[&str] = &["solid", "striped", "polka-dot", "check", "gradient", "floral print"];
-const MATERIALS: &[&str] = &["cotton", "wool", "silk", "linen", "leather", "denim", "nylon", "cashmere", "jersey", "twill", "satin", "canvas"];
-const CLOSURES: &[&str] = &["Zip closure at back.", "Concealed zip closure at side.", "Hook-and-eye closure.", "Snap-button closure.", "Drawstring at waistband.", "Lace-up closure.", "Magnetic press-stud fastening.", "Slip-on styling."];
-const EXTRAS: &[&str] = &["Tonal stitching.", "Fully lined.", "Unlined.", "Regular fit.", "Relaxed fit.", "Slim fit.", "Dry clean only.", "Machine wash cold.", "Raw edge at hem.", "Rib knit trim.", "Made in Italy.", "Made in Portugal."];
+const MATERIALS: &[&str] =
+    &["cotton", "wool", "silk", "linen", "leather", "denim", "nylon", "cashmere", "jersey", "twill", "satin", "canvas"];
+const CLOSURES: &[&str] = &[
+    "Zip closure at back.",
+    "Concealed zip closure at side.",
+    "Hook-and-eye closure.",
+    "Snap-button closure.",
+    "Drawstring at waistband.",
+    "Lace-up closure.",
+    "Magnetic press-stud fastening.",
+    "Slip-on styling.",
+];
+const EXTRAS: &[&str] = &[
+    "Tonal stitching.",
+    "Fully lined.",
+    "Unlined.",
+    "Regular fit.",
+    "Relaxed fit.",
+    "Slim fit.",
+    "Dry clean only.",
+    "Machine wash cold.",
+    "Raw edge at hem.",
+    "Rib knit trim.",
+    "Made in Italy.",
+    "Made in Portugal.",
+];
 const OPENERS: &[&str] = &["", "Long ", "Oversized ", "Cropped ", "Classic ", "Relaxed ", "Structured "];
 
 /// A product's visible and invisible attributes.
@@ -176,8 +548,13 @@ impl Product {
         }
         for d in &self.details {
             s.push(match d {
-                Buttons => ["Button closure at front.", "Tonal buttons at front.", "Buttoned placket."].choose(rng).unwrap().to_string(),
-                Pockets => ["Patch pockets.", "Two-pocket styling.", "Flap pockets at front."].choose(rng).unwrap().to_string(),
+                Buttons => ["Button closure at front.", "Tonal buttons at front.", "Buttoned placket."]
+                    .choose(rng)
+                    .unwrap()
+                    .to_string(),
+                Pockets => {
+                    ["Patch pockets.", "Two-pocket styling.", "Flap pockets at front."].choose(rng).unwrap().to_string()
+                }
                 Logo => format!("Logo patch in {second}."),
             });
         }
@@ -249,15 +626,34 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
     let top = rgb(bg, 1.02);
     let bottom = rgb(bg, 0.97);
     let paint = Paint {
-        shader: LinearGradient::new(Point::from_xy(0.0, 0.0), Point::from_xy(0.0, size as f32), vec![GradientStop::new(0.0, top), GradientStop::new(1.0, bottom)], SpreadMode::Pad, Transform::identity()).unwrap_or(Shader::SolidColor(top)),
+        shader: LinearGradient::new(
+            Point::from_xy(0.0, 0.0),
+            Point::from_xy(0.0, size as f32),
+            vec![GradientStop::new(0.0, top), GradientStop::new(1.0, bottom)],
+            SpreadMode::Pad,
+            Transform::identity(),
+        )
+        .unwrap_or(Shader::SolidColor(top)),
         ..Paint::default()
     };
-    pm.fill_rect(tiny_skia::Rect::from_xywh(0.0, 0.0, size as f32, size as f32).unwrap(), &paint, Transform::identity(), None);
+    pm.fill_rect(
+        tiny_skia::Rect::from_xywh(0.0, 0.0, size as f32, size as f32).unwrap(),
+        &paint,
+        Transform::identity(),
+        None,
+    );
 
     // Pose: each view rotates, scales and shifts the product differently.
     let s = size as f32 / 100.0;
     let scale = rng.random_range(0.72..0.92f32) * s;
-    let angle = rng.random_range(-9.0..9.0f32) + if view == 1 { 4.0 } else if view == 2 { -4.0 } else { 0.0 };
+    let angle = rng.random_range(-9.0..9.0f32)
+        + if view == 1 {
+            4.0
+        } else if view == 2 {
+            -4.0
+        } else {
+            0.0
+        };
     let (dx, dy) = (rng.random_range(-6.0..6.0f32) * s, rng.random_range(-5.0..5.0f32) * s);
     let mirror = view == 1 && rng.random_bool(0.5);
     let c = 50.0 * s;
@@ -320,7 +716,14 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
         }
         "gradient" => {
             let gp = Paint {
-                shader: LinearGradient::new(Point::from_xy(0.0, 5.0), Point::from_xy(0.0, 95.0), vec![GradientStop::new(0.0, rgb(main, light)), GradientStop::new(1.0, rgb(second, light))], SpreadMode::Pad, t).unwrap_or(Shader::SolidColor(rgb(main, light))),
+                shader: LinearGradient::new(
+                    Point::from_xy(0.0, 5.0),
+                    Point::from_xy(0.0, 95.0),
+                    vec![GradientStop::new(0.0, rgb(main, light)), GradientStop::new(1.0, rgb(second, light))],
+                    SpreadMode::Pad,
+                    t,
+                )
+                .unwrap_or(Shader::SolidColor(rgb(main, light))),
                 ..Paint::default()
             };
             pm.fill_rect(full, &gp, Transform::identity(), Some(&mask));
@@ -370,7 +773,13 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
                 for x in [34.0, 56.0] {
                     if let Some(r) = tiny_skia::Rect::from_xywh(x, 58.0, 10.0, 10.0) {
                         let pb = PathBuilder::from_rect(r);
-                        pm.stroke_path(&pb, &solid(rgb(main, 0.5)), &Stroke { width: 1.3, ..Default::default() }, t, Some(&mask));
+                        pm.stroke_path(
+                            &pb,
+                            &solid(rgb(main, 0.5)),
+                            &Stroke { width: 1.3, ..Default::default() },
+                            t,
+                            Some(&mask),
+                        );
                     }
                 }
             }
@@ -546,7 +955,8 @@ mod tests {
         assert_ne!(a, products(300, 6));
         let near = a.windows(2).filter(|w| {
             let (x, y) = (&w[0], &w[1]);
-            let diffs = [x.colour != y.colour, x.pattern != y.pattern, x.details != y.details].iter().filter(|&&d| d).count();
+            let diffs =
+                [x.colour != y.colour, x.pattern != y.pattern, x.details != y.details].iter().filter(|&&d| d).count();
             x.garment == y.garment && x.material == y.material && x.closure == y.closure && diffs == 1
         });
         assert!(near.count() >= 20);
@@ -568,7 +978,10 @@ mod tests {
     #[test]
     fn vocabulary_is_bert_compatible() {
         let v = vocabulary();
-        assert_eq!((v[0].as_str(), v[100].as_str(), v[101].as_str(), v[102].as_str(), v[103].as_str()), ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"));
+        assert_eq!(
+            (v[0].as_str(), v[100].as_str(), v[101].as_str(), v[102].as_str(), v[103].as_str()),
+            ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+        );
         let set: BTreeSet<_> = v.iter().collect();
         assert_eq!(set.len(), v.len(), "no duplicates");
         assert!(v.iter().any(|w| w == "hoodie") && v.iter().any(|w| w == "burgundy"));

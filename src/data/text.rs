@@ -63,7 +63,8 @@ impl TextProcessor {
     /// Load a WordPiece vocabulary (one token per line, id = line number).
     pub fn from_vocab_file(path: &Path) -> Result<Self> {
         let text = crate::files::read_text_limited(path, "vocabulary file", crate::files::MAX_VOCAB_FILE_BYTES)?;
-        let vocab: ahash::AHashMap<String, u32> = text.lines().enumerate().map(|(i, l)| (l.trim_end_matches('\r').to_string(), i as u32)).collect();
+        let vocab: ahash::AHashMap<String, u32> =
+            text.lines().enumerate().map(|(i, l)| (l.trim_end_matches('\r').to_string(), i as u32)).collect();
         let id = |t: &str| -> Result<i64> {
             vocab.get(t).map(|&i| i as i64).ok_or_else(|| {
                 anyhow!("{} is not a BERT WordPiece vocabulary: it has no '{t}' token (expected one token per line, e.g. bert-base-uncased-vocab.txt)", path.display())
@@ -100,7 +101,10 @@ impl TextProcessor {
 
     /// WordPiece tokens and ids of a text (no specials). Texts over [`MAX_TEXT_BYTES`] are refused.
     pub fn tokenize(&self, text: &str) -> Result<(Vec<String>, Vec<i64>)> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing {:?}: {e}", truncate_for_message(text)))?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing {:?}: {e}", truncate_for_message(text)))?;
         Ok((enc.get_tokens().to_vec(), enc.get_ids().iter().map(|&i| i as i64).collect()))
     }
 
@@ -219,7 +223,21 @@ mod tests {
     #[test]
     fn long_texts_encode_as_their_prefix() {
         let t = TextProcessor::from_vocab_file(tiny_vocab().path()).unwrap();
-        let words = ["red", "dress.", "Réd", "silk\u{0B}dress", "中文", "\u{1}\u{2}", "!!", "a\tb", "dresses", "x".repeat(150).leak(), "\u{301}e", "", " "];
+        let words = [
+            "red",
+            "dress.",
+            "Réd",
+            "silk\u{0B}dress",
+            "中文",
+            "\u{1}\u{2}",
+            "!!",
+            "a\tb",
+            "dresses",
+            "x".repeat(150).leak(),
+            "\u{301}e",
+            "",
+            " ",
+        ];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for _ in 0..200 {
             let n = rng.random_range(0..60);

@@ -47,8 +47,10 @@ pub fn classification_report(y_true: &[usize], y_pred: &[usize]) -> Report {
         .collect();
     let correct = y_true.iter().zip(y_pred).filter(|(t, p)| t == p).count();
     let accuracy = ratio(correct, n);
-    let macro_f1 = if per_class.is_empty() { 0.0 } else { per_class.iter().map(|s| s.f1).sum::<f64>() / per_class.len() as f64 };
-    let weighted_f1 = if n == 0 { 0.0 } else { per_class.iter().map(|s| s.f1 * s.support as f64).sum::<f64>() / n as f64 };
+    let macro_f1 =
+        if per_class.is_empty() { 0.0 } else { per_class.iter().map(|s| s.f1).sum::<f64>() / per_class.len() as f64 };
+    let weighted_f1 =
+        if n == 0 { 0.0 } else { per_class.iter().map(|s| s.f1 * s.support as f64).sum::<f64>() / n as f64 };
     Report { accuracy, macro_f1, micro_f1: accuracy, weighted_f1, samples: n, per_class }
 }
 

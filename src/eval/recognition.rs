@@ -24,7 +24,13 @@ pub struct RecognitionResult {
     pub unknown_class_rows: usize,
 }
 
-pub fn evaluate<B: Backend>(model: &Model<B>, ds: &dyn Dataset, rows: &[usize], batch: usize, progress: impl Fn(usize)) -> Result<RecognitionResult> {
+pub fn evaluate<B: Backend>(
+    model: &Model<B>,
+    ds: &dyn Dataset,
+    rows: &[usize],
+    batch: usize,
+    progress: impl Fn(usize),
+) -> Result<RecognitionResult> {
     let Some(classes) = &model.classes else {
         bail!("the model's class names are unknown: pass --classes (classes.json of the run, or the authors' class_names.json)");
     };
@@ -32,7 +38,10 @@ pub fn evaluate<B: Backend>(model: &Model<B>, ds: &dyn Dataset, rows: &[usize], 
     let mut known = vec![];
     let mut unknown = 0;
     for &r in rows {
-        match (classes.main.iter().position(|c| *c == recs[r].category), classes.sub.iter().position(|c| *c == recs[r].subcategory)) {
+        match (
+            classes.main.iter().position(|c| *c == recs[r].category),
+            classes.sub.iter().position(|c| *c == recs[r].subcategory),
+        ) {
             (Some(m), Some(s)) => known.push((r, m, s)),
             _ => unknown += 1,
         }
@@ -88,7 +97,10 @@ pub fn plot_confusion(path: &Path, title: &str, names: &[String], y_true: &[usiz
             for (p, &c) in row.iter().enumerate() {
                 let v = if total == 0 { 0.0 } else { c as f64 / total as f64 };
                 let shade = (255.0 * (1.0 - v)) as u8;
-                let rect = [(x0 + p as i32 * cell, y0 + t as i32 * cell), (x0 + (p as i32 + 1) * cell, y0 + (t as i32 + 1) * cell)];
+                let rect = [
+                    (x0 + p as i32 * cell, y0 + t as i32 * cell),
+                    (x0 + (p as i32 + 1) * cell, y0 + (t as i32 + 1) * cell),
+                ];
                 root.draw(&Rectangle::new(rect, RGBColor(shade, shade, 255).filled())).map_err(err)?;
             }
             if n <= 40 {
@@ -100,6 +112,11 @@ pub fn plot_confusion(path: &Path, title: &str, names: &[String], y_true: &[usiz
     }
     let mut png = vec![];
     use image::ImageEncoder;
-    image::codecs::png::PngEncoder::new(&mut png).write_image(&buf, w as u32, h as u32, image::ExtendedColorType::Rgb8)?;
+    image::codecs::png::PngEncoder::new(&mut png).write_image(
+        &buf,
+        w as u32,
+        h as u32,
+        image::ExtendedColorType::Rgb8,
+    )?;
     crate::files::write_atomic(path, &png)
 }

@@ -63,8 +63,9 @@ pub fn read_authors_lists(dir: &Path) -> Result<Vec<Query>> {
             let bytes = crate::files::read_limited(f, "query list", crate::files::MAX_SMALL_FILE_BYTES)?;
             // serde_json's map keeps insertion order (feature preserve_order), and serde-pickle hands
             // dict items over in pickle order; serde_pickle::Value would sort them.
-            let v: serde_json::Value = serde_pickle::from_slice(&bytes, serde_pickle::DeOptions::new().decode_strings())
-                .with_context(|| format!("{} is not a readable pickle", f.display()))?;
+            let v: serde_json::Value =
+                serde_pickle::from_slice(&bytes, serde_pickle::DeOptions::new().decode_strings())
+                    .with_context(|| format!("{} is not a readable pickle", f.display()))?;
             let map = v.as_object().with_context(|| format!("{}: expected a dict of candidates", f.display()))?;
             let candidates = map
                 .iter()
@@ -80,7 +81,11 @@ pub fn read_authors_lists(dir: &Path) -> Result<Vec<Query>> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             if candidates.len() < 2 {
-                bail!("{}: a query needs a positive and at least one negative, found {} candidates", f.display(), candidates.len());
+                bail!(
+                    "{}: a query needs a positive and at least one negative, found {} candidates",
+                    f.display(),
+                    candidates.len()
+                );
             }
             Ok(Query { query: q, candidates })
         })
@@ -92,7 +97,9 @@ pub fn read_jsonl_lists(path: &Path) -> Result<Vec<Query>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a query object", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{} line {}: not a query object", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -107,7 +114,13 @@ pub enum Negatives {
 
 /// Draw `queries` queries of `candidates` candidates each from a dataset (seeded). A negative never
 /// shares the positive's product.
-pub fn generate(ds: &dyn Dataset, queries: usize, candidates: usize, negatives: Negatives, seed: u64) -> Result<Vec<Query>> {
+pub fn generate(
+    ds: &dyn Dataset,
+    queries: usize,
+    candidates: usize,
+    negatives: Negatives,
+    seed: u64,
+) -> Result<Vec<Query>> {
     let recs = ds.records();
     let products: std::collections::BTreeSet<&str> = recs.iter().map(|r| r.product_id.as_str()).collect();
     if products.len() < candidates {
@@ -116,14 +129,20 @@ pub fn generate(ds: &dyn Dataset, queries: usize, candidates: usize, negatives: 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut rows: Vec<usize> = (0..recs.len()).collect();
     rows.shuffle(&mut rng);
-    let cand = |i: usize| Candidate { image: recs[i].id.clone(), caption: recs[i].caption.clone(), product_id: recs[i].product_id.clone() };
+    let cand = |i: usize| Candidate {
+        image: recs[i].id.clone(),
+        caption: recs[i].caption.clone(),
+        product_id: recs[i].product_id.clone(),
+    };
     let mut out = vec![];
     for (q, &pos) in rows.iter().take(queries).enumerate() {
         let p = &recs[pos];
         let mut used = std::collections::HashSet::from([p.product_id.as_str()]);
         let mut list = vec![cand(pos)];
         if negatives == Negatives::SameSubcategory {
-            let mut same: Vec<usize> = (0..recs.len()).filter(|&i| recs[i].subcategory == p.subcategory && recs[i].product_id != p.product_id).collect();
+            let mut same: Vec<usize> = (0..recs.len())
+                .filter(|&i| recs[i].subcategory == p.subcategory && recs[i].product_id != p.product_id)
+                .collect();
             same.shuffle(&mut rng);
             for i in same {
                 if list.len() == candidates {
@@ -186,9 +205,18 @@ pub struct RetrievalResult {
 }
 
 /// Score every query's candidates (in batches of `batch`) and rank the positive.
-pub fn evaluate<B: Backend>(model: &Model<B>, queries: &[Query], direction: Direction, images: &ImageSource, batch: usize, progress: impl Fn()) -> Result<RetrievalResult> {
+pub fn evaluate<B: Backend>(
+    model: &Model<B>,
+    queries: &[Query],
+    direction: Direction,
+    images: &ImageSource,
+    batch: usize,
+    progress: impl Fn(),
+) -> Result<RetrievalResult> {
     let mut ranks = Vec::with_capacity(queries.len());
-    let prep = |name: &str| -> Result<Vec<f32>> { model.prepare_image(&images.pixels(name).with_context(|| format!("candidate image {name}"))?) };
+    let prep = |name: &str| -> Result<Vec<f32>> {
+        model.prepare_image(&images.pixels(name).with_context(|| format!("candidate image {name}"))?)
+    };
     for q in queries {
         let first = &q.candidates[0];
         let mut scores = Vec::with_capacity(q.candidates.len());
@@ -196,7 +224,8 @@ pub fn evaluate<B: Backend>(model: &Model<B>, queries: &[Query], direction: Dire
             Direction::Itr => {
                 let img = prep(&first.image)?;
                 for chunk in q.candidates.chunks(batch.max(1)) {
-                    let ids: Vec<Vec<i64>> = chunk.iter().map(|c| model.prepare_text(&c.caption)).collect::<Result<_>>()?;
+                    let ids: Vec<Vec<i64>> =
+                        chunk.iter().map(|c| model.prepare_text(&c.caption)).collect::<Result<_>>()?;
                     let imgs: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
                     scores.extend(model.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
                 }
@@ -213,5 +242,12 @@ pub fn evaluate<B: Backend>(model: &Model<B>, queries: &[Query], direction: Dire
         ranks.push(rank_of_positive(&scores));
         progress();
     }
-    Ok(RetrievalResult { direction, queries: ranks.len(), r1: recall_at(&ranks, 1), r5: recall_at(&ranks, 5), r10: recall_at(&ranks, 10), ranks })
+    Ok(RetrievalResult {
+        direction,
+        queries: ranks.len(),
+        r1: recall_at(&ranks, 1),
+        r5: recall_at(&ranks, 5),
+        r10: recall_at(&ranks, 10),
+        ranks,
+    })
 }

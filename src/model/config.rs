@@ -52,10 +52,18 @@ impl HeadSet {
 
     pub fn names(self) -> Vec<&'static str> {
         let mut v = vec![];
-        if self.itm { v.push("itm") }
-        if self.mlm { v.push("mlm") }
-        if self.t2i { v.push("t2i") }
-        if self.cls { v.push("cls") }
+        if self.itm {
+            v.push("itm")
+        }
+        if self.mlm {
+            v.push("mlm")
+        }
+        if self.t2i {
+            v.push("t2i")
+        }
+        if self.cls {
+            v.push("cls")
+        }
         v
     }
 }
@@ -132,15 +140,24 @@ impl PvltConfig {
             heads: HeadSet::ALL,
         }
     }
-    pub fn tiny() -> Self { Self::pvlt([2, 2, 2, 2]) }
-    pub fn small() -> Self { Self::pvlt([3, 4, 6, 3]) }
-    pub fn medium() -> Self { Self::pvlt([3, 4, 18, 3]) }
-    pub fn large() -> Self { Self::pvlt([3, 8, 27, 3]) }
+    pub fn tiny() -> Self {
+        Self::pvlt([2, 2, 2, 2])
+    }
+    pub fn small() -> Self {
+        Self::pvlt([3, 4, 6, 3])
+    }
+    pub fn medium() -> Self {
+        Self::pvlt([3, 4, 18, 3])
+    }
+    pub fn large() -> Self {
+        Self::pvlt([3, 8, 27, 3])
+    }
 
     /// The micro PVLT (`configs/pvlt_micro.json`): a CPU-sized model for demos, tests and the
     /// `cpu-pretrain` recipe.
     pub fn micro() -> Self {
-        let v: Value = serde_json::from_str(include_str!("../../configs/pvlt_micro.json")).expect("configs/pvlt_micro.json is JSON");
+        let v: Value = serde_json::from_str(include_str!("../../configs/pvlt_micro.json"))
+            .expect("configs/pvlt_micro.json is JSON");
         Self::from_json(&v).expect("configs/pvlt_micro.json is a valid config (tested)")
     }
 
@@ -174,14 +191,11 @@ impl PvltConfig {
         }
         let path = Path::new(spec);
         if !path.exists() {
-            bail!(
-                "--config '{spec}' is neither a preset ({}, micro) nor an existing file",
-                Self::PRESETS.join(", ")
-            );
+            bail!("--config '{spec}' is neither a preset ({}, micro) nor an existing file", Self::PRESETS.join(", "));
         }
         let text = crate::files::read_text_limited(path, "config file", crate::files::MAX_SMALL_FILE_BYTES)?;
-        let value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("config file {} is not valid JSON", path.display()))?;
+        let value: Value =
+            serde_json::from_str(&text).with_context(|| format!("config file {} is not valid JSON", path.display()))?;
         let cfg = Self::from_json(&value).with_context(|| format!("in config file {}", path.display()))?;
         Ok(cfg)
     }
@@ -202,26 +216,24 @@ impl PvltConfig {
         let usize_of = |names: &[&str], default: usize| -> Result<usize> {
             match get(names) {
                 None | Some(Value::Null) => Ok(default),
-                Some(v) => v.as_u64().map(|x| x as usize).with_context(|| {
-                    format!("config key '{}' must be a non-negative integer, got {v}", names[0])
-                }),
+                Some(v) => v
+                    .as_u64()
+                    .map(|x| x as usize)
+                    .with_context(|| format!("config key '{}' must be a non-negative integer, got {v}", names[0])),
             }
         };
         let f64_of = |names: &[&str], default: f64| -> Result<f64> {
             match get(names) {
                 None | Some(Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .with_context(|| format!("config key '{}' must be a number, got {v}", names[0])),
+                Some(v) => v.as_f64().with_context(|| format!("config key '{}' must be a number, got {v}", names[0])),
             }
         };
         let arr4 = |name: &str, default: [usize; 4]| -> Result<[usize; 4]> {
             match obj.get(name) {
                 None => Ok(default),
                 Some(v) => {
-                    let a: Vec<usize> = serde_json::from_value(v.clone()).with_context(|| {
-                        format!("config key '{name}' must be a list of 4 integers, got {v}")
-                    })?;
+                    let a: Vec<usize> = serde_json::from_value(v.clone())
+                        .with_context(|| format!("config key '{name}' must be a list of 4 integers, got {v}"))?;
                     a.try_into().map_err(|a: Vec<usize>| {
                         anyhow::anyhow!("config key '{name}' must have 4 entries (one per stage), got {}", a.len())
                     })
@@ -319,16 +331,25 @@ impl PvltConfig {
                 bail!("config: {name} = {v} is over the limit of {max}");
             }
         }
-        for (name, a, max) in [("embed_dims", self.embed_dims, 8192), ("num_heads", self.num_heads, 256), ("mlp_ratios", self.mlp_ratios, 64), ("sr_ratios", self.sr_ratios, 64)] {
+        for (name, a, max) in [
+            ("embed_dims", self.embed_dims, 8192),
+            ("num_heads", self.num_heads, 256),
+            ("mlp_ratios", self.mlp_ratios, 64),
+            ("sr_ratios", self.sr_ratios, 64),
+        ] {
             if let Some(v) = a.iter().find(|&&v| v > max) {
                 bail!("config: {name} = {a:?} has {v}, over the limit of {max}");
             }
         }
         let params = self.min_param_count();
         if params > MAX_PARAMS {
-            bail!("config asks for at least {params} parameters, over the limit of {MAX_PARAMS} ({} GB of f32)", MAX_PARAMS * 4 / 1_000_000_000);
+            bail!(
+                "config asks for at least {params} parameters, over the limit of {MAX_PARAMS} ({} GB of f32)",
+                MAX_PARAMS * 4 / 1_000_000_000
+            );
         }
-        for (name, v) in [("linear_init_std", self.linear_init_std), ("text_table_init_std", self.text_table_init_std)] {
+        for (name, v) in [("linear_init_std", self.linear_init_std), ("text_table_init_std", self.text_table_init_std)]
+        {
             if !(v.is_finite() && v > 0.0) {
                 bail!("{name} must be a positive number, got {v}");
             }
@@ -347,7 +368,11 @@ impl PvltConfig {
         let t = self.num_text_tokens as u64;
         for i in 0..4 {
             let c = self.embed_dims[i] as u64;
-            let (c_in, k, t_in) = if i == 0 { (3, self.patch_size as u64, hidden) } else { (self.embed_dims[i - 1] as u64, 2, self.embed_dims[i - 1] as u64) };
+            let (c_in, k, t_in) = if i == 0 {
+                (3, self.patch_size as u64, hidden)
+            } else {
+                (self.embed_dims[i - 1] as u64, 2, self.embed_dims[i - 1] as u64)
+            };
             n += c_in * c * k * k + 3 * c; // patch embedding + its LayerNorm
             n += t_in * c + 3 * c; // text projection + LayerNorm
             let g = grid0 >> i;

@@ -273,12 +273,21 @@ pub fn bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize, align_c
 }
 
 /// `[n_out, n_in]`: row `o` holds the two weights PyTorch's bilinear kernel gives output `o`.
-fn interpolation_matrix<B: Backend>(n_in: usize, n_out: usize, align_corners: bool, device: &B::Device) -> Tensor<B, 2> {
+fn interpolation_matrix<B: Backend>(
+    n_in: usize,
+    n_out: usize,
+    align_corners: bool,
+    device: &B::Device,
+) -> Tensor<B, 2> {
     let mut m = vec![0f32; n_out * n_in];
     for o in 0..n_out {
         // PyTorch's area_pixel_compute_source_index (upsample_bilinear2d, size given, no scale factor).
         let src = if align_corners {
-            if n_out > 1 { o as f64 * (n_in as f64 - 1.0) / (n_out as f64 - 1.0) } else { 0.0 }
+            if n_out > 1 {
+                o as f64 * (n_in as f64 - 1.0) / (n_out as f64 - 1.0)
+            } else {
+                0.0
+            }
         } else {
             ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
         };
@@ -306,7 +315,11 @@ mod tests {
         let x = Tensor::<Cpu, 4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
         for (oh, ow) in [(10, 14), (40, 56), (3, 4), (5, 7), (1, 9)] {
             for align in [false, true] {
-                let want = interpolate(x.clone(), [oh, ow], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(align));
+                let want = interpolate(
+                    x.clone(),
+                    [oh, ow],
+                    InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(align),
+                );
                 let got = bilinear(x.clone(), oh, ow, align);
                 let err: f32 = got.sub(want).abs().max().into_scalar();
                 assert!(err < 1e-5, "{oh}x{ow} align_corners={align}: max abs error {err}");
@@ -321,12 +334,17 @@ mod tests {
     fn padding_row_gets_no_gradient_from_the_lookup() {
         type AB = burn::backend::Autodiff<Cpu>;
         let device = Default::default();
-        let ids = Tensor::<AB, 2, Int>::from_data(burn::tensor::TensorData::new(vec![0i64, 3, 0, 5, 3, 0], [2, 3]), &device);
-        let upstream = Tensor::<AB, 3>::from_data(burn::tensor::TensorData::new((0..24).map(|i| i as f32 + 1.0).collect::<Vec<_>>(), [2, 3, 4]), &device);
+        let ids =
+            Tensor::<AB, 2, Int>::from_data(burn::tensor::TensorData::new(vec![0i64, 3, 0, 5, 3, 0], [2, 3]), &device);
+        let upstream = Tensor::<AB, 3>::from_data(
+            burn::tensor::TensorData::new((0..24).map(|i| i as f32 + 1.0).collect::<Vec<_>>(), [2, 3, 4]),
+            &device,
+        );
         for padding_idx in [Some(0), None] {
             let mut emb = Embedding::<AB>::new(6, 4, padding_idx, 1.0, &device);
             // A non-zero padding row, as the tied decoder's init leaves it in the full model.
-            emb.weight = Param::from_tensor(Tensor::random([6, 4], Distribution::Normal(0.0, 1.0), &device).require_grad());
+            emb.weight =
+                Param::from_tensor(Tensor::random([6, 4], Distribution::Normal(0.0, 1.0), &device).require_grad());
             let out = emb.forward(ids.clone());
             let table: Vec<f32> = emb.weight.val().into_data().to_vec().unwrap();
             let got: Vec<f32> = out.clone().into_data().to_vec().unwrap();

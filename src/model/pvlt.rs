@@ -6,13 +6,14 @@
 //! mask). Field names and order are the reference's state-dict names and order.
 
 use super::config::{HeadSet, PvltConfig};
-use super::layers::{bilinear, dropout, drop_path, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm};
+use super::layers::{bilinear, drop_path, dropout, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor};
 
 /// Stage input: `Conv2d(kernel = stride = patch)` then flatten and LayerNorm.
+/// Mirrors the reference's `PatchEmbed` (PVT-v1); MVLT-SPEC 2.2 step 1.
 #[derive(Module, Debug)]
 pub struct PatchEmbed<B: Backend> {
     pub proj: Conv2d<B>,
@@ -31,7 +32,7 @@ impl<B: Backend> PatchEmbed<B> {
 
 /// Spatial-reduction attention over [image ; text] tokens. Queries come from every token; keys and
 /// values from the image tokens reduced by a strided conv (+ LayerNorm) followed by the unreduced
-/// text tokens.
+/// text tokens. Mirrors the reference's `Attention` (state dict `block{i}.{j}.attn.*`); MVLT-SPEC 2.3.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub q: Linear<B>,
@@ -90,6 +91,7 @@ impl<B: Backend> Mlp<B> {
 }
 
 /// Pre-norm transformer block with stochastic depth on both residual branches.
+/// Mirrors the reference's `Block` (`block{i}.{j}.*`); MVLT-SPEC 2.3.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     pub norm1: LayerNorm<B>,
@@ -107,6 +109,7 @@ impl<B: Backend> Block<B> {
 }
 
 /// BERT embeddings (word + position + token type 0, LayerNorm, dropout), learned from scratch.
+/// Mirrors transformers' `BertEmbeddings` (`text_embeddings.*`); MVLT-SPEC 2.1.
 #[allow(non_snake_case)]
 #[derive(Module, Debug)]
 pub struct TextEmbeddings<B: Backend> {
@@ -139,6 +142,7 @@ pub struct MlmTransform<B: Backend> {
 }
 
 /// MLM head. The decoder weight is the word-embedding matrix (tied), so only its bias lives here.
+/// Mirrors the reference's `mlm_head` (BertLMPredictionHead); MVLT-SPEC 2.4.
 #[derive(Module, Debug)]
 pub struct MlmHead<B: Backend> {
     pub bias: Param<Tensor<B, 1>>,
@@ -146,6 +150,7 @@ pub struct MlmHead<B: Backend> {
 }
 
 /// ITM / recognition head: `Linear` plus a second, separate bias (the reference adds both).
+/// `itm_head`, `sup_cls_head`, `sub_cls_head`; MVLT-SPEC 2.4.
 #[derive(Module, Debug)]
 pub struct ClsHead<B: Backend> {
     pub linear_bias: Param<Tensor<B, 1>>,
@@ -154,7 +159,10 @@ pub struct ClsHead<B: Backend> {
 
 impl<B: Backend> ClsHead<B> {
     fn new(d: usize, k: usize, std: f64, device: &B::Device) -> Self {
-        ClsHead { linear_bias: Param::from_tensor(Tensor::zeros([k], device)), linear: Linear::new(d, k, true, std, device) }
+        ClsHead {
+            linear_bias: Param::from_tensor(Tensor::zeros([k], device)),
+            linear: Linear::new(d, k, true, std, device),
+        }
     }
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.linear.forward(x) + self.linear_bias.val().unsqueeze()
@@ -168,7 +176,8 @@ pub struct Score<B: Backend> {
 }
 
 /// Masked image reconstruction head (the reference's `t2i_head`): fuses stage maps 2-4 up to the
-/// input resolution.
+/// input resolution. Mirrors the reference's `t2i_head` (`reduction*`, `conv_upsample*`,
+/// `conv_concat*`, `conv4`, `score`); MVLT-SPEC 2.4.
 #[derive(Module, Debug)]
 pub struct T2iHead<B: Backend> {
     pub reduction1: ConvBn<B>,
@@ -230,6 +239,7 @@ impl<B: Backend> T2iHead<B> {
 }
 
 /// The whole model. Stage parameters are flat fields named as in the reference state dict.
+/// Mirrors the reference's `PVLT` class; MVLT-SPEC 2 (key list: `fixtures/reference/manifest_*.json`).
 #[derive(Module, Debug)]
 pub struct Pvlt<B: Backend> {
     pub pos_embed1: Param<Tensor<B, 3>>,
@@ -338,7 +348,8 @@ impl<B: Backend> Pvlt<B> {
         let d = cfg.embed_dims;
         let th = cfg.token_hidden_size;
         let std = cfg.linear_init_std;
-        let trunc = |shape: [usize; 3]| Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device));
+        let trunc =
+            |shape: [usize; 3]| Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device));
         let grid = |i: usize| cfg.pos_table_grid(i);
         let total_blocks: usize = cfg.depths.iter().sum();
         let mut block_index = 0;
@@ -376,9 +387,13 @@ impl<B: Backend> Pvlt<B> {
         };
         let patch_embed = |i: usize| {
             let (c_in, k) = if i == 0 { (3, cfg.patch_size) } else { (d[i - 1], 2) };
-            PatchEmbed { proj: Conv2d::new(c_in, d[i], k, k, 0, true, device), norm: LayerNorm::new(d[i], cfg.norm_eps, device) }
+            PatchEmbed {
+                proj: Conv2d::new(c_in, d[i], k, k, 0, true, device),
+                norm: LayerNorm::new(d[i], cfg.norm_eps, device),
+            }
         };
-        let text_embed = |i: usize| LinearNorm::new(if i == 0 { th } else { d[i - 1] }, d[i], cfg.norm_eps, std, device);
+        let text_embed =
+            |i: usize| LinearNorm::new(if i == 0 { th } else { d[i - 1] }, d[i], cfg.norm_eps, std, device);
         let head_embed = || LinearNorm::new(d[3], th, cfg.norm_eps, std, device);
         let h = cfg.heads;
         let t = cfg.num_text_tokens;
@@ -387,7 +402,8 @@ impl<B: Backend> Pvlt<B> {
         if h.mlm {
             // The reference's init pass re-initialises the tied decoder Linear, i.e. the word
             // embeddings become trunc-normal(0.02) including the [PAD] row.
-            word_embeddings.weight = Param::from_tensor(Tensor::random([cfg.vocab_size, th], Distribution::Normal(0.0, 0.02), device));
+            word_embeddings.weight =
+                Param::from_tensor(Tensor::random([cfg.vocab_size, th], Distribution::Normal(0.0, 0.02), device));
         }
         let block1 = stage_blocks(0);
         let block2 = stage_blocks(1);
@@ -417,7 +433,13 @@ impl<B: Backend> Pvlt<B> {
             block4,
             text_embeddings: TextEmbeddings {
                 word_embeddings,
-                position_embeddings: Embedding::new(cfg.max_position_embeddings, th, None, cfg.text_table_init_std, device),
+                position_embeddings: Embedding::new(
+                    cfg.max_position_embeddings,
+                    th,
+                    None,
+                    cfg.text_table_init_std,
+                    device,
+                ),
                 token_type_embeddings: Embedding::new(cfg.type_vocab_size, th, None, cfg.text_table_init_std, device),
                 LayerNorm: LayerNorm::new(th, cfg.bert_layer_norm_eps, device),
                 dropout: cfg.text_dropout,
@@ -425,7 +447,10 @@ impl<B: Backend> Pvlt<B> {
             mlm_head_embed: h.mlm.then(head_embed),
             mlm_head: h.mlm.then(|| MlmHead {
                 bias: Param::from_tensor(Tensor::zeros([cfg.vocab_size], device)),
-                transform: MlmTransform { dense: Linear::new(th, th, true, std, device), LayerNorm: LayerNorm::new(th, cfg.norm_eps, device) },
+                transform: MlmTransform {
+                    dense: Linear::new(th, th, true, std, device),
+                    LayerNorm: LayerNorm::new(th, cfg.norm_eps, device),
+                },
             }),
             itm_head_embed: h.itm.then(head_embed),
             itm_head: h.itm.then(|| ClsHead::new(th, 2, std, device)),
@@ -450,10 +475,34 @@ impl<B: Backend> Pvlt<B> {
 
     fn stage(&self, i: usize) -> Stage<'_, B> {
         match i {
-            0 => Stage { pos_embed: &self.pos_embed1, text_pos_embed: &self.text_pos_embed1, patch_embed: &self.patch_embed1, text_embed: &self.text_embed1, blocks: &self.block1 },
-            1 => Stage { pos_embed: &self.pos_embed2, text_pos_embed: &self.text_pos_embed2, patch_embed: &self.patch_embed2, text_embed: &self.text_embed2, blocks: &self.block2 },
-            2 => Stage { pos_embed: &self.pos_embed3, text_pos_embed: &self.text_pos_embed3, patch_embed: &self.patch_embed3, text_embed: &self.text_embed3, blocks: &self.block3 },
-            _ => Stage { pos_embed: &self.pos_embed4, text_pos_embed: &self.text_pos_embed4, patch_embed: &self.patch_embed4, text_embed: &self.text_embed4, blocks: &self.block4 },
+            0 => Stage {
+                pos_embed: &self.pos_embed1,
+                text_pos_embed: &self.text_pos_embed1,
+                patch_embed: &self.patch_embed1,
+                text_embed: &self.text_embed1,
+                blocks: &self.block1,
+            },
+            1 => Stage {
+                pos_embed: &self.pos_embed2,
+                text_pos_embed: &self.text_pos_embed2,
+                patch_embed: &self.patch_embed2,
+                text_embed: &self.text_embed2,
+                blocks: &self.block2,
+            },
+            2 => Stage {
+                pos_embed: &self.pos_embed3,
+                text_pos_embed: &self.text_pos_embed3,
+                patch_embed: &self.patch_embed3,
+                text_embed: &self.text_embed3,
+                blocks: &self.block3,
+            },
+            _ => Stage {
+                pos_embed: &self.pos_embed4,
+                text_pos_embed: &self.text_pos_embed4,
+                patch_embed: &self.patch_embed4,
+                text_embed: &self.text_embed4,
+                blocks: &self.block4,
+            },
         }
     }
 
@@ -473,7 +522,13 @@ impl<B: Backend> Pvlt<B> {
     ///
     /// - `images`: `[B, 3, H, W]` in [0, 1], H and W multiples of patch_size*8.
     /// - `input_ids`: `[B, T]`, T = num_text_tokens.
-    pub fn forward(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode) -> PvltOutput<B> {
+    pub fn forward(
+        &self,
+        images: Tensor<B, 4>,
+        input_ids: Tensor<B, 2, Int>,
+        heads: HeadSet,
+        mode: Mode,
+    ) -> PvltOutput<B> {
         self.run(images, input_ids, heads, mode, MlmAt::AllPositions, false).0
     }
 
@@ -484,13 +539,26 @@ impl<B: Backend> Pvlt<B> {
     /// vocabulary is the largest matmul of the model (at T = 128 and the bert vocabulary it costs
     /// more than the backbone). The reference decodes every position and ignores the rest in the
     /// loss; decoding only the predicted ones gives the same loss and gradients for far less work.
-    pub fn forward_mlm_at(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode, rows: Tensor<B, 1, Int>) -> PvltOutput<B> {
+    pub fn forward_mlm_at(
+        &self,
+        images: Tensor<B, 4>,
+        input_ids: Tensor<B, 2, Int>,
+        heads: HeadSet,
+        mode: Mode,
+        rows: Tensor<B, 1, Int>,
+    ) -> PvltOutput<B> {
         self.run(images, input_ids, heads, mode, MlmAt::Rows(rows), false).0
     }
 
     /// [`Pvlt::forward`] and every intermediate tensor the reference fixtures store (candle's
     /// `output_hidden_states`): for `mvlt verify`, never on the training or inference path.
-    pub fn output_hidden_states(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode) -> (PvltOutput<B>, HiddenStates<B>) {
+    pub fn output_hidden_states(
+        &self,
+        images: Tensor<B, 4>,
+        input_ids: Tensor<B, 2, Int>,
+        heads: HeadSet,
+        mode: Mode,
+    ) -> (PvltOutput<B>, HiddenStates<B>) {
         let (out, hidden) = self.run(images, input_ids, heads, mode, MlmAt::AllPositions, true);
         (out, hidden.expect("hidden states were asked for"))
     }
@@ -498,7 +566,15 @@ impl<B: Backend> Pvlt<B> {
     /// The forward pass of MVLT-SPEC 2.1-2.4: text embedding, four stages of [image ; text]
     /// tokens through spatial-reduction blocks, then the heads on the stage-4 text tokens and
     /// stage maps. Keeps the intermediate tensors only when `keep_hidden`.
-    fn run(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>, heads: HeadSet, mode: Mode, mlm_at: MlmAt<B>, keep_hidden: bool) -> (PvltOutput<B>, Option<HiddenStates<B>>) {
+    fn run(
+        &self,
+        images: Tensor<B, 4>,
+        input_ids: Tensor<B, 2, Int>,
+        heads: HeadSet,
+        mode: Mode,
+        mlm_at: MlmAt<B>,
+        keep_hidden: bool,
+    ) -> (PvltOutput<B>, Option<HiddenStates<B>>) {
         let train = mode.is_train();
         let text_embeddings = self.text_embeddings.forward(input_ids, train);
         let mut img = images;

@@ -9,10 +9,10 @@ use super::config::PvltConfig;
 use super::pvlt::Pvlt;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::ParamId;
-use burn_store::pytorch::PytorchReader;
 use burn::store::{ModuleSnapshot, TensorSnapshot};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, TensorData};
+use burn_store::pytorch::PytorchReader;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -41,8 +41,11 @@ impl WeightsFormat {
     pub fn detect(path: &Path, size: u64) -> Result<WeightsFormat> {
         use std::io::Read;
         let mut head = [0u8; 9];
-        let mut f = std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
-        let n = Read::take(&mut f, 9).read(&mut head).with_context(|| format!("cannot read weights file {}", path.display()))?;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+        let n = Read::take(&mut f, 9)
+            .read(&mut head)
+            .with_context(|| format!("cannot read weights file {}", path.display()))?;
         Self::from_head(&head[..n], size).ok_or_else(|| {
             anyhow!(
                 "{} is not a weights file: it is neither safetensors (an 8-byte header length within the file, then '{{'), \
@@ -100,7 +103,9 @@ impl StateDict {
                 continue;
             }
             let values = data.clone().convert::<f32>();
-            let values = values.as_slice::<f32>().map_err(|e| anyhow!("{}: cannot read tensor '{key}': {e:?}", self.path.display()))?;
+            let values = values
+                .as_slice::<f32>()
+                .map_err(|e| anyhow!("{}: cannot read tensor '{key}': {e:?}", self.path.display()))?;
             let bad = values.iter().filter(|v| !v.is_finite()).count();
             if bad > 0 {
                 let first = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
@@ -141,7 +146,12 @@ impl StateDict {
         // Our training checkpoints keep the model under `model.` beside the optimiser state.
         let nested = tensors.keys().any(|k| k.starts_with("model."));
         let tensors = if nested { unnest(tensors) } else { tensors };
-        Ok(StateDict { path: path.to_path_buf(), format: if nested { "safetensors (training checkpoint)" } else { "safetensors" }, tensors, metadata })
+        Ok(StateDict {
+            path: path.to_path_buf(),
+            format: if nested { "safetensors (training checkpoint)" } else { "safetensors" },
+            tensors,
+            metadata,
+        })
     }
 
     fn read_pth(path: &Path, file_size: u64) -> Result<StateDict> {
@@ -155,7 +165,11 @@ impl StateDict {
         // decoder share their storage with another tensor): checked before any data is read.
         let mut claimed_total: u64 = 0;
         for (key, snap) in &all {
-            let claimed = snap.shape.iter().try_fold(snap.dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64)).unwrap_or(u64::MAX);
+            let claimed = snap
+                .shape
+                .iter()
+                .try_fold(snap.dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
+                .unwrap_or(u64::MAX);
             if claimed > file_size {
                 bail!(
                     "{}: tensor '{key}' claims shape {:?} of {:?} ({claimed} bytes), more than the whole file ({file_size} bytes); the file is corrupt or crafted",
@@ -186,9 +200,17 @@ impl StateDict {
         }
         let tensors = if nested { unnest(tensors) } else { tensors };
         if tensors.is_empty() {
-            bail!("PyTorch file {} holds no tensors (expected a state dict or a checkpoint with a 'model' entry)", path.display());
+            bail!(
+                "PyTorch file {} holds no tensors (expected a state dict or a checkpoint with a 'model' entry)",
+                path.display()
+            );
         }
-        Ok(StateDict { path: path.to_path_buf(), format: if nested { "pth (training checkpoint, 'model' entry)" } else { "pth (bare state dict)" }, tensors, metadata: HashMap::new() })
+        Ok(StateDict {
+            path: path.to_path_buf(),
+            format: if nested { "pth (training checkpoint, 'model' entry)" } else { "pth (bare state dict)" },
+            tensors,
+            metadata: HashMap::new(),
+        })
     }
 
     /// The config stored in our own safetensors files, if any.
@@ -196,7 +218,8 @@ impl StateDict {
         match self.metadata.get(CONFIG_METADATA_KEY) {
             None => Ok(None),
             Some(s) => {
-                let v: serde_json::Value = serde_json::from_str(s).with_context(|| format!("{}: bad {CONFIG_METADATA_KEY} metadata", self.path.display()))?;
+                let v: serde_json::Value = serde_json::from_str(s)
+                    .with_context(|| format!("{}: bad {CONFIG_METADATA_KEY} metadata", self.path.display()))?;
                 Ok(Some(PvltConfig::from_json(&v)?))
             }
         }
@@ -232,9 +255,11 @@ impl StateDict {
             if i == 0 {
                 cfg.patch_size = w[2];
             }
-            cfg.depths[i] = (0..).take_while(|b| self.tensors.contains_key(&format!("block{}.{b}.norm1.weight", i + 1))).count();
+            cfg.depths[i] =
+                (0..).take_while(|b| self.tensors.contains_key(&format!("block{}.{b}.norm1.weight", i + 1))).count();
             cfg.sr_ratios[i] = self.shape(&format!("block{}.0.attn.sr.weight", i + 1)).map(|s| s[2]).unwrap_or(1);
-            cfg.mlp_ratios[i] = self.shape(&format!("block{}.0.mlp.fc1.weight", i + 1)).map(|s| s[0] / w[0]).unwrap_or(1);
+            cfg.mlp_ratios[i] =
+                self.shape(&format!("block{}.0.mlp.fc1.weight", i + 1)).map(|s| s[0] / w[0]).unwrap_or(1);
         }
         let grid = ((self.shape("pos_embed1")?[1]) as f64).sqrt() as usize;
         cfg.img_size = grid * cfg.patch_size;
@@ -319,7 +344,11 @@ impl LoadReport {
                 String::new()
             } else {
                 let shown: Vec<_> = v.iter().take(12).cloned().collect();
-                format!(": {}{}", shown.join(", "), if v.len() > 12 { format!(", ... ({} more)", v.len() - 12) } else { String::new() })
+                format!(
+                    ": {}{}",
+                    shown.join(", "),
+                    if v.len() > 12 { format!(", ... ({} more)", v.len() - 12) } else { String::new() }
+                )
             }
         };
         format!(
@@ -439,7 +468,11 @@ pub fn state_dict<B: Backend>(model: &Pvlt<B>, cfg: &PvltConfig) -> Result<Vec<(
 
 /// Write tensors as safetensors atomically (temp file, fsync, rename): a crash never leaves a
 /// half-written file under the final name.
-pub fn write_safetensors(path: &Path, tensors: &[(String, TensorData)], metadata: HashMap<String, String>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, TensorData)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, d)| {
@@ -457,13 +490,23 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, TensorData)], metadata
             Ok((k.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(views, &Some(metadata)).map_err(|e| anyhow!("serialising safetensors: {e}"))?;
+    let bytes =
+        safetensors::tensor::serialize(views, &Some(metadata)).map_err(|e| anyhow!("serialising safetensors: {e}"))?;
     crate::files::write_atomic(path, &bytes)
 }
 
 /// The same weights on another backend (or device), through the backend-neutral state dict.
-pub fn to_backend<B1: Backend, B2: Backend>(model: &Pvlt<B1>, cfg: &PvltConfig, device: &B2::Device) -> Result<Pvlt<B2>> {
-    let sd = StateDict { path: PathBuf::from("(in memory)"), format: "memory", tensors: state_dict(model, cfg)?.into_iter().collect(), metadata: HashMap::new() };
+pub fn to_backend<B1: Backend, B2: Backend>(
+    model: &Pvlt<B1>,
+    cfg: &PvltConfig,
+    device: &B2::Device,
+) -> Result<Pvlt<B2>> {
+    let sd = StateDict {
+        path: PathBuf::from("(in memory)"),
+        format: "memory",
+        tensors: state_dict(model, cfg)?.into_iter().collect(),
+        metadata: HashMap::new(),
+    };
     Ok(load_state_dict(Pvlt::<B2>::new(cfg, device), &sd, true)?.0)
 }
 
@@ -516,8 +559,21 @@ pub fn resolve_config(config: Option<&str>, first_weights: Option<&StateDict>) -
     Ok(cfg)
 }
 
-/// A model and one load report per weights file.
-pub type Loaded<B> = (Pvlt<B>, Vec<(PathBuf, LoadReport)>);
+/// A model and what loading each weights file did.
+pub struct LoadedModel<B: Backend> {
+    pub model: Pvlt<B>,
+    /// One per file, in the order given.
+    pub reports: Vec<(PathBuf, LoadReport)>,
+}
+
+impl<B: Backend> LoadedModel<B> {
+    /// Print each file's load report (loaded / ignored / missing keys).
+    pub fn print_reports(&self) {
+        for (w, report) in &self.reports {
+            eprintln!("{}: {}", w.display(), report.summary());
+        }
+    }
+}
 
 /// Build a model of `cfg` and load weight files into it: the first strictly unless `non_strict`,
 /// later ones always non-strictly on top (e.g. PVT ImageNet weights). Returns one report per file.
@@ -526,7 +582,7 @@ pub fn load_model<B: Backend>(
     weights: &[PathBuf],
     non_strict: bool,
     device: &B::Device,
-) -> Result<Loaded<B>> {
+) -> Result<LoadedModel<B>> {
     let mut model = Pvlt::<B>::new(cfg, device);
     let mut reports = vec![];
     for (i, w) in weights.iter().enumerate() {
@@ -535,7 +591,7 @@ pub fn load_model<B: Backend>(
         model = m;
         reports.push((w.clone(), report));
     }
-    Ok((model, reports))
+    Ok(LoadedModel { model, reports })
 }
 
 /// The reference state-dict layout of a model (key, shape, dtype), tied alias and buffers included,

@@ -50,7 +50,10 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "# HELP mvlt_requests_total HTTP requests by endpoint and status.\n# TYPE mvlt_requests_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP mvlt_requests_total HTTP requests by endpoint and status.\n# TYPE mvlt_requests_total counter"
+        );
         for ((e, st), n) in self.requests.lock().expect("metrics").iter() {
             let _ = writeln!(s, "mvlt_requests_total{{endpoint=\"{e}\",status=\"{st}\"}} {n}");
         }
@@ -71,7 +74,8 @@ impl Metrics {
         let _ = writeln!(s, "mvlt_pairs_total {}", self.pairs.load(Ordering::Relaxed));
         let _ = writeln!(s, "# HELP mvlt_abandoned_total Requests dropped unfinished (client gone or timed out).\n# TYPE mvlt_abandoned_total counter");
         let _ = writeln!(s, "mvlt_abandoned_total {}", self.abandoned.load(Ordering::Relaxed));
-        let _ = writeln!(s, "# HELP mvlt_open_connections Open client connections.\n# TYPE mvlt_open_connections gauge");
+        let _ =
+            writeln!(s, "# HELP mvlt_open_connections Open client connections.\n# TYPE mvlt_open_connections gauge");
         let _ = writeln!(s, "mvlt_open_connections {}", self.connections.load(Ordering::Relaxed));
         s
     }

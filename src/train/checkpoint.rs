@@ -64,12 +64,14 @@ pub fn save<B: Backend>(path: &Path, model: &Pvlt<B>, opt: &AdamW<B>, state: &Tr
 /// `weights::StateDict::read`, which keeps the `model.*` entries).
 pub fn load_state<B: Backend>(path: &Path, device: &B::Device) -> Result<(TrainState, AdamW<B>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{} is not a safetensors checkpoint: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("{} is not a safetensors checkpoint: {e}", path.display()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     let Some(json) = meta.get(STATE_METADATA_KEY) else {
         bail!("{} is a weights file, not a training checkpoint (no {STATE_METADATA_KEY} metadata)", path.display());
     };
-    let state: TrainState = serde_json::from_str(json).with_context(|| format!("{}: unreadable training state", path.display()))?;
+    let state: TrainState =
+        serde_json::from_str(json).with_context(|| format!("{}: unreadable training state", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut opt = AdamW::new(state.train_config.adamw());
     let read = |name: &str| -> Result<Tensor<B, 1>> {
@@ -109,9 +111,14 @@ pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
 /// readable. A file cut short (a full disk, a copy interrupted) fails here.
 pub fn probe(path: &Path) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("not a complete safetensors file ({e})"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("not a complete safetensors file ({e})"))?;
     safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("not a complete safetensors file ({e})"))?;
-    let json = meta.metadata().as_ref().and_then(|m| m.get(STATE_METADATA_KEY)).with_context(|| format!("no {STATE_METADATA_KEY} metadata"))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(STATE_METADATA_KEY))
+        .with_context(|| format!("no {STATE_METADATA_KEY} metadata"))?;
     serde_json::from_str::<TrainState>(json).context("unreadable training state")?;
     Ok(())
 }

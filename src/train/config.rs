@@ -14,6 +14,24 @@ pub enum Task {
     Finetune,
 }
 
+impl Task {
+    /// Its name in recipes (`task = "..."`, the serde name) and its default run folder.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Pretrain => "pretrain",
+            Task::Finetune => "finetune",
+        }
+    }
+
+    /// The built-in recipe that runs in minutes on a CPU.
+    pub fn cpu_recipe(self) -> &'static str {
+        match self {
+            Task::Pretrain => "cpu-pretrain",
+            Task::Finetune => "cpu-finetune",
+        }
+    }
+}
+
 pub use super::precision::Precision;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,7 +166,9 @@ pub fn recipe_text(spec: &str) -> Result<String> {
         "cpu-pretrain" => include_str!("../../configs/cpu_pretrain.toml").to_string(),
         "cpu-finetune" => include_str!("../../configs/cpu_finetune.toml").to_string(),
         path => crate::files::read_text_limited(Path::new(path), "recipe", crate::files::MAX_SMALL_FILE_BYTES)
-            .with_context(|| format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune)"))?,
+            .with_context(|| {
+                format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune)")
+            })?,
     })
 }
 
@@ -173,13 +193,21 @@ impl TrainConfig {
                 .unwrap_or_else(|| toml::Value::String(value.to_string()));
             table.insert(key, parsed);
         }
-        let cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("invalid training setting: {}", e.message()))?;
+        let cfg: TrainConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid training setting: {}", e.message()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
-        let positive = [("batch_size", self.batch_size), ("accum_steps", self.accum_steps), ("epochs", self.epochs), ("max_len", self.max_len), ("log_every", self.log_every)];
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("accum_steps", self.accum_steps),
+            ("epochs", self.epochs),
+            ("max_len", self.max_len),
+            ("log_every", self.log_every),
+        ];
         for (name, v) in positive {
             if v == 0 {
                 bail!("{name} must be at least 1");
@@ -208,7 +236,9 @@ impl TrainConfig {
                 bail!("{name} must be in [0, 1), got {v}");
             }
         }
-        if self.precision == Precision::Bf16 && self.device.parse::<crate::device::DeviceSpec>().ok() == Some(crate::device::DeviceSpec::Wgpu) {
+        if self.precision == Precision::Bf16
+            && self.device.parse::<crate::device::DeviceSpec>().ok() == Some(crate::device::DeviceSpec::Wgpu)
+        {
             bail!("precision = \"bf16\" does not run on wgpu (its WGSL shaders have no bf16 type): use precision = \"f32\" there");
         }
         Ok(())
@@ -223,7 +253,12 @@ impl TrainConfig {
 
     /// The optimiser settings of this run.
     pub fn adamw(&self) -> super::optim::AdamWConfig {
-        super::optim::AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+        super::optim::AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
     }
 
     pub fn to_toml(&self) -> String {
@@ -241,6 +276,13 @@ impl TrainConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn task_names_are_the_serde_names() {
+        for t in [Task::Pretrain, Task::Finetune] {
+            assert_eq!(serde_json::to_value(t).unwrap(), serde_json::json!(t.name()));
+        }
+    }
     use super::*;
 
     #[test]
@@ -249,7 +291,11 @@ mod tests {
             let over = if r.contains("finetune") { vec!["init=w.safetensors".to_string()] } else { vec![] };
             TrainConfig::resolve(&recipe_text(r).unwrap(), &over).unwrap_or_else(|e| panic!("{r}: {e:#}"));
         }
-        let c = TrainConfig::resolve(&recipe_text("pretrain").unwrap(), &["epochs=3".into(), "clip-grad=1.5".into(), "device=cuda:1".into()]).unwrap();
+        let c = TrainConfig::resolve(
+            &recipe_text("pretrain").unwrap(),
+            &["epochs=3".into(), "clip-grad=1.5".into(), "device=cuda:1".into()],
+        )
+        .unwrap();
         assert_eq!((c.epochs, c.clip_grad, c.device.as_str()), (3, Some(1.5), "cuda:1"));
         let back = TrainConfig::resolve(&c.to_toml(), &[]).unwrap();
         assert_eq!(back, c);

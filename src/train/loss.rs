@@ -64,7 +64,8 @@ pub struct MlmTargets<B: Backend> {
 /// and its parameters get the zero gradient the full head would give them (an absent gradient
 /// would change what AdamW does to them).
 pub fn mlm_positions(labels: &[i64]) -> (Vec<i64>, Vec<i64>) {
-    let (rows, picked): (Vec<i64>, Vec<i64>) = labels.iter().enumerate().filter(|(_, &y)| y != IGNORE).map(|(i, &y)| (i as i64, y)).unzip();
+    let (rows, picked): (Vec<i64>, Vec<i64>) =
+        labels.iter().enumerate().filter(|(_, &y)| y != IGNORE).map(|(i, &y)| (i as i64, y)).unzip();
     if rows.is_empty() {
         return (vec![0], vec![IGNORE]);
     }
@@ -106,10 +107,22 @@ pub fn losses<B: Backend>(out: &PvltOutput<B>, t: &Targets<B>, heads: HeadSet) -
         let logits = out.mlm_logits_at.clone().expect("MLM head ran at the predicted positions");
         cross_entropy(logits.cast(FloatDType::F32), t.mlm.labels.clone(), Some(IGNORE))
     });
-    let itm = heads.itm.then(|| cross_entropy(flat(out.itm_logits.as_ref().expect("ITM head ran")), t.itm_labels.clone(), None));
-    let t2i = heads.t2i.then(|| smooth_l1(out.t2i_logits.clone().expect("reconstruction head ran").cast(FloatDType::F32), t.clean_images.clone()).mul_scalar(T2I_WEIGHT));
-    let sup_cls = heads.cls.then(|| cross_entropy(flat(out.sup_cls_logits.as_ref().expect("cls heads ran")), t.sup_labels.clone(), Some(-1)));
-    let sub_cls = heads.cls.then(|| cross_entropy(flat(out.sub_cls_logits.as_ref().expect("cls heads ran")), t.sub_labels.clone(), Some(-1)));
+    let itm = heads
+        .itm
+        .then(|| cross_entropy(flat(out.itm_logits.as_ref().expect("ITM head ran")), t.itm_labels.clone(), None));
+    let t2i = heads.t2i.then(|| {
+        smooth_l1(
+            out.t2i_logits.clone().expect("reconstruction head ran").cast(FloatDType::F32),
+            t.clean_images.clone(),
+        )
+        .mul_scalar(T2I_WEIGHT)
+    });
+    let sup_cls = heads.cls.then(|| {
+        cross_entropy(flat(out.sup_cls_logits.as_ref().expect("cls heads ran")), t.sup_labels.clone(), Some(-1))
+    });
+    let sub_cls = heads.cls.then(|| {
+        cross_entropy(flat(out.sub_cls_logits.as_ref().expect("cls heads ran")), t.sub_labels.clone(), Some(-1))
+    });
     let device = t.itm_labels.device();
     let total = [&mlm, &itm, &t2i, &sup_cls, &sub_cls]
         .into_iter()

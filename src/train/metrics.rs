@@ -32,7 +32,11 @@ impl MetricsLog {
                 let _ = std::fs::remove_file(path);
             }
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot write {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(MetricsLog { path: path.to_path_buf(), file })
     }
 
@@ -106,7 +110,13 @@ pub fn plot_panels(path: &Path, title: &str, series: &[Series], smooth: usize) -
                 .y_label_area_size(52)
                 .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
                 .map_err(plot_err)?;
-            chart.configure_mesh().x_desc("step").label_style(("sans-serif", 11)).light_line_style(WHITE.mix(0.0)).draw().map_err(plot_err)?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .label_style(("sans-serif", 11))
+                .light_line_style(WHITE.mix(0.0))
+                .draw()
+                .map_err(plot_err)?;
             let raw = if smooth > 1 { BLUE.mix(0.25) } else { BLUE.mix(1.0) };
             chart.draw_series(LineSeries::new(pts.iter().copied(), raw.stroke_width(1))).map_err(plot_err)?;
             if smooth > 1 && pts.len() > smooth {
@@ -136,7 +146,11 @@ pub fn plot_run(dir: &Path) -> Result<()> {
     let records = read_lines(&dir.join("metrics.jsonl"))?;
     let train = series_of(&records, "train", &["loss", "mlm", "itm", "t2i", "sup_cls", "sub_cls", "lr"]);
     plot_panels(&dir.join("loss.png"), "training loss terms (thin: logged steps; thick: moving average)", &train, 5)?;
-    let val = series_of(&records, "val", &["loss", "mlm_acc", "mlm_acc_other_image", "itm_acc", "psnr", "sup_acc", "sub_acc"]);
+    let val = series_of(
+        &records,
+        "val",
+        &["loss", "mlm_acc", "mlm_acc_other_image", "itm_acc", "psnr", "sup_acc", "sub_acc"],
+    );
     plot_panels(&dir.join("val.png"), "validation", &val, 1)
 }
 

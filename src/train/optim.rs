@@ -138,7 +138,14 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// One step of torch.optim.AdamW (amsgrad off, maximize off) on one tensor.
-    fn update<const D: usize>(&mut self, key: &str, p: Tensor<B, D>, grad: Tensor<B, D>, lr: f64, wd: f64) -> Tensor<B, D> {
+    fn update<const D: usize>(
+        &mut self,
+        key: &str,
+        p: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        lr: f64,
+        wd: f64,
+    ) -> Tensor<B, D> {
         let AdamWConfig { beta1, beta2, eps, .. } = self.config;
         let shape = p.dims();
         let n: usize = shape.iter().product();
@@ -147,7 +154,11 @@ impl<B: Backend> AdamW<B> {
         // Decoupled weight decay first, on the parameter before the Adam update.
         let p = if wd != 0.0 { p.mul_scalar(1.0 - lr * wd) } else { p };
         let st = match self.state.remove(key) {
-            Some(s) => Moments { step: s.step + 1, m: s.m.mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1), v: s.v.mul_scalar(beta2) + g.clone().square().mul_scalar(1.0 - beta2) },
+            Some(s) => Moments {
+                step: s.step + 1,
+                m: s.m.mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1),
+                v: s.v.mul_scalar(beta2) + g.clone().square().mul_scalar(1.0 - beta2),
+            },
             None => Moments { step: 1, m: g.clone().mul_scalar(1.0 - beta1), v: g.square().mul_scalar(1.0 - beta2) },
         };
         let bc1 = 1.0 - beta1.powi(st.step as i32);
@@ -161,7 +172,14 @@ impl<B: Backend> AdamW<B> {
 
     /// Apply one optimiser step to every parameter of `model` that has a gradient in `grads`.
     /// `grad_scale` multiplies the gradients first (global-norm clipping).
-    pub fn step<AB, M>(&mut self, model: M, grads: &mut GradientsParams, lr: f64, grad_scale: f64, decay: DecayRule<'_>) -> M
+    pub fn step<AB, M>(
+        &mut self,
+        model: M,
+        grads: &mut GradientsParams,
+        lr: f64,
+        grad_scale: f64,
+        decay: DecayRule<'_>,
+    ) -> M
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -184,7 +202,10 @@ pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
 pub type NamedGrad<I> = (String, Vec<usize>, Option<Tensor<I, 1>>);
 
 /// Every parameter's gradient by reference key (for checks against stored gradients).
-pub fn named_grads<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> Vec<NamedGrad<B::InnerBackend>> {
+pub fn named_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> Vec<NamedGrad<B::InnerBackend>> {
     struct V<'a, I: Backend> {
         path: Path,
         grads: &'a GradientsParams,
@@ -228,7 +249,8 @@ mod tests {
         let lr = 0.01;
         let p1 = opt.update("w", p, g.clone(), lr, 0.1);
         // Step 1: m = 0.1 g, v = 0.001 g^2, m_hat = g, v_hat = g^2 -> p*(1 - lr wd) - lr * sign(g) (eps aside).
-        let want1 = [1.0 * (1.0 - 0.001) - 0.01 * 0.5 / (0.5 + 1e-8), -2.0 * (1.0 - 0.001) - 0.01 * 0.25 / (0.25 + 1e-8)];
+        let want1 =
+            [1.0 * (1.0 - 0.001) - 0.01 * 0.5 / (0.5 + 1e-8), -2.0 * (1.0 - 0.001) - 0.01 * 0.25 / (0.25 + 1e-8)];
         let got1: Vec<f32> = p1.clone().into_data().to_vec().unwrap();
         for (a, b) in got1.iter().zip(want1) {
             assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");

@@ -50,11 +50,18 @@ impl RunFolder {
                 }
                 match found {
                     Some(p) => Some(p),
-                    None => bail!("--resume: none of the {} checkpoints in {} can be loaded (see the warnings above)", existing.len(), checkpoints.display()),
+                    None => bail!(
+                        "--resume: none of the {} checkpoints in {} can be loaded (see the warnings above)",
+                        existing.len(),
+                        checkpoints.display()
+                    ),
                 }
             }
             (true, None) => bail!("--resume: no checkpoint in {} to continue from", checkpoints.display()),
-            (false, Some(_)) => bail!("{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out", checkpoints.display()),
+            (false, Some(_)) => bail!(
+                "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
+                checkpoints.display()
+            ),
             (false, None) => None,
         };
         Ok(RunFolder { dir: dir.to_path_buf(), checkpoints, resume_from })
@@ -76,7 +83,9 @@ impl RunData {
         let path = cfg.data_path(dir);
         if cfg.data == "synthetic" && !path.join("catalog.jsonl").exists() {
             let pb = crate::progress::progress_bar(cfg.synthetic_images as u64, "synthetic catalogue");
-            crate::data::synth::write_catalog(&path, cfg.synthetic_images, cfg.seed, cfg.synthetic_size, |k| pb.inc(k as u64))?;
+            crate::data::synth::write_catalog(&path, cfg.synthetic_images, cfg.seed, cfg.synthetic_size, |k| {
+                pb.inc(k as u64)
+            })?;
             pb.finish_and_clear();
         }
         let dataset: Arc<dyn Dataset> = Arc::from(open_dataset(&path)?);
@@ -85,7 +94,9 @@ impl RunData {
         }
         let vocab_path = match &cfg.vocab {
             Some(v) => v.clone(),
-            None => vocab_beside_data(&path).with_context(|| format!("no vocabulary: set vocab = \"path/to/vocab.txt\" (none found beside {})", path.display()))?,
+            None => vocab_beside_data(&path).with_context(|| {
+                format!("no vocabulary: set vocab = \"path/to/vocab.txt\" (none found beside {})", path.display())
+            })?,
         };
         let text = Arc::new(TextProcessor::from_vocab_file(&vocab_path)?);
         let vocab_sha256 = checkpoint::sha256_file(&vocab_path)?;
@@ -103,7 +114,12 @@ pub fn heads_of(cfg: &TrainConfig) -> HeadSet {
 
 /// The architecture to train: from `init` weights when given (their stored or inferred config),
 /// else `cfg.model`; then the data-dependent parts (vocabulary, classes, text length, heads).
-pub fn model_config(cfg: &TrainConfig, text: &TextProcessor, classes: &ClassMap, init: Option<&StateDict>) -> Result<PvltConfig> {
+pub fn model_config(
+    cfg: &TrainConfig,
+    text: &TextProcessor,
+    classes: &ClassMap,
+    init: Option<&StateDict>,
+) -> Result<PvltConfig> {
     let mut m = match init {
         Some(sd) => resolve_config(None, Some(sd)).or_else(|_| PvltConfig::resolve(&cfg.model))?,
         None => {
@@ -115,7 +131,12 @@ pub fn model_config(cfg: &TrainConfig, text: &TextProcessor, classes: &ClassMap,
         }
     };
     if m.num_text_tokens != cfg.max_len {
-        bail!("the initial weights take {} text tokens but max_len is {}: set max_len = {}", m.num_text_tokens, cfg.max_len, m.num_text_tokens);
+        bail!(
+            "the initial weights take {} text tokens but max_len is {}: set max_len = {}",
+            m.num_text_tokens,
+            cfg.max_len,
+            m.num_text_tokens
+        );
     }
     if m.vocab_size != text.vocab_size {
         bail!(
@@ -144,7 +165,10 @@ fn drop_mismatched_class_heads(sd: &mut StateDict, m: &PvltConfig) {
         let bias = format!("{head}linear_bias");
         if let Some(have) = sd.tensors.get(&bias).map(|t| t.shape[0]).filter(|&k| k != n) {
             sd.tensors.retain(|k, _| !k.starts_with(head));
-            eprintln!("note: {} has {have} classes in {head}*, the data {n}: that head starts fresh", sd.path.display());
+            eprintln!(
+                "note: {} has {have} classes in {head}*, the data {n}: that head starts fresh",
+                sd.path.display()
+            );
         }
     }
 }
@@ -170,11 +194,21 @@ impl<B: Backend> StartPoint<B> {
     fn resume(path: &Path, data: &RunData, device: &B::Device) -> Result<Self> {
         let (state, opt) = checkpoint::load_state::<B>(path, device)?;
         if state.vocab_sha256 != data.vocab_sha256 {
-            bail!("{} was trained with another vocabulary than {} (SHA-256 differs)", path.display(), data.vocab_path.display());
+            bail!(
+                "{} was trained with another vocabulary than {} (SHA-256 differs)",
+                path.display(),
+                data.vocab_path.display()
+            );
         }
         let sd = StateDict::read(path)?;
         let (model, _) = load_state_dict(Pvlt::<Autodiff<B>>::new(&state.model_config, device), &sd, true)?;
-        eprintln!("resuming from {} (step {}, epoch {}, batch {})", path.display(), state.step, state.epoch + 1, state.batch);
+        eprintln!(
+            "resuming from {} (step {}, epoch {}, batch {})",
+            path.display(),
+            state.step,
+            state.epoch + 1,
+            state.batch
+        );
         Ok(StartPoint { model, opt, state })
     }
 
@@ -232,7 +266,11 @@ impl Plan {
     pub fn new(cfg: &TrainConfig, data: &RunData, classes: &ClassMap, devices: usize) -> Result<Plan> {
         let (train_rows, val_rows) = split_by_product(data.dataset.records(), cfg.val_fraction, cfg.seed);
         if train_rows.is_empty() {
-            bail!("{} has no training rows after the validation split (val_fraction {})", data.path.display(), cfg.val_fraction);
+            bail!(
+                "{} has no training rows after the validation split (val_fraction {})",
+                data.path.display(),
+                cfg.val_fraction
+            );
         }
         let loader_config = LoaderConfig {
             batch_size: cfg.batch_size,
@@ -248,9 +286,13 @@ impl Plan {
         };
         let classes = Arc::new(classes.clone());
         let (n_train, n_val) = (train_rows.len(), val_rows.len());
-        let loader = |rows: Vec<usize>, config: LoaderConfig| Loader::new(data.dataset.clone(), data.text.clone(), classes.clone(), rows, config).map(Arc::new);
+        let loader = |rows: Vec<usize>, config: LoaderConfig| {
+            Loader::new(data.dataset.clone(), data.text.clone(), classes.clone(), rows, config).map(Arc::new)
+        };
         let train_loader = loader(train_rows, loader_config.clone())?;
-        let val_loader = (!val_rows.is_empty()).then(|| loader(val_rows, LoaderConfig { shuffle: false, ..loader_config })).transpose()?;
+        let val_loader = (!val_rows.is_empty())
+            .then(|| loader(val_rows, LoaderConfig { shuffle: false, ..loader_config }))
+            .transpose()?;
 
         let batches = train_loader.batches_per_epoch();
         let micro_batches = cfg.accum_steps * devices;
@@ -265,6 +307,17 @@ impl Plan {
             steps_per_epoch,
         };
         let total_steps = (steps_per_epoch * cfg.epochs).min(cfg.max_steps.unwrap_or(usize::MAX));
-        Ok(Plan { train_loader, val_loader, train_rows: n_train, val_rows: n_val, batches, micro_batches, steps_per_epoch, global_batch, schedule, total_steps })
+        Ok(Plan {
+            train_loader,
+            val_loader,
+            train_rows: n_train,
+            val_rows: n_val,
+            batches,
+            micro_batches,
+            steps_per_epoch,
+            global_batch,
+            schedule,
+            total_steps,
+        })
     }
 }

@@ -34,7 +34,8 @@ pub fn to_device<B: Backend>(b: &Batch, image: ImageInput, device: &B::Device) -
     let img = |v: &Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v.clone(), [n, 3, s, s]), device);
     let ints = |v: &Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device);
     let clean = img(&b.images);
-    let input = if image == ImageInput::Masked && !b.masked_images.is_empty() { img(&b.masked_images) } else { clean.clone() };
+    let input =
+        if image == ImageInput::Masked && !b.masked_images.is_empty() { img(&b.masked_images) } else { clean.clone() };
     DeviceBatch {
         input,
         ids: Tensor::from_data(TensorData::new(b.input_ids.clone(), [n, t]), device),
@@ -64,7 +65,11 @@ pub fn loss_values<B: Backend>(l: &Losses<B>) -> Result<Vec<(&'static str, f64)>
     }
     names.push("loss");
     ts.push(l.total.clone().detach());
-    let v: Vec<f64> = Tensor::cat(ts, 0).into_data().convert::<f64>().to_vec().map_err(|e| anyhow!("reading the loss values back: {e:?}"))?;
+    let v: Vec<f64> = Tensor::cat(ts, 0)
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .map_err(|e| anyhow!("reading the loss values back: {e:?}"))?;
     Ok(names.into_iter().zip(v).collect())
 }
 
@@ -95,10 +100,21 @@ pub struct MicroResult {
 }
 
 /// Forward and backward of one micro-batch on `model` (a replica on `device`).
-fn micro_batch<B: Backend>(model: &Pvlt<Autodiff<B>>, mb: &MicroBatch, s: StepSettings, device: &B::Device) -> Result<MicroResult> {
+fn micro_batch<B: Backend>(
+    model: &Pvlt<Autodiff<B>>,
+    mb: &MicroBatch,
+    s: StepSettings,
+    device: &B::Device,
+) -> Result<MicroResult> {
     let db = to_device::<Autodiff<B>>(&mb.batch, mb.image, device);
     let step_model = autocast(model, s.precision);
-    let out = step_model.forward_mlm_at(db.input.cast(s.precision.dtype()), db.ids, s.heads, s.mode, db.targets.mlm.rows.clone());
+    let out = step_model.forward_mlm_at(
+        db.input.cast(s.precision.dtype()),
+        db.ids,
+        s.heads,
+        s.mode,
+        db.targets.mlm.rows.clone(),
+    );
     let l = losses(&out, &db.targets, s.heads);
     let values = loss_values(&l)?;
     if values.iter().any(|(_, v)| !v.is_finite()) {
@@ -116,7 +132,12 @@ fn micro_batch<B: Backend>(model: &Pvlt<Autodiff<B>>, mb: &MicroBatch, s: StepSe
 /// every autodiff backend require a collective implementation that the CPU backend lacks, so the
 /// CPU build would lose training. The gradients move with burn's `GradientsParams::to_device`
 /// instead: one copy per replica per step.
-pub fn data_parallel<B: Backend>(model: &Pvlt<Autodiff<B>>, group: &[MicroBatch], devices: &[B::Device], s: StepSettings) -> Result<Vec<MicroResult>> {
+pub fn data_parallel<B: Backend>(
+    model: &Pvlt<Autodiff<B>>,
+    group: &[MicroBatch],
+    devices: &[B::Device],
+    s: StepSettings,
+) -> Result<Vec<MicroResult>> {
     let run = |m: &Pvlt<Autodiff<B>>, r: usize| micro_batch::<B>(m, &group[r], s, &devices[r]);
     if group.len() == 1 {
         return Ok(vec![run(model, 0)?]);

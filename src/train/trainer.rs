@@ -150,7 +150,15 @@ struct Trainer<B: Backend> {
 }
 
 impl<B: Backend> Trainer<B> {
-    fn new(cfg: TrainConfig, folder: RunFolder, data: RunData, plan: Plan, opt: AdamW<B>, state: TrainState, devices: Vec<B::Device>) -> Result<Self> {
+    fn new(
+        cfg: TrainConfig,
+        folder: RunFolder,
+        data: RunData,
+        plan: Plan,
+        opt: AdamW<B>,
+        state: TrainState,
+        devices: Vec<B::Device>,
+    ) -> Result<Self> {
         let pretrain = cfg.task == Task::Pretrain;
         let settings = StepSettings {
             heads: state.model_config.heads,
@@ -319,7 +327,7 @@ impl<B: Backend> Trainer<B> {
     /// A `train` line in metrics.jsonl with the window's mean losses, every `log_every` steps.
     fn log_window_if_due(&mut self, lr: f64, norm: f64) -> Result<()> {
         let step = self.state.step;
-        if step % self.cfg.log_every != 0 && step != self.plan.total_steps {
+        if !step.is_multiple_of(self.cfg.log_every) && step != self.plan.total_steps {
             return Ok(());
         }
         let w = &self.window;
@@ -345,7 +353,9 @@ impl<B: Backend> Trainer<B> {
     /// Validation every `val_every` steps (or at the end of each epoch), and at the end; keeps
     /// `best.safetensors` and redraws the plots.
     fn validate_if_due(&mut self, model: &Pvlt<AB<B>>, end_of_epoch: bool, done: bool) -> Result<()> {
-        let due = if self.cfg.val_every > 0 { self.state.step % self.cfg.val_every == 0 } else { end_of_epoch } || done;
+        let due =
+            if self.cfg.val_every > 0 { self.state.step.is_multiple_of(self.cfg.val_every) } else { end_of_epoch }
+                || done;
         let Some(loader) = self.plan.val_loader.clone().filter(|_| due) else { return Ok(()) };
         let pb = self.pb.clone();
         pb.suspend(|| -> Result<()> {
@@ -357,7 +367,11 @@ impl<B: Backend> Trainer<B> {
             let loss = v["loss"].as_f64().unwrap_or(f64::NAN);
             if self.state.best_val_loss.is_none_or(|(b, _)| loss < b) {
                 self.state.best_val_loss = Some((loss, self.state.step));
-                crate::model::weights::save_model(&model.valid(), &self.state.model_config, &self.folder.dir.join("best.safetensors"))?;
+                crate::model::weights::save_model(
+                    &model.valid(),
+                    &self.state.model_config,
+                    &self.folder.dir.join("best.safetensors"),
+                )?;
             }
             eprintln!("validation at step {}: {}", self.state.step, summarize(&v));
             self.last_val = Some(v);
@@ -369,7 +383,11 @@ impl<B: Backend> Trainer<B> {
     /// A checkpoint every `checkpoint_every` steps (or at the end of each epoch), at the end and
     /// on Ctrl-C; only the newest `keep_last` are kept.
     fn checkpoint_if_due(&mut self, model: &Pvlt<AB<B>>, end_of_epoch: bool, forced: bool) -> Result<()> {
-        let due = if self.cfg.checkpoint_every > 0 { self.state.step % self.cfg.checkpoint_every == 0 } else { end_of_epoch } || forced;
+        let due = if self.cfg.checkpoint_every > 0 {
+            self.state.step.is_multiple_of(self.cfg.checkpoint_every)
+        } else {
+            end_of_epoch
+        } || forced;
         if due {
             let path = self.folder.checkpoints.join(checkpoint::file_name(self.state.step));
             checkpoint::save(&path, &model.valid(), &self.opt, &self.state)?;
@@ -384,7 +402,10 @@ impl<B: Backend> Trainer<B> {
         let out = self.folder.dir.join("final");
         let w = out.join("model.safetensors");
         crate::model::weights::save_model(&model.valid(), &self.state.model_config, &w)?;
-        crate::files::write_atomic(&out.join("classes.json"), serde_json::to_string_pretty(&self.state.classes)?.as_bytes())?;
+        crate::files::write_atomic(
+            &out.join("classes.json"),
+            serde_json::to_string_pretty(&self.state.classes)?.as_bytes(),
+        )?;
         let vocab = &self.data.vocab_path;
         std::fs::copy(vocab, out.join("vocab.txt")).with_context(|| format!("cannot copy {}", vocab.display()))?;
         Ok(w)
@@ -395,10 +416,12 @@ pub fn summarize(v: &serde_json::Value) -> String {
     v.as_object()
         .map(|o| {
             o.iter()
-                .filter_map(|(k, x)| Some(match x.as_u64() {
-                    Some(n) => format!("{k} {n}"),
-                    None => format!("{k} {:.4}", x.as_f64()?),
-                }))
+                .filter_map(|(k, x)| {
+                    Some(match x.as_u64() {
+                        Some(n) => format!("{k} {n}"),
+                        None => format!("{k} {:.4}", x.as_f64()?),
+                    })
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         })

@@ -82,7 +82,13 @@ fn squeeze_token<B: Backend>(t: Tensor<B, 3>) -> Tensor<B, 2> {
 
 /// Validation in eval mode: mean loss, MLM accuracy on the corrupted positions, ITM accuracy,
 /// reconstruction PSNR (input: the grid-masked image, target: the clean one), recognition accuracy.
-pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSet, max_batches: usize, device: &B::Device) -> Result<serde_json::Value> {
+pub fn validate<B: Backend>(
+    model: &Pvlt<B>,
+    loader: &Arc<Loader>,
+    heads: HeadSet,
+    max_batches: usize,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
     let n = if max_batches == 0 { loader.batches_per_epoch() } else { max_batches.min(loader.batches_per_epoch()) };
     let mut t = Tally::default();
     for batch in loader.epoch(0, 0).take(n) {
@@ -101,7 +107,8 @@ pub fn validate<B: Backend>(model: &Pvlt<B>, loader: &Arc<Loader>, heads: HeadSe
         if heads.mlm && nb > 1 {
             let k = nb / 2;
             let other = Tensor::cat(vec![db.input.clone().slice(k..nb), db.input.clone().slice(0..k)], 0);
-            let out = model.forward_mlm_at(other, db.ids.clone(), HeadSet { mlm: true, ..HeadSet::NONE }, Mode::Eval, rows());
+            let out =
+                model.forward_mlm_at(other, db.ids.clone(), HeadSet { mlm: true, ..HeadSet::NONE }, Mode::Eval, rows());
             if let Some(l) = out.mlm_logits_at {
                 t.mlm_other_image.add(&argmax(l)?, &mlm_labels);
             }

@@ -47,24 +47,75 @@ impl AsRef<Path> for TempDir {
     }
 }
 
+/// Run the `mvlt` binary with `args`.
+pub fn mvlt(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mvlt")).args(args).output().expect("run mvlt")
+}
+
+/// Standard output and standard error of a run, together.
+pub fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The nano PVLT of the training tests: one block per stage, widths 8-16.
+pub const NANO_MODEL: &str = r#"{"embed_dims": [8, 16, 16, 16], "num_heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1],
+    "token_hidden_size": 16, "t2i_channel": 4}"#;
+
+/// [`NANO_MODEL`] written to `dir/nano.json`.
+pub fn nano_model(dir: &Path) -> PathBuf {
+    let p = dir.join("nano.json");
+    std::fs::write(&p, NANO_MODEL).unwrap();
+    p
+}
+
+/// Recipe overrides (`--set KEY=VALUE`), each value written as TOML by the toml crate, so paths
+/// and strings need no hand quoting.
+#[derive(Default)]
+pub struct Overrides(Vec<String>);
+
+impl Overrides {
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.0.push(format!("{key}={}", value.into()));
+        self
+    }
+
+    pub fn path(self, key: &str, path: &Path) -> Self {
+        self.set(key, path.display().to_string())
+    }
+
+    /// Overrides already in `key=value` form (as a user passes them to `--set`).
+    pub fn raw(mut self, items: &[&str]) -> Self {
+        self.0.extend(items.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn build(self) -> Vec<String> {
+        self.0
+    }
+}
+
 /// A model with every head, trained for a few steps on a small synthetic catalogue.
 pub fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
     let data = base.join("catalogue");
     mvlt::data::synth::write_catalog(&data, 60, 5, 32, |_| {}).unwrap();
-    let nano = base.join("nano.json");
-    std::fs::write(&nano, r#"{"embed_dims": [8, 16, 16, 16], "num_heads": [1, 2, 2, 2], "mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1], "token_hidden_size": 16, "t2i_channel": 4}"#).unwrap();
-    let over: Vec<String> = vec![
-        format!("model=\"{}\"", nano.display()),
-        format!("data=\"{}\"", data.display()),
-        "image_size=32".into(),
-        "max_len=16".into(),
-        "batch_size=4".into(),
-        "max_steps=6".into(),
-        "with_cls=true".into(),
-        "workers=1".into(),
-        "val_batches=1".into(),
-    ];
-    let config = mvlt::train::config::TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), &over).unwrap();
-    let s = mvlt::device::run_on(mvlt::device::DeviceSpec::Cpu, mvlt::train::trainer::TrainRun { config, dir: base.join("run"), resume: false }).unwrap();
+    let over = Overrides::default()
+        .path("model", &nano_model(base))
+        .path("data", &data)
+        .set("image_size", 32)
+        .set("max_len", 16)
+        .set("batch_size", 4)
+        .set("max_steps", 6)
+        .set("with_cls", true)
+        .set("workers", 1)
+        .set("val_batches", 1)
+        .build();
+    let config =
+        mvlt::train::config::TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), &over)
+            .unwrap();
+    let s = mvlt::device::run_on(
+        mvlt::device::DeviceSpec::Cpu,
+        mvlt::train::trainer::TrainRun { config, dir: base.join("run"), resume: false },
+    )
+    .unwrap();
     (s.final_weights.unwrap(), data)
 }
