@@ -37,7 +37,7 @@ pub enum Output {
 
 pub struct Job {
     pub work: Work,
-    pub reply: oneshot::Sender<Result<Output, String>>,
+    pub reply: oneshot::Sender<Result<Output, JobError>>,
     pub enqueued: Instant,
     /// After this the client has been answered 504: the work is dropped, not finished.
     pub deadline: Instant,
@@ -51,8 +51,34 @@ impl Job {
     }
 }
 
-/// What the model thread answers for work it dropped.
-const ABANDONED: &str = "the request was abandoned (client gone or timed out)";
+/// Why the model thread gave no output.
+#[derive(Debug)]
+pub enum JobError {
+    /// Dropped unfinished: the client had gone or its time was up (the HTTP layer answers 504).
+    Abandoned,
+    /// The model failed; the message says how.
+    Failed(String),
+}
+
+/// The error that stops work nobody waits for, told apart from model failures by its type.
+#[derive(Debug)]
+struct Abandoned;
+
+impl std::fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request was abandoned (client gone or timed out)")
+    }
+}
+
+impl std::error::Error for Abandoned {}
+
+fn job_error(e: anyhow::Error) -> JobError {
+    if e.downcast_ref::<Abandoned>().is_some() {
+        JobError::Abandoned
+    } else {
+        JobError::Failed(format!("{e:#}"))
+    }
+}
 
 /// What the model thread needs of the catalogue: preprocessed images (u8, as the model sees them)
 /// and tokenised captions.
@@ -68,7 +94,7 @@ pub struct Queue {
 }
 
 pub enum Submit {
-    Ok(oneshot::Receiver<Result<Output, String>>),
+    Ok(oneshot::Receiver<Result<Output, JobError>>),
     /// The queue is full: answer 503.
     Full,
     /// The model thread is gone.
@@ -97,7 +123,12 @@ pub struct BatcherConfig {
 }
 
 /// Start the model thread; it ends when every `Queue` handle is dropped.
-pub fn start<B: Backend>(model: Model<B>, catalogue: Arc<Catalogue>, cfg: BatcherConfig, metrics: Arc<Metrics>) -> Queue {
+pub fn start<B: Backend>(
+    model: Model<B>,
+    catalogue: Arc<Catalogue>,
+    cfg: BatcherConfig,
+    metrics: Arc<Metrics>,
+) -> Queue {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.queue.max(1));
     let m = metrics.clone();
     std::thread::Builder::new()
@@ -118,7 +149,7 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
         let drop_abandoned = |jobs: &mut Vec<Job>| {
             for j in jobs.extract_if(.., |j| j.abandoned()) {
                 metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = j.reply.send(Err(ABANDONED.into()));
+                let _ = j.reply.send(Err(JobError::Abandoned));
             }
         };
         // Wait a little for concurrent requests, then take what is queued.
@@ -136,7 +167,8 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
         }
         drop_abandoned(&mut jobs);
         for head in [Head::Itm, Head::Cls] {
-            let group: Vec<Job> = jobs.extract_if(.., |j| matches!(&j.work, Work::Pairs { head: h, .. } if *h == head)).collect();
+            let group: Vec<Job> =
+                jobs.extract_if(.., |j| matches!(&j.work, Work::Pairs { head: h, .. } if *h == head)).collect();
             if !group.is_empty() {
                 run_pairs(&model, head, group, cfg.max_batch, &metrics);
             }
@@ -144,6 +176,7 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
         for job in jobs {
             if job.abandoned() {
                 metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = job.reply.send(Err(JobError::Abandoned));
                 continue;
             }
             let Work::Search { text, image, rows } = &job.work else { unreachable!("pairs were taken above") };
@@ -152,11 +185,13 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
                 metrics.record_batch(n);
                 if job.abandoned() {
                     metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    anyhow::bail!(ABANDONED);
+                    return Err(Abandoned.into());
                 }
                 Ok(())
             };
-            let out = search(&model, &cat, text.clone(), image.clone(), rows, cfg.max_batch, progress).map(Output::Search).map_err(|e| format!("{e:#}"));
+            let out = search(&model, &cat, text.clone(), image.clone(), rows, cfg.max_batch, progress)
+                .map(Output::Search)
+                .map_err(job_error);
             let _ = job.reply.send(out);
         }
     }
@@ -186,7 +221,7 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
         for (ic, tc) in images.chunks(max_batch.max(1)).zip(ids.chunks(max_batch.max(1))) {
             if all_abandoned() {
                 metrics.abandoned.fetch_add(replies.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                anyhow::bail!(ABANDONED);
+                return Err(Abandoned.into());
             }
             let im: Vec<&[f32]> = ic.iter().map(|v| v.as_slice()).collect();
             let tx: Vec<&[i64]> = tc.iter().map(|v| v.as_slice()).collect();
@@ -203,9 +238,10 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
     })();
     match result {
         Err(e) => {
+            let abandoned = e.downcast_ref::<Abandoned>().is_some();
             let msg = format!("{e:#}");
             for r in replies {
-                let _ = r.send(Err(msg.clone()));
+                let _ = r.send(Err(if abandoned { JobError::Abandoned } else { JobError::Failed(msg.clone()) }));
             }
         }
         Ok(out) => {

@@ -31,7 +31,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use batcher::{BatcherConfig, Catalogue, Head, Output, Queue, Submit, Work};
+use batcher::{BatcherConfig, Catalogue, Head, JobError, Output, Queue, Submit, Work};
 use burn::tensor::backend::Backend;
 use metrics::Metrics;
 use rayon::prelude::*;
@@ -157,7 +157,10 @@ impl Input {
             Some((_, p)) => p,
             None => s.as_str(),
         };
-        base64::engine::general_purpose::STANDARD.decode(payload.trim()).map(Some).map_err(|e| bad(format!("image: not valid base64 ({e})")))
+        base64::engine::general_purpose::STANDARD
+            .decode(payload.trim())
+            .map(Some)
+            .map_err(|e| bad(format!("image: not valid base64 ({e})")))
     }
 }
 
@@ -172,9 +175,9 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// The whole body, at most `limit` bytes (413 beyond, after draining as above), within `time`
 /// (408 beyond: a client sending a byte a second holds no connection for long).
 async fn read_body(body: axum::body::Body, limit: usize, time: Duration) -> Result<Bytes, ApiError> {
-    tokio::time::timeout(time, read_body_unbounded_in_time(body, limit))
-        .await
-        .map_err(|_| ApiError(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {time:?}")))?
+    tokio::time::timeout(time, read_body_unbounded_in_time(body, limit)).await.map_err(|_| {
+        ApiError(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {time:?}"))
+    })?
 }
 
 async fn read_body_unbounded_in_time(mut body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -194,7 +197,10 @@ async fn read_body_unbounded_in_time(mut body: axum::body::Body, limit: usize) -
                 }
             };
             let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
-            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over the {limit}-byte limit")));
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over the {limit}-byte limit"),
+            ));
         }
         buf.extend_from_slice(&data);
     }
@@ -207,16 +213,23 @@ type Slot = tokio::sync::OwnedSemaphorePermit;
 
 async fn read_input(app: &App, req: Request) -> Result<(Input, Slot), ApiError> {
     let slot = app.inflight.clone().try_acquire_owned().map_err(|_| {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the server is busy ({} requests in flight); retry shortly", app.cfg.max_inflight))
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the server is busy ({} requests in flight); retry shortly", app.cfg.max_inflight),
+        )
     })?;
     Ok((read_fields(req, app.cfg.max_body, app.cfg.body_timeout).await?, slot))
 }
 
 async fn read_fields(req: Request, limit: usize, time: Duration) -> Result<Input, ApiError> {
-    let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let ctype =
+        req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let is_json = ctype.starts_with("application/json");
     if !is_json && !ctype.starts_with("multipart/form-data") {
-        return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type must be application/json or multipart/form-data, got '{ctype}'")));
+        return Err(ApiError(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type must be application/json or multipart/form-data, got '{ctype}'"),
+        ));
     }
     let (parts, body) = req.into_parts();
     let body = read_body(body, limit, time).await?;
@@ -224,7 +237,9 @@ async fn read_fields(req: Request, limit: usize, time: Duration) -> Result<Input
         serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))
     } else {
         let req = Request::from_parts(parts, axum::body::Body::from(body));
-        let mut mp = axum::extract::Multipart::from_request(req, &()).await.map_err(|e| bad(format!("invalid multipart body: {e}")))?;
+        let mut mp = axum::extract::Multipart::from_request(req, &())
+            .await
+            .map_err(|e| bad(format!("invalid multipart body: {e}")))?;
         let mut input = Input::default();
         while let Some(field) = mp.next_field().await.map_err(|e| bad(format!("invalid multipart body: {e}")))? {
             let name = field.name().unwrap_or("").to_string();
@@ -261,16 +276,18 @@ impl App {
         let max_pixels = self.cfg.max_image_pixels;
         let slot = tokio::time::timeout(self.cfg.timeout, self.decode_slots.clone().acquire_owned())
             .await
-            .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy decoding images; retry shortly".into()))?
+            .map_err(|_| {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy decoding images; retry shortly".into())
+            })?
             .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the image decoder is closed".into()))?;
         tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
             let _slot = slot;
             Ok(crate::data::image::preprocess_floats(&Pixels::decode_limited(&bytes, max_pixels)?, size)?.0)
         })
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map(Arc::new)
-            .map_err(|e| bad(format!("image: {e:#}")))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Arc::new)
+        .map_err(|e| bad(format!("image: {e:#}")))
     }
 
     /// 422 unless the weights have `head`, naming the weights that do.
@@ -289,13 +306,26 @@ impl App {
     async fn run(&self, work: Work) -> Result<Output, ApiError> {
         let rx = match self.queue.submit(work, self.cfg.timeout) {
             Submit::Ok(rx) => rx,
-            Submit::Full => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy (queue full); retry shortly".into())),
-            Submit::Closed => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread stopped".into())),
+            Submit::Full => {
+                return Err(ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is busy (queue full); retry shortly".into(),
+                ))
+            }
+            Submit::Closed => {
+                return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread stopped".into()))
+            }
         };
         match tokio::time::timeout(self.cfg.timeout, rx).await {
             Err(_) => Err(ApiError(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {:?}", self.cfg.timeout))),
-            Ok(Err(_)) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread dropped the request".into())),
-            Ok(Ok(Err(msg))) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg)),
+            Ok(Err(_)) => {
+                Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread dropped the request".into()))
+            }
+            // The model thread saw the deadline pass before this timer did.
+            Ok(Ok(Err(JobError::Abandoned))) => {
+                Err(ApiError(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {:?}", self.cfg.timeout)))
+            }
+            Ok(Ok(Err(JobError::Failed(msg)))) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg)),
             Ok(Ok(Ok(out))) => Ok(out),
         }
     }
@@ -311,11 +341,17 @@ async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_j
         _ => return Err(bad("give text (a string) or texts (a non-empty list of strings)")),
     };
     if texts.len() > app.cfg.max_texts {
-        return Err(bad(format!("{} texts in one request, over the limit of {}; split them over several requests", texts.len(), app.cfg.max_texts)));
+        return Err(bad(format!(
+            "{} texts in one request, over the limit of {}; split them over several requests",
+            texts.len(),
+            app.cfg.max_texts
+        )));
     }
     let ids = texts.iter().map(|t| app.ids(t)).collect::<Result<Vec<_>, _>>()?;
     let img = app.image(bytes).await?;
-    let Output::Itm(p) = app.run(Work::Pairs { head: Head::Itm, images: vec![img; ids.len()], ids }).await? else { unreachable!() };
+    let Output::Itm(p) = app.run(Work::Pairs { head: Head::Itm, images: vec![img; ids.len()], ids }).await? else {
+        unreachable!()
+    };
     let results: Vec<_> = texts.iter().zip(p).map(|(t, p)| json!({"text": t, "match_probability": p})).collect();
     Ok(Json(json!({ "results": results })))
 }
@@ -329,18 +365,28 @@ async fn classify(State(app): State<Arc<App>>, req: Request) -> Result<Json<serd
         None => Arc::new(app.text.encode("", app.max_len).map_err(|e| bad(e.to_string()))?.input_ids),
     };
     let img = app.image(bytes).await?;
-    let Output::Cls(mut v) = app.run(Work::Pairs { head: Head::Cls, images: vec![img], ids: vec![ids] }).await? else { unreachable!() };
+    let Output::Cls(mut v) = app.run(Work::Pairs { head: Head::Cls, images: vec![img], ids: vec![ids] }).await? else {
+        unreachable!()
+    };
     let (main, sub) = v.pop().ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no output".into()))?;
     let k = input.top.unwrap_or(5).clamp(1, 1000);
-    let list = |p: &[f32], names: Option<&Vec<String>>| top_k(p, names, k).into_iter().map(|(n, p)| json!({"name": n, "probability": p})).collect::<Vec<_>>();
-    Ok(Json(json!({ "main": list(&main, app.classes.as_ref().map(|c| &c.main)), "sub": list(&sub, app.classes.as_ref().map(|c| &c.sub)) })))
+    let list = |p: &[f32], names: Option<&Vec<String>>| {
+        top_k(p, names, k).into_iter().map(|(n, p)| json!({"name": n, "probability": p})).collect::<Vec<_>>()
+    };
+    Ok(Json(
+        json!({ "main": list(&main, app.classes.as_ref().map(|c| &c.main)), "sub": list(&sub, app.classes.as_ref().map(|c| &c.sub)) }),
+    ))
 }
 
 async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
     app.require(Head::Itm)?;
     let (input, _slot) = read_input(&app, req).await?;
     let k = input.top.unwrap_or(10).clamp(1, 1000);
-    let mut rows: Vec<usize> = filter_rows(app.data.as_ref(), input.category.as_deref(), input.subcategory.as_deref(), None).into_iter().filter(|&r| app.usable[r]).collect();
+    let mut rows: Vec<usize> =
+        filter_rows(app.data.as_ref(), input.category.as_deref(), input.subcategory.as_deref(), None)
+            .into_iter()
+            .filter(|&r| app.usable[r])
+            .collect();
     let (text, image) = match (&input.text, input.image()?) {
         (Some(t), None) => (Some(app.ids(t)?), None),
         (None, Some(bytes)) => {
@@ -365,8 +411,13 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
     Ok(Json(json!({ "candidates": candidates, "hits": hits })))
 }
 
-async fn catalogue_image(State(app): State<Arc<App>>, row: Result<UrlPath<usize>, axum::extract::rejection::PathRejection>) -> Result<Response, ApiError> {
-    let UrlPath(row) = row.map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("no such catalogue image: {e} (rows are 0..{})", app.data.len())))?;
+async fn catalogue_image(
+    State(app): State<Arc<App>>,
+    row: Result<UrlPath<usize>, axum::extract::rejection::PathRejection>,
+) -> Result<Response, ApiError> {
+    let UrlPath(row) = row.map_err(|e| {
+        ApiError(StatusCode::NOT_FOUND, format!("no such catalogue image: {e} (rows are 0..{})", app.data.len()))
+    })?;
     if row >= app.data.len() {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no catalogue row {row}")));
     }
@@ -375,7 +426,12 @@ async fn catalogue_image(State(app): State<Arc<App>>, row: Result<UrlPath<usize>
         let p = data.pixels(row)?;
         let mut out = vec![];
         use image::ImageEncoder;
-        image::codecs::png::PngEncoder::new(&mut out).write_image(&p.data, p.width as u32, p.height as u32, image::ExtendedColorType::Rgb8)?;
+        image::codecs::png::PngEncoder::new(&mut out).write_image(
+            &p.data,
+            p.width as u32,
+            p.height as u32,
+            image::ExtendedColorType::Rgb8,
+        )?;
         Ok(out)
     })
     .await
@@ -405,21 +461,31 @@ async fn fallback() -> ApiError {
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {} (see /openapi.json)", req.method(), req.uri().path()))
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {} (see /openapi.json)", req.method(), req.uri().path()),
+    )
 }
 
 /// 414 and 431 as JSON, below hyper's own limits (whose answers have no body).
 async fn bounded_head(req: Request, next: axum::middleware::Next) -> Response {
     let uri = req.uri().to_string().len();
     if uri > MAX_URI_BYTES {
-        return ApiError(StatusCode::URI_TOO_LONG, format!("the request URI is {uri} bytes, over the limit of {MAX_URI_BYTES}")).into_response();
+        return ApiError(
+            StatusCode::URI_TOO_LONG,
+            format!("the request URI is {uri} bytes, over the limit of {MAX_URI_BYTES}"),
+        )
+        .into_response();
     }
     let headers = req.headers();
     let bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     if headers.len() > MAX_HEADER_COUNT || bytes > MAX_HEADER_BYTES {
         return ApiError(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            format!("{} headers of {bytes} bytes, over the limit of {MAX_HEADER_COUNT} headers or {MAX_HEADER_BYTES} bytes", headers.len()),
+            format!(
+                "{} headers of {bytes} bytes, over the limit of {MAX_HEADER_COUNT} headers or {MAX_HEADER_BYTES} bytes",
+                headers.len()
+            ),
         )
         .into_response();
     }
@@ -427,7 +493,12 @@ async fn bounded_head(req: Request, next: axum::middleware::Next) -> Response {
 }
 
 /// Record status and latency of every request.
-async fn observe(State(app): State<Arc<App>>, path: Option<MatchedPath>, req: Request, next: axum::middleware::Next) -> Response {
+async fn observe(
+    State(app): State<Arc<App>>,
+    path: Option<MatchedPath>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
     let t0 = Instant::now();
     let endpoint = path.map(|p| p.as_str().to_string()).unwrap_or_else(|| "other".into());
     let resp = next.run(req).await;
@@ -460,15 +531,42 @@ impl Server {
             .iter()
             .map(|r| model.text.encode(&r.caption, model.config.num_text_tokens).map(|e| Arc::new(e.input_ids)))
             .collect::<Result<Vec<_>>>()?;
-        let catalogue = Arc::new(Catalogue { images: images.into_iter().map(Option::unwrap_or_default).collect(), captions });
+        let catalogue =
+            Arc::new(Catalogue { images: images.into_iter().map(Option::unwrap_or_default).collect(), captions });
         let metrics = Arc::new(Metrics::default());
-        let (text, max_len, image_size, classes, heads) = (model.text.clone(), model.config.num_text_tokens, model.image_size, model.classes.clone(), model.config.heads);
-        let queue = batcher::start(model, catalogue, BatcherConfig { queue: cfg.queue, max_batch: cfg.max_batch, window: cfg.window }, metrics.clone());
+        let (text, max_len, image_size, classes, heads) = (
+            model.text.clone(),
+            model.config.num_text_tokens,
+            model.image_size,
+            model.classes.clone(),
+            model.config.heads,
+        );
+        let queue = batcher::start(
+            model,
+            catalogue,
+            BatcherConfig { queue: cfg.queue, max_batch: cfg.max_batch, window: cfg.window },
+            metrics.clone(),
+        );
         // A request's memory goes back to the system when it is answered (see `crate::memory`).
         crate::memory::keep_freed_memory(false);
         let decode_slots = Arc::new(tokio::sync::Semaphore::new(cfg.decode_slots.max(1)));
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight.max(1)));
-        Ok(Server { app: Arc::new(App { queue, text, max_len, image_size, classes, data, usable, heads, decode_slots, inflight, metrics, cfg }) })
+        Ok(Server {
+            app: Arc::new(App {
+                queue,
+                text,
+                max_len,
+                image_size,
+                classes,
+                data,
+                usable,
+                heads,
+                decode_slots,
+                inflight,
+                metrics,
+                cfg,
+            }),
+        })
     }
 
     pub fn router(&self) -> Router {
@@ -502,7 +600,11 @@ impl Server {
     /// Serve until `shutdown` resolves; in-flight requests finish first (for at most the request
     /// timeout). At most `max_connections` connections are open at once; each must send its
     /// headers within `header_timeout`, which also closes idle keep-alive connections.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         use hyper_util::rt::{TokioIo, TokioTimer};
         let router = self.router();
         let cfg = self.app.cfg.clone();
