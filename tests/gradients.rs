@@ -51,18 +51,24 @@ fn model_and_two_pairs(seed: u64) -> (PvltConfig, Pvlt<B>, Tensor<B, 4>, Tensor<
     (cfg, model, images, ids)
 }
 
-#[test]
-fn analytic_gradients_match_finite_differences() {
-    let _turn = common::backend_turn();
-    let (cfg, model, images, ids) = model_and_two_pairs(11);
-    let device = model.devices()[0];
-    let t = Targets {
+/// Targets of every loss for [`model_and_two_pairs`]'s inputs.
+fn two_pair_targets(images: &Tensor<B, 4>) -> Targets<B> {
+    let device = images.device();
+    Targets {
         mlm: MlmTargets::from_labels(&[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], &device),
         itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0], [2]), &device),
         clean_images: images.clone(),
         sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4], [2]), &device),
         sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0], [2]), &device),
-    };
+    }
+}
+
+#[test]
+fn analytic_gradients_match_finite_differences() {
+    let _turn = common::backend_turn();
+    let (cfg, model, images, ids) = model_and_two_pairs(11);
+    let device = model.devices()[0];
+    let t = two_pair_targets(&images);
     let inputs = (images, ids);
     let grads = loss_of(&model, &inputs, &t).backward();
 
@@ -273,14 +279,7 @@ fn pad_row_learns_only_through_the_decoder() {
 
     let _turn = common::backend_turn();
     let (cfg, model, images, ids) = model_and_two_pairs(7);
-    let device = model.devices()[0];
-    let t = Targets {
-        mlm: MlmTargets::from_labels(&[-1, 7, -1, 9, -1, -1, -1, -1, 31, -1, -1, -1], &device),
-        itm_labels: Tensor::from_data(TensorData::new(vec![1i64, 0], [2]), &device),
-        clean_images: images.clone(),
-        sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4], [2]), &device),
-        sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0], [2]), &device),
-    };
+    let t = two_pair_targets(&images);
     let word_grad_rows = |heads: HeadSet| -> (Vec<f32>, Vec<f32>) {
         let out = model.forward_mlm_at(images.clone(), ids.clone(), heads, Mode::Train, t.mlm.rows.clone());
         let grads = GradientsParams::from_grads(losses(&out, &t, heads).total.backward(), &model);

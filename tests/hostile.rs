@@ -3,10 +3,10 @@
 //! from outside the folders it belongs to. The command-line cases are one table; the server cases
 //! run over HTTP on loopback, each bounded in count and time.
 mod common;
-use common::{mvlt, tempdir, text};
+use common::{mvlt, start_server, tempdir, text, ServerProcess};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn hostile(name: &str) -> PathBuf {
@@ -164,44 +164,9 @@ fn catalogue_rows_stay_inside_and_unique() {
     assert!(e.contains("escapes the catalogue folder"), "{e}");
 }
 
-/// `mvlt serve` on a free loopback port with short timeouts; killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(weights: &Path, catalog: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mvlt"))
-        .args([
-            "serve",
-            "--weights",
-            weights.to_str().unwrap(),
-            "--catalog",
-            catalog.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--header-timeout", "1", "--body-timeout", "1"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    Server { child, addr }
+/// `mvlt serve` with 1 s header and body timeouts.
+fn serve(weights: &Path, catalog: &Path, extra: &[&str]) -> ServerProcess {
+    start_server(weights, catalog, &[&["--header-timeout", "1", "--body-timeout", "1"], extra].concat())
 }
 
 /// One raw HTTP/1.1 exchange: send `request`, read until the server closes or 10 s pass.

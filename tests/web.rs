@@ -3,11 +3,9 @@
 //! categories. Also the HTTP API's error answers. `.ci/run` installs Chromium; elsewhere the test
 //! is skipped with a message when it is missing.
 mod common;
-use common::{tempdir, trained_model};
+use common::{tempdir, trained_model, ServerProcess};
 use headless_chrome::{Browser, LaunchOptions};
-use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 fn chromium() -> Option<PathBuf> {
@@ -22,45 +20,9 @@ fn chromium() -> Option<PathBuf> {
     None
 }
 
-/// `mvlt serve` on a free loopback port; killed on drop.
-struct ServerProcess {
-    child: Child,
-    url: String,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// `mvlt serve` with a 1 MiB body limit.
 fn start_server(weights: &std::path::Path, catalog: &std::path::Path, extra: &[&str]) -> ServerProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mvlt"))
-        .args([
-            "serve",
-            "--weights",
-            weights.to_str().unwrap(),
-            "--catalog",
-            catalog.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--max-body-mib",
-            "1",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    ServerProcess { child, url }
+    common::start_server(weights, catalog, &[&["--max-body-mib", "1"], extra].concat())
 }
 
 fn post(url: &str, ctype: &str, body: &[u8]) -> (u16, serde_json::Value) {

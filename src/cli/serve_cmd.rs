@@ -135,14 +135,7 @@ impl BackendTask for &ServeBenchArgs {
         // One catalogue image as the request image.
         let data = open_dataset(&self.serve.catalog)?;
         let p = data.pixels(0)?;
-        let mut png = vec![];
-        use image::ImageEncoder;
-        image::codecs::png::PngEncoder::new(&mut png).write_image(
-            &p.data,
-            p.width as u32,
-            p.height as u32,
-            image::ExtendedColorType::Rgb8,
-        )?;
+        let png = p.to_png()?;
         use base64::Engine;
         let body =
             serde_json::json!({"image": base64::engine::general_purpose::STANDARD.encode(&png), "text": self.text})

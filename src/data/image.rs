@@ -121,6 +121,20 @@ impl Pixels {
         })
     }
 
+    /// The pixels as a PNG file (grey stays grey).
+    pub fn to_png(&self) -> Result<Vec<u8>> {
+        use image::ImageEncoder;
+        let color = if self.channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+        let mut png = vec![];
+        image::codecs::png::PngEncoder::new(&mut png).write_image(
+            &self.data,
+            self.width as u32,
+            self.height as u32,
+            color,
+        )?;
+        Ok(png)
+    }
+
     /// PIL `convert('1')` (Floyd-Steinberg), as `tobilevel` in Pillow's Convert.c: integer error
     /// diffusion on the luminance `(299 R + 587 G + 114 B) / 1000` (truncating), threshold `> 128`.
     /// Written by hand because no image crate reproduces Pillow's integer arithmetic bit for bit,
@@ -355,5 +369,16 @@ mod tests {
             }
         }
         assert_eq!(p.crop_box(), Some([3, 5, 8, 11]));
+    }
+
+    /// PNG round trip keeps grey images grey and RGB images RGB (the server's catalogue images).
+    #[test]
+    fn png_round_trip_keeps_channels() {
+        for channels in [1, 3] {
+            let p = Pixels { width: 3, height: 2, channels, data: (0..6 * channels as u8).map(|v| v * 7).collect() };
+            let back = Pixels::decode(&p.to_png().unwrap()).unwrap();
+            assert_eq!((back.width, back.height, back.channels), (3, 2, channels));
+            assert_eq!(back.data, p.data);
+        }
     }
 }

@@ -422,21 +422,10 @@ async fn catalogue_image(
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no catalogue row {row}")));
     }
     let data = app.data.clone();
-    let png = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-        let p = data.pixels(row)?;
-        let mut out = vec![];
-        use image::ImageEncoder;
-        image::codecs::png::PngEncoder::new(&mut out).write_image(
-            &p.data,
-            p.width as u32,
-            p.height as u32,
-            image::ExtendedColorType::Rgb8,
-        )?;
-        Ok(out)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))?;
+    let png = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> { data.pixels(row)?.to_png() })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))?;
     Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "max-age=3600")], png).into_response())
 }
 

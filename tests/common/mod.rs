@@ -119,3 +119,40 @@ pub fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
     .unwrap();
     (s.final_weights.unwrap(), data)
 }
+
+/// `mvlt serve` on a free loopback port (its first line of output says which); killed on drop.
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_server(weights: &Path, catalog: &Path, extra: &[&str]) -> ServerProcess {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mvlt"))
+        .args(["serve", "--weights", weights.to_str().unwrap(), "--catalog", catalog.to_str().unwrap()])
+        .args(["--addr", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
+    let addr = url.strip_prefix("http://").unwrap_or(&url).to_string();
+    ServerProcess { child, addr, url }
+}
