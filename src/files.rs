@@ -53,46 +53,65 @@ pub fn read_text_limited(path: &Path, what: &str, max: u64) -> Result<String> {
         .map_err(|e| anyhow::anyhow!("{what} {} is not UTF-8 text ({e})", path.display()))
 }
 
-/// `root.join(rel)` with symlinks resolved, if it stays inside `root` (itself resolved); an error
-/// saying why otherwise. `rel` may contain `..` as long as it stays inside
-/// (`images/../images/x.png`). A path that leaves the folder by its `..`s is refused before the
-/// disk is asked, so the answer never tells whether a file outside exists; then the file must
-/// exist, and where its symlinks lead must be inside too.
-pub fn resolve_inside(root: &Path, rel: &Path) -> Result<PathBuf, String> {
-    use std::path::Component;
-    let mut depth = 0usize;
-    for c in rel.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir if depth > 0 => depth -= 1,
-            Component::ParentDir => return Err(format!("image path '{}' escapes the catalogue folder", rel.display())),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(format!(
-                    "image path '{}' is absolute; it must be relative to the catalogue folder",
-                    rel.display()
-                ))
+/// A folder that image paths must stay inside, resolved (symlinks included) once.
+#[derive(Clone, Debug)]
+pub struct Confined {
+    root: PathBuf,
+}
+
+impl Confined {
+    pub fn new(root: &Path) -> Result<Confined> {
+        let root = root.canonicalize().with_context(|| format!("cannot resolve folder {}", root.display()))?;
+        Ok(Confined { root })
+    }
+
+    /// The resolved folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `root.join(rel)` with symlinks resolved, if it stays inside the folder; an error saying why
+    /// otherwise. `rel` may contain `..` as long as it stays inside (`images/../images/x.png`). A
+    /// path that leaves the folder by its `..`s is refused before the disk is asked, so the answer
+    /// never tells whether a file outside exists; then the file must exist, and where its
+    /// symlinks lead must be inside too.
+    pub fn resolve(&self, rel: &Path) -> Result<PathBuf, String> {
+        use std::path::Component;
+        let mut depth = 0usize;
+        for c in rel.components() {
+            match c {
+                Component::Normal(_) => depth += 1,
+                Component::CurDir => {}
+                Component::ParentDir if depth > 0 => depth -= 1,
+                Component::ParentDir => {
+                    return Err(format!("image path '{}' escapes the catalogue folder", rel.display()))
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(format!(
+                        "image path '{}' is absolute; it must be relative to the catalogue folder",
+                        rel.display()
+                    ))
+                }
             }
         }
-    }
-    let root = root.canonicalize().map_err(|e| format!("cannot resolve folder {}: {e}", root.display()))?;
-    let joined = root.join(rel);
-    let real = match joined.canonicalize() {
-        Ok(p) => p,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("image {} does not exist", joined.display()))
+        let joined = self.root.join(rel);
+        let real = match joined.canonicalize() {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("image {} does not exist", joined.display()))
+            }
+            Err(e) => return Err(format!("cannot resolve image {}: {e}", joined.display())),
+        };
+        if !real.starts_with(&self.root) {
+            return Err(format!(
+                "image path '{}' escapes the catalogue folder {} through a symlink (to {})",
+                rel.display(),
+                self.root.display(),
+                real.display()
+            ));
         }
-        Err(e) => return Err(format!("cannot resolve image {}: {e}", joined.display())),
-    };
-    if !real.starts_with(&root) {
-        return Err(format!(
-            "image path '{}' escapes the catalogue folder {} through a symlink (to {})",
-            rel.display(),
-            root.display(),
-            real.display()
-        ));
+        Ok(real)
     }
-    Ok(real)
 }
 
 /// Write `bytes` to `path` atomically: a temporary file beside it, fsynced, then renamed, so a
@@ -143,6 +162,7 @@ mod tests {
         std::fs::write(root.join("images/x.png"), b"x").unwrap();
         std::fs::write(dir.path().join("secret.png"), b"s").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret.png"), root.join("images/link.png")).unwrap();
+        let resolve_inside = |root: &Path, rel: &Path| Confined::new(root).unwrap().resolve(rel);
         assert!(resolve_inside(&root, Path::new("images/../images/x.png")).is_ok());
         assert!(resolve_inside(&root, Path::new("./images/x.png")).is_ok());
         let e = resolve_inside(&root, Path::new("images/link.png")).unwrap_err();

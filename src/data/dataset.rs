@@ -8,6 +8,7 @@
 //! never dropped silently; a file that cannot be read at all is an error naming it.
 
 use super::image::Pixels;
+use crate::files::Confined;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -164,9 +165,9 @@ fn check_caption(caption: &str) -> Result<(), String> {
 pub struct FileDataset {
     /// The catalogue file or the layout's folder.
     pub source: PathBuf,
-    /// The folder every image must stay inside (resolved): checked again at each read, so a file
-    /// swapped for a symlink after opening is still refused.
-    image_root: PathBuf,
+    /// The folder every image must stay inside: checked again at each read, so a file swapped for
+    /// a symlink after opening is still refused.
+    image_root: Confined,
     records: Vec<Record>,
     images: Vec<PathBuf>,
     skips: SkipReport,
@@ -180,8 +181,8 @@ impl Dataset for FileDataset {
         &self.records
     }
     fn pixels(&self, i: usize) -> Result<Pixels> {
-        let rel = self.images[i].strip_prefix(&self.image_root).unwrap_or(&self.images[i]);
-        let path = crate::files::resolve_inside(&self.image_root, rel).map_err(|e| anyhow!(e))?;
+        let rel = self.images[i].strip_prefix(self.image_root.root()).unwrap_or(&self.images[i]);
+        let path = self.image_root.resolve(rel).map_err(|e| anyhow!(e))?;
         Pixels::open(&path)
     }
     fn skips(&self) -> &SkipReport {
@@ -222,7 +223,7 @@ impl FileDataset {
         // Streamed line by line, each line at most MAX_LINE bytes: a catalogue's size is bounded
         // only by the disk, and one runaway line must not take the memory with it.
         let mut reader = std::io::BufReader::new(file);
-        let root = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let image_root = Confined::new(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
         let (mut records, mut images, mut skips) = (vec![], vec![], SkipReport::default());
         let mut first_line_of_id: std::collections::HashMap<String, usize> = Default::default();
         let mut line = Vec::new();
@@ -265,7 +266,7 @@ impl FileDataset {
                 skips.skip(row, why);
                 continue;
             }
-            let image = match crate::files::resolve_inside(&root, Path::new(&r.image)) {
+            let image = match image_root.resolve(Path::new(&r.image)) {
                 Ok(p) => p,
                 Err(why) => {
                     skips.skip(row, why);
@@ -298,7 +299,6 @@ impl FileDataset {
                 skips.summary().map(|s| format!(" ({s})")).unwrap_or_default()
             );
         }
-        let image_root = root.canonicalize().with_context(|| format!("cannot resolve folder {}", root.display()))?;
         Ok(FileDataset { source: path.to_path_buf(), image_root, records, images, skips })
     }
 }
@@ -506,11 +506,10 @@ impl FileDataset {
         }
         let (mut records, mut kept, mut skips) =
             (vec![], vec![], SkipReport { total_rows: images.len(), ..Default::default() });
-        let image_root =
-            img_dir.canonicalize().with_context(|| format!("cannot resolve folder {}", img_dir.display()))?;
+        let image_root = Confined::new(&img_dir)?;
         for (img, info) in images.iter().zip(&infos) {
             let row = info.display().to_string();
-            let img = match crate::files::resolve_inside(&image_root, Path::new(img.file_name().unwrap_or_default())) {
+            let img = match image_root.resolve(Path::new(img.file_name().unwrap_or_default())) {
                 Ok(p) => p,
                 Err(why) => {
                     skips.skip(row, why);

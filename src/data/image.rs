@@ -29,15 +29,7 @@ pub fn png_claiming(w: u32, h: u32) -> Vec<u8> {
         let mut c = (data.len() as u32).to_be_bytes().to_vec();
         let body: Vec<u8> = kind.iter().chain(data).copied().collect();
         c.extend(&body);
-        // CRC-32 (IEEE) of type and data, bit by bit: 17 bytes, no table needed.
-        let mut crc = 0xffff_ffffu32;
-        for b in body {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-            }
-        }
-        c.extend((!crc).to_be_bytes());
+        c.extend(crc32fast::hash(&body).to_be_bytes()); // PNG's CRC-32 of type and data
         c
     };
     let mut ihdr = w.to_be_bytes().to_vec();
@@ -87,14 +79,16 @@ impl Pixels {
     /// of 16000x16000) is refused without allocating it; the decoder's own allocations are capped
     /// to what that many pixels need.
     pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<Pixels> {
-        let reader = || {
-            image::ImageReader::new(std::io::Cursor::new(bytes))
-                .with_guessed_format()
-                .map_err(|e| anyhow!("cannot read the image header: {e}"))
-        };
-        let (w, h) = reader()?
-            .into_dimensions()
-            .map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
+        use image::ImageDecoder;
+        let corrupt = |e: image::ImageError| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)");
+        // One decoder: its header gives the size, then the same decoder decodes (as
+        // `ImageReader::decode` does, with our limits).
+        let mut decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| anyhow!("cannot read the image header: {e}"))?
+            .into_decoder()
+            .map_err(corrupt)?;
+        let (w, h) = decoder.dimensions();
         if w == 0 || h == 0 {
             bail!("image has zero size ({w}x{h})");
         }
@@ -107,9 +101,9 @@ impl Pixels {
         limits.max_image_height = Some(h);
         // 16-bit RGBA, the widest pixel these decoders produce, plus room for their buffers.
         limits.max_alloc = Some(pixels * 8 + (16 << 20));
-        let mut r = reader()?;
-        r.limits(limits);
-        let img = r.decode().map_err(|e| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"))?;
+        limits.reserve(decoder.total_bytes()).map_err(corrupt)?;
+        decoder.set_limits(limits).map_err(corrupt)?;
+        let img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
         Ok(match img {
             DynamicImage::ImageLuma8(g) => {
                 Pixels { width: w as usize, height: h as usize, channels: 1, data: g.into_raw() }

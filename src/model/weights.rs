@@ -102,18 +102,19 @@ impl StateDict {
             if !data.dtype.is_float() {
                 continue;
             }
-            let values = data.clone().convert::<f32>();
-            let values = values
-                .as_slice::<f32>()
-                .map_err(|e| anyhow!("{}: cannot read tensor '{key}': {e:?}", self.path.display()))?;
-            let bad = values.iter().filter(|v| !v.is_finite()).count();
-            if bad > 0 {
-                let first = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            // Read in place (no copy of the tensor), converting element by element for f16/bf16.
+            let (mut bad, mut first) = (0usize, None);
+            for (i, v) in data.iter::<f32>().enumerate() {
+                if !v.is_finite() {
+                    bad += 1;
+                    first.get_or_insert((i, v));
+                }
+            }
+            if let Some((index, value)) = first {
                 bail!(
-                    "{}: tensor '{key}' holds {bad} NaN or infinite value(s) (the first at flat index {first}: {}); these weights are broken \
+                    "{}: tensor '{key}' holds {bad} NaN or infinite value(s) (the first at flat index {index}: {value}); these weights are broken \
                      (a diverged run?): use an earlier checkpoint",
                     self.path.display(),
-                    values[first]
                 );
             }
         }
