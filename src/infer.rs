@@ -148,11 +148,8 @@ impl<B: Backend> Model<B> {
         ids: &[&[i64]],
         heads: HeadSet,
     ) -> Result<Option<crate::model::PvltOutput<B>>> {
-        if heads.itm && !self.config.heads.itm {
-            bail!("these weights have no image-text matching head (itm_head): use pre-training weights");
-        }
-        if heads.cls && !self.config.heads.cls {
-            bail!("these weights have no recognition heads (sup_cls_head / sub_cls_head): use fine-tuned weights");
+        if let Some(why) = missing_head(self.config.heads, heads) {
+            bail!(why);
         }
         if images.is_empty() {
             return Ok(None);
@@ -190,6 +187,24 @@ impl<B: Backend> Model<B> {
         let names = self.classes.as_ref();
         Ok(Classification { main: top_k(&main, names.map(|c| &c.main), k), sub: top_k(&sub, names.map(|c| &c.sub), k) })
     }
+}
+
+/// What to tell a user whose weights (with heads `present`) lack one of the inference heads in
+/// `wanted`, naming the weights that have it; `None` when nothing is missing.
+pub fn missing_head(present: HeadSet, wanted: HeadSet) -> Option<&'static str> {
+    if wanted.itm && !present.itm {
+        return Some(
+            "these weights have no image-text matching head (itm_head): use pre-training weights \
+             (mvlt pretrain's final/model.safetensors)",
+        );
+    }
+    if wanted.cls && !present.cls {
+        return Some(
+            "these weights have no recognition heads (sup_cls_head, sub_cls_head): use fine-tuned weights \
+             (mvlt finetune's final/model.safetensors)",
+        );
+    }
+    None
 }
 
 /// A model output's values as f32, or an error saying it could not be read (never an empty vector

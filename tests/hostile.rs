@@ -270,7 +270,10 @@ fn missing_heads_are_422_and_abandoned_work_is_dropped() {
     let s = serve(&no_cls, data, &[]);
     let (st, body) = post_json(&s.addr, "/v1/classify", &serde_json::json!({"image": img}).to_string());
     assert_eq!(st, 422, "{body}");
-    assert!(json_error(&body).unwrap().contains("serve fine-tuned weights"), "{body}");
+    assert!(
+        json_error(&body).unwrap().contains("use fine-tuned weights (mvlt finetune's final/model.safetensors)"),
+        "{body}"
+    );
     drop(s);
 
     // Every request times out at once (1 us): the client gets 504, the model thread drops the work.

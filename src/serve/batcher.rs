@@ -21,6 +21,17 @@ pub enum Head {
     Cls,
 }
 
+impl Head {
+    /// The model heads this one runs.
+    pub fn heads(self) -> crate::model::HeadSet {
+        use crate::model::HeadSet;
+        match self {
+            Head::Itm => HeadSet { itm: true, ..HeadSet::NONE },
+            Head::Cls => HeadSet { cls: true, ..HeadSet::NONE },
+        }
+    }
+}
+
 pub enum Work {
     /// (image, text) pairs through one head.
     Pairs { head: Head, images: Vec<Arc<Vec<f32>>>, ids: Vec<Arc<Vec<i64>>> },
@@ -37,22 +48,32 @@ pub enum Output {
 
 pub struct Job {
     pub work: Work,
-    pub reply: oneshot::Sender<Result<Output, JobError>>,
+    pub reply: Reply,
     pub enqueued: Instant,
-    /// After this the client has been answered 504: the work is dropped, not finished.
-    pub deadline: Instant,
 }
 
-impl Job {
+/// Where a job's answer goes, and until when anyone waits for it.
+pub struct Reply {
+    tx: oneshot::Sender<Result<Output, JobError>>,
+    /// After this the client has been answered 504: the work is dropped, not finished.
+    deadline: Instant,
+}
+
+impl Reply {
     /// Nobody waits for the answer any more: the client went away (its handler was dropped, which
     /// closes the reply channel) or was answered 504.
     fn abandoned(&self) -> bool {
-        self.reply.is_closed() || Instant::now() >= self.deadline
+        self.tx.is_closed() || Instant::now() >= self.deadline
+    }
+
+    /// Answer; a client that has gone no longer listens, which is fine.
+    fn send(self, answer: Result<Output, JobError>) {
+        let _ = self.tx.send(answer);
     }
 }
 
 /// Why the model thread gave no output.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum JobError {
     /// Dropped unfinished: the client had gone or its time was up (the HTTP layer answers 504).
     Abandoned,
@@ -103,9 +124,9 @@ pub enum Submit {
 
 impl Queue {
     pub fn submit(&self, work: Work, timeout: Duration) -> Submit {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         let now = Instant::now();
-        match self.tx.try_send(Job { work, reply, enqueued: now, deadline: now + timeout }) {
+        match self.tx.try_send(Job { work, reply: Reply { tx, deadline: now + timeout }, enqueued: now }) {
             Ok(()) => {
                 self.metrics.queue_depth.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Submit::Ok(rx)
@@ -146,10 +167,11 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![];
         take(first, &mut jobs);
+        // Answers the jobs nobody waits for any more, and leaves the rest.
         let drop_abandoned = |jobs: &mut Vec<Job>| {
-            for j in jobs.extract_if(.., |j| j.abandoned()) {
+            for j in jobs.extract_if(.., |j| j.reply.abandoned()) {
                 metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = j.reply.send(Err(JobError::Abandoned));
+                j.reply.send(Err(JobError::Abandoned));
             }
         };
         // Wait a little for concurrent requests, then take what is queued.
@@ -173,17 +195,14 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
                 run_pairs(&model, head, group, cfg.max_batch, &metrics);
             }
         }
+        // The pairs may have taken a while.
+        drop_abandoned(&mut jobs);
         for job in jobs {
-            if job.abandoned() {
-                metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = job.reply.send(Err(JobError::Abandoned));
-                continue;
-            }
             let Work::Search { text, image, rows } = &job.work else { unreachable!("pairs were taken above") };
             // Checked after every forward pass: a search nobody waits for stops there.
             let progress = |n: usize| {
                 metrics.record_batch(n);
-                if job.abandoned() {
+                if job.reply.abandoned() {
                     metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Err(Abandoned.into());
                 }
@@ -192,7 +211,7 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
             let out = search(&model, &cat, text.clone(), image.clone(), rows, cfg.max_batch, progress)
                 .map(Output::Search)
                 .map_err(job_error);
-            let _ = job.reply.send(out);
+            job.reply.send(out);
         }
     }
 }
@@ -202,19 +221,17 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
     let mut images: Vec<Arc<Vec<f32>>> = vec![];
     let mut ids: Vec<Arc<Vec<i64>>> = vec![];
     let mut counts = vec![];
-    let mut replies = vec![];
-    let mut deadlines = vec![];
+    let mut replies: Vec<Reply> = vec![];
     for j in jobs {
         if let Work::Pairs { images: im, ids: tx, .. } = j.work {
             counts.push(im.len());
             images.extend(im);
             ids.extend(tx);
             replies.push(j.reply);
-            deadlines.push(j.deadline);
         }
     }
     // Stop between forward passes once every job of the group is abandoned.
-    let all_abandoned = || replies.iter().zip(&deadlines).all(|(r, d)| r.is_closed() || Instant::now() >= *d);
+    let all_abandoned = || replies.iter().all(Reply::abandoned);
     let result: Result<Output> = (|| {
         let mut itm = vec![];
         let mut cls = vec![];
@@ -238,10 +255,9 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
     })();
     match result {
         Err(e) => {
-            let abandoned = e.downcast_ref::<Abandoned>().is_some();
-            let msg = format!("{e:#}");
+            let err = job_error(e);
             for r in replies {
-                let _ = r.send(Err(if abandoned { JobError::Abandoned } else { JobError::Failed(msg.clone()) }));
+                r.send(Err(err.clone()));
             }
         }
         Ok(out) => {
@@ -253,7 +269,7 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
                     Output::Search(_) => unreachable!(),
                 };
                 start += n;
-                let _ = r.send(Ok(part));
+                r.send(Ok(part));
             }
         }
     }

@@ -292,14 +292,9 @@ impl App {
 
     /// 422 unless the weights have `head`, naming the weights that do.
     fn require(&self, head: Head) -> Result<(), ApiError> {
-        let (present, what) = match head {
-            Head::Itm => (self.heads.itm, "these weights have no image-text matching head (itm_head): serve pre-training weights (mvlt pretrain's final/model.safetensors)"),
-            Head::Cls => (self.heads.cls, "these weights have no recognition heads (sup_cls_head, sub_cls_head): serve fine-tuned weights (mvlt finetune's final/model.safetensors)"),
-        };
-        if present {
-            Ok(())
-        } else {
-            Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, what.into()))
+        match crate::infer::missing_head(self.heads, head.heads()) {
+            None => Ok(()),
+            Some(why) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, why.into())),
         }
     }
 
