@@ -49,6 +49,15 @@ pub struct Model<B: Backend> {
     pub device: B::Device,
 }
 
+const NO_ITC_HEAD: &str = "these weights have no contrastive (ITC) head: pre-train with --with-itc \
+(the demo's recipe does) to get image and text embeddings";
+
+/// `[N, D]` -> N rows.
+fn rows_of<B: Backend>(e: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
+    let d = e.dims()[1];
+    Ok(output_values(e)?.chunks(d.max(1)).map(|r| r.to_vec()).collect())
+}
+
 /// Top-k classes with probabilities, by name.
 #[derive(Clone, Debug, Serialize)]
 pub struct Classification {
@@ -130,13 +139,14 @@ impl<B: Backend> Model<B> {
         Ok(self.text.encode(text, self.config.num_text_tokens)?.input_ids)
     }
 
+    /// `[N, 3, S, S]` images and `[M, T]` ids (either list may be empty).
     fn tensors(&self, images: &[&[f32]], ids: &[&[i64]]) -> (Tensor<B, 4>, Tensor<B, 2, Int>) {
-        let (n, s, t) = (images.len(), self.image_size, self.config.num_text_tokens);
+        let (s, t) = (self.image_size, self.config.num_text_tokens);
         let img: Vec<f32> = images.iter().flat_map(|x| x.iter().copied()).collect();
         let tok: Vec<i64> = ids.iter().flat_map(|x| x.iter().copied()).collect();
         (
-            Tensor::from_data(TensorData::new(img, [n, 3, s, s]), &self.device),
-            Tensor::from_data(TensorData::new(tok, [n, t]), &self.device),
+            Tensor::from_data(TensorData::new(img, [images.len(), 3, s, s]), &self.device),
+            Tensor::from_data(TensorData::new(tok, [ids.len(), t]), &self.device),
         )
     }
 
@@ -167,6 +177,30 @@ impl<B: Backend> Model<B> {
         let [n, _, _] = logits.dims();
         let p = softmax(logits.reshape([n, 2]), 1).slice([0..n, 1..2]).reshape([n]);
         output_values(p)
+    }
+
+    /// Contrastive (ITC) embeddings of preprocessed images, one unit-length row each; the weights
+    /// must have the ITC head (`pretrain --with-itc`).
+    pub fn image_embeddings(&self, images: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        if images.is_empty() {
+            return Ok(vec![]);
+        }
+        let (img, _) = self.tensors(images, &[]);
+        let e = self
+            .net
+            .embed_images(img, crate::model::Mode::Eval, self.text.cls_id, self.text.sep_id)
+            .context(NO_ITC_HEAD)?;
+        rows_of(e)
+    }
+
+    /// Contrastive (ITC) embeddings of token-id rows (`prepare_text`).
+    pub fn text_embeddings(&self, ids: &[&[i64]]) -> Result<Vec<Vec<f32>>> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let (_, tok) = self.tensors(&[], ids);
+        let e = self.net.embed_texts(tok, crate::model::Mode::Eval).context(NO_ITC_HEAD)?;
+        rows_of(e)
     }
 
     pub fn score(&self, image: &Pixels, text: &str) -> Result<f32> {

@@ -160,6 +160,7 @@ impl BackendTask for TrainStepTask {
             clean_images: img("in/images")?,
             sup_labels: flat(ints("in/sup_cls_labels")?),
             sub_labels: flat(ints("in/sub_cls_labels")?),
+            itc: None,
         };
         let input_ids = Tensor::<AB<B>, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
         let heads = cfg.heads;

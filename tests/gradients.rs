@@ -60,6 +60,7 @@ fn two_pair_targets(images: &Tensor<B, 4>) -> Targets<B> {
         clean_images: images.clone(),
         sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4], [2]), &device),
         sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0], [2]), &device),
+        itc: None,
     }
 }
 
@@ -164,6 +165,7 @@ fn bf16_autocast_step_tracks_f32() {
         clean_images: images.clone(),
         sup_labels: Tensor::from_data(TensorData::new(vec![2i64, 4, 0, 1], [4]), &device),
         sub_labels: Tensor::from_data(TensorData::new(vec![6i64, 0, 3, 3], [4]), &device),
+        itc: None,
     };
     let running_mean = || -> Vec<f32> {
         model.t2i_head.as_ref().unwrap().reduction1._1.running_mean.value_sync().into_data().to_vec().unwrap()

@@ -48,6 +48,9 @@ pub struct TrainArgs {
     /// Pre-training: also train the recognition heads.
     #[arg(long)]
     with_cls: bool,
+    /// Pre-training: also train image-text contrastive embeddings (ITC; not in the authors' recipe).
+    #[arg(long)]
+    with_itc: bool,
     /// Fine-tuning: train mode (dropout, BatchNorm batch statistics) instead of the reference's eval mode.
     #[arg(long)]
     train_mode: bool,
@@ -79,6 +82,9 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     over.extend(a.seed.map(|v| format!("seed={v}")));
     if a.with_cls {
         over.push("with_cls=true".into());
+    }
+    if a.with_itc {
+        over.push("with_itc=true".into());
     }
     if a.train_mode {
         over.push("train_mode=true".into());

@@ -30,8 +30,8 @@ pub struct LoaderConfig {
     pub pretrain: bool,
     /// Side of the reconstruction mask grid (16 in the reference).
     pub mask_grid: usize,
-    /// Share of word pieces chosen for MLM (0.15 in the reference).
-    pub mlm_probability: f64,
+    /// Which word pieces MLM chooses (the reference: 15% of every piece).
+    pub mlm: super::text::MlmPolicy,
 }
 
 impl Default for LoaderConfig {
@@ -46,7 +46,7 @@ impl Default for LoaderConfig {
             shuffle: true,
             pretrain: true,
             mask_grid: 16,
-            mlm_probability: super::text::MLM_PROBABILITY,
+            mlm: super::text::MlmPolicy::default(),
         }
     }
 }
@@ -68,6 +68,12 @@ pub struct Batch {
     pub itm_labels: Vec<i64>,
     pub sup_labels: Vec<i64>,
     pub sub_labels: Vec<i64>,
+    /// `[B, T]` each image's own caption, not corrupted (pre-training; for ITC).
+    pub caption_ids: Vec<i64>,
+    /// `[B]` product ids of the rows.
+    pub product_ids: Vec<String>,
+    /// `[CLS]` and `[SEP]`: the empty caption.
+    pub empty_caption: [i64; 2],
     pub image_size: usize,
     pub text_len: usize,
 }
@@ -90,6 +96,7 @@ struct Sample {
     itm: i64,
     sup: i64,
     sub: i64,
+    own_ids: Vec<i64>,
 }
 
 pub struct Loader {
@@ -165,8 +172,13 @@ impl Loader {
         }
         let (caption_index, itm) = if cfg.pretrain { itm_pair(index, &self.product_ids, &mut rng) } else { (index, 1) };
         let enc = self.text.encode(&self.dataset.records()[caption_index].caption, cfg.max_len)?;
+        let own_ids = match (cfg.pretrain, caption_index == index) {
+            (false, _) => vec![],
+            (true, true) => enc.input_ids.clone(),
+            (true, false) => self.text.encode(&rec.caption, cfg.max_len)?.input_ids,
+        };
         let (ids, mlm, masked) = if cfg.pretrain {
-            let (ids, mlm) = self.text.mask_tokens(&enc.input_ids, cfg.mlm_probability, &mut rng);
+            let (ids, mlm) = self.text.mask_tokens(&enc.input_ids, &cfg.mlm, &mut rng);
             let mut masked = image.clone();
             apply_grid_mask(&mut masked, cfg.image_size, cfg.mask_grid, &grid_mask(cfg.mask_grid, &mut rng))?;
             (ids, mlm, masked)
@@ -183,6 +195,7 @@ impl Loader {
             itm,
             sup: class(self.classes.main_id(&rec.category)),
             sub: class(self.classes.sub_id(&rec.subcategory)),
+            own_ids,
         })
     }
 
@@ -201,6 +214,9 @@ impl Loader {
             itm_labels: vec![],
             sup_labels: vec![],
             sub_labels: vec![],
+            caption_ids: vec![],
+            product_ids: vec![],
+            empty_caption: [self.text.cls_id, self.text.sep_id],
             image_size: self.config.image_size,
             text_len: self.config.max_len,
         };
@@ -215,6 +231,8 @@ impl Loader {
                     batch.itm_labels.push(s.itm);
                     batch.sup_labels.push(s.sup);
                     batch.sub_labels.push(s.sub);
+                    batch.caption_ids.extend(s.own_ids);
+                    batch.product_ids.push(self.product_ids[s.index].clone());
                 }
                 Err(e) => {
                     let mut skips = self.skips.lock().expect("skip report");

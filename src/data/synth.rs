@@ -824,6 +824,23 @@ fn view_rng(seed: u64, product: usize, view: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ (product as u64).wrapping_mul(0x9E3779B97F4A7C15) ^ ((view as u64 + 1) << 56))
 }
 
+/// The words of a caption that only the image can tell: colours, patterns and garment names
+/// (materials, closures and care notes are not drawn). MLM's focus list in the demo's recipe.
+pub fn attribute_words() -> Vec<String> {
+    let mut words = BTreeSet::new();
+    let text = COLOURS
+        .iter()
+        .map(|c| c.0)
+        .chain(PATTERNS.iter().copied())
+        .chain(GARMENTS.iter().flat_map(|g| g.noun.iter().copied()));
+    for phrase in text.chain(["stripes", "dots", "check", "floral", "buttons", "pockets", "logo", "placket"]) {
+        for w in phrase.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+            words.insert(w.to_lowercase());
+        }
+    }
+    words.into_iter().collect()
+}
+
 /// Every word the generator can write, for the small built-in vocabulary.
 pub fn caption_words() -> BTreeSet<String> {
     let mut text = String::new();

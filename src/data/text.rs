@@ -125,18 +125,19 @@ impl TextProcessor {
         Ok(Encoded { truncated: keep < ids.len(), tokens, input_ids })
     }
 
-    /// MLM corruption: each word piece (not [CLS]/[SEP]/[PAD]) is chosen with probability `p` (the
-    /// reference: [`MLM_PROBABILITY`]); a chosen one becomes [MASK] 80%, a uniformly random
-    /// vocabulary id 10%, stays 10%. Returns the corrupted ids and labels (original id where
-    /// chosen, -1 elsewhere).
-    pub fn mask_tokens(&self, input_ids: &[i64], p: f64, rng: &mut impl Rng) -> (Vec<i64>, Vec<i64>) {
+    /// MLM corruption: each word piece (not [CLS]/[SEP]/[PAD]) is chosen with the policy's
+    /// probability (the reference: [`MLM_PROBABILITY`] for every piece); a chosen one becomes [MASK]
+    /// 80%, a uniformly random vocabulary id 10%, stays 10%. Returns the corrupted ids and labels
+    /// (original id where chosen, -1 elsewhere). One draw per piece whatever the policy, so a focus
+    /// list changes which pieces are chosen, never the random stream of the rest.
+    pub fn mask_tokens(&self, input_ids: &[i64], policy: &MlmPolicy, rng: &mut impl Rng) -> (Vec<i64>, Vec<i64>) {
         let mut ids = input_ids.to_vec();
         let mut labels = vec![IGNORE; ids.len()];
         for (i, id) in ids.iter_mut().enumerate() {
             if self.special_ids.contains(id) && *id != self.unk_id {
                 continue;
             }
-            if rng.random::<f64>() >= p {
+            if rng.random::<f64>() >= policy.probability_of(*id) {
                 continue;
             }
             labels[i] = *id;
@@ -148,6 +149,50 @@ impl TextProcessor {
             }
         }
         (ids, labels)
+    }
+
+    /// The word-piece ids of `words` (every piece of each), for [`MlmPolicy::focus`].
+    pub fn piece_ids(&self, words: &[String]) -> Result<Vec<i64>> {
+        let mut ids = vec![];
+        for w in words {
+            let (_, pieces) = self.tokenize(w)?;
+            ids.extend(pieces.into_iter().filter(|&i| i != self.unk_id));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+}
+
+/// Which word pieces MLM chooses. The reference chooses every piece with one probability; a
+/// focus list chooses some pieces (attribute words: colours, patterns, garments) more often, so
+/// that MLM cannot be solved from the caption alone and the text has to read the image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlmPolicy {
+    pub probability: f64,
+    /// Sorted piece ids chosen with `focus_probability` instead.
+    pub focus_ids: Vec<i64>,
+    pub focus_probability: f64,
+}
+
+impl MlmPolicy {
+    /// The reference's: every piece with probability `p`.
+    pub fn uniform(p: f64) -> MlmPolicy {
+        MlmPolicy { probability: p, focus_ids: vec![], focus_probability: p }
+    }
+
+    pub fn probability_of(&self, id: i64) -> f64 {
+        if self.focus_ids.binary_search(&id).is_ok() {
+            self.focus_probability
+        } else {
+            self.probability
+        }
+    }
+}
+
+impl Default for MlmPolicy {
+    fn default() -> Self {
+        MlmPolicy::uniform(MLM_PROBABILITY)
     }
 }
 
@@ -278,9 +323,9 @@ mod tests {
         let t = TextProcessor::from_vocab_file(tiny_vocab().path()).unwrap();
         let ids: Vec<i64> = std::iter::once(101).chain(std::iter::repeat_n(104, 20000)).chain([102, 0]).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let (a, la) = t.mask_tokens(&ids, MLM_PROBABILITY, &mut rng);
+        let (a, la) = t.mask_tokens(&ids, &MlmPolicy::default(), &mut rng);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        assert_eq!((a.clone(), la.clone()), t.mask_tokens(&ids, MLM_PROBABILITY, &mut rng));
+        assert_eq!((a.clone(), la.clone()), t.mask_tokens(&ids, &MlmPolicy::default(), &mut rng));
         assert_eq!((la[0], la[20001], la[20002]), (IGNORE, IGNORE, IGNORE), "specials never masked");
         let chosen = la.iter().filter(|&&l| l != IGNORE).count() as f64 / 20000.0;
         assert!((chosen - 0.15).abs() < 0.01, "{chosen}");
@@ -290,9 +335,28 @@ mod tests {
         assert!((masked / n - 0.8).abs() < 0.03 && (kept / n - 0.1).abs() < 0.03, "{} {}", masked / n, kept / n);
         assert!(la.iter().all(|&l| l == IGNORE || l == 104));
         // Another share when asked.
-        let (_, l4) = t.mask_tokens(&ids, 0.4, &mut rng);
+        let (_, l4) = t.mask_tokens(&ids, &MlmPolicy::uniform(0.4), &mut rng);
         let chosen = l4.iter().filter(|&&l| l != IGNORE).count() as f64 / 20000.0;
         assert!((chosen - 0.4).abs() < 0.015, "{chosen}");
+    }
+
+    #[test]
+    fn focus_words_are_chosen_more_often_on_the_same_random_stream() {
+        let t = TextProcessor::from_vocab_file(tiny_vocab().path()).unwrap();
+        // "red" (104) and "silk" (108) alternate; only "red" is in focus.
+        let ids: Vec<i64> = std::iter::once(101).chain((0..20000).map(|i| [104, 108][i % 2])).chain([102]).collect();
+        let focus =
+            MlmPolicy { focus_ids: t.piece_ids(&["Red".into(), "zebra".into()]).unwrap(), ..MlmPolicy::uniform(0.1) };
+        assert_eq!(focus.focus_ids, [104], "unknown words add nothing");
+        let focus = MlmPolicy { focus_probability: 0.6, ..focus };
+        let (_, l) = t.mask_tokens(&ids, &focus, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3));
+        let share = |w: i64| l.iter().filter(|&&x| x == w).count() as f64 / 10000.0;
+        assert!((share(104) - 0.6).abs() < 0.02 && (share(108) - 0.1).abs() < 0.015, "{} {}", share(104), share(108));
+        // With the focus probability equal to the base one the policy is the reference's, draw for draw.
+        let same = MlmPolicy { focus_probability: 0.1, ..focus.clone() };
+        let mut r1 = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        assert_eq!(t.mask_tokens(&ids, &same, &mut r1), t.mask_tokens(&ids, &MlmPolicy::uniform(0.1), &mut r2));
     }
 
     #[test]

@@ -19,15 +19,20 @@ pub struct HeadSet {
     pub t2i: bool,
     /// Main- and sub-category recognition.
     pub cls: bool,
+    /// Image-text contrastive embeddings (ALBEF's ITC; not in the reference, so off in every
+    /// preset and absent from the authors' checkpoints): `itc_head.*`.
+    #[serde(default)]
+    pub itc: bool,
 }
 
 impl HeadSet {
-    pub const ALL: HeadSet = HeadSet { itm: true, mlm: true, t2i: true, cls: true };
-    pub const NONE: HeadSet = HeadSet { itm: false, mlm: false, t2i: false, cls: false };
+    /// The reference's four heads (ITC is ours, so not among them).
+    pub const ALL: HeadSet = HeadSet { itm: true, mlm: true, t2i: true, cls: true, itc: false };
+    pub const NONE: HeadSet = HeadSet { itm: false, mlm: false, t2i: false, cls: false, itc: false };
     /// The authors' pre-training recipe (`cls: 0`).
-    pub const PRETRAIN: HeadSet = HeadSet { itm: true, mlm: true, t2i: true, cls: false };
+    pub const PRETRAIN: HeadSet = HeadSet { itm: true, mlm: true, t2i: true, cls: false, itc: false };
     /// The authors' recognition fine-tuning recipe (`cls` only).
-    pub const FINETUNE: HeadSet = HeadSet { itm: false, mlm: false, t2i: false, cls: true };
+    pub const FINETUNE: HeadSet = HeadSet { itm: false, mlm: false, t2i: false, cls: true, itc: false };
 
     /// Heads whose weights appear in a state dict (used when a config does not say).
     pub fn present_in<'a>(keys: impl IntoIterator<Item = &'a str>) -> HeadSet {
@@ -37,6 +42,7 @@ impl HeadSet {
             h.mlm |= k.starts_with("mlm_head");
             h.t2i |= k.starts_with("t2i_head");
             h.cls |= k.starts_with("sup_cls_head") || k.starts_with("sub_cls_head");
+            h.itc |= k.starts_with("itc_head");
         }
         h
     }
@@ -47,6 +53,7 @@ impl HeadSet {
             mlm: self.mlm && other.mlm,
             t2i: self.t2i && other.t2i,
             cls: self.cls && other.cls,
+            itc: self.itc && other.itc,
         }
     }
 
@@ -64,8 +71,15 @@ impl HeadSet {
         if self.cls {
             v.push("cls")
         }
+        if self.itc {
+            v.push("itc")
+        }
         v
     }
+}
+
+fn default_itc_dim() -> usize {
+    128
 }
 
 /// Most parameters a config may ask for (8 GB of f32; PVLT-large has about a tenth of that).
@@ -93,6 +107,9 @@ pub struct PvltConfig {
     pub num_sub_classes: usize,
     /// Channel width c of the reconstruction head (fixed at 64 in the reference).
     pub t2i_channel: usize,
+    /// Width of the contrastive embeddings (`heads.itc`).
+    #[serde(default = "default_itc_dim")]
+    pub itc_dim: usize,
     pub drop_path_rate: f64,
     /// Dropout after the text embedding's LayerNorm (BERT's hidden_dropout_prob).
     pub text_dropout: f64,
@@ -130,6 +147,7 @@ impl PvltConfig {
             num_sup_classes: 48,
             num_sub_classes: 122,
             t2i_channel: 64,
+            itc_dim: default_itc_dim(),
             drop_path_rate: 0.1,
             text_dropout: 0.1,
             block_norm_eps: 1e-6,
@@ -244,7 +262,7 @@ impl PvltConfig {
             serde_json::from_value(h.clone()).context("config key 'heads'")?
         } else if let Some(lt) = obj.get("loss_type").and_then(|l| l.as_object()) {
             let on = |k: &str| lt.get(k).and_then(|v| v.as_f64()).map(|x| x != 0.0).unwrap_or(false);
-            HeadSet { itm: on("itm"), mlm: on("mlm"), t2i: on("t2i"), cls: on("cls") }
+            HeadSet { itm: on("itm"), mlm: on("mlm"), t2i: on("t2i"), cls: on("cls"), itc: on("itc") }
         } else {
             HeadSet::ALL
         };
@@ -265,6 +283,7 @@ impl PvltConfig {
             num_sup_classes: usize_of(&["num_sup_classes", "sup_classes"], base.num_sup_classes)?,
             num_sub_classes: usize_of(&["num_sub_classes", "sub_classes"], base.num_sub_classes)?,
             t2i_channel: usize_of(&["t2i_channel"], base.t2i_channel)?,
+            itc_dim: usize_of(&["itc_dim"], base.itc_dim)?,
             drop_path_rate: f64_of(&["drop_path_rate"], base.drop_path_rate)?,
             text_dropout: f64_of(&["text_dropout", "hidden_dropout_prob"], base.text_dropout)?,
             block_norm_eps: f64_of(&["block_norm_eps"], base.block_norm_eps)?,
@@ -313,7 +332,7 @@ impl PvltConfig {
         }
         // Sane bounds, far above every real PVLT (large: depths [3,8,27,3], widths up to 512), so a
         // crafted config (in a weights file's metadata, say) cannot ask for terabytes.
-        let bounds: [(&str, usize, usize); 11] = [
+        let bounds: [(&str, usize, usize); 12] = [
             ("patch_size", self.patch_size, 64),
             ("img_size", self.img_size, 4096),
             ("token_hidden_size", self.token_hidden_size, 8192),
@@ -324,6 +343,7 @@ impl PvltConfig {
             ("num_sup_classes", self.num_sup_classes, 100_000),
             ("num_sub_classes", self.num_sub_classes, 100_000),
             ("t2i_channel", self.t2i_channel, 4096),
+            ("itc_dim", self.itc_dim, 4096),
             ("total depth", self.depths.iter().sum(), 256),
         ];
         for (name, v, max) in bounds {
@@ -436,7 +456,7 @@ mod tests {
         assert_eq!(c.embed_dims, [16, 32, 40, 64]);
         assert_eq!(c.token_hidden_size, 64);
         assert_eq!(c.num_text_tokens, 32);
-        assert_eq!(c.heads, HeadSet { itm: true, mlm: true, t2i: false, cls: true });
+        assert_eq!(c.heads, HeadSet { itm: true, mlm: true, t2i: false, cls: true, itc: false });
         // Our own serialised form round-trips.
         let back = PvltConfig::from_json(&serde_json::to_value(&c).unwrap()).unwrap();
         assert_eq!(back, c);

@@ -6,7 +6,9 @@
 //! mask). Field names and order are the reference's state-dict names and order.
 
 use super::config::{HeadSet, PvltConfig};
-use super::layers::{bilinear, drop_path, dropout, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm};
+use super::layers::{
+    bilinear, drop_path, dropout, BatchNorm2d, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm,
+};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
@@ -169,6 +171,56 @@ impl<B: Backend> ClsHead<B> {
     }
 }
 
+/// Image-text contrastive (ITC) projections, ours (ALBEF's `vision_proj` / `text_proj` and
+/// learned temperature), not in the reference. The image side reads the pooled stage-4 image
+/// tokens of a pass with the empty caption, the text side the stage-4 [CLS] of a pass over a blank
+/// image ([`Pvlt::embed_images`], [`Pvlt::embed_texts`]): one network, no second encoder.
+/// Training them aligns what the image tokens say with what the caption's [CLS] says before the
+/// joint pass has to compare them (ALBEF's "align before fuse"), which ITM needs.
+#[derive(Module, Debug)]
+pub struct ItcHead<B: Backend> {
+    /// BatchNorm of the pooled features before each projection (SimCLR's projection head): it
+    /// takes out what every image (every caption) shares. Without it, on catalogue images that
+    /// are mostly white background, the image embeddings collapse to one point within ten steps
+    /// and the loss sits at ln(batch).
+    pub image_norm: BatchNorm2d<B>,
+    pub text_norm: BatchNorm2d<B>,
+    pub image_proj: Linear<B>,
+    pub text_proj: Linear<B>,
+    /// log(1 / temperature), CLIP's parametrisation; starts at log(1 / 0.07).
+    pub logit_scale: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> ItcHead<B> {
+    fn new(d: usize, k: usize, std: f64, device: &B::Device) -> Self {
+        ItcHead {
+            image_norm: BatchNorm2d::new(d, device),
+            text_norm: BatchNorm2d::new(d, device),
+            image_proj: Linear::new(d, k, true, std, device),
+            text_proj: Linear::new(d, k, true, std, device),
+            logit_scale: Param::from_tensor(Tensor::from_floats([(1.0f32 / 0.07).ln()], device)),
+        }
+    }
+
+    /// `[B, C]` pooled features -> unit-length embeddings `[B, K]`.
+    fn embed(norm: &BatchNorm2d<B>, proj: &Linear<B>, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        let [b, c] = x.dims();
+        let x = norm.forward(x.reshape([b, c, 1, 1]), train).reshape([b, c]);
+        l2_normalize(proj.forward(x))
+    }
+
+    /// The similarity scale exp(logit_scale), capped at 100 as CLIP does.
+    pub fn scale(&self) -> Tensor<B, 1> {
+        self.logit_scale.val().clamp_max(100f32.ln()).exp()
+    }
+}
+
+/// Rows scaled to unit length `[N, D]`.
+pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
 /// `nn.Sequential(Conv2d 1x1, Upsample x8)`; the upsampling has no weights.
 #[derive(Module, Debug)]
 pub struct Score<B: Backend> {
@@ -272,6 +324,9 @@ pub struct Pvlt<B: Backend> {
     pub sub_cls_head_embed: Option<LinearNorm<B>>,
     pub sub_cls_head: Option<ClsHead<B>>,
     pub t2i_head: Option<T2iHead<B>>,
+    pub itc_head: Option<ItcHead<B>>,
+    /// Patch size of stage 1 (the smallest image side the model takes is 8 patches).
+    pub patch_size: usize,
     /// Grid side of each stage's positional table (56, 28, 14, 7 at img_size 224).
     pub pos_grids: [usize; 4],
 }
@@ -312,6 +367,8 @@ pub enum MlmAt<B: Backend> {
 pub struct PvltOutput<B: Backend> {
     /// Stage-4 text tokens `[B, T, C4]`: what every token head reads.
     pub text_tokens: Tensor<B, 3>,
+    /// Stage-4 image map `[B, C4, H4, W4]`.
+    pub image_map: Tensor<B, 4>,
     /// `[B, 1, 2]`; softmax(...)[1] is the match probability.
     pub itm_logits: Option<Tensor<B, 3>>,
     /// `[B, T, vocab]` ([`MlmAt::AllPositions`]).
@@ -459,6 +516,9 @@ impl<B: Backend> Pvlt<B> {
             sub_cls_head_embed: h.cls.then(head_embed),
             sub_cls_head: h.cls.then(|| ClsHead::new(th, cfg.num_sub_classes, std, device)),
             t2i_head: h.t2i.then(|| T2iHead::new([d[1], d[2], d[3]], cfg.t2i_channel, device)),
+            // Drawn last, so that turning ITC on leaves every other initial weight as it was.
+            itc_head: h.itc.then(|| ItcHead::new(d[3], cfg.itc_dim, std, device)),
+            patch_size: cfg.patch_size,
             pos_grids: [grid(0), grid(1), grid(2), grid(3)],
         }
     }
@@ -470,6 +530,7 @@ impl<B: Backend> Pvlt<B> {
             mlm: self.mlm_head.is_some(),
             t2i: self.t2i_head.is_some(),
             cls: self.sup_cls_head.is_some(),
+            itc: self.itc_head.is_some(),
         }
     }
 
@@ -550,6 +611,39 @@ impl<B: Backend> Pvlt<B> {
         self.run(images, input_ids, heads, mode, MlmAt::Rows(rows), false).0
     }
 
+    /// Contrastive image embeddings `[B, itc_dim]`, unit length: the mean of the stage-4 image
+    /// tokens of a pass with the empty caption `[CLS] [SEP]` (2 text tokens, so the pass costs
+    /// about the image alone). Why not that pass's [CLS]: at initialisation it hardly depends on
+    /// the image (README, Training), so every image embeds alike and the contrastive loss has
+    /// nothing to pull on. `None` without the ITC head.
+    pub fn embed_images(&self, images: Tensor<B, 4>, mode: Mode, cls_id: i64, sep_id: i64) -> Option<Tensor<B, 2>> {
+        let head = self.itc_head.as_ref()?;
+        let b = images.dims()[0];
+        let device = images.device();
+        let ids = Tensor::<B, 1, Int>::from_ints([cls_id, sep_id], &device).reshape([1, 2]).repeat_dim(0, b);
+        let map = self.run(images, ids, HeadSet::NONE, mode, MlmAt::AllPositions, false).0.image_map;
+        let [b, c, h, w] = map.dims();
+        let pooled = map.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]);
+        Some(ItcHead::embed(&head.image_norm, &head.image_proj, pooled, mode.is_train()))
+    }
+
+    /// Contrastive text embeddings `[B, itc_dim]`, unit length: the mean of the stage-4 text
+    /// tokens that are not [PAD] (id 0), of a pass of the caption over a blank (black) image of the
+    /// smallest side the model takes (8 patches), so the pass costs about the text alone. The mean
+    /// rather than [CLS], for the reason [`Pvlt::embed_images`] gives. `None` without the ITC head.
+    pub fn embed_texts(&self, input_ids: Tensor<B, 2, Int>, mode: Mode) -> Option<Tensor<B, 2>> {
+        let head = self.itc_head.as_ref()?;
+        let [b, t] = input_ids.dims();
+        let side = self.patch_size * 8;
+        let device = input_ids.device();
+        let blank = Tensor::<B, 4>::zeros([b, 3, side, side], &device);
+        let words = input_ids.clone().not_equal_elem(0).float().reshape([b, t, 1]);
+        let text = self.run(blank, input_ids, HeadSet::NONE, mode, MlmAt::AllPositions, false).0.text_tokens;
+        let pooled = (text * words.clone()).sum_dim(1).div(words.sum_dim(1).clamp_min(1.0));
+        let c = pooled.dims()[2];
+        Some(ItcHead::embed(&head.text_norm, &head.text_proj, pooled.reshape([b, c]), mode.is_train()))
+    }
+
     /// [`Pvlt::forward`] and every intermediate tensor the reference fixtures store (candle's
     /// `output_hidden_states`): for `mvlt verify`, never on the training or inference path.
     pub fn output_hidden_states(
@@ -592,9 +686,10 @@ impl<B: Backend> Pvlt<B> {
                 pos_used.push(pos.clone());
             }
             let x = x + pos;
-            let y = st.text_embed.forward(text) + st.text_pos_embed.val();
+            // Texts may be shorter than the table's T (the empty caption of `embed_images`).
+            let t = text.dims()[1];
+            let y = st.text_embed.forward(text) + st.text_pos_embed.val().slice([0..1, 0..t]);
             let [b, hw, c] = x.dims();
-            let t = y.dims()[1];
             let mut z = Tensor::cat(vec![x, y], 1);
             for blk in st.blocks {
                 z = blk.forward(z, h, w, train);
@@ -615,6 +710,7 @@ impl<B: Backend> Pvlt<B> {
 
         let mut out = PvltOutput {
             text_tokens: text.clone(),
+            image_map: img.clone(),
             itm_logits: None,
             mlm_logits: None,
             mlm_logits_at: None,

@@ -280,6 +280,9 @@ impl StateDict {
         if let Some(s) = self.shape("sub_cls_head.linear.weight") {
             cfg.num_sub_classes = s[0];
         }
+        if let Some(s) = self.shape("itc_head.image_proj.weight") {
+            cfg.itc_dim = s[0];
+        }
         cfg.heads = super::HeadSet::present_in(self.tensors.keys().map(|k| k.as_str()));
         let preset = cfg.variant_name().and_then(PvltConfig::preset)?;
         cfg.num_heads = preset.num_heads;

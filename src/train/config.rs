@@ -62,6 +62,11 @@ pub struct TrainConfig {
     pub mask_grid: usize,
     /// Share of word pieces chosen for MLM (the reference: 0.15).
     pub mlm_probability: f64,
+    /// Words MLM chooses with `mlm_focus_probability` instead: "synthetic" (the built-in
+    /// catalogue's attribute words: colours, patterns, garment names) or a file with one word per
+    /// line. Off in the authors' recipes.
+    pub mlm_focus: Option<String>,
+    pub mlm_focus_probability: f64,
     /// Per-step batch (per device).
     pub batch_size: usize,
     /// Batches whose gradients are summed before one optimiser step.
@@ -85,6 +90,8 @@ pub struct TrainConfig {
     pub dropout: f64,
     /// Pre-training: also train the recognition heads.
     pub with_cls: bool,
+    /// Pre-training: also train image-text contrastive embeddings (ITC, ours; `model::ItcHead`).
+    pub with_itc: bool,
     /// Fine-tuning: train mode (dropout, BatchNorm batch statistics). The reference fine-tunes in
     /// eval mode, the default here too.
     pub train_mode: bool,
@@ -127,6 +134,8 @@ impl Default for TrainConfig {
             max_len: 128,
             mask_grid: 16,
             mlm_probability: crate::data::text::MLM_PROBABILITY,
+            mlm_focus: None,
+            mlm_focus_probability: 0.5,
             batch_size: 8,
             accum_steps: 1,
             epochs: 150,
@@ -143,6 +152,7 @@ impl Default for TrainConfig {
             drop_path_rate: 0.1,
             dropout: 0.1,
             with_cls: false,
+            with_itc: false,
             train_mode: false,
             seed: 0,
             workers: 2,
@@ -158,6 +168,17 @@ impl Default for TrainConfig {
     }
 }
 
+/// The words of `mlm_focus`: the synthetic catalogue's attribute words, or a word file's lines.
+pub fn focus_words(spec: &str) -> Result<Vec<String>> {
+    if spec == "synthetic" {
+        return Ok(crate::data::synth::attribute_words());
+    }
+    let text =
+        crate::files::read_text_limited(Path::new(spec), "mlm_focus word list", crate::files::MAX_SMALL_FILE_BYTES)
+            .with_context(|| format!("mlm_focus = {spec:?} is neither \"synthetic\" nor a readable word file"))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+}
+
 /// A built-in recipe by name, or a recipe file.
 pub fn recipe_text(spec: &str) -> Result<String> {
     Ok(match spec {
@@ -165,9 +186,11 @@ pub fn recipe_text(spec: &str) -> Result<String> {
         "finetune" => include_str!("../../configs/finetune.toml").to_string(),
         "cpu-pretrain" => include_str!("../../configs/cpu_pretrain.toml").to_string(),
         "cpu-finetune" => include_str!("../../configs/cpu_finetune.toml").to_string(),
+        "demo" => include_str!("../../configs/demo.toml").to_string(),
+        "demo-finetune" => include_str!("../../configs/demo_finetune.toml").to_string(),
         path => crate::files::read_text_limited(Path::new(path), "recipe", crate::files::MAX_SMALL_FILE_BYTES)
             .with_context(|| {
-                format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune)")
+                format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune, demo, demo-finetune)")
             })?,
     })
 }
@@ -231,6 +254,9 @@ impl TrainConfig {
         if !(self.mlm_probability > 0.0 && self.mlm_probability <= 1.0) {
             bail!("mlm_probability must be in (0, 1], got {}", self.mlm_probability);
         }
+        if !(self.mlm_focus_probability > 0.0 && self.mlm_focus_probability <= 1.0) {
+            bail!("mlm_focus_probability must be in (0, 1], got {}", self.mlm_focus_probability);
+        }
         for (name, v) in [("dropout", self.dropout), ("drop_path_rate", self.drop_path_rate)] {
             if !(0.0..1.0).contains(&v) {
                 bail!("{name} must be in [0, 1), got {v}");
@@ -287,7 +313,7 @@ mod tests {
 
     #[test]
     fn recipes_parse_and_overrides_apply() {
-        for r in ["pretrain", "finetune", "cpu-pretrain", "cpu-finetune"] {
+        for r in ["pretrain", "finetune", "cpu-pretrain", "cpu-finetune", "demo", "demo-finetune"] {
             let over = if r.contains("finetune") { vec!["init=w.safetensors".to_string()] } else { vec![] };
             TrainConfig::resolve(&recipe_text(r).unwrap(), &over).unwrap_or_else(|e| panic!("{r}: {e:#}"));
         }

@@ -144,12 +144,23 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 /// Redraw `loss.png` and `val.png` in `dir` from `metrics.jsonl`.
 pub fn plot_run(dir: &Path) -> Result<()> {
     let records = read_lines(&dir.join("metrics.jsonl"))?;
-    let train = series_of(&records, "train", &["loss", "mlm", "itm", "t2i", "sup_cls", "sub_cls", "lr"]);
+    let train = series_of(&records, "train", &["loss", "mlm", "itm", "t2i", "itc", "sup_cls", "sub_cls", "lr"]);
     plot_panels(&dir.join("loss.png"), "training loss terms (thin: logged steps; thick: moving average)", &train, 5)?;
     let val = series_of(
         &records,
         "val",
-        &["loss", "mlm_acc", "mlm_acc_other_image", "itm_acc", "psnr", "sup_acc", "sub_acc"],
+        &[
+            "loss",
+            "mlm_acc",
+            "mlm_acc_other_image",
+            "mlm_grounding",
+            "itm_acc",
+            "itc_acc",
+            "psnr",
+            "psnr_input",
+            "sup_acc",
+            "sub_acc",
+        ],
     );
     plot_panels(&dir.join("val.png"), "validation", &val, 1)
 }

@@ -8,7 +8,7 @@ use super::optim::AdamW;
 use super::schedule::{scaled_lr, LrSchedule};
 use crate::data::dataset::{open_dataset, split_by_product, vocab_beside_data, ClassMap, Dataset};
 use crate::data::loader::{Loader, LoaderConfig};
-use crate::data::text::TextProcessor;
+use crate::data::text::{MlmPolicy, TextProcessor};
 use crate::device::Cpu;
 use crate::model::weights::{load_state_dict, resolve_config, to_backend, StateDict};
 use crate::model::{HeadSet, Pvlt, PvltConfig};
@@ -107,7 +107,7 @@ impl RunData {
 /// The heads a task trains.
 pub fn heads_of(cfg: &TrainConfig) -> HeadSet {
     match cfg.task {
-        Task::Pretrain => HeadSet { cls: cfg.with_cls, ..HeadSet::PRETRAIN },
+        Task::Pretrain => HeadSet { cls: cfg.with_cls, itc: cfg.with_itc, ..HeadSet::PRETRAIN },
         Task::Finetune => HeadSet::FINETUNE,
     }
 }
@@ -282,7 +282,14 @@ impl Plan {
             shuffle: true,
             pretrain: cfg.task == Task::Pretrain,
             mask_grid: cfg.mask_grid,
-            mlm_probability: cfg.mlm_probability,
+            mlm: MlmPolicy {
+                probability: cfg.mlm_probability,
+                focus_ids: match &cfg.mlm_focus {
+                    Some(spec) => data.text.piece_ids(&super::config::focus_words(spec)?)?,
+                    None => vec![],
+                },
+                focus_probability: cfg.mlm_focus_probability,
+            },
         };
         let classes = Arc::new(classes.clone());
         let (n_train, n_val) = (train_rows.len(), val_rows.len());

@@ -2,7 +2,7 @@
 //! a host batch on the device, its forward pass and losses, the backward pass, and the same over
 //! several devices at once.
 
-use super::loss::{losses, Losses, MlmTargets, Targets};
+use super::loss::{itc_of, losses, same_product_targets, ItcTargets, Losses, MlmTargets, Targets};
 use super::precision::{autocast, Precision};
 use crate::data::loader::Batch;
 use crate::model::{HeadSet, Mode, Pvlt};
@@ -45,16 +45,21 @@ pub fn to_device<B: Backend>(b: &Batch, image: ImageInput, device: &B::Device) -
             clean_images: clean,
             sup_labels: ints(&b.sup_labels),
             sub_labels: ints(&b.sub_labels),
+            itc: (b.caption_ids.len() == n * t).then(|| ItcTargets {
+                caption_ids: Tensor::from_data(TensorData::new(b.caption_ids.clone(), [n, t]), device),
+                targets: same_product_targets(&b.product_ids, device),
+                empty_caption: b.empty_caption,
+            }),
         },
     }
 }
 
 /// Loss-term names, in the order they are logged.
-pub const TERMS: [&str; 5] = ["mlm", "itm", "t2i", "sup_cls", "sub_cls"];
+pub const TERMS: [&str; 6] = ["mlm", "itm", "t2i", "sup_cls", "sub_cls", "itc"];
 
 /// (name, value) of each present loss term, then ("loss", total), read back in one transfer.
 pub fn loss_values<B: Backend>(l: &Losses<B>) -> Result<Vec<(&'static str, f64)>> {
-    let parts = [&l.mlm, &l.itm, &l.t2i, &l.sup_cls, &l.sub_cls];
+    let parts = [&l.mlm, &l.itm, &l.t2i, &l.sup_cls, &l.sub_cls, &l.itc];
     let mut names = vec![];
     let mut ts = vec![];
     for (name, t) in TERMS.iter().zip(parts) {
@@ -115,7 +120,12 @@ fn micro_batch<B: Backend>(
         s.mode,
         db.targets.mlm.rows.clone(),
     );
-    let l = losses(&out, &db.targets, s.heads);
+    let mut l = losses(&out, &db.targets, s.heads);
+    if s.heads.itc {
+        if let Some(itc) = itc_of(&step_model, &db.targets, s.mode) {
+            l = l.with_itc(itc);
+        }
+    }
     let values = loss_values(&l)?;
     if values.iter().any(|(_, v)| !v.is_finite()) {
         return Ok(MicroResult { losses: values, grads: GradientsParams::new() });

@@ -43,10 +43,14 @@ struct Tally {
     /// MLM with each text paired with another product's image (see [`validate`]).
     mlm_other_image: Hits,
     itm: Hits,
+    /// In-batch contrastive retrieval: the row's own caption (or its product's) ranked first.
+    itc: Hits,
     sup: Hits,
     sub: Hits,
     /// Squared reconstruction error and the pixels it is over.
     squared_error: f64,
+    /// The same for the grid-masked input itself: the baseline a reconstruction has to beat.
+    squared_error_input: f64,
     pixels: usize,
 }
 
@@ -61,8 +65,13 @@ impl Tally {
         };
         put("mlm_acc", self.mlm.rate());
         put("mlm_acc_other_image", self.mlm_other_image.rate());
+        // How much the right image helps MLM: the grounding signal (0 while the text ignores it).
+        put("mlm_grounding", self.mlm.rate().zip(self.mlm_other_image.rate()).map(|(a, b)| a - b));
         put("itm_acc", heads.itm.then(|| self.itm.ok as f64 / self.rows as f64));
-        put("psnr", (self.pixels > 0).then(|| 10.0 * (1.0 / (self.squared_error / self.pixels as f64)).log10()));
+        let psnr = |se: f64| (self.pixels > 0).then(|| 10.0 * (1.0 / (se / self.pixels as f64)).log10());
+        put("itc_acc", self.itc.rate());
+        put("psnr", psnr(self.squared_error));
+        put("psnr_input", psnr(self.squared_error_input));
         put("sup_acc", self.sup.rate());
         put("sub_acc", self.sub.rate());
         v
@@ -113,6 +122,23 @@ pub fn validate<B: Backend>(
                 t.mlm_other_image.add(&argmax(l)?, &mlm_labels);
             }
         }
+        if heads.itc {
+            if let Some(itc) = &db.targets.itc {
+                let img = model.embed_images(clean.clone(), Mode::Eval, itc.empty_caption[0], itc.empty_caption[1]);
+                let txt = model.embed_texts(itc.caption_ids.clone(), Mode::Eval);
+                if let (Some(img), Some(txt)) = (img, txt) {
+                    // Right when the best-scoring caption belongs to the image's product.
+                    let best = argmax(img.matmul(txt.transpose()))?;
+                    let hit: Vec<i64> = best
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &j)| (batch.product_ids[j as usize] == batch.product_ids[i]) as i64)
+                        .collect();
+                    t.itc.add(&hit, &vec![1; hit.len()]);
+                }
+            }
+        }
+        let input = db.input.clone();
         let out = model.forward_mlm_at(db.input, db.ids, heads, Mode::Eval, rows());
         let l = losses(&out, &db.targets, heads);
         t.loss += l.total.into_scalar().elem::<f64>();
@@ -131,7 +157,9 @@ pub fn validate<B: Backend>(
             t.sub.add(&argmax(squeeze_token(l))?, &batch.sub_labels);
         }
         if let Some(rec) = out.t2i_logits {
-            t.squared_error += rec.sub(clean).powf_scalar(2.0).sum().into_scalar().elem::<f64>();
+            // PSNR of the image a person would see: the head's raw output clamped to [0, 1].
+            t.squared_error_input += input.sub(clean.clone()).powf_scalar(2.0).sum().into_scalar().elem::<f64>();
+            t.squared_error += rec.clamp(0.0, 1.0).sub(clean).powf_scalar(2.0).sum().into_scalar().elem::<f64>();
             t.pixels += batch.images.len();
         }
     }

@@ -94,7 +94,8 @@ impl Overrides {
     }
 }
 
-/// A model with every head, trained for a few steps on a small synthetic catalogue.
+/// A model with every head (the contrastive one included), trained for a few steps on a small
+/// synthetic catalogue.
 pub fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
     let data = base.join("catalogue");
     mvlt::data::synth::write_catalog(&data, 60, 5, 32, |_| {}).unwrap();
@@ -106,6 +107,7 @@ pub fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
         .set("batch_size", 4)
         .set("max_steps", 6)
         .set("with_cls", true)
+        .set("with_itc", true)
         .set("workers", 1)
         .set("val_batches", 1)
         .build();
