@@ -223,3 +223,36 @@ fn inference_and_evaluation_commands_on_a_trained_model() {
     assert!(!o.status.success());
     assert!(text(&o).contains("the class names list 1 main / 1 sub classes but the model has"), "{}", text(&o));
 }
+
+/// The contrastive first stage: with k the whole list, re-ranking by ITM is exhaustive ITM (same
+/// ranks); with k = 1 the two-stage R@1 is the first stage's; lists come from the given rows only.
+#[test]
+fn two_stage_retrieval_with_every_candidate_is_exhaustive_itm() {
+    use mvlt::data::dataset::{split_by_product, Dataset, FileDataset};
+    use mvlt::eval::retrieval::{evaluate, evaluate_two_stage, generate, Direction, ImageSource, Negatives};
+    let base = tempdir("two-stage");
+    let (weights, data) = trained_model(&base);
+    let ds = FileDataset::open_jsonl(&data.join("catalog.jsonl")).unwrap();
+    let (_, val) = split_by_product(ds.records(), 0.5, 0);
+    let lists = generate(&ds, &val, 6, 5, Negatives::Random, 1).unwrap();
+    for q in &lists {
+        for c in &q.candidates {
+            let row = ds.records().iter().position(|r| r.id == c.image).unwrap();
+            assert!(val.contains(&row), "candidate {} is not among the given rows", c.image);
+        }
+    }
+    let model =
+        mvlt::infer::Model::<mvlt::device::Cpu>::load(&weights, &Default::default(), &Default::default()).unwrap();
+    assert!(model.config.heads.itc);
+    let by_id = ds.records().iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect();
+    let source = ImageSource::Dataset(&ds, by_id);
+    for direction in [Direction::Tir, Direction::Itr] {
+        let itm = evaluate(&model, &lists, direction, &source, 8, || {}).unwrap();
+        let all = evaluate_two_stage(&model, &lists, direction, &source, 8, 5, || {}).unwrap();
+        assert_eq!(all.two_stage.ranks, itm.ranks, "{direction:?}");
+        assert_eq!(all.first_stage_recall_at_k, 1.0);
+        let one = evaluate_two_stage(&model, &lists, direction, &source, 8, 1, || {}).unwrap();
+        assert_eq!(one.two_stage.r1, one.first_stage.r1, "{direction:?}");
+        assert_eq!(one.first_stage.ranks, all.first_stage.ranks);
+    }
+}

@@ -31,12 +31,21 @@ pub struct RetrievalArgs {
     candidates: usize,
     #[arg(long, value_enum, default_value = "random")]
     negatives: Negatives,
+    /// Generate lists from the validation split of a training run's data only (its val_fraction;
+    /// --seed is the run's seed).
+    #[arg(long, value_parser = super::parse_fraction)]
+    val_fraction: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write the generated lists here (JSON lines) so the result can be reproduced.
     #[arg(long)]
     save_lists: Option<PathBuf>,
-    /// Write {"direction", "queries", "r@1", "r@5", "r@10", "ranks"} here.
+    /// Also rank through the contrastive embeddings (weights pre-trained with --with-itc) and
+    /// re-rank their top K by ITM: the first stage's R@K and recall at K, and the two-stage R@K.
+    #[arg(long, value_name = "K")]
+    rerank: Option<usize>,
+    /// Write {"direction", "queries", "r@1", "r@5", "r@10", "ranks"} here (with --rerank also
+    /// "first_stage" and "two_stage").
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -50,7 +59,11 @@ impl BackendTask for &RetrievalArgs {
             (Some(l), _) if l.is_dir() => retrieval::read_authors_lists(l)?,
             (Some(l), _) => retrieval::read_jsonl_lists(l)?,
             (None, Some(ds)) => {
-                retrieval::generate(ds.as_ref(), self.queries, self.candidates, self.negatives, self.seed)?
+                let rows: Vec<usize> = match self.val_fraction {
+                    Some(f) => split_by_product(ds.records(), f, self.seed).1,
+                    None => (0..ds.len()).collect(),
+                };
+                retrieval::generate(ds.as_ref(), &rows, self.queries, self.candidates, self.negatives, self.seed)?
             }
             (None, None) => {
                 bail!("give --lists (the authors' folder or a .jsonl of lists) or --data to generate lists from")
@@ -87,8 +100,33 @@ impl BackendTask for &RetrievalArgs {
             r.queries,
             cands
         );
+        let mut json = serde_json::to_value(&r)?;
+        if let Some(k) = self.rerank {
+            let pb = progress_bar(queries.len() as u64, "two-stage");
+            let t =
+                retrieval::evaluate_two_stage(&m, &queries, self.direction, &source, self.model.batch_size, k, || {
+                    pb.inc(1)
+                })?;
+            pb.finish_and_clear();
+            for (name, x) in [("contrastive embeddings", &t.first_stage), ("embeddings + ITM re-rank", &t.two_stage)] {
+                println!(
+                    "| {:<20} | {:>6.2} | {:>6.2} | {:>6.2} | {:>7} | {:>10} |",
+                    &name[..name.len().min(20)],
+                    100.0 * x.r1,
+                    100.0 * x.r5,
+                    100.0 * x.r10,
+                    x.queries,
+                    cands
+                );
+            }
+            println!(
+                "first stage: the positive is in the top {k} for {:.2}% of the queries",
+                100.0 * t.first_stage_recall_at_k
+            );
+            json["first_stage"] = serde_json::to_value(&t)?;
+        }
         if let Some(p) = &self.json {
-            crate::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            crate::files::write_atomic(p, serde_json::to_string_pretty(&json)?.as_bytes())?;
         }
         Ok(())
     }

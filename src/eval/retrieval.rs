@@ -112,37 +112,46 @@ pub enum Negatives {
     SameSubcategory,
 }
 
-/// Draw `queries` queries of `candidates` candidates each from a dataset (seeded). A negative never
-/// shares the positive's product.
+/// Draw `queries` queries of `candidates` candidates each from the dataset rows `rows` (seeded;
+/// queries and negatives both come from those rows, e.g. the validation products). A negative
+/// never shares the positive's product.
 pub fn generate(
     ds: &dyn Dataset,
+    rows: &[usize],
     queries: usize,
     candidates: usize,
     negatives: Negatives,
     seed: u64,
 ) -> Result<Vec<Query>> {
     let recs = ds.records();
-    let products: std::collections::BTreeSet<&str> = recs.iter().map(|r| r.product_id.as_str()).collect();
+    let products: std::collections::BTreeSet<&str> = rows.iter().map(|&i| recs[i].product_id.as_str()).collect();
     if products.len() < candidates {
-        bail!("{} has {} products, fewer than the {candidates} candidates asked for", ds.source(), products.len());
+        bail!(
+            "{} has {} products in the rows evaluated, fewer than the {candidates} candidates asked for",
+            ds.source(),
+            products.len()
+        );
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut rows: Vec<usize> = (0..recs.len()).collect();
+    let mut rows: Vec<usize> = rows.to_vec();
     rows.shuffle(&mut rng);
     let cand = |i: usize| Candidate {
         image: recs[i].id.clone(),
         caption: recs[i].caption.clone(),
         product_id: recs[i].product_id.clone(),
     };
+    // Sub-category -> rows, in the shuffled order, for same-sub-category negatives.
+    let mut by_sub: HashMap<&str, Vec<usize>> = HashMap::new();
+    for &i in &rows {
+        by_sub.entry(recs[i].subcategory.as_str()).or_default().push(i);
+    }
     let mut out = vec![];
     for (q, &pos) in rows.iter().take(queries).enumerate() {
         let p = &recs[pos];
         let mut used = std::collections::HashSet::from([p.product_id.as_str()]);
         let mut list = vec![cand(pos)];
         if negatives == Negatives::SameSubcategory {
-            let mut same: Vec<usize> = (0..recs.len())
-                .filter(|&i| recs[i].subcategory == p.subcategory && recs[i].product_id != p.product_id)
-                .collect();
+            let mut same: Vec<usize> = by_sub[p.subcategory.as_str()].clone();
             same.shuffle(&mut rng);
             for i in same {
                 if list.len() == candidates {
@@ -162,7 +171,12 @@ pub fn generate(
         out.push(Query { query: q, candidates: list });
     }
     if out.len() < queries {
-        eprintln!("note: {} has {} rows; generated {} queries, not {queries}", ds.source(), recs.len(), out.len());
+        eprintln!(
+            "note: {} has {} rows to query; generated {} queries, not {queries}",
+            ds.source(),
+            rows.len(),
+            out.len()
+        );
     }
     Ok(out)
 }
@@ -249,5 +263,129 @@ pub fn evaluate<B: Backend>(
         r5: recall_at(&ranks, 5),
         r10: recall_at(&ranks, 10),
         ranks,
+    })
+}
+
+/// Retrieval through the contrastive embeddings (issue: a first stage before ITM): every distinct
+/// candidate image and caption is embedded once, each query's candidates ranked by cosine
+/// similarity, then the first stage's top `k` re-ranked by ITM (the rest keep their order after them).
+#[derive(Clone, Debug, Serialize)]
+pub struct TwoStageResult {
+    /// Ranking by the embeddings alone.
+    pub first_stage: RetrievalResult,
+    /// Share of queries whose positive is in the first stage's top `k`.
+    pub first_stage_recall_at_k: f64,
+    pub k: usize,
+    /// The top `k` re-ranked by ITM.
+    pub two_stage: RetrievalResult,
+}
+
+/// Cosine similarity of unit-length rows.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub fn evaluate_two_stage<B: Backend>(
+    model: &Model<B>,
+    queries: &[Query],
+    direction: Direction,
+    images: &ImageSource,
+    batch: usize,
+    k: usize,
+    progress: impl Fn(),
+) -> Result<TwoStageResult> {
+    let batch = batch.max(1);
+    // Embed each distinct image and caption once.
+    let mut image_names: Vec<&str> =
+        queries.iter().flat_map(|q| q.candidates.iter().map(|c| c.image.as_str())).collect();
+    let mut captions: Vec<&str> =
+        queries.iter().flat_map(|q| q.candidates.iter().map(|c| c.caption.as_str())).collect();
+    image_names.sort_unstable();
+    image_names.dedup();
+    captions.sort_unstable();
+    captions.dedup();
+    let (need_images, need_captions) = match direction {
+        Direction::Tir => (image_names, queries.iter().map(|q| q.candidates[0].caption.as_str()).collect::<Vec<_>>()),
+        Direction::Itr => (queries.iter().map(|q| q.candidates[0].image.as_str()).collect(), captions),
+    };
+    let mut image_emb: HashMap<&str, Vec<f32>> = HashMap::new();
+    for chunk in need_images.chunks(batch) {
+        let px: Vec<Vec<f32>> = chunk
+            .par_iter()
+            .map(|n| model.prepare_image(&images.pixels(n).with_context(|| format!("candidate image {n}"))?))
+            .collect::<Result<_>>()?;
+        let e = model.image_embeddings(&px.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+        image_emb.extend(chunk.iter().copied().zip(e));
+    }
+    let mut text_emb: HashMap<&str, Vec<f32>> = HashMap::new();
+    for chunk in need_captions.chunks(batch) {
+        let ids: Vec<Vec<i64>> = chunk.iter().map(|c| model.prepare_text(c)).collect::<Result<_>>()?;
+        let e = model.text_embeddings(&ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+        text_emb.extend(chunk.iter().copied().zip(e));
+    }
+    let (mut first_ranks, mut two_ranks, mut in_top_k) = (vec![], vec![], 0usize);
+    for q in queries {
+        let first = &q.candidates[0];
+        let sims: Vec<f32> = q
+            .candidates
+            .iter()
+            .map(|c| match direction {
+                Direction::Tir => dot(&text_emb[first.caption.as_str()], &image_emb[c.image.as_str()]),
+                Direction::Itr => dot(&image_emb[first.image.as_str()], &text_emb[c.caption.as_str()]),
+            })
+            .collect();
+        first_ranks.push(rank_of_positive(&sims));
+        // Candidate order by similarity, best first; the top k get ITM scores.
+        let mut order: Vec<usize> = (0..sims.len()).collect();
+        order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
+        let top = &order[..k.min(order.len())];
+        in_top_k += top.contains(&0) as usize;
+        let itm = match direction {
+            Direction::Tir => {
+                let ids = model.prepare_text(&first.caption)?;
+                let px: Vec<Vec<f32>> = top
+                    .par_iter()
+                    .map(|&i| model.prepare_image(&images.pixels(&q.candidates[i].image)?))
+                    .collect::<Result<_>>()?;
+                let mut s = vec![];
+                for chunk in px.chunks(batch) {
+                    let tok: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
+                    s.extend(model.match_probs(&chunk.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?);
+                }
+                s
+            }
+            Direction::Itr => {
+                let img = model.prepare_image(&images.pixels(&first.image)?)?;
+                let ids: Vec<Vec<i64>> =
+                    top.iter().map(|&i| model.prepare_text(&q.candidates[i].caption)).collect::<Result<_>>()?;
+                let mut s = vec![];
+                for chunk in ids.chunks(batch) {
+                    let imgs: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
+                    s.extend(model.match_probs(&imgs, &chunk.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
+                }
+                s
+            }
+        };
+        // The positive's place: among the top k by ITM when it is there (ties do not push it
+        // down, as in `rank_of_positive`), else after all of them in similarity order.
+        two_ranks.push(match top.iter().position(|&i| i == 0) {
+            Some(p) => itm.iter().filter(|&&s| s > itm[p]).count(),
+            None => top.len() + order[top.len()..].iter().position(|&i| i == 0).unwrap_or(0),
+        });
+        progress();
+    }
+    let result = |ranks: Vec<usize>| RetrievalResult {
+        direction,
+        queries: ranks.len(),
+        r1: recall_at(&ranks, 1),
+        r5: recall_at(&ranks, 5),
+        r10: recall_at(&ranks, 10),
+        ranks,
+    };
+    Ok(TwoStageResult {
+        first_stage_recall_at_k: in_top_k as f64 / queries.len().max(1) as f64,
+        k,
+        first_stage: result(first_ranks),
+        two_stage: result(two_ranks),
     })
 }
