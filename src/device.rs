@@ -65,6 +65,15 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// The burn backend a device runs on, in words (for reports).
+pub fn backend_name(spec: DeviceSpec) -> String {
+    match spec {
+        DeviceSpec::Cpu => format!("burn flex (pure Rust) on the CPU, {} threads", rayon::current_num_threads()),
+        DeviceSpec::Cuda(n) => format!("burn cuda on GPU {n}"),
+        DeviceSpec::Wgpu => "burn wgpu".into(),
+    }
+}
+
 /// Work generic over the backend; [`run_on`] picks the backend from a [`DeviceSpec`].
 /// (Rust closures cannot be generic over a type, hence a trait.)
 pub trait BackendTask {

@@ -13,9 +13,11 @@
 //! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
 //! - [`files`]: bounded, checked reads of user-named files and atomic writes; [`memory`]: the
 //!   allocator's keep-or-return policy; [`progress`]: progress bars.
+//! - [`demo`]: `mvlt demo`, the whole pipeline on the synthetic catalogue, and its report.
 //! - [`cli`]: the `mvlt` command line.
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod eval;
 pub mod files;

@@ -2,6 +2,7 @@
 mod bench;
 mod data_bench;
 mod data_cmd;
+mod demo_cmd;
 mod eval_cmd;
 mod infer_cmd;
 mod serve_cmd;
@@ -23,6 +24,9 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole pipeline on the built-in synthetic catalogue, no download: synthesize, pre-train,
+    /// evaluate retrieval, fine-tune, evaluate recognition, and write REPORT.md + report.json.
+    Demo(demo_cmd::DemoArgs),
     /// Pre-train (MLM + ITM + masked image reconstruction) on a dataset or the synthetic catalogue.
     Pretrain(train_cmd::TrainArgs),
     /// Fine-tune the recognition heads from pre-trained weights.
@@ -80,6 +84,7 @@ enum DataCommand {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(a) => demo_cmd::run(a),
         Command::Pretrain(a) => train_cmd::run(crate::train::config::Task::Pretrain, a),
         Command::Finetune(a) => train_cmd::run(crate::train::config::Task::Finetune, a),
         Command::Eval(EvalCommand::Retrieval(a)) => eval_cmd::retrieval(a),

@@ -1,0 +1,28 @@
+//! `mvlt demo`.
+use crate::demo::{self, DemoOptions};
+use crate::device::DeviceSpec;
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Folder of the run: catalog/, pretrain/, finetune/, REPORT.md, report.json and the pictures.
+    /// Running the demo again continues a stopped run there.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// A run of a few minutes (a smaller catalogue, fewer steps and queries), for tests.
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    let o = demo::run(&DemoOptions { out: a.out.clone(), quick: a.quick, device: a.device, seed: a.seed })?;
+    println!("\n{}", demo::report::summary(&o));
+    println!("report: {} (figures also in {})", a.out.join("REPORT.md").display(), a.out.join("report.json").display());
+    println!("serve the result: {}", demo::report::serve_command(&o));
+    Ok(())
+}

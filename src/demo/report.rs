@@ -1,0 +1,348 @@
+//! The demo's report: `report.json` (the figures), `REPORT.md` (paper-style tables and the
+//! pictures), and the pictures themselves: what a text search returns, what the reconstruction
+//! head makes of a masked image.
+
+use super::{DemoOutcome, ListResult};
+use crate::data::dataset::{Dataset, FileDataset};
+use crate::data::image::{apply_grid_mask, grid_mask};
+use crate::infer::{Model, SearchQuery};
+use crate::model::{HeadSet, Mode};
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use image::{Rgb, RgbImage};
+use rand::SeedableRng;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Side of one picture cell in pixels (the demo's images are 64 px; shown twice as large).
+const CELL: u32 = 128;
+const GAP: u32 = 6;
+
+/// `report.json`: the issue's schema (R@K as fractions), plus the run's details.
+pub fn json_of(o: &DemoOutcome) -> Value {
+    let recall = |r: &crate::eval::retrieval::RetrievalResult| json!({"r@1": r.r1, "r@5": r.r5, "r@10": r.r10, "queries": r.queries});
+    let mut retrieval = serde_json::Map::new();
+    let mut first_stage = serde_json::Map::new();
+    for l in &o.retrieval {
+        let mut v = recall(&l.itm);
+        v["candidates"] = json!(l.candidates);
+        retrieval.insert(l.name.clone(), v);
+        if let Some(t) = &l.two_stage {
+            first_stage.insert(
+                l.name.clone(),
+                json!({
+                    "embeddings": recall(&t.first_stage),
+                    "first_stage_recall_at_k": t.first_stage_recall_at_k,
+                    "k": t.k,
+                    "two_stage": recall(&t.two_stage),
+                }),
+            );
+        }
+    }
+    let rec = o.recognition.as_ref().map(|r| {
+        let one = |x: &crate::eval::metrics::Report| {
+            json!({"accuracy": x.accuracy, "macro_f1": x.macro_f1, "images": x.samples})
+        };
+        json!({"main": one(&r.main), "sub": one(&r.sub)})
+    });
+    json!({
+        "retrieval": retrieval,
+        "recognition": rec,
+        "first_stage": (!first_stage.is_empty()).then_some(first_stage),
+        "wall_s": o.wall_s,
+        "backend": o.backend,
+        "phases_s": o.phases.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
+        "catalogue": {"images": o.plan.images, "image_size": o.plan.image_size, "train_products": o.train_products,
+                      "val_products": o.val_products, "val_images": o.val_images},
+        "pretrain": o.pretrain,
+        "finetune": o.finetune,
+        "search_queries": o.search_queries,
+    })
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}", 100.0 * x)
+}
+
+fn minutes(s: f64) -> String {
+    format!("{}m {:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+}
+
+/// The retrieval and recognition tables (markdown; also what `mvlt demo` prints at the end).
+pub fn summary(o: &DemoOutcome) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "## Retrieval (ITM match probability over each query's candidates, as in the paper)\n");
+    let _ = writeln!(m, "| direction | negatives | R@1 | R@5 | R@10 | queries | candidates |");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|");
+    let dir = |l: &ListResult| match l.direction {
+        crate::eval::retrieval::Direction::Tir => "text -> image (TIR)",
+        crate::eval::retrieval::Direction::Itr => "image -> text (ITR)",
+    };
+    for l in &o.retrieval {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            dir(l),
+            l.negatives.replace('_', "-"),
+            pct(l.itm.r1),
+            pct(l.itm.r5),
+            pct(l.itm.r10),
+            l.itm.queries,
+            l.candidates
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\nR@K in percent; chance R@1 is {:.1}.\n",
+        100.0 / o.retrieval.first().map(|l| l.candidates).unwrap_or(101) as f64
+    );
+    if o.retrieval.iter().any(|l| l.two_stage.is_some()) {
+        let _ = writeln!(m, "### Through the contrastive embeddings (first stage) and ITM re-ranking its top k\n");
+        let _ = writeln!(
+            m,
+            "| direction | negatives | embeddings R@1 | R@5 | R@10 | positive in top k | two-stage R@1 | R@5 | R@10 |"
+        );
+        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
+        for l in &o.retrieval {
+            if let Some(t) = &l.two_stage {
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} | {} | {} (k = {}) | {} | {} | {} |",
+                    dir(l),
+                    l.negatives.replace('_', "-"),
+                    pct(t.first_stage.r1),
+                    pct(t.first_stage.r5),
+                    pct(t.first_stage.r10),
+                    pct(t.first_stage_recall_at_k),
+                    t.k,
+                    pct(t.two_stage.r1),
+                    pct(t.two_stage.r5),
+                    pct(t.two_stage.r10)
+                );
+            }
+        }
+        m.push('\n');
+    }
+    if let Some(r) = &o.recognition {
+        let _ = writeln!(m, "## Recognition (fine-tuned; image and caption, as the reference evaluates)\n");
+        let _ = writeln!(m, "| task | accuracy | macro-F1 | classes | images |");
+        let _ = writeln!(m, "|---|---|---|---|---|");
+        for (name, rep, n) in
+            [("main category", &r.main, r.main_names.len()), ("sub-category", &r.sub, r.sub_names.len())]
+        {
+            let _ = writeln!(m, "| {name} | {} | {} | {n} | {} |", pct(rep.accuracy), pct(rep.macro_f1), rep.samples);
+        }
+        m.push('\n');
+    }
+    m
+}
+
+/// `REPORT.md`.
+pub fn markdown(o: &DemoOutcome) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "# mvlt demo report\n");
+    let _ = writeln!(
+        m,
+        "PVLT pre-trained from scratch on the built-in synthetic catalogue ({} images of {} px: {} training \
+         products, {} validation products with {} images), then fine-tuned for recognition. Every figure below is \
+         on the **validation products**, which training never saw. Backend: {}. Wall time {} ({}).\n",
+        o.plan.images,
+        o.plan.image_size,
+        o.train_products,
+        o.val_products,
+        o.val_images,
+        o.backend,
+        minutes(o.wall_s),
+        o.phases.iter().map(|(n, s)| format!("{n} {}", minutes(*s))).collect::<Vec<_>>().join(", ")
+    );
+    m += &summary(o);
+    let _ = writeln!(m, "## Training\n");
+    for (name, t, dir) in [("Pre-training", &o.pretrain, "pretrain"), ("Fine-tuning", &o.finetune, "finetune")] {
+        let _ = writeln!(
+            m,
+            "{name}: {} steps at {:.1} samples/s; last validation: {}.\n",
+            t.steps,
+            t.samples_per_s,
+            t.last_val.as_ref().map(crate::train::trainer::summarize).unwrap_or_else(|| "none".into())
+        );
+        let _ = writeln!(m, "![{name} loss terms]({dir}/loss.png)\n\n![{name} validation]({dir}/val.png)\n");
+    }
+    let _ = writeln!(
+        m,
+        "`mlm_grounding` is MLM accuracy with the right image minus with another product's: above 0 once the \
+         text reads the image. `psnr` is the reconstruction of the grid-masked image (clamped to [0, 1], as a \
+         person would see it) and `psnr_input` the masked input itself, the baseline it has to beat.\n"
+    );
+    let _ = writeln!(m, "## What a text search returns\n");
+    let _ = writeln!(
+        m,
+        "For each caption, its own image (left), then the model's top 5 among all validation images: by ITM \
+         match probability on the first row, and by the contrastive embeddings on the second (weights with the \
+         ITC head). Green frame: the query's product; red: another.\n"
+    );
+    for (i, q) in o.search_queries.iter().enumerate() {
+        let _ = writeln!(m, "{}. {q}", i + 1);
+    }
+    let _ = writeln!(m, "\n![text search](search.png)\n");
+    let _ = writeln!(m, "## Masked image reconstruction\n");
+    let _ = writeln!(m, "Columns: original, grid-masked input (half the cells), reconstruction.\n");
+    let _ = writeln!(m, "![reconstruction](reconstruction.png)\n");
+    if o.recognition.is_some() {
+        let _ = writeln!(m, "## Confusion matrices\n");
+        let _ = writeln!(m, "![main category](confusion_main.png)\n\n![sub-category](confusion_sub.png)\n");
+    }
+    let _ = writeln!(m, "## Try it\n");
+    let _ = writeln!(m, "```sh");
+    let _ = writeln!(m, "{}", serve_command(o));
+    let _ = writeln!(m, "```");
+    m
+}
+
+/// The command that serves the demo's pre-trained model over its catalogue.
+pub fn serve_command(o: &DemoOutcome) -> String {
+    let w = o.pretrain.weights.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    format!(
+        "cargo run --release -- serve --weights {w} --catalog {}   # then open http://127.0.0.1:8080",
+        o.out.join("catalog").display()
+    )
+}
+
+pub fn write(out: &Path, o: &DemoOutcome) -> Result<()> {
+    crate::files::write_atomic(&out.join("report.json"), serde_json::to_string_pretty(&json_of(o))?.as_bytes())?;
+    crate::files::write_atomic(&out.join("REPORT.md"), markdown(o).as_bytes())
+}
+
+/// Paste `img` (HWC RGB bytes, any size) into cell (`col`, `row`) of `sheet`, framed in `frame`.
+fn paste(sheet: &mut RgbImage, img: &RgbImage, col: u32, row: u32, frame: Option<Rgb<u8>>) {
+    let img = image::imageops::resize(img, CELL, CELL, image::imageops::FilterType::Nearest);
+    let (x, y) = (GAP + col * (CELL + GAP), GAP + row * (CELL + GAP));
+    if let Some(c) = frame {
+        for dy in 0..CELL + 2 * (GAP / 2) {
+            for dx in 0..CELL + 2 * (GAP / 2) {
+                let (px, py) = (x + dx - GAP / 2, y + dy - GAP / 2);
+                if px < sheet.width() && py < sheet.height() {
+                    sheet.put_pixel(px, py, c);
+                }
+            }
+        }
+    }
+    image::imageops::overlay(sheet, &img, x as i64, y as i64);
+}
+
+fn sheet(cols: u32, rows: u32) -> RgbImage {
+    RgbImage::from_pixel(GAP + cols * (CELL + GAP), GAP + rows * (CELL + GAP), Rgb([255, 255, 255]))
+}
+
+fn rgb_of(ds: &FileDataset, row: usize) -> Result<RgbImage> {
+    let p = ds.pixels(row)?;
+    RgbImage::from_raw(p.width as u32, p.height as u32, p.data).context("image buffer")
+}
+
+/// CHW floats in [0, 1] -> an RGB image.
+fn rgb_of_chw(chw: &[f32], side: usize) -> RgbImage {
+    let n = side * side;
+    RgbImage::from_fn(side as u32, side as u32, |x, y| {
+        let i = y as usize * side + x as usize;
+        let c = |k: usize| (chw[k * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
+        Rgb([c(0), c(1), c(2)])
+    })
+}
+
+/// Four text queries (captions of four validation products) against every validation image:
+/// by ITM (the paper's ranking), and, when the weights have the ITC head, by the contrastive
+/// embeddings on the row below. Returns the queries.
+pub fn search_picture<B: Backend>(
+    model: &Model<B>,
+    ds: &FileDataset,
+    val_rows: &[usize],
+    path: &Path,
+) -> Result<Vec<String>> {
+    let recs = ds.records();
+    let firsts = crate::infer::distinct_captions(ds, val_rows);
+    let step = (firsts.len() / 4).max(1);
+    let picks: Vec<usize> = firsts.iter().step_by(step).take(4).copied().collect();
+    let itc = model.config.heads.itc;
+    // Every validation image embedded once (ITC).
+    let mut gallery: Vec<Vec<f32>> = vec![];
+    if itc {
+        for chunk in val_rows.chunks(64) {
+            let px: Vec<Vec<f32>> =
+                chunk.iter().map(|&r| model.prepare_image(&ds.pixels(r)?)).collect::<Result<_>>()?;
+            gallery.extend(model.image_embeddings(&px.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
+        }
+    }
+    let rows_per_query = 1 + itc as u32;
+    let mut img = sheet(6, picks.len() as u32 * rows_per_query);
+    let mut queries = vec![];
+    for (i, &q) in picks.iter().enumerate() {
+        let caption = &recs[q].caption;
+        queries.push(caption.clone());
+        let by_itm: Vec<usize> =
+            model.search(ds, val_rows, SearchQuery::Text(caption), 101, |_| {})?.iter().map(|h| h.row).collect();
+        let mut rankings = vec![by_itm];
+        if itc {
+            let t = model.text_embeddings(&[&model.prepare_text(caption)?])?.remove(0);
+            let sims: Vec<f32> = gallery.iter().map(|g| g.iter().zip(&t).map(|(a, b)| a * b).sum()).collect();
+            let mut order: Vec<usize> = (0..val_rows.len()).collect();
+            order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
+            rankings.push(order.into_iter().map(|j| val_rows[j]).collect());
+        }
+        for (k, ranking) in rankings.iter().enumerate() {
+            let row = i as u32 * rows_per_query + k as u32;
+            paste(&mut img, &rgb_of(ds, q)?, 0, row, None);
+            for (c, &hit) in ranking.iter().take(5).enumerate() {
+                let right = recs[hit].product_id == recs[q].product_id;
+                let frame = if right { Rgb([30, 170, 60]) } else { Rgb([210, 40, 40]) };
+                paste(&mut img, &rgb_of(ds, hit)?, c as u32 + 1, row, Some(frame));
+            }
+        }
+    }
+    img.save(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(queries)
+}
+
+/// Original, grid-masked and reconstructed versions of four validation images.
+pub fn reconstruction_picture<B: Backend>(
+    model: &Model<B>,
+    ds: &FileDataset,
+    val_rows: &[usize],
+    mask_grid: usize,
+    seed: u64,
+    path: &Path,
+) -> Result<()> {
+    let s = model.image_size;
+    let picks: Vec<usize> = val_rows.iter().step_by((val_rows.len() / 4).max(1)).take(4).copied().collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (mut originals, mut masked, mut ids) = (vec![], vec![], vec![]);
+    for &r in &picks {
+        let x = model.prepare_image(&ds.pixels(r)?)?;
+        let mut m = x.clone();
+        apply_grid_mask(&mut m, s, mask_grid, &grid_mask(mask_grid, &mut rng))?;
+        originals.push(x);
+        masked.push(m);
+        ids.extend(model.prepare_text(&ds.records()[r].caption)?);
+    }
+    let n = picks.len();
+    let t = model.config.num_text_tokens;
+    let input = Tensor::<B, 4>::from_data(TensorData::new(masked.concat(), [n, 3, s, s]), &model.device);
+    let tok = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, t]), &model.device);
+    let out = model.net.forward(input, tok, HeadSet { t2i: true, ..HeadSet::NONE }, Mode::Eval);
+    let rec: Vec<f32> = out
+        .t2i_logits
+        .context("these weights have no reconstruction head")?
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow::anyhow!("reading the reconstruction: {e:?}"))?;
+    let mut img = sheet(3, n as u32);
+    for i in 0..n {
+        for (c, chw) in
+            [&originals[i][..], &masked[i][..], &rec[i * 3 * s * s..(i + 1) * 3 * s * s]].into_iter().enumerate()
+        {
+            paste(&mut img, &rgb_of_chw(chw, s), c as u32, i as u32, None);
+        }
+    }
+    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+}
