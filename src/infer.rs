@@ -267,7 +267,11 @@ pub struct Hit {
     pub caption: String,
     pub category: String,
     pub subcategory: String,
+    /// ITM match probability.
     pub score: f32,
+    /// Contrastive similarity, when a first stage picked the hit (`search --index`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f32>,
 }
 
 pub enum SearchQuery<'a> {
@@ -388,6 +392,7 @@ impl<B: Backend> Model<B> {
                     category: r.category.clone(),
                     subcategory: r.subcategory.clone(),
                     score,
+                    similarity: None,
                 }
             })
             .collect())

@@ -6,7 +6,8 @@
 //!   text preprocessing, the pre-training corruptions and the batch loader.
 //! - [`train`]: objectives, AdamW, schedule, checkpoints, metrics and the training loop.
 //! - [`eval`]: retrieval (R@K over candidate lists) and recognition (accuracy, F1, confusion).
-//! - [`infer`]: load trained weights once, then score, classify and search.
+//! - [`infer`]: load trained weights once, then score, classify and search; [`index`]: a
+//!   catalogue's contrastive index, the first stage of a search.
 //! - [`serve`]: the HTTP API and web page over [`infer`].
 //! - [`verify`], [`verify_step`]: parity with tensors produced by the authors' PyTorch code (a
 //!   forward pass; one training step).
@@ -21,6 +22,7 @@ pub mod demo;
 pub mod device;
 pub mod eval;
 pub mod files;
+pub mod index;
 pub mod infer;
 pub mod memory;
 pub mod model;

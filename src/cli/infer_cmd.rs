@@ -6,6 +6,7 @@ use crate::infer::{filter_rows, Hit, LoadOptions, Model, SearchQuery};
 use crate::progress::progress_bar;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// How to load a model (shared by the inference and evaluation commands).
@@ -147,6 +148,12 @@ pub struct SearchArgs {
     sheet: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+    /// A contrastive index of the catalogue (mvlt index, same weights): a text search ranks every
+    /// indexed image by similarity first and ITM re-ranks only the top --first-stage-k.
+    #[arg(long)]
+    index: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    first_stage_k: usize,
 }
 
 impl BackendTask for &SearchArgs {
@@ -171,18 +178,47 @@ impl BackendTask for &SearchArgs {
             }
             _ => bail!("give --text (text -> products) or --image (image -> captions)"),
         };
+        // With an index: the first stage picks the candidates ITM scores, and keeps its similarity.
+        let mut similarity: HashMap<usize, f32> = HashMap::new();
+        let rows = match (&self.index, &query) {
+            (None, _) => rows,
+            (Some(path), SearchQuery::Text(t)) => {
+                let index = crate::index::CatalogIndex::load(path)?;
+                index.check_weights(&self.model.weights, path)?;
+                let in_index = index.rows_of(ds.as_ref(), &rows)?;
+                let q = m.text_embeddings(&[&m.prepare_text(t)?])?.remove(0);
+                let top = index.top_k(&q, self.first_stage_k, Some(&in_index));
+                let back: HashMap<usize, usize> = in_index.iter().zip(&rows).map(|(&i, &r)| (i, r)).collect();
+                top.into_iter()
+                    .map(|(i, s)| {
+                        similarity.insert(back[&i], s);
+                        back[&i]
+                    })
+                    .collect()
+            }
+            (Some(_), SearchQuery::Image(_)) => {
+                bail!("--index holds image embeddings, for text queries; search --image without it (exhaustive)")
+            }
+        };
         let pb = progress_bar(rows.len() as u64, "scoring");
-        let hits = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
+        let mut hits = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
+        for h in &mut hits {
+            h.similarity = similarity.get(&h.row).copied();
+        }
         let top: Vec<&Hit> = hits.iter().take(self.top).collect();
         if self.json {
             println!("{}", serde_json::to_string(&top)?);
         } else {
-            println!("{:>4}  {:>7}  {:<14} {:<18} {:<16} caption", "rank", "score", "id", "sub-category", "product");
+            println!(
+                "{:>4}  {:>7}  {:>10}  {:<14} {:<18} {:<16} caption",
+                "rank", "ITM", "similarity", "id", "sub-category", "product"
+            );
             for (i, h) in top.iter().enumerate() {
                 let cap: String = h.caption.chars().take(70).collect();
+                let sim = h.similarity.map(|s| format!("{s:.4}")).unwrap_or_else(|| "-".into());
                 println!(
-                    "{:>4}  {:>7.4}  {:<14} {:<18} {:<16} {cap}",
+                    "{:>4}  {:>7.4}  {sim:>10}  {:<14} {:<18} {:<16} {cap}",
                     i + 1,
                     h.score,
                     h.id,
@@ -202,6 +238,50 @@ impl BackendTask for &SearchArgs {
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
+    run_on(a.model.device, &a)
+}
+
+#[derive(clap::Args)]
+pub struct IndexArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    catalog: PathBuf,
+    /// The index file to write (safetensors); INDEX.partial holds an interrupted build's progress.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl BackendTask for &IndexArgs {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let m = self.model.load::<B>(&device)?;
+        if !m.config.heads.itc {
+            bail!(
+                "{} has no contrastive (ITC) head: index with weights pre-trained with --with-itc (mvlt demo's are)",
+                self.model.weights.display()
+            );
+        }
+        let ds = open_dataset(&self.catalog)?;
+        let sha = crate::train::checkpoint::sha256_file(&self.model.weights)?;
+        let pb = progress_bar(ds.len() as u64, "indexing");
+        let t0 = std::time::Instant::now();
+        let index =
+            crate::index::build(&m, &sha, ds.as_ref(), &self.out, self.model.batch_size, 4096, |k| pb.inc(k as u64))?;
+        pb.finish_and_clear();
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "indexed {} images in {secs:.1} s ({:.0} images/s), {} bytes per image: {}",
+            index.len(),
+            index.len() as f64 / secs.max(1e-9),
+            index.dim * 4,
+            self.out.display()
+        );
+        Ok(())
+    }
+}
+
+pub fn index(a: IndexArgs) -> Result<()> {
     run_on(a.model.device, &a)
 }
 

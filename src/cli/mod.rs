@@ -40,6 +40,9 @@ enum Command {
     Classify(infer_cmd::ClassifyArgs),
     /// Search a catalogue: text -> products, or image -> captions (exhaustive ITM scoring).
     Search(infer_cmd::SearchArgs),
+    /// Embed every catalogue image once (weights pre-trained with --with-itc) into an index file
+    /// that `search --index` ranks with one matrix product before ITM re-ranks its top k.
+    Index(infer_cmd::IndexArgs),
     /// Serve the HTTP API and web page over a model and a catalogue.
     Serve(serve_cmd::ServeArgs),
     /// Loopback load test of the HTTP API: latency and requests/s at several concurrency levels,
@@ -92,6 +95,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Score(a) => infer_cmd::score(a),
         Command::Classify(a) => infer_cmd::classify(a),
         Command::Search(a) => infer_cmd::search(a),
+        Command::Index(a) => infer_cmd::index(a),
         Command::Serve(a) => serve_cmd::serve(a),
         Command::BenchServe(a) => serve_cmd::bench(a),
         Command::Verify(a) => verify_cmd::run(a),
