@@ -66,6 +66,11 @@ fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
 
+/// `R@1 | R@5 | R@10` cells in percent.
+fn recall_cells(r: &crate::eval::retrieval::RetrievalResult) -> String {
+    format!("{} | {} | {}", pct(r.r1), pct(r.r5), pct(r.r10))
+}
+
 fn minutes(s: f64) -> String {
     format!("{}m {:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
 }
@@ -83,12 +88,10 @@ pub fn summary(o: &DemoOutcome) -> String {
     for l in &o.retrieval {
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             dir(l),
             l.negatives.replace('_', "-"),
-            pct(l.itm.r1),
-            pct(l.itm.r5),
-            pct(l.itm.r10),
+            recall_cells(&l.itm),
             l.itm.queries,
             l.candidates
         );
@@ -109,17 +112,13 @@ pub fn summary(o: &DemoOutcome) -> String {
             if let Some(t) = &l.two_stage {
                 let _ = writeln!(
                     m,
-                    "| {} | {} | {} | {} | {} | {} (k = {}) | {} | {} | {} |",
+                    "| {} | {} | {} | {} (k = {}) | {} |",
                     dir(l),
                     l.negatives.replace('_', "-"),
-                    pct(t.first_stage.r1),
-                    pct(t.first_stage.r5),
-                    pct(t.first_stage.r10),
+                    recall_cells(&t.first_stage),
                     pct(t.first_stage_recall_at_k),
                     t.k,
-                    pct(t.two_stage.r1),
-                    pct(t.two_stage.r5),
-                    pct(t.two_stage.r10)
+                    recall_cells(&t.two_stage)
                 );
             }
         }

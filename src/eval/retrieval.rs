@@ -218,6 +218,57 @@ pub struct RetrievalResult {
     pub ranks: Vec<usize>,
 }
 
+impl RetrievalResult {
+    pub fn from_ranks(direction: Direction, ranks: Vec<usize>) -> Self {
+        RetrievalResult {
+            direction,
+            queries: ranks.len(),
+            r1: recall_at(&ranks, 1),
+            r5: recall_at(&ranks, 5),
+            r10: recall_at(&ranks, 10),
+            ranks,
+        }
+    }
+}
+
+/// ITM match probabilities of a query (`q.candidates[0]`'s caption or image) against the
+/// candidates at `which`, in batches of `batch`, in `which` order.
+fn itm_scores<B: Backend>(
+    model: &Model<B>,
+    q: &Query,
+    which: &[usize],
+    direction: Direction,
+    images: &ImageSource,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let prep = |name: &str| -> Result<Vec<f32>> {
+        model.prepare_image(&images.pixels(name).with_context(|| format!("candidate image {name}"))?)
+    };
+    let first = &q.candidates[0];
+    let mut scores = Vec::with_capacity(which.len());
+    match direction {
+        Direction::Itr => {
+            let img = prep(&first.image)?;
+            for chunk in which.chunks(batch.max(1)) {
+                let ids: Vec<Vec<i64>> =
+                    chunk.iter().map(|&i| model.prepare_text(&q.candidates[i].caption)).collect::<Result<_>>()?;
+                let imgs: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
+                scores.extend(model.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
+            }
+        }
+        Direction::Tir => {
+            let ids = model.prepare_text(&first.caption)?;
+            for chunk in which.chunks(batch.max(1)) {
+                let imgs: Vec<Vec<f32>> =
+                    chunk.par_iter().map(|&i| prep(&q.candidates[i].image)).collect::<Result<_>>()?;
+                let tok: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
+                scores.extend(model.match_probs(&imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?);
+            }
+        }
+    }
+    Ok(scores)
+}
+
 /// Score every query's candidates (in batches of `batch`) and rank the positive.
 pub fn evaluate<B: Backend>(
     model: &Model<B>,
@@ -228,42 +279,12 @@ pub fn evaluate<B: Backend>(
     progress: impl Fn(),
 ) -> Result<RetrievalResult> {
     let mut ranks = Vec::with_capacity(queries.len());
-    let prep = |name: &str| -> Result<Vec<f32>> {
-        model.prepare_image(&images.pixels(name).with_context(|| format!("candidate image {name}"))?)
-    };
     for q in queries {
-        let first = &q.candidates[0];
-        let mut scores = Vec::with_capacity(q.candidates.len());
-        match direction {
-            Direction::Itr => {
-                let img = prep(&first.image)?;
-                for chunk in q.candidates.chunks(batch.max(1)) {
-                    let ids: Vec<Vec<i64>> =
-                        chunk.iter().map(|c| model.prepare_text(&c.caption)).collect::<Result<_>>()?;
-                    let imgs: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
-                    scores.extend(model.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
-                }
-            }
-            Direction::Tir => {
-                let ids = model.prepare_text(&first.caption)?;
-                for chunk in q.candidates.chunks(batch.max(1)) {
-                    let imgs: Vec<Vec<f32>> = chunk.par_iter().map(|c| prep(&c.image)).collect::<Result<_>>()?;
-                    let tok: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
-                    scores.extend(model.match_probs(&imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?);
-                }
-            }
-        }
-        ranks.push(rank_of_positive(&scores));
+        let all: Vec<usize> = (0..q.candidates.len()).collect();
+        ranks.push(rank_of_positive(&itm_scores(model, q, &all, direction, images, batch)?));
         progress();
     }
-    Ok(RetrievalResult {
-        direction,
-        queries: ranks.len(),
-        r1: recall_at(&ranks, 1),
-        r5: recall_at(&ranks, 5),
-        r10: recall_at(&ranks, 10),
-        ranks,
-    })
+    Ok(RetrievalResult::from_ranks(direction, ranks))
 }
 
 /// Retrieval through the contrastive embeddings (issue: a first stage before ITM): every distinct
@@ -340,32 +361,7 @@ pub fn evaluate_two_stage<B: Backend>(
         order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
         let top = &order[..k.min(order.len())];
         in_top_k += top.contains(&0) as usize;
-        let itm = match direction {
-            Direction::Tir => {
-                let ids = model.prepare_text(&first.caption)?;
-                let px: Vec<Vec<f32>> = top
-                    .par_iter()
-                    .map(|&i| model.prepare_image(&images.pixels(&q.candidates[i].image)?))
-                    .collect::<Result<_>>()?;
-                let mut s = vec![];
-                for chunk in px.chunks(batch) {
-                    let tok: Vec<&[i64]> = chunk.iter().map(|_| ids.as_slice()).collect();
-                    s.extend(model.match_probs(&chunk.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?);
-                }
-                s
-            }
-            Direction::Itr => {
-                let img = model.prepare_image(&images.pixels(&first.image)?)?;
-                let ids: Vec<Vec<i64>> =
-                    top.iter().map(|&i| model.prepare_text(&q.candidates[i].caption)).collect::<Result<_>>()?;
-                let mut s = vec![];
-                for chunk in ids.chunks(batch) {
-                    let imgs: Vec<&[f32]> = chunk.iter().map(|_| img.as_slice()).collect();
-                    s.extend(model.match_probs(&imgs, &chunk.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
-                }
-                s
-            }
-        };
+        let itm = itm_scores(model, q, top, direction, images, batch)?;
         // The positive's place: among the top k by ITM when it is there (ties do not push it
         // down, as in `rank_of_positive`), else after all of them in similarity order.
         two_ranks.push(match top.iter().position(|&i| i == 0) {
@@ -374,14 +370,7 @@ pub fn evaluate_two_stage<B: Backend>(
         });
         progress();
     }
-    let result = |ranks: Vec<usize>| RetrievalResult {
-        direction,
-        queries: ranks.len(),
-        r1: recall_at(&ranks, 1),
-        r5: recall_at(&ranks, 5),
-        r10: recall_at(&ranks, 10),
-        ranks,
-    };
+    let result = |ranks: Vec<usize>| RetrievalResult::from_ranks(direction, ranks);
     Ok(TwoStageResult {
         first_stage_recall_at_k: in_top_k as f64 / queries.len().max(1) as f64,
         k,
