@@ -140,7 +140,7 @@ fn inference_and_evaluation_commands_on_a_trained_model() {
         sheet.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("(60 of 60 candidates scored)"), "{}", text(&o));
+    assert!(text(&o).contains("(60 of 60 candidates scored by ITM in "), "{}", text(&o));
     assert!(image::open(&sheet).is_ok());
 
     let o = mvlt(&[

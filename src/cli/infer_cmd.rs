@@ -159,6 +159,7 @@ pub struct SearchArgs {
 impl BackendTask for &SearchArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let t0 = std::time::Instant::now();
         let m = self.model.load::<B>(&device)?;
         let ds = open_dataset(&self.catalog)?;
         let rows = filter_rows(ds.as_ref(), self.category.as_deref(), self.subcategory.as_deref(), self.max_candidates);
@@ -180,14 +181,18 @@ impl BackendTask for &SearchArgs {
         };
         // With an index: the first stage picks the candidates ITM scores, and keeps its similarity.
         let mut similarity: HashMap<usize, f32> = HashMap::new();
+        let mut loaded = t0.elapsed();
+        let mut first_stage = None;
         let rows = match (&self.index, &query) {
             (None, _) => rows,
             (Some(path), SearchQuery::Text(t)) => {
                 let index = crate::index::CatalogIndex::load(path)?;
                 index.check_weights(&self.model.weights, path)?;
                 let in_index = index.rows_of(ds.as_ref(), &rows)?;
+                loaded = t0.elapsed();
                 let q = m.text_embeddings(&[&m.prepare_text(t)?])?.remove(0);
                 let top = index.top_k(&q, self.first_stage_k, Some(&in_index));
+                first_stage = Some((t0.elapsed() - loaded, in_index.len()));
                 let back: HashMap<usize, usize> = in_index.iter().zip(&rows).map(|(&i, &r)| (i, r)).collect();
                 top.into_iter()
                     .map(|(i, s)| {
@@ -201,7 +206,9 @@ impl BackendTask for &SearchArgs {
             }
         };
         let pb = progress_bar(rows.len() as u64, "scoring");
+        let scoring = std::time::Instant::now();
         let mut hits = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
+        let scoring = scoring.elapsed();
         pb.finish_and_clear();
         for h in &mut hits {
             h.similarity = similarity.get(&h.row).copied();
@@ -226,7 +233,24 @@ impl BackendTask for &SearchArgs {
                     h.product_id
                 );
             }
-            println!("({} of {} candidates scored)", hits.len(), rows.len());
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            match first_stage {
+                Some((d, n)) => println!(
+                    "({} candidates scored by ITM in {:.0} ms after a first stage over {n} indexed images in {:.1} ms; \
+                     loading the model, catalogue and index took {:.0} ms)",
+                    hits.len(),
+                    ms(scoring),
+                    ms(d),
+                    ms(loaded)
+                ),
+                None => println!(
+                    "({} of {} candidates scored by ITM in {:.0} ms; loading took {:.0} ms)",
+                    hits.len(),
+                    rows.len(),
+                    ms(scoring),
+                    ms(loaded)
+                ),
+            }
         }
         if let Some(sheet) = &self.sheet {
             let rows: Vec<usize> = top.iter().map(|h| h.row).collect();
