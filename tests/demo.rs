@@ -50,3 +50,13 @@ fn demo_quick_writes_the_report_and_learns() {
     let first: f64 = lists.iter().map(|l| get(&["first_stage", l, "embeddings", "r@5"])).sum::<f64>() / 4.0;
     assert!(first > 0.35, "first-stage R@5 averaged over the lists: {first}");
 }
+
+/// A folder holding another demo (other size or seed) is refused, not mixed into.
+#[test]
+fn demo_refuses_a_folder_of_another_demo() {
+    let dir = tempdir("demo-other");
+    std::fs::write(dir.join("plan.json"), r#"{"plan": "another", "seed": 7}"#).unwrap();
+    let o = mvlt(&["demo", "--quick", "--out", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("holds a demo run with other settings"), "{}", text(&o));
+}

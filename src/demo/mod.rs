@@ -22,7 +22,7 @@ use crate::infer::{LoadOptions, Model};
 use crate::progress::progress_bar;
 use crate::train::config::{recipe_text, TrainConfig};
 use crate::train::trainer::{RunSummary, TrainRun};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -152,7 +152,7 @@ fn train(recipe: &str, dir: &Path, overrides: Vec<String>, device: DeviceSpec) -
     let (_, indices) = config.device_indices()?;
     let s = run_on_devices(device, &indices, TrainRun { config, dir: dir.to_path_buf(), resume })?;
     if s.interrupted {
-        anyhow::bail!("interrupted during {}; run the same command again to continue", dir.display());
+        bail!("interrupted during {}; run the same command again to continue", dir.display());
     }
     Ok(s)
 }
@@ -169,6 +169,18 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
         }
     };
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
+    // A second run continues the first, so it must be the same demo (size, seed).
+    let plan_file = o.out.join("plan.json");
+    let plan_json = serde_json::to_string_pretty(&serde_json::json!({"plan": &plan, "seed": o.seed}))?;
+    match std::fs::read_to_string(&plan_file) {
+        Ok(old) if old != plan_json => bail!(
+            "{} holds a demo run with other settings ({}); give another --out or remove that folder",
+            o.out.display(),
+            plan_file.display()
+        ),
+        Ok(_) => {}
+        Err(_) => crate::files::write_atomic(&plan_file, plan_json.as_bytes())?,
+    }
     let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
 
     // 1. Catalogue, and the split the training runs will use.
