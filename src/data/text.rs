@@ -151,7 +151,8 @@ impl TextProcessor {
         (ids, labels)
     }
 
-    /// The word-piece ids of `words` (every piece of each), for [`MlmPolicy::focus`].
+    /// The word-piece ids of `words` (every piece of each; unknown ones left out), for
+    /// [`MlmPolicy::focus_ids`].
     pub fn piece_ids(&self, words: &[String]) -> Result<Vec<i64>> {
         let mut ids = vec![];
         for w in words {

@@ -173,10 +173,10 @@ impl<B: Backend> ClsHead<B> {
 
 /// Image-text contrastive (ITC) projections, ours (ALBEF's `vision_proj` / `text_proj` and
 /// learned temperature), not in the reference. The image side reads the pooled stage-4 image
-/// tokens of a pass with the empty caption, the text side the stage-4 [CLS] of a pass over a blank
-/// image ([`Pvlt::embed_images`], [`Pvlt::embed_texts`]): one network, no second encoder.
-/// Training them aligns what the image tokens say with what the caption's [CLS] says before the
-/// joint pass has to compare them (ALBEF's "align before fuse"), which ITM needs.
+/// tokens of a pass with the empty caption, the text side the pooled stage-4 caption tokens of a
+/// pass over a blank image ([`Pvlt::embed_images`], [`Pvlt::embed_texts`]): one network, no second
+/// encoder. Training them aligns what the image tokens say with what the caption tokens say before
+/// the joint pass has to compare them (ALBEF's "align before fuse"), which ITM needs.
 #[derive(Module, Debug)]
 pub struct ItcHead<B: Backend> {
     /// BatchNorm of the pooled features before each projection (SimCLR's projection head): it
