@@ -32,6 +32,10 @@ pub struct LoaderConfig {
     pub mask_grid: usize,
     /// Which word pieces MLM chooses (the reference: 15% of every piece).
     pub mlm: super::text::MlmPolicy,
+    /// Pre-training with ITC: also carry each image's own, uncorrupted caption and the product ids
+    /// (`Batch::caption_ids`, `Batch::product_ids`). Off otherwise, so a run without ITC neither
+    /// tokenizes twice nor ships those arrays to the device.
+    pub own_captions: bool,
 }
 
 impl Default for LoaderConfig {
@@ -47,6 +51,7 @@ impl Default for LoaderConfig {
             pretrain: true,
             mask_grid: 16,
             mlm: super::text::MlmPolicy::default(),
+            own_captions: false,
         }
     }
 }
@@ -68,9 +73,9 @@ pub struct Batch {
     pub itm_labels: Vec<i64>,
     pub sup_labels: Vec<i64>,
     pub sub_labels: Vec<i64>,
-    /// `[B, T]` each image's own caption, not corrupted (pre-training; for ITC).
+    /// `[B, T]` each image's own caption, not corrupted (empty unless `own_captions`).
     pub caption_ids: Vec<i64>,
-    /// `[B]` product ids of the rows.
+    /// `[B]` product ids of the rows (empty unless `own_captions`).
     pub product_ids: Vec<String>,
     /// `[CLS]` and `[SEP]`: the empty caption.
     pub empty_caption: [i64; 2],
@@ -172,7 +177,7 @@ impl Loader {
         }
         let (caption_index, itm) = if cfg.pretrain { itm_pair(index, &self.product_ids, &mut rng) } else { (index, 1) };
         let enc = self.text.encode(&self.dataset.records()[caption_index].caption, cfg.max_len)?;
-        let own_ids = match (cfg.pretrain, caption_index == index) {
+        let own_ids = match (cfg.pretrain && cfg.own_captions, caption_index == index) {
             (false, _) => vec![],
             (true, true) => enc.input_ids.clone(),
             (true, false) => self.text.encode(&rec.caption, cfg.max_len)?.input_ids,
@@ -231,8 +236,10 @@ impl Loader {
                     batch.itm_labels.push(s.itm);
                     batch.sup_labels.push(s.sup);
                     batch.sub_labels.push(s.sub);
-                    batch.caption_ids.extend(s.own_ids);
-                    batch.product_ids.push(self.product_ids[s.index].clone());
+                    if !s.own_ids.is_empty() {
+                        batch.caption_ids.extend(s.own_ids);
+                        batch.product_ids.push(self.product_ids[s.index].clone());
+                    }
                 }
                 Err(e) => {
                     let mut skips = self.skips.lock().expect("skip report");

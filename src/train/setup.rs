@@ -290,6 +290,7 @@ impl Plan {
                 },
                 focus_probability: cfg.mlm_focus_probability,
             },
+            own_captions: cfg.with_itc,
         };
         let classes = Arc::new(classes.clone());
         let (n_train, n_val) = (train_rows.len(), val_rows.len());
