@@ -90,22 +90,23 @@ pub fn same_product_targets<B: Backend>(products: &[String], device: &B::Device)
     Tensor::from_data(TensorData::new(v, [n, n]), device)
 }
 
-/// The ITC term of a batch: image embeddings of the clean images, text embeddings of the true
-/// (unmasked) captions, both in f32 for the loss. `None` when the model has no ITC head or the
-/// batch carries no captions for it.
-pub fn itc_of<B: Backend>(model: &Pvlt<B>, t: &Targets<B>, mode: Mode) -> Option<Tensor<B, 1>> {
+/// A batch's ITC embeddings `[B, D]`, in f32: the clean images' and the true (unmasked)
+/// captions'. `None` when the model has no ITC head or the batch carries no captions for it.
+pub fn itc_embeddings<B: Backend>(model: &Pvlt<B>, t: &Targets<B>, mode: Mode) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
     let itc = t.itc.as_ref()?;
-    let head = model.itc_head.as_ref()?;
     let dtype = model.patch_embed1.proj.weight.val().dtype();
     let img =
         model.embed_images(t.clean_images.clone().cast(dtype), mode, itc.empty_caption[0], itc.empty_caption[1])?;
     let txt = model.embed_texts(itc.caption_ids.clone(), mode)?;
-    Some(itc_loss(
-        img.cast(FloatDType::F32),
-        txt.cast(FloatDType::F32),
-        head.scale().cast(FloatDType::F32),
-        itc.targets.clone(),
-    ))
+    Some((img.cast(FloatDType::F32), txt.cast(FloatDType::F32)))
+}
+
+/// The ITC term of a batch ([`itc_embeddings`], [`itc_loss`]).
+pub fn itc_of<B: Backend>(model: &Pvlt<B>, t: &Targets<B>, mode: Mode) -> Option<Tensor<B, 1>> {
+    let head = model.itc_head.as_ref()?;
+    let itc = t.itc.as_ref()?;
+    let (img, txt) = itc_embeddings(model, t, mode)?;
+    Some(itc_loss(img, txt, head.scale().cast(FloatDType::F32), itc.targets.clone()))
 }
 
 /// What ITC needs of a batch.

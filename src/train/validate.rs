@@ -1,6 +1,6 @@
 //! Validation during training: eval-mode losses and the metrics a person watches.
 
-use super::loss::{losses, mlm_positions};
+use super::loss::{itc_embeddings, losses, mlm_positions};
 use super::step::{to_device, ImageInput};
 use crate::data::loader::Loader;
 use crate::model::{HeadSet, Mode, Pvlt};
@@ -122,21 +122,15 @@ pub fn validate<B: Backend>(
                 t.mlm_other_image.add(&argmax(l)?, &mlm_labels);
             }
         }
-        if heads.itc {
-            if let Some(itc) = &db.targets.itc {
-                let img = model.embed_images(clean.clone(), Mode::Eval, itc.empty_caption[0], itc.empty_caption[1]);
-                let txt = model.embed_texts(itc.caption_ids.clone(), Mode::Eval);
-                if let (Some(img), Some(txt)) = (img, txt) {
-                    // Right when the best-scoring caption belongs to the image's product.
-                    let best = argmax(img.matmul(txt.transpose()))?;
-                    let hit: Vec<i64> = best
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &j)| (batch.product_ids[j as usize] == batch.product_ids[i]) as i64)
-                        .collect();
-                    t.itc.add(&hit, &vec![1; hit.len()]);
-                }
-            }
+        if let Some((img, txt)) = heads.itc.then(|| itc_embeddings(model, &db.targets, Mode::Eval)).flatten() {
+            // Right when the best-scoring caption belongs to the image's product.
+            let best = argmax(img.matmul(txt.transpose()))?;
+            t.itc.n += best.len();
+            t.itc.ok += best
+                .iter()
+                .enumerate()
+                .filter(|&(i, &j)| batch.product_ids[j as usize] == batch.product_ids[i])
+                .count();
         }
         let input = db.input.clone();
         let out = model.forward_mlm_at(db.input, db.ids, heads, Mode::Eval, rows());
