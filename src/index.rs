@@ -15,6 +15,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 const FORMAT: &str = "mvlt-index-1";
+
+/// Cosine similarity of two unit-length embeddings.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
 /// Largest index file read: 16 million products at D = 128.
 pub const MAX_INDEX_BYTES: u64 = 8 << 30;
 
@@ -97,9 +102,7 @@ impl CatalogIndex {
 
     /// The `k` rows most similar to `query` among `allowed` rows (all when `None`), best first.
     pub fn top_k(&self, query: &[f32], k: usize, allowed: Option<&[usize]>) -> Vec<(usize, f32)> {
-        let score = |i: usize| -> f32 {
-            self.embeddings[i * self.dim..(i + 1) * self.dim].iter().zip(query).map(|(a, b)| a * b).sum()
-        };
+        let score = |i: usize| dot(&self.embeddings[i * self.dim..(i + 1) * self.dim], query);
         let mut scored: Vec<(usize, f32)> = match allowed {
             Some(rows) => rows.iter().map(|&i| (i, score(i))).collect(),
             None => (0..self.len()).map(|i| (i, score(i))).collect(),

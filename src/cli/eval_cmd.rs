@@ -10,6 +10,15 @@ use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 
+/// The rows an evaluation covers: the validation split of a run's data (`--val-fraction F
+/// --seed S`, the run's), else every row.
+fn evaluated_rows(ds: &dyn Dataset, val_fraction: Option<f64>, seed: u64) -> Vec<usize> {
+    match val_fraction {
+        Some(f) => split_by_product(ds.records(), f, seed).1,
+        None => (0..ds.len()).collect(),
+    }
+}
+
 #[derive(clap::Args)]
 pub struct RetrievalArgs {
     #[command(flatten)]
@@ -59,10 +68,7 @@ impl BackendTask for &RetrievalArgs {
             (Some(l), _) if l.is_dir() => retrieval::read_authors_lists(l)?,
             (Some(l), _) => retrieval::read_jsonl_lists(l)?,
             (None, Some(ds)) => {
-                let rows: Vec<usize> = match self.val_fraction {
-                    Some(f) => split_by_product(ds.records(), f, self.seed).1,
-                    None => (0..ds.len()).collect(),
-                };
+                let rows = evaluated_rows(ds.as_ref(), self.val_fraction, self.seed);
                 retrieval::generate(ds.as_ref(), &rows, self.queries, self.candidates, self.negatives, self.seed)?
             }
             (None, None) => {
@@ -170,10 +176,7 @@ impl BackendTask for &RecognitionArgs {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let m = self.model.load::<B>(&device)?;
         let ds = open_dataset(&self.data)?;
-        let rows: Vec<usize> = match self.val_fraction {
-            Some(f) => split_by_product(ds.records(), f, self.seed).1,
-            None => (0..ds.len()).collect(),
-        };
+        let rows = evaluated_rows(ds.as_ref(), self.val_fraction, self.seed);
         let pb = progress_bar(rows.len() as u64, "images");
         let r = recognition::evaluate(&m, ds.as_ref(), &rows, self.model.batch_size, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();

@@ -10,6 +10,7 @@
 use super::metrics::{rank_of_positive, recall_at};
 use crate::data::dataset::Dataset;
 use crate::data::image::Pixels;
+use crate::index::dot;
 use crate::infer::Model;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
@@ -299,11 +300,6 @@ pub struct TwoStageResult {
     pub k: usize,
     /// The top `k` re-ranked by ITM.
     pub two_stage: RetrievalResult,
-}
-
-/// Cosine similarity of unit-length rows.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 pub fn evaluate_two_stage<B: Backend>(
