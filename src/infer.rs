@@ -49,7 +49,7 @@ pub struct Model<B: Backend> {
     pub device: B::Device,
 }
 
-const NO_ITC_HEAD: &str = "these weights have no contrastive (ITC) head: pre-train with --with-itc \
+pub const NO_ITC_HEAD: &str = "these weights have no contrastive (ITC) head: pre-train with --with-itc \
 (the demo's recipe does) to get image and text embeddings";
 
 /// `[N, D]` -> N rows.

@@ -2,7 +2,7 @@
 //! imply, generated lists reproduce, and the score / classify / search / eval commands run on a
 //! freshly trained model.
 mod common;
-use common::{fixtures, mvlt, tempdir, text, trained_model};
+use common::{fixtures, mvlt, post, start_server, tempdir, text, trained_model};
 use mvlt::data::image::Pixels;
 use mvlt::device::Cpu;
 use mvlt::eval::retrieval::{self, Direction, ImageSource};
@@ -320,6 +320,44 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
         "--index",
         index.to_str().unwrap(),
     ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("was built with other weights"), "{}", text(&o));
+
+    // `mvlt serve --index`: the same, over HTTP.
+    let serve_search = |extra: &[&str]| {
+        let s = start_server(&weights, &data, extra);
+        let (status, j) =
+            post(&format!("{}/v1/search", s.url), "application/json", br#"{"text": "a blue dress", "top": 60}"#);
+        assert_eq!(status, 200, "{j}");
+        j
+    };
+    let plain = serve_search(&[]);
+    let full = serve_search(&["--index", index.to_str().unwrap(), "--first-stage-k", "60"]);
+    let five = serve_search(&["--index", index.to_str().unwrap(), "--first-stage-k", "5"]);
+    assert!(plain.get("first_stage").is_none() && plain["hits"][0]["similarity"].is_null());
+    assert_eq!(full["first_stage"], serde_json::json!({"indexed": 60, "k": 60}));
+    let hit_ids = |j: &serde_json::Value| {
+        let mut v: Vec<String> =
+            j["hits"].as_array().unwrap().iter().map(|h| h["id"].as_str().unwrap().into()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(hit_ids(&full), hit_ids(&plain));
+    for (a, e) in full["hits"].as_array().unwrap().iter().zip(plain["hits"].as_array().unwrap()) {
+        assert!((a["score"].as_f64().unwrap() - e["score"].as_f64().unwrap()).abs() < 1e-6, "{a} vs {e}");
+        assert!(a["similarity"].is_f64());
+    }
+    // k = 5: ITM scores the five most similar, and their similarities are the index's best five.
+    assert_eq!(five["candidates"], 5);
+    let mut sims: Vec<f64> =
+        full["hits"].as_array().unwrap().iter().map(|h| h["similarity"].as_f64().unwrap()).collect();
+    sims.sort_by(|a, b| b.total_cmp(a));
+    let mut top5: Vec<f64> =
+        five["hits"].as_array().unwrap().iter().map(|h| h["similarity"].as_f64().unwrap()).collect();
+    top5.sort_by(|a, b| b.total_cmp(a));
+    assert_eq!(top5, sims[..5].to_vec());
+    // Other weights are refused at start.
+    let o = mvlt(&["serve", "--weights", other.to_str().unwrap(), "--catalog", d, "--index", index.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("was built with other weights"), "{}", text(&o));
 }

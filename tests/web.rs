@@ -3,7 +3,7 @@
 //! categories. Also the HTTP API's error answers. `.ci/run` installs Chromium; elsewhere the test
 //! is skipped with a message when it is missing.
 mod common;
-use common::{tempdir, trained_model, ServerProcess};
+use common::{post, tempdir, trained_model, ServerProcess};
 use headless_chrome::{Browser, LaunchOptions};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,15 +23,6 @@ fn chromium() -> Option<PathBuf> {
 /// `mvlt serve` with a 1 MiB body limit.
 fn start_server(weights: &std::path::Path, catalog: &std::path::Path, extra: &[&str]) -> ServerProcess {
     common::start_server(weights, catalog, &[&["--max-body-mib", "1"], extra].concat())
-}
-
-fn post(url: &str, ctype: &str, body: &[u8]) -> (u16, serde_json::Value) {
-    let (st, text) = match ureq::post(url).set("Content-Type", ctype).send_bytes(body) {
-        Ok(r) => (r.status(), r.into_string().unwrap()),
-        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
-        Err(e) => panic!("{e}"),
-    };
-    (st, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
 }
 
 #[test]

@@ -2,11 +2,11 @@
 use super::infer_cmd::ModelArgs;
 use crate::data::dataset::{open_dataset, Dataset};
 use crate::device::{run_on, BackendTask};
-use crate::serve::{ServeConfig, Server};
+use crate::serve::{FirstStage, ServeConfig, Server};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,12 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's body (408 after).
     #[arg(long, default_value_t = 30.0)]
     body_timeout: f64,
+    /// A contrastive index of the catalogue (mvlt index, same weights): text searches rank every
+    /// indexed image by similarity first and ITM re-ranks only the top --first-stage-k.
+    #[arg(long)]
+    index: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    first_stage_k: usize,
 }
 
 impl ServeArgs {
@@ -70,16 +76,32 @@ impl ServeArgs {
     }
 }
 
-fn server<B: Backend>(model: &ModelArgs, catalog: &Path, cfg: ServeConfig, device: &B::Device) -> Result<Server> {
-    let m = model.load::<B>(device)?;
-    let data: Arc<dyn Dataset> = Arc::from(open_dataset(catalog)?);
-    Server::new(m, data, cfg)
+fn server<B: Backend>(a: &ServeArgs, device: &B::Device) -> Result<Server> {
+    let m = a.model.load::<B>(device)?;
+    let data: Arc<dyn Dataset> = Arc::from(open_dataset(&a.catalog)?);
+    let first_stage = match &a.index {
+        Some(path) => {
+            let index = crate::index::CatalogIndex::load(path)?;
+            index.check_weights(&a.model.weights, path)?;
+            eprintln!(
+                "text searches: first stage over {} indexed images, ITM re-ranks the top {}",
+                index.len(),
+                a.first_stage_k
+            );
+            Some(
+                FirstStage::new(index, a.first_stage_k, data.as_ref())
+                    .with_context(|| format!("index {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    Server::new(m, data, a.config(), first_stage)
 }
 
 impl BackendTask for &ServeArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let server = server::<B>(&self.model, &self.catalog, self.config(), &device)?;
+        let server = server::<B>(self, &device)?;
         let rt = tokio::runtime::Runtime::new()?;
         rt.block_on(async move {
             let (listener, addr) = Server::bind(self.addr).await?;
@@ -131,7 +153,7 @@ fn post(url: &str, ctype: &str, body: &[u8]) -> (u16, String) {
 impl BackendTask for &ServeBenchArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let server = server::<B>(&self.serve.model, &self.serve.catalog, self.serve.config(), &device)?;
+        let server = server::<B>(&self.serve, &device)?;
         // One catalogue image as the request image.
         let data = open_dataset(&self.serve.catalog)?;
         let p = data.pixels(0)?;

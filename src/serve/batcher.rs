@@ -37,6 +37,8 @@ pub enum Work {
     Pairs { head: Head, images: Vec<Arc<Vec<f32>>>, ids: Vec<Arc<Vec<i64>>> },
     /// A query against catalogue rows: text against their images, or an image against their captions.
     Search { text: Option<Arc<Vec<i64>>>, image: Option<Arc<Vec<f32>>>, rows: Vec<usize> },
+    /// A text's contrastive embedding: the query of an indexed search's first stage.
+    Embed { ids: Arc<Vec<i64>> },
 }
 
 pub enum Output {
@@ -44,6 +46,7 @@ pub enum Output {
     Cls(Vec<(Vec<f32>, Vec<f32>)>),
     /// (catalogue row, match probability).
     Search(Vec<(usize, f32)>),
+    Embedding(Vec<f32>),
 }
 
 pub struct Job {
@@ -198,7 +201,19 @@ fn run<B: Backend>(model: Model<B>, cat: Arc<Catalogue>, rx: Receiver<Job>, cfg:
         // The pairs may have taken a while.
         drop_abandoned(&mut jobs);
         for job in jobs {
-            let Work::Search { text, image, rows } = &job.work else { unreachable!("pairs were taken above") };
+            let (text, image, rows) = match &job.work {
+                Work::Search { text, image, rows } => (text, image, rows),
+                Work::Embed { ids } => {
+                    metrics.record_batch(1);
+                    let out = model
+                        .text_embeddings(&[ids.as_slice()])
+                        .map(|mut e| Output::Embedding(e.remove(0)))
+                        .map_err(job_error);
+                    job.reply.send(out);
+                    continue;
+                }
+                Work::Pairs { .. } => unreachable!("pairs were taken above"),
+            };
             // Checked after every forward pass: a search nobody waits for stops there.
             let progress = |n: usize| {
                 metrics.record_batch(n);
@@ -266,7 +281,7 @@ fn run_pairs<B: Backend>(model: &Model<B>, head: Head, jobs: Vec<Job>, max_batch
                 let part = match &out {
                     Output::Itm(v) => Output::Itm(v[start..start + n].to_vec()),
                     Output::Cls(v) => Output::Cls(v[start..start + n].to_vec()),
-                    Output::Search(_) => unreachable!(),
+                    Output::Search(_) | Output::Embedding(_) => unreachable!(),
                 };
                 start += n;
                 r.send(Ok(part));

@@ -117,6 +117,31 @@ struct App {
     inflight: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     cfg: ServeConfig,
+    first_stage: Option<FirstStage>,
+}
+
+/// An indexed catalogue's first stage (`mvlt index`): a text search ranks every indexed image by
+/// contrastive similarity and ITM scores only the top `k`.
+pub struct FirstStage {
+    index: crate::index::CatalogIndex,
+    k: usize,
+    /// Index row of each catalogue row.
+    index_row: Vec<usize>,
+    /// Catalogue row of each index row.
+    catalogue_row: Vec<usize>,
+}
+
+impl FirstStage {
+    /// `index` must cover every row of `data` (it was built over this catalogue).
+    pub fn new(index: crate::index::CatalogIndex, k: usize, data: &dyn Dataset) -> Result<FirstStage> {
+        anyhow::ensure!(k >= 1, "the first stage's k must be at least 1");
+        let index_row = index.rows_of(data, &(0..data.len()).collect::<Vec<_>>())?;
+        let mut catalogue_row = vec![usize::MAX; index.len()];
+        for (r, &i) in index_row.iter().enumerate() {
+            catalogue_row[i] = r;
+        }
+        Ok(FirstStage { index, k, index_row, catalogue_row })
+    }
 }
 
 /// An error answer: status and a message, as `{"error": message}`.
@@ -390,6 +415,23 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
         }
         _ => return Err(bad("give text (text -> products) or image (image -> captions), not both")),
     };
+    // With an index, a text query's first stage picks the rows ITM scores (all of them, or at most
+    // max_candidates, without one).
+    let mut first_stage = None;
+    if let (Some(fs), Some(ids)) = (&app.first_stage, &text) {
+        let Output::Embedding(q) = app.run(Work::Embed { ids: ids.clone() }).await? else { unreachable!() };
+        let (app2, candidates) = (app.clone(), std::mem::take(&mut rows));
+        let (top, indexed) = tokio::task::spawn_blocking(move || {
+            let fs = app2.first_stage.as_ref().expect("checked above");
+            let allowed: Vec<usize> = candidates.iter().map(|&r| fs.index_row[r]).collect();
+            let top = fs.index.top_k(&q, fs.k, Some(&allowed));
+            (top.into_iter().map(|(i, s)| (fs.catalogue_row[i], s)).collect::<Vec<_>>(), allowed.len())
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        rows = top.iter().map(|&(r, _)| r).collect();
+        first_stage = Some((top.into_iter().collect::<std::collections::HashMap<usize, f32>>(), indexed, fs.k));
+    }
     rows.truncate(app.cfg.max_candidates);
     let candidates = rows.len();
     let Output::Search(hits) = app.run(Work::Search { text, image, rows }).await? else { unreachable!() };
@@ -399,11 +441,17 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
         .take(k)
         .map(|(row, score)| {
             let r = &recs[row];
+            let similarity = first_stage.as_ref().map(|(sim, ..)| sim[&row]);
             json!({"row": row, "id": r.id, "product_id": r.product_id, "caption": r.caption, "category": r.category,
-                   "subcategory": r.subcategory, "score": score, "image_url": format!("/v1/images/{row}")})
+                   "subcategory": r.subcategory, "score": score, "similarity": similarity,
+                   "image_url": format!("/v1/images/{row}")})
         })
         .collect();
-    Ok(Json(json!({ "candidates": candidates, "hits": hits })))
+    let mut answer = json!({ "candidates": candidates, "hits": hits });
+    if let Some((_, indexed, k)) = first_stage {
+        answer["first_stage"] = json!({ "indexed": indexed, "k": k });
+    }
+    Ok(Json(answer))
 }
 
 async fn catalogue_image(
@@ -497,7 +545,16 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new<B: Backend>(model: Model<B>, data: Arc<dyn Dataset>, cfg: ServeConfig) -> Result<Server> {
+    /// With `first_stage`, text searches go through the index (the weights need the ITC head).
+    pub fn new<B: Backend>(
+        model: Model<B>,
+        data: Arc<dyn Dataset>,
+        cfg: ServeConfig,
+        first_stage: Option<FirstStage>,
+    ) -> Result<Server> {
+        if first_stage.is_some() && !model.config.heads.itc {
+            anyhow::bail!("{}", crate::infer::NO_ITC_HEAD);
+        }
         let recs = data.records();
         let size = model.image_size;
         let pb = crate::progress::progress_bar(recs.len() as u64, "catalogue");
@@ -549,6 +606,7 @@ impl Server {
                 inflight,
                 metrics,
                 cfg,
+                first_stage,
             }),
         })
     }

@@ -158,3 +158,14 @@ pub fn start_server(weights: &Path, catalog: &Path, extra: &[&str]) -> ServerPro
     let addr = url.strip_prefix("http://").unwrap_or(&url).to_string();
     ServerProcess { child, addr, url }
 }
+
+/// POST `body` with `ctype`: (status, JSON answer).
+#[allow(dead_code)]
+pub fn post(url: &str, ctype: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let (st, text) = match ureq::post(url).set("Content-Type", ctype).send_bytes(body) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    (st, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
