@@ -229,7 +229,9 @@ fn inference_and_evaluation_commands_on_a_trained_model() {
 #[test]
 fn two_stage_retrieval_with_every_candidate_is_exhaustive_itm() {
     use mvlt::data::dataset::{split_by_product, Dataset, FileDataset};
-    use mvlt::eval::retrieval::{evaluate, evaluate_two_stage, generate, Direction, ImageSource, Negatives};
+    use mvlt::eval::retrieval::{
+        evaluate, evaluate_two_stage, generate, Direction, FirstStage, ImageSource, Negatives,
+    };
     let base = tempdir("two-stage");
     let (weights, data) = trained_model(&base);
     let ds = FileDataset::open_jsonl(&data.join("catalog.jsonl")).unwrap();
@@ -248,10 +250,12 @@ fn two_stage_retrieval_with_every_candidate_is_exhaustive_itm() {
     let source = ImageSource::Dataset(&ds, by_id);
     for direction in [Direction::Tir, Direction::Itr] {
         let itm = evaluate(&model, &lists, direction, &source, 8, || {}).unwrap();
-        let all = evaluate_two_stage(&model, &lists, direction, &source, 8, 5, || {}).unwrap();
+        let all =
+            evaluate_two_stage(&model, &lists, direction, &source, 8, FirstStage { k: 5, index: None }, || {}).unwrap();
         assert_eq!(all.two_stage.ranks, itm.ranks, "{direction:?}");
         assert_eq!(all.first_stage_recall_at_k, 1.0);
-        let one = evaluate_two_stage(&model, &lists, direction, &source, 8, 1, || {}).unwrap();
+        let one =
+            evaluate_two_stage(&model, &lists, direction, &source, 8, FirstStage { k: 1, index: None }, || {}).unwrap();
         assert_eq!(one.two_stage.r1, one.first_stage.r1, "{direction:?}");
         assert_eq!(one.first_stage.ranks, all.first_stage.ranks);
     }
@@ -323,6 +327,66 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
     assert!(!o.status.success());
     assert!(text(&o).contains("was built with other weights"), "{}", text(&o));
 
+    // `mvlt eval retrieval --first-stage`: image embeddings from the index rank as computed ones,
+    // and re-ranking every candidate is exhaustive ITM.
+    for direction in ["tir", "itr"] {
+        let json = base.join(format!("fs_{direction}.json"));
+        let o = mvlt(&[
+            "eval",
+            "retrieval",
+            "--weights",
+            w,
+            "--data",
+            d,
+            "--direction",
+            direction,
+            "--queries",
+            "12",
+            "--candidates",
+            "11",
+            "--first-stage",
+            index.to_str().unwrap(),
+            "--rerank",
+            "11",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let fs = &j["first_stage"];
+        assert_eq!(fs["from_index"], true);
+        assert_eq!(fs["two_stage"]["ranks"], j["ranks"], "{direction}");
+        let g = &fs["gallery"];
+        assert_eq!(g["queries"], 12);
+        assert_eq!(g["gallery"].as_u64().unwrap(), if direction == "tir" { 60 } else { ds_captions(&data) });
+        for k in ["r@1", "r@5", "r@10", "r@50"] {
+            assert!((0.0..=1.0).contains(&g[k].as_f64().unwrap()), "{k}: {g}");
+        }
+        // Without the index the first stage computes the same embeddings.
+        let o = mvlt(&[
+            "eval",
+            "retrieval",
+            "--weights",
+            w,
+            "--data",
+            d,
+            "--direction",
+            direction,
+            "--queries",
+            "12",
+            "--candidates",
+            "11",
+            "--rerank",
+            "11",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(again["first_stage"]["from_index"], false);
+        assert_eq!(again["first_stage"]["first_stage"]["ranks"], fs["first_stage"]["ranks"], "{direction}");
+    }
+
     // `mvlt serve --index`: the same, over HTTP.
     let serve_search = |extra: &[&str]| {
         let s = start_server(&weights, &data, extra);
@@ -360,4 +424,11 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
     let o = mvlt(&["serve", "--weights", other.to_str().unwrap(), "--catalog", d, "--index", index.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("was built with other weights"), "{}", text(&o));
+}
+
+/// Distinct captions of a JSONL catalogue folder.
+fn ds_captions(dir: &std::path::Path) -> u64 {
+    use mvlt::data::dataset::{Dataset, FileDataset};
+    let ds = FileDataset::open_jsonl(&dir.join("catalog.jsonl")).unwrap();
+    ds.records().iter().map(|r| r.caption.as_str()).collect::<std::collections::HashSet<_>>().len() as u64
 }

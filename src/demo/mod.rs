@@ -302,7 +302,7 @@ impl BackendTask for RetrievalPhase<'_> {
                             direction,
                             &source,
                             101,
-                            self.plan.rerank_k,
+                            retrieval::FirstStage { k: self.plan.rerank_k, index: None },
                             || pb.inc(1),
                         )
                     })

@@ -10,7 +10,7 @@
 use super::metrics::{rank_of_positive, recall_at};
 use crate::data::dataset::Dataset;
 use crate::data::image::Pixels;
-use crate::index::dot;
+use crate::index::{dot, CatalogIndex};
 use crate::infer::Model;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
@@ -298,8 +298,21 @@ pub struct TwoStageResult {
     /// Share of queries whose positive is in the first stage's top `k`.
     pub first_stage_recall_at_k: f64,
     pub k: usize,
+    /// The first stage's recall at 50 (the default k of search and serve).
+    #[serde(rename = "first_stage_recall@50")]
+    pub first_stage_recall_at_50: f64,
+    /// Whether the image embeddings were read from an index (`mvlt index`) rather than computed.
+    pub from_index: bool,
     /// The top `k` re-ranked by ITM.
     pub two_stage: RetrievalResult,
+}
+
+/// How the first stage runs: its `k`, and where image embeddings come from (an index built with
+/// the same weights, whose ids are the lists' image names; else computed here).
+#[derive(Clone, Copy)]
+pub struct FirstStage<'a> {
+    pub k: usize,
+    pub index: Option<&'a CatalogIndex>,
 }
 
 pub fn evaluate_two_stage<B: Backend>(
@@ -308,10 +321,11 @@ pub fn evaluate_two_stage<B: Backend>(
     direction: Direction,
     images: &ImageSource,
     batch: usize,
-    k: usize,
+    first_stage: FirstStage,
     progress: impl Fn(),
 ) -> Result<TwoStageResult> {
     let batch = batch.max(1);
+    let k = first_stage.k;
     // Embed each distinct image and caption once.
     let mut image_names: Vec<&str> =
         queries.iter().flat_map(|q| q.candidates.iter().map(|c| c.image.as_str())).collect();
@@ -326,6 +340,14 @@ pub fn evaluate_two_stage<B: Backend>(
         Direction::Itr => (queries.iter().map(|q| q.candidates[0].image.as_str()).collect(), captions),
     };
     let mut image_emb: HashMap<&str, Vec<f32>> = HashMap::new();
+    if let Some(index) = first_stage.index {
+        let row: HashMap<&str, usize> = index.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        for n in need_images.iter().copied() {
+            let r = *row.get(n).with_context(|| format!("image '{n}' of the lists is not in the index"))?;
+            image_emb.insert(n, index.embeddings[r * index.dim..(r + 1) * index.dim].to_vec());
+        }
+    }
+    let need_images: Vec<&str> = need_images.into_iter().filter(|n| !image_emb.contains_key(n)).collect();
     for chunk in need_images.chunks(batch) {
         let px: Vec<Vec<f32>> = chunk
             .par_iter()
@@ -369,8 +391,126 @@ pub fn evaluate_two_stage<B: Backend>(
     let result = |ranks: Vec<usize>| RetrievalResult::from_ranks(direction, ranks);
     Ok(TwoStageResult {
         first_stage_recall_at_k: in_top_k as f64 / queries.len().max(1) as f64,
+        first_stage_recall_at_50: recall_at(&first_ranks, 50),
+        from_index: first_stage.index.is_some(),
         k,
         first_stage: result(first_ranks),
         two_stage: result(two_ranks),
+    })
+}
+
+/// The first stage over a whole indexed gallery rather than a 101-candidate list: each query's
+/// rank among every indexed image (TIR) or every distinct caption of the indexed rows (ITR).
+///
+/// Ranks count products, not images: for TIR, the rank is the number of images of *other*
+/// captions scoring above the best image of the query's caption (a product's other views are as
+/// right as the listed one); for ITR, captions are distinct, so the positive caption is one entry.
+#[derive(Clone, Debug, Serialize)]
+pub struct GalleryRecall {
+    pub direction: Direction,
+    /// Images (TIR) or distinct captions (ITR) each query is ranked against.
+    pub gallery: usize,
+    pub queries: usize,
+    #[serde(rename = "r@1")]
+    pub r1: f64,
+    #[serde(rename = "r@5")]
+    pub r5: f64,
+    #[serde(rename = "r@10")]
+    pub r10: f64,
+    #[serde(rename = "r@50")]
+    pub r50: f64,
+    pub median_rank: usize,
+}
+
+/// Largest caption gallery embedded for image queries (each caption is one text forward pass).
+pub const MAX_CAPTION_GALLERY: usize = 1_000_000;
+
+pub fn gallery_recall<B: Backend>(
+    model: &Model<B>,
+    queries: &[Query],
+    direction: Direction,
+    index: &CatalogIndex,
+    ds: &dyn Dataset,
+    batch: usize,
+    progress: impl Fn(usize, usize),
+) -> Result<GalleryRecall> {
+    let batch = batch.max(1);
+    let caption_of: HashMap<&str, &str> = ds.records().iter().map(|r| (r.id.as_str(), r.caption.as_str())).collect();
+    let index_captions: Vec<&str> = index
+        .ids
+        .iter()
+        .map(|id| {
+            caption_of.get(id.as_str()).copied().with_context(|| {
+                format!("indexed image '{id}' is not in the dataset: give the catalogue the index was built over")
+            })
+        })
+        .collect::<Result<_>>()?;
+    let embed_texts = |texts: &[&str]| -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(batch) {
+            let ids: Vec<Vec<i64>> = chunk.iter().map(|c| model.prepare_text(c)).collect::<Result<_>>()?;
+            out.extend(model.text_embeddings(&ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
+            progress(chunk.len(), texts.len());
+        }
+        Ok(out)
+    };
+    let index_row: HashMap<&str, usize> = index.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    let image_emb = |r: usize| &index.embeddings[r * index.dim..(r + 1) * index.dim];
+    let mut ranks = Vec::with_capacity(queries.len());
+    let gallery = match direction {
+        Direction::Tir => {
+            let texts: Vec<&str> = queries.iter().map(|q| q.candidates[0].caption.as_str()).collect();
+            let emb = embed_texts(&texts)?;
+            ranks = texts
+                .par_iter()
+                .zip(&emb)
+                .map(|(q, t)| {
+                    let sims: Vec<f32> = (0..index.len()).map(|r| dot(image_emb(r), t)).collect();
+                    let best = (0..index.len())
+                        .filter(|&r| index_captions[r] == *q)
+                        .map(|r| sims[r])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    if best == f32::NEG_INFINITY {
+                        bail!("no indexed image has the query caption '{q}': is the index built over this catalogue?");
+                    }
+                    Ok((0..index.len()).filter(|&r| index_captions[r] != *q && sims[r] > best).count())
+                })
+                .collect::<Result<_>>()?;
+            index.len()
+        }
+        Direction::Itr => {
+            let mut captions = index_captions.clone();
+            captions.sort_unstable();
+            captions.dedup();
+            if captions.len() > MAX_CAPTION_GALLERY {
+                bail!("{} distinct captions, over the gallery limit of {MAX_CAPTION_GALLERY}", captions.len());
+            }
+            let emb = embed_texts(&captions)?;
+            let position: HashMap<&str, usize> = captions.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+            for q in queries {
+                let first = &q.candidates[0];
+                let r = *index_row
+                    .get(first.image.as_str())
+                    .with_context(|| format!("query image '{}' is not in the index", first.image))?;
+                let sims: Vec<f32> = emb.iter().map(|e| dot(image_emb(r), e)).collect();
+                let p = *position
+                    .get(first.caption.as_str())
+                    .with_context(|| format!("the caption of query image '{}' is not in the gallery", first.image))?;
+                ranks.push(sims.iter().filter(|&&s| s > sims[p]).count());
+            }
+            captions.len()
+        }
+    };
+    let mut sorted = ranks.clone();
+    sorted.sort_unstable();
+    Ok(GalleryRecall {
+        direction,
+        gallery,
+        queries: ranks.len(),
+        r1: recall_at(&ranks, 1),
+        r5: recall_at(&ranks, 5),
+        r10: recall_at(&ranks, 10),
+        r50: recall_at(&ranks, 50),
+        median_rank: sorted.get(sorted.len() / 2).copied().unwrap_or(0),
     })
 }
