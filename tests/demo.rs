@@ -9,7 +9,7 @@ fn demo_quick_writes_the_report_and_learns() {
     let o = mvlt(&["demo", "--quick", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     let said = text(&o);
-    assert!(said.contains("serve --weights") && said.contains("REPORT.md"), "{said}");
+    assert!(said.contains("serve --weights") && said.contains("--index") && said.contains("REPORT.md"), "{said}");
     for f in [
         "REPORT.md",
         "report.json",
@@ -21,6 +21,7 @@ fn demo_quick_writes_the_report_and_learns() {
         "pretrain/val.png",
         "finetune/final/model.safetensors",
         "lists_random.jsonl",
+        "catalog.index",
     ] {
         assert!(out.join(f).is_file(), "{f} missing:\n{said}");
     }

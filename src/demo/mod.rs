@@ -4,7 +4,8 @@
 //! 1. **catalogue**: `mvlt synth` into `OUT/catalog`, split by product (the training runs' split);
 //! 2. **pre-training**: `mvlt pretrain --recipe demo` (`configs/demo.toml` says why each setting);
 //! 3. **retrieval**: `mvlt eval retrieval` on the validation products, TIR and ITR, random and
-//!    same-sub-category negatives; also through the contrastive first stage when the weights have it;
+//!    same-sub-category negatives; also through the contrastive first stage when the weights have
+//!    it, and `mvlt index` of the catalogue for serving;
 //! 4. **fine-tuning**: `mvlt finetune --recipe demo-finetune` from the pre-trained weights;
 //! 5. **recognition**: `mvlt eval recognition` on the validation products;
 //! 6. **report**: `REPORT.md` and `report.json` ([`report`]).
@@ -321,6 +322,15 @@ impl BackendTask for RetrievalPhase<'_> {
                     two_stage,
                 });
             }
+        }
+        // The catalogue's contrastive index, for `serve --index` and `search --index` on the result.
+        if has_itc {
+            let sha = crate::train::checkpoint::sha256_file(self.weights)?;
+            let pb = progress_bar(self.ds.len() as u64, "indexing");
+            crate::index::build(&model, &sha, self.ds, &self.out.join(report::INDEX_FILE), 64, 4096, |k| {
+                pb.inc(k as u64)
+            })?;
+            pb.finish_and_clear();
         }
         let queries = report::search_picture(&model, self.ds, self.val_rows, &self.out.join("search.png"))?;
         let picture = self.out.join("reconstruction.png");
