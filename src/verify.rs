@@ -132,6 +132,7 @@ pub struct Row {
     pub skipped: Option<String>,
 }
 
+#[derive(Clone, Copy, Debug)]
 pub struct Tolerance {
     pub atol: f64,
     pub rtol: f64,

@@ -20,6 +20,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+#[derive(Clone)]
 pub struct TrainStepTask {
     pub step_file: PathBuf,
     pub weights: PathBuf,

@@ -80,7 +80,7 @@ fn retrieval_cli_on_the_authors_lists_writes_the_json() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("| mvlt"), "{}", text(&o));
+    assert!(text(&o).contains("| ITM, every candidate"), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["direction"], "tir");
     assert_eq!(v["queries"], 3);

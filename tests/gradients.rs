@@ -139,17 +139,24 @@ fn analytic_gradients_match_finite_differences() {
 #[test]
 fn bf16_autocast_step_tracks_f32() {
     let _turn = common::backend_turn();
+    bf16_tracks_f32::<Cpu>();
+    // And on libtorch, in builds that have it.
+    #[cfg(feature = "tch")]
+    bf16_tracks_f32::<mvlt::device::Torch>();
+}
+
+fn bf16_tracks_f32<IB: burn::tensor::backend::Backend>() {
     use burn::optim::GradientsParams;
-    use burn::tensor::DType;
+    use burn::tensor::{DType, ElementConversion};
     use mvlt::train::optim::named_grads;
     use mvlt::train::precision::{autocast, Precision};
 
     let cfg = tiny();
     let device = Default::default();
-    <B as burn::tensor::backend::Backend>::seed(&device, 5);
-    let model = Pvlt::<B>::new(&cfg, &device);
-    let images = Tensor::<B, 4>::random([4, 3, 64, 64], Distribution::Uniform(0.0, 1.0), &device);
-    let ids = Tensor::<B, 2, Int>::from_data(
+    <Autodiff<IB> as burn::tensor::backend::Backend>::seed(&device, 5);
+    let model = Pvlt::<Autodiff<IB>>::new(&cfg, &device);
+    let images = Tensor::<Autodiff<IB>, 4>::random([4, 3, 64, 64], Distribution::Uniform(0.0, 1.0), &device);
+    let ids = Tensor::<Autodiff<IB>, 2, Int>::from_data(
         TensorData::new(
             vec![101i64, 7, 8, 9, 102, 0, 101, 30, 31, 102, 0, 0, 101, 5, 6, 102, 0, 0, 101, 40, 41, 42, 43, 102],
             [4, 6],
@@ -187,7 +194,7 @@ fn bf16_autocast_step_tracks_f32() {
         );
         let l = losses(&out, &t, HeadSet::ALL);
         let terms: Vec<f32> =
-            [l.mlm, l.itm, l.t2i, l.sup_cls, l.sub_cls].into_iter().map(|x| x.unwrap().into_scalar()).collect();
+            [l.mlm, l.itm, l.t2i, l.sup_cls, l.sub_cls].into_iter().map(|x| x.unwrap().into_scalar().elem()).collect();
         assert_eq!(l.total.dtype(), DType::F32, "{precision:?}: the loss must be f32");
         let grads = GradientsParams::from_grads(l.total.backward(), &model);
         (terms, named_grads(&model, &grads))
@@ -209,14 +216,19 @@ fn bf16_autocast_step_tracks_f32() {
             b.clone().unwrap_or_else(|| panic!("{name}: no bf16 gradient")),
         );
         assert_eq!(b.dtype(), DType::F32, "{name}: the master gradient must be f32");
-        let dot = (a.clone() * b.clone()).sum().into_scalar() as f64;
-        let norms =
-            (a.clone() * a).sum().into_scalar().sqrt() as f64 * (b.clone() * b).sum().into_scalar().sqrt() as f64;
+        let dot: f64 = (a.clone() * b.clone()).sum().into_scalar().elem();
+        let norms = (a.clone() * a).sum().into_scalar().elem::<f64>().sqrt()
+            * (b.clone() * b).sum().into_scalar().elem::<f64>().sqrt();
         if norms > 0.0 && dot / norms < worst.0 {
             worst = (dot / norms, name.clone());
         }
     }
-    eprintln!("losses f32 {loss32:?}\nlosses bf16 {loss16:?}\nworst gradient cosine {:.5} ({})", worst.0, worst.1);
+    eprintln!(
+        "{}: losses f32 {loss32:?}\nlosses bf16 {loss16:?}\nworst gradient cosine {:.5} ({})",
+        std::any::type_name::<IB>(),
+        worst.0,
+        worst.1
+    );
     assert!(worst.0 > 0.98, "gradient of {} points elsewhere in bf16: cosine {:.4}", worst.1, worst.0);
     // BatchNorm buffers: f32, and each pass moved them (the bf16 view shares them with the model).
     assert_eq!(model.t2i_head.as_ref().unwrap().reduction1._1.running_mean.value().dtype(), DType::F32);

@@ -2,22 +2,27 @@
 mod common;
 
 use burn::tensor::Tensor;
-use mvlt::device::{run_on, Cpu, DeviceSpec};
+use mvlt::device::{backends_for, run_with, Cpu, DeviceSpec};
 use mvlt::model::pvlt::resize_pos_embed;
 use mvlt::model::weights::{load_state_dict, reference_layout, StateDict};
 use mvlt::model::{HeadSet, Pvlt, PvltConfig};
 use mvlt::verify::{print_rows, Fixture, FixtureOverrides, Tolerance, VerifyTask};
 use std::path::Path;
 
+/// Every tensor of `fixture` within tolerance, on each CPU backend this build has (flex, and
+/// libtorch with the `tch` feature).
 fn check(name: &str, fixture: Fixture) {
-    let rows = run_on(DeviceSpec::Cpu, VerifyTask { fixture: &fixture, tol: Tolerance::default(), verbose_load: true })
-        .unwrap();
-    print_rows(name, &rows);
-    let compared = rows.iter().filter(|r| r.skipped.is_none()).count();
-    assert!(compared >= 10, "{name}: only {compared} tensors compared");
-    assert!(rows.iter().all(|r| r.skipped.is_none()), "{name}: some tensors were not understood");
-    let bad: Vec<_> = rows.iter().filter(|r| !r.ok).map(|r| &r.name).collect();
-    assert!(bad.is_empty(), "{name}: tensors off the reference: {bad:?}");
+    for backend in backends_for(DeviceSpec::Cpu) {
+        let task = VerifyTask { fixture: &fixture, tol: Tolerance::default(), verbose_load: true };
+        let rows = run_with(DeviceSpec::Cpu, backend, &[0], task).unwrap();
+        let name = format!("{name} on {backend}");
+        print_rows(&name, &rows);
+        let compared = rows.iter().filter(|r| r.skipped.is_none()).count();
+        assert!(compared >= 10, "{name}: only {compared} tensors compared");
+        assert!(rows.iter().all(|r| r.skipped.is_none()), "{name}: some tensors were not understood");
+        let bad: Vec<_> = rows.iter().filter(|r| !r.ok).map(|r| &r.name).collect();
+        assert!(bad.is_empty(), "{name}: tensors off the reference: {bad:?}");
+    }
 }
 
 #[test]

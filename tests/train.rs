@@ -86,9 +86,16 @@ fn training_step_matches_the_pytorch_step() {
         non_strict: false,
         tol: Tolerance::default(),
     };
-    let rows = run_on(DeviceSpec::Cpu, task).unwrap();
+    // On every CPU backend of this build (flex; libtorch with the `tch` feature).
+    for backend in mvlt::device::backends_for(DeviceSpec::Cpu) {
+        let rows = mvlt::device::run_with(DeviceSpec::Cpu, backend, &[0], task.clone()).unwrap();
+        check_train_step(&rows, backend);
+    }
+}
+
+fn check_train_step(rows: &[mvlt::verify::Row], backend: mvlt::device::BackendKind) {
     let failed: Vec<_> = rows.iter().filter(|r| !r.ok).map(|r| format!("{} ({:.2e})", r.name, r.max_abs)).collect();
-    assert!(failed.is_empty(), "{failed:?}");
+    assert!(failed.is_empty(), "{backend}: {} tensors off: {failed:?}", failed.len());
     // 6 losses, a gradient and a post-step value per parameter, 11 BatchNorms x 3 buffers.
     let grads = rows.iter().filter(|r| r.name.starts_with("grad/")).count();
     assert_eq!(rows.iter().filter(|r| r.name.starts_with("loss/")).count(), 6);

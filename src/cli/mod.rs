@@ -18,6 +18,11 @@ use clap::{Parser, Subcommand};
 pre-train and fine-tune, evaluate, score / classify / search, serve an HTTP API, verify against the reference, \
 inspect and convert weights, benchmark", long_about = None)]
 pub struct Cli {
+    /// The backend that runs the model: flex (pure Rust), tch (libtorch), cubecl (burn's CUDA).
+    /// Default: the fastest one this binary has for the device (`mvlt info` says which);
+    /// also MVLT_BACKEND.
+    #[arg(long, global = true, value_enum)]
+    backend: Option<crate::device::BackendKind>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,10 +43,12 @@ enum Command {
     Score(infer_cmd::ScoreArgs),
     /// Top main and sub categories of a product image (recognition heads).
     Classify(infer_cmd::ClassifyArgs),
-    /// Search a catalogue: text -> products, or image -> captions (exhaustive ITM scoring).
+    /// Search a catalogue: text -> products, or image -> captions (ITM over every candidate, or
+    /// over an index's first stage with --index).
     Search(infer_cmd::SearchArgs),
     /// Embed every catalogue image once (weights pre-trained with --with-itc) into an index file
-    /// that `search --index` ranks with one matrix product before ITM re-ranks its top k.
+    /// that `search --index` and `serve --index` rank with one matrix product before ITM re-ranks
+    /// the top k.
     Index(infer_cmd::IndexArgs),
     /// Serve the HTTP API and web page over a model and a catalogue.
     Serve(serve_cmd::ServeArgs),
@@ -66,6 +73,8 @@ enum Command {
     Tokenize(data_cmd::TokenizeArgs),
     /// Show what the model sees of an image: the reference crop, the resize, the tensor.
     Preprocess(data_cmd::PreprocessArgs),
+    /// The version, the backends this binary has, and which each device would use.
+    Info,
 }
 
 #[derive(Subcommand)]
@@ -86,7 +95,15 @@ enum DataCommand {
 
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(b) = cli.backend {
+        crate::device::choose_backend(b)?;
+    }
     match cli.command {
+        Command::Info => {
+            println!("mvlt {}", env!("CARGO_PKG_VERSION"));
+            print!("{}", crate::device::describe());
+            Ok(())
+        }
         Command::Demo(a) => demo_cmd::run(a),
         Command::Pretrain(a) => train_cmd::run(crate::train::config::Task::Pretrain, a),
         Command::Finetune(a) => train_cmd::run(crate::train::config::Task::Finetune, a),
