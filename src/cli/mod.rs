@@ -5,6 +5,7 @@ mod data_cmd;
 mod demo_cmd;
 mod eval_cmd;
 mod infer_cmd;
+mod plot_cmd;
 mod serve_cmd;
 mod synth_cmd;
 mod train_cmd;
@@ -73,6 +74,8 @@ enum Command {
     Tokenize(data_cmd::TokenizeArgs),
     /// Show what the model sees of an image: the reference crop, the resize, the tensor.
     Preprocess(data_cmd::PreprocessArgs),
+    /// The curves of several training runs in one picture (loss.png, val.png), one colour per run.
+    CompareRuns(plot_cmd::CompareArgs),
     /// The version, the backends this binary has, and which each device would use.
     Info,
 }
@@ -105,6 +108,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(a) => demo_cmd::run(a),
+        Command::CompareRuns(a) => plot_cmd::run(a),
         Command::Pretrain(a) => train_cmd::run(crate::train::config::Task::Pretrain, a),
         Command::Finetune(a) => train_cmd::run(crate::train::config::Task::Finetune, a),
         Command::Eval(EvalCommand::Retrieval(a)) => eval_cmd::retrieval(a),

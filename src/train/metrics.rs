@@ -53,8 +53,10 @@ pub fn read_lines(path: &Path) -> Result<Vec<Value>> {
     Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
+/// One (x, y) point of a curve.
+pub type Point = (f64, f64);
 /// One panel's data: title and (x, y) points.
-pub type Series = (String, Vec<(f64, f64)>);
+pub type Series = (String, Vec<Point>);
 
 /// Series `(name, points)` for each numeric field of the records of `kind`, x = step.
 pub fn series_of(records: &[Value], kind: &str, fields: &[&str]) -> Vec<Series> {
@@ -85,12 +87,30 @@ pub fn register_font() {
 /// A grid of line charts, one per series (loss terms differ by orders of magnitude, so each gets
 /// its own axis). Training curves also get a moving average over `smooth` points.
 pub fn plot_panels(path: &Path, title: &str, series: &[Series], smooth: usize) -> Result<()> {
-    if series.is_empty() {
+    plot_runs(path, title, &[(String::new(), series.to_vec())], smooth)
+}
+
+/// Colours of the runs of one chart, in order.
+const PALETTE: [RGBColor; 6] = [BLUE, RED, RGBColor(0, 150, 0), MAGENTA, RGBColor(230, 140, 0), CYAN];
+
+/// [`plot_panels`] for several runs at once: one panel per field, one colour per run (named in
+/// the legend), so runs that differ in one setting can be compared curve by curve.
+pub fn plot_runs(path: &Path, title: &str, runs: &[(String, Vec<Series>)], smooth: usize) -> Result<()> {
+    // Panels in order of first appearance; each lists the runs that have the field.
+    let mut fields: Vec<&str> = vec![];
+    for (_, series) in runs {
+        for (name, _) in series {
+            if !fields.contains(&name.as_str()) {
+                fields.push(name);
+            }
+        }
+    }
+    if fields.is_empty() {
         return Ok(());
     }
     register_font();
-    let cols = series.len().min(3);
-    let rows = series.len().div_ceil(cols);
+    let cols = fields.len().min(3);
+    let rows = fields.len().div_ceil(cols);
     let (w, h) = (420 * cols as u32, 300 * rows as u32 + 40);
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
@@ -98,13 +118,23 @@ pub fn plot_panels(path: &Path, title: &str, series: &[Series], smooth: usize) -
         root.fill(&WHITE).map_err(plot_err)?;
         let (top, body) = root.split_vertically(40);
         top.titled(title, ("sans-serif", 22)).map_err(plot_err)?;
-        for (area, (name, pts)) in body.split_evenly((rows, cols)).into_iter().zip(series) {
-            let (x0, x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-            let (y0, y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        for (area, field) in body.split_evenly((rows, cols)).into_iter().zip(&fields) {
+            // (run index, run name, points) of each run that has the field.
+            let lines: Vec<(usize, &str, &[Point])> = runs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (run, series))| {
+                    series.iter().find(|(n, _)| n == field).map(|(_, pts)| (i, run.as_str(), pts.as_slice()))
+                })
+                .collect();
+            let all = lines.iter().flat_map(|l| l.2.iter());
+            let (x0, x1, y0, y1) = all.fold((f64::MAX, f64::MIN, f64::MAX, f64::MIN), |(a, b, c, d), p| {
+                (a.min(p.0), b.max(p.0), c.min(p.1), d.max(p.1))
+            });
             let pad = ((y1 - y0) * 0.05).max(1e-9);
             let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
             let mut chart = ChartBuilder::on(&area)
-                .caption(name, ("sans-serif", 16))
+                .caption(*field, ("sans-serif", 16))
                 .margin(8)
                 .x_label_area_size(28)
                 .y_label_area_size(52)
@@ -117,13 +147,31 @@ pub fn plot_panels(path: &Path, title: &str, series: &[Series], smooth: usize) -
                 .light_line_style(WHITE.mix(0.0))
                 .draw()
                 .map_err(plot_err)?;
-            let raw = if smooth > 1 { BLUE.mix(0.25) } else { BLUE.mix(1.0) };
-            chart.draw_series(LineSeries::new(pts.iter().copied(), raw.stroke_width(1))).map_err(plot_err)?;
-            if smooth > 1 && pts.len() > smooth {
-                let avg: Vec<(f64, f64)> = (smooth - 1..pts.len())
-                    .map(|i| (pts[i].0, pts[i + 1 - smooth..=i].iter().map(|p| p.1).sum::<f64>() / smooth as f64))
-                    .collect();
-                chart.draw_series(LineSeries::new(avg, BLUE.stroke_width(2))).map_err(plot_err)?;
+            for (i, run, pts) in lines {
+                let colour = PALETTE[i % PALETTE.len()];
+                let raw = if smooth > 1 { colour.mix(0.25) } else { colour.mix(1.0) };
+                let drawn =
+                    chart.draw_series(LineSeries::new(pts.iter().copied(), raw.stroke_width(1))).map_err(plot_err)?;
+                if smooth > 1 && pts.len() > smooth {
+                    let avg: Vec<(f64, f64)> = (smooth - 1..pts.len())
+                        .map(|i| (pts[i].0, pts[i + 1 - smooth..=i].iter().map(|p| p.1).sum::<f64>() / smooth as f64))
+                        .collect();
+                    let drawn = chart.draw_series(LineSeries::new(avg, colour.stroke_width(2))).map_err(plot_err)?;
+                    if !run.is_empty() {
+                        drawn.label(run).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+                    }
+                } else if !run.is_empty() {
+                    drawn.label(run).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+                }
+            }
+            if runs.len() > 1 {
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK.mix(0.3))
+                    .label_font(("sans-serif", 11))
+                    .draw()
+                    .map_err(plot_err)?;
             }
         }
         root.present().map_err(plot_err)?;
@@ -141,27 +189,28 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a plot: {e:?}")
 }
 
+/// The training-line fields plotted, in panel order.
+pub const TRAIN_FIELDS: &[&str] = &["loss", "mlm", "itm", "t2i", "itc", "sup_cls", "sub_cls", "lr"];
+/// The validation-line fields plotted, in panel order.
+pub const VAL_FIELDS: &[&str] = &[
+    "loss",
+    "mlm_acc",
+    "mlm_acc_other_image",
+    "mlm_grounding",
+    "itm_acc",
+    "itc_acc",
+    "psnr",
+    "psnr_input",
+    "sup_acc",
+    "sub_acc",
+];
+
 /// Redraw `loss.png` and `val.png` in `dir` from `metrics.jsonl`.
 pub fn plot_run(dir: &Path) -> Result<()> {
     let records = read_lines(&dir.join("metrics.jsonl"))?;
-    let train = series_of(&records, "train", &["loss", "mlm", "itm", "t2i", "itc", "sup_cls", "sub_cls", "lr"]);
+    let train = series_of(&records, "train", TRAIN_FIELDS);
     plot_panels(&dir.join("loss.png"), "training loss terms (thin: logged steps; thick: moving average)", &train, 5)?;
-    let val = series_of(
-        &records,
-        "val",
-        &[
-            "loss",
-            "mlm_acc",
-            "mlm_acc_other_image",
-            "mlm_grounding",
-            "itm_acc",
-            "itc_acc",
-            "psnr",
-            "psnr_input",
-            "sup_acc",
-            "sub_acc",
-        ],
-    );
+    let val = series_of(&records, "val", VAL_FIELDS);
     plot_panels(&dir.join("val.png"), "validation", &val, 1)
 }
 
