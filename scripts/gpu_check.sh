@@ -78,6 +78,38 @@ if $PY -c "import torch" 2>/dev/null; then
   done
 fi
 
+# The LibTorch backend on CUDA: a binary built on the CPU machine with `--features tch` against pip's
+# torch==2.11.0 (this machine's version; `scripts/setup-libtorch.sh --torch 2.11.0` sets
+# LIBTORCH_BYPASS_VERSION_CHECK=1), carried gzipped as devbin/mvlt-tch.gz, and run against this
+# machine's own torch/lib (a libtorch is far too big to carry).
+BT=${BT:-./devbin/mvlt-tch}
+if [ "$DEV" = cuda ] && { [ -x "$BT" ] || [ -f "$BT.gz" ]; }; then
+  [ -x "$BT" ] || { gunzip -kf "$BT.gz" && chmod +x "$BT"; }
+  TORCH_LIB=$($PY -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+  export LD_LIBRARY_PATH="$TORCH_LIB:$LD_LIBRARY_PATH"
+  stage "LibTorch backend: info and the reference fixtures on cuda (f32, TF32 off)"
+  $BT info
+  timeout 90 $BT --backend tch verify $F/small_io.json --device cuda
+  timeout 60 $BT --backend tch verify $F/small_e2e_256.json --config $F/small_io.json --weights $F/small_model.safetensors \
+     --image-tensor $F/image_preproc.safetensors:02_dress_striped_navy_256x256/tensor_u8 --device cuda
+  timeout 120 $BT --backend tch verify --train-step tests/data/train_step/step.safetensors \
+     --weights tests/data/train_step/weights.safetensors --config tests/data/train_step/config.json --device cuda 2>&1 | tail -3
+  for prec in f32 bf16; do
+    stage "LibTorch backend: mvlt pretrain, pvlt_tiny 256 px, batch $BATCH, $STEPS steps, $prec"
+    run="$RUNS/tch_$prec"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -l 1 > "$run.mem" &
+    smi=$!
+    timeout 150 $BT --backend tch pretrain --recipe pretrain --device cuda --precision $prec --out "$run" \
+      --set batch_size=$BATCH --set accum_steps=1 --set max_steps=$STEPS --set synthetic_images=2000 \
+      --set val_fraction=0 --set log_every=10 --set workers=12 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -2
+    kill $smi; echo "tch $prec: peak GPU memory $(sort -n "$run.mem" | tail -1) MiB"
+    $PY -c "import json; r=[json.loads(l) for l in open('$run/metrics.jsonl') if '\"train\"' in l]; h=r[len(r)//2:]; print('tch $prec: mvlt', round(sum(x['samples_per_s'] for x in h)/len(h),2), 'samples/s')"
+  done
+  stage "LibTorch backend: mvlt bench --compare-pytorch --device cuda --quick"
+  VIRTUAL_ENV= timeout 240 $BT bench --compare-pytorch --quick --device cuda --python "$PY" --fixtures "$F" \
+    --json "$OUT/bench_cuda.json" 2>&1 | tail -12
+fi
+
 # With the time left: the micro PVLT (its init scales, README Training) on the synthetic catalogue's
 # full captions, batch 128, as long as the deadline allows: does ITM leave ln 2 on full captions
 # with GPU-sized compute? (On 2 CPU cores it stays at ln 2 for 1000 steps.)

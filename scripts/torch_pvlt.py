@@ -37,8 +37,10 @@ def up(x, f):
     return F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=True)
 
 
-def forward(sd, cfg, images, ids, heads, train=False):
-    """Dropout and drop_path are never applied (rates 0); `train` switches BatchNorm to batch statistics."""
+def forward(sd, cfg, images, ids, heads, train=False, mlm_rows=None):
+    """Dropout and drop_path are never applied (rates 0); `train` switches BatchNorm to batch statistics.
+    `mlm_rows` (indices into the B*T text positions) decodes MLM there only, as mvlt does; the
+    authors' code decodes every position."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device)
     # nn.Embedding(vocab, hidden, padding_idx=pad_token_id=0) (MVLT-SPEC 2.1): the lookup passes no
@@ -92,7 +94,8 @@ def forward(sd, cfg, images, ids, heads, train=False):
         e = ln(lin(cls, sd, "itm_head_embed.0"), sd, "itm_head_embed.1", 1e-5)
         out["itm_logits"] = lin(e, sd, "itm_head.linear") + sd["itm_head.linear_bias"]
     if "mlm" in heads:
-        e = ln(lin(y, sd, "mlm_head_embed.0"), sd, "mlm_head_embed.1", 1e-5)
+        src = y if mlm_rows is None else y.reshape(-1, y.shape[-1])[mlm_rows]
+        e = ln(lin(src, sd, "mlm_head_embed.0"), sd, "mlm_head_embed.1", 1e-5)
         hid = ln(F.gelu(lin(e, sd, "mlm_head.transform.dense")), sd, "mlm_head.transform.LayerNorm", 1e-5)
         # The decoder weight IS the word-embedding matrix (tied); a caller may pass it under its own
         # key to see the two uses' gradients apart.

@@ -21,3 +21,17 @@ pub fn keep_freed_memory(keep: bool) {
     // SAFETY: sets a process-wide option of the allocator this binary links; any value is valid.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, if keep { -1 } else { DEFAULT_PURGE_DELAY_MS }) };
 }
+
+/// Peak resident memory of this process, bytes (Linux's `VmHWM`; `None` elsewhere); reset it first
+/// with [`reset_peak_rss`] to measure one phase.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Start [`peak_rss`] again from the current resident memory.
+pub fn reset_peak_rss() {
+    // Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

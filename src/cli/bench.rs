@@ -23,6 +23,8 @@ pub struct BenchArgs {
     warmup: usize,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    #[command(flatten)]
+    compare: super::bench_compare::CompareArgs,
 }
 
 fn parse_heads(s: &str) -> Result<HeadSet> {
@@ -98,6 +100,9 @@ impl BackendTask for Bench<'_> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.compare.compare_pytorch {
+        return super::bench_compare::run(&a.compare, a.device);
+    }
     let cfg = PvltConfig::resolve(&a.config)?;
     cfg.check_image_size(a.image_size, a.image_size)?;
     let heads = parse_heads(&a.heads)?;

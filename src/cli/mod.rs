@@ -1,5 +1,6 @@
 //! The `mvlt` command line.
 mod bench;
+mod bench_compare;
 mod data_bench;
 mod data_cmd;
 mod demo_cmd;
@@ -62,7 +63,8 @@ enum Command {
     Inspect(weights_cmd::InspectArgs),
     /// Convert a PyTorch .pth (checkpoint or state dict) to safetensors.
     Convert(weights_cmd::ConvertArgs),
-    /// Time the forward pass (eval mode) on random inputs.
+    /// Time the forward pass (eval mode) on random inputs; with --compare-pytorch, every case
+    /// against PyTorch in one invocation (docs/BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Write the built-in synthetic fashion catalogue (JSONL + PNG images + vocabulary).
     Synth(synth_cmd::SynthArgs),

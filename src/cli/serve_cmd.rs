@@ -248,19 +248,6 @@ impl BackendTask for &ServeBenchArgs {
     }
 }
 
-/// Peak resident memory of this process (server and load-test client together), bytes; reset
-/// first with [`reset_peak_rss`]. `None` off Linux.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-fn reset_peak_rss() {
-    // Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// The hostile mix: each case sent by 8 clients at once, the server's answers checked (a 4xx with
 /// a JSON error, or 200 for the image at the pixel limit), the slow clients checked to be cut off,
 /// and the process's peak memory over the mix reported. Returns the number of failed cases.
@@ -306,14 +293,14 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
             println!("| {name} | (skipped: {} bytes is over --max-body-mib) | | | |", body.len());
             continue;
         }
-        reset_peak_rss();
+        crate::memory::reset_peak_rss();
         let t0 = Instant::now();
         let answers: Vec<(u16, String)> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..8).map(|_| s.spawn(|| post(&url, "application/json", body.as_bytes()))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or((0, "client thread panicked".into()))).collect()
         });
         let secs = t0.elapsed().as_secs_f64();
-        let peak = peak_rss().unwrap_or(0);
+        let peak = crate::memory::peak_rss().unwrap_or(0);
         overall_peak = overall_peak.max(peak);
         let statuses: std::collections::BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
         let json_errors = answers
