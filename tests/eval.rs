@@ -331,28 +331,15 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
     // and re-ranking every candidate is exhaustive ITM.
     for direction in ["tir", "itr"] {
         let json = base.join(format!("fs_{direction}.json"));
-        let o = mvlt(&[
-            "eval",
-            "retrieval",
-            "--weights",
-            w,
-            "--data",
-            d,
-            "--direction",
-            direction,
-            "--queries",
-            "12",
-            "--candidates",
-            "11",
-            "--first-stage",
-            index.to_str().unwrap(),
-            "--rerank",
-            "11",
-            "--json",
-            json.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", text(&o));
-        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let eval = |extra: &[&str]| -> serde_json::Value {
+            let mut args = vec!["eval", "retrieval", "--weights", w, "--data", d, "--direction", direction];
+            args.extend(["--queries", "12", "--candidates", "11", "--rerank", "11", "--json", json.to_str().unwrap()]);
+            args.extend_from_slice(extra);
+            let o = mvlt(&args);
+            assert!(o.status.success(), "{}", text(&o));
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+        };
+        let j = eval(&["--first-stage", index.to_str().unwrap()]);
         let fs = &j["first_stage"];
         assert_eq!(fs["from_index"], true);
         assert_eq!(fs["two_stage"]["ranks"], j["ranks"], "{direction}");
@@ -363,26 +350,7 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
             assert!((0.0..=1.0).contains(&g[k].as_f64().unwrap()), "{k}: {g}");
         }
         // Without the index the first stage computes the same embeddings.
-        let o = mvlt(&[
-            "eval",
-            "retrieval",
-            "--weights",
-            w,
-            "--data",
-            d,
-            "--direction",
-            direction,
-            "--queries",
-            "12",
-            "--candidates",
-            "11",
-            "--rerank",
-            "11",
-            "--json",
-            json.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", text(&o));
-        let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let again = eval(&[]);
         assert_eq!(again["first_stage"]["from_index"], false);
         assert_eq!(again["first_stage"]["first_stage"]["ranks"], fs["first_stage"]["ranks"], "{direction}");
     }

@@ -176,12 +176,12 @@ impl BackendTask for &RetrievalArgs {
                 "first stage over the whole index ({} {}): R@1 {:.2}%, R@5 {:.2}%, R@10 {:.2}%, R@50 {:.2}%, median rank {} ({} queries)",
                 g.gallery,
                 if self.direction == Direction::Tir { "images" } else { "distinct captions" },
-                100.0 * g.r1,
-                100.0 * g.r5,
-                100.0 * g.r10,
+                100.0 * g.result.r1,
+                100.0 * g.result.r5,
+                100.0 * g.result.r10,
                 100.0 * g.r50,
                 g.median_rank + 1,
-                g.queries
+                g.result.queries
             );
             json["first_stage"]["gallery"] = serde_json::to_value(&g)?;
         }

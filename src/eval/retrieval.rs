@@ -407,16 +407,11 @@ pub fn evaluate_two_stage<B: Backend>(
 /// right as the listed one); for ITR, captions are distinct, so the positive caption is one entry.
 #[derive(Clone, Debug, Serialize)]
 pub struct GalleryRecall {
-    pub direction: Direction,
+    /// Direction, queries, R@1/5/10 and each query's rank in the gallery.
+    #[serde(flatten)]
+    pub result: RetrievalResult,
     /// Images (TIR) or distinct captions (ITR) each query is ranked against.
     pub gallery: usize,
-    pub queries: usize,
-    #[serde(rename = "r@1")]
-    pub r1: f64,
-    #[serde(rename = "r@5")]
-    pub r5: f64,
-    #[serde(rename = "r@10")]
-    pub r10: f64,
     #[serde(rename = "r@50")]
     pub r50: f64,
     pub median_rank: usize,
@@ -504,13 +499,9 @@ pub fn gallery_recall<B: Backend>(
     let mut sorted = ranks.clone();
     sorted.sort_unstable();
     Ok(GalleryRecall {
-        direction,
         gallery,
-        queries: ranks.len(),
-        r1: recall_at(&ranks, 1),
-        r5: recall_at(&ranks, 5),
-        r10: recall_at(&ranks, 10),
         r50: recall_at(&ranks, 50),
         median_rank: sorted.get(sorted.len() / 2).copied().unwrap_or(0),
+        result: RetrievalResult::from_ranks(direction, ranks),
     })
 }
