@@ -5,7 +5,8 @@
 //! Backends ([`BackendKind`]), each behind a cargo feature but `flex`:
 //! - `flex`: burn's pure-Rust CPU backend; needs nothing, always built.
 //! - `tch` (feature `tch`): PyTorch's own kernels (libtorch through burn-tch) on the CPU and on
-//!   NVIDIA GPUs; about 3x flex's speed on the CPU, and exact on GPUs (TF32 stays off).
+//!   NVIDIA GPUs; 2.3-2.7x flex's speed on 2 CPU cores (docs/BENCHMARKS.md); on GPUs, PyTorch's
+//!   defaults (f32 matmuls without TF32).
 //!   `scripts/setup-libtorch.sh` installs the libtorch it links.
 //! - `cubecl` (feature `cuda`): burn's CUDA backend (cubecl kernels, NVRTC at run time).
 //!
