@@ -31,8 +31,9 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "setup-libtorch: creating the virtual environment $venv" >&2
     "$python" -m venv "$venv" >&2
 fi
-# safetensors: the PyTorch side of `mvlt bench --compare-pytorch` reads the reference fixtures.
-installed="$("$venv/bin/python" -c 'import safetensors, torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+# safetensors (and numpy, which torch warns without): the PyTorch side of `mvlt bench
+# --compare-pytorch` reads the reference fixtures.
+installed="$("$venv/bin/python" -c 'import numpy, safetensors, torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
 if [ "$installed" = "$torch" ]; then
     echo "setup-libtorch: torch $torch is already in $venv" >&2
 else
