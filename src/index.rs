@@ -85,6 +85,23 @@ impl CatalogIndex {
         })
     }
 
+    /// Row `i`'s embedding.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.embeddings[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Index row of each catalogue id.
+    pub fn rows_by_id(&self) -> HashMap<&str, usize> {
+        self.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect()
+    }
+
+    /// [`load`](Self::load) the index at `path` and refuse it unless it was built with `weights`.
+    pub fn open_for(path: &Path, weights: &Path) -> Result<Self> {
+        let index = Self::load(path)?;
+        index.check_weights(weights, path)?;
+        Ok(index)
+    }
+
     /// Refuse weights other than the ones the index was built with.
     pub fn check_weights(&self, weights: &Path, index: &Path) -> Result<()> {
         let sha = crate::train::checkpoint::sha256_file(weights)?;
@@ -102,7 +119,7 @@ impl CatalogIndex {
 
     /// The `k` rows most similar to `query` among `allowed` rows (all when `None`), best first.
     pub fn top_k(&self, query: &[f32], k: usize, allowed: Option<&[usize]>) -> Vec<(usize, f32)> {
-        let score = |i: usize| dot(&self.embeddings[i * self.dim..(i + 1) * self.dim], query);
+        let score = |i: usize| dot(self.row(i), query);
         let mut scored: Vec<(usize, f32)> = match allowed {
             Some(rows) => rows.iter().map(|&i| (i, score(i))).collect(),
             None => (0..self.len()).map(|i| (i, score(i))).collect(),
@@ -118,15 +135,59 @@ impl CatalogIndex {
 
     /// Map dataset rows to index rows by id; every row must be indexed.
     pub fn rows_of(&self, ds: &dyn Dataset, rows: &[usize]) -> Result<Vec<usize>> {
-        let by_id: HashMap<&str, usize> = self.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        let by_id = self.rows_by_id();
         rows.iter()
-            .map(|&r| {
-                let id = &ds.records()[r].id;
-                by_id.get(id.as_str()).copied().with_context(|| {
-                    format!("catalogue row '{id}' is not in the index: rebuild it with mvlt index over this catalogue")
-                })
-            })
+            .map(|&r| by_id.get(ds.records()[r].id.as_str()).copied().ok_or_else(|| not_indexed(ds, r)))
             .collect()
+    }
+}
+
+/// Why catalogue row `r` cannot go through the index.
+fn not_indexed(ds: &dyn Dataset, r: usize) -> anyhow::Error {
+    let id = &ds.records()[r].id;
+    anyhow::anyhow!("catalogue row '{id}' is not in the index: rebuild it with mvlt index over this catalogue")
+}
+
+/// The first stage of a search over a catalogue: which rows ITM scores. Shared by `mvlt search
+/// --index` and `mvlt serve --index`.
+pub struct FirstStage {
+    pub index: CatalogIndex,
+    /// Rows handed to ITM.
+    pub k: usize,
+    /// Index row of each catalogue row (`None`: not indexed).
+    index_row: Vec<Option<usize>>,
+    /// Catalogue row of each index row the catalogue has.
+    catalogue_row: HashMap<usize, usize>,
+}
+
+impl FirstStage {
+    pub fn new(index: CatalogIndex, k: usize, ds: &dyn Dataset) -> Result<FirstStage> {
+        anyhow::ensure!(k >= 1, "the first stage's k must be at least 1");
+        let by_id = index.rows_by_id();
+        let index_row: Vec<Option<usize>> = ds.records().iter().map(|r| by_id.get(r.id.as_str()).copied()).collect();
+        let catalogue_row = index_row.iter().enumerate().filter_map(|(r, i)| Some(((*i)?, r))).collect();
+        Ok(FirstStage { index, k, index_row, catalogue_row })
+    }
+
+    /// Refuse a catalogue with rows the index lacks (a server checks this once, at start).
+    pub fn check_covers(&self, ds: &dyn Dataset) -> Result<()> {
+        match self.index_row.iter().position(Option::is_none) {
+            Some(r) => Err(not_indexed(ds, r)),
+            None => Ok(()),
+        }
+    }
+
+    /// The `k` of `rows` (catalogue rows, all indexed) most similar to the `query` embedding, as
+    /// (catalogue row, similarity), best first.
+    pub fn pick(&self, query: &[f32], rows: &[usize], ds: &dyn Dataset) -> Result<Vec<(usize, f32)>> {
+        let allowed: Vec<usize> =
+            rows.iter().map(|&r| self.index_row[r].ok_or_else(|| not_indexed(ds, r))).collect::<Result<_>>()?;
+        Ok(self
+            .index
+            .top_k(query, self.k, Some(&allowed))
+            .into_iter()
+            .map(|(i, s)| (self.catalogue_row[&i], s))
+            .collect())
     }
 }
 
@@ -137,25 +198,27 @@ pub fn partial_path(out: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Embed every image of `ds` with `model` (`weights_sha256` names its weights), `batch` images at
-/// a time, saving `INDEX.partial` every `save_every` images and continuing from it when it matches.
+/// Embed every image of `ds` with `model` (loaded from `weights`, whose hash the index records),
+/// `batch` images at a time, saving `INDEX.partial` every `save_every` images and continuing from
+/// it when it matches.
 pub fn build<B: Backend>(
     model: &Model<B>,
-    weights_sha256: &str,
+    weights: &Path,
     ds: &dyn Dataset,
     out: &Path,
     batch: usize,
     save_every: usize,
     progress: impl Fn(usize),
 ) -> Result<CatalogIndex> {
+    let weights_sha256 = &crate::train::checkpoint::sha256_file(weights)?;
     let ids: Vec<String> = ds.records().iter().map(|r| r.id.clone()).collect();
     let partial = partial_path(out);
     let mut index = match CatalogIndex::load(&partial) {
-        Ok(p) if p.weights_sha256 == weights_sha256 && ids.starts_with(&p.ids) => {
+        Ok(p) if &p.weights_sha256 == weights_sha256 && ids.starts_with(&p.ids) => {
             eprintln!("continuing {} ({} of {} images embedded)", partial.display(), p.len(), ids.len());
             p
         }
-        _ => CatalogIndex { weights_sha256: weights_sha256.into(), ids: vec![], dim: 0, embeddings: vec![] },
+        _ => CatalogIndex { weights_sha256: weights_sha256.clone(), ids: vec![], dim: 0, embeddings: vec![] },
     };
     progress(index.len());
     let mut since_save = 0;

@@ -203,6 +203,12 @@ impl<B: Backend> Model<B> {
         rows_of(e)
     }
 
+    /// [`text_embeddings`](Self::text_embeddings) of texts, tokenised as the model reads them.
+    pub fn caption_embeddings(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids: Vec<Vec<i64>> = texts.iter().map(|t| self.prepare_text(t)).collect::<Result<_>>()?;
+        self.text_embeddings(&ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())
+    }
+
     pub fn score(&self, image: &Pixels, text: &str) -> Result<f32> {
         let img = self.prepare_image(image)?;
         let ids = self.prepare_text(text)?;

@@ -276,7 +276,7 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
     ix.save(&base.join("again.index")).unwrap();
     assert_eq!(mvlt::index::CatalogIndex::load(&base.join("again.index")).unwrap(), ix);
     for r in 0..ix.len() {
-        let norm: f32 = ix.embeddings[r * ix.dim..(r + 1) * ix.dim].iter().map(|x| x * x).sum();
+        let norm: f32 = ix.row(r).iter().map(|x| x * x).sum();
         assert!((norm - 1.0).abs() < 1e-4, "row {r} has squared norm {norm}");
     }
     let search = |extra: &[&str]| {

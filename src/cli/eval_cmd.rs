@@ -114,11 +114,7 @@ impl BackendTask for &RetrievalArgs {
         );
         let mut json = serde_json::to_value(&r)?;
         let index = match (&self.first_stage, &data) {
-            (Some(path), Some(_)) => {
-                let index = CatalogIndex::load(path)?;
-                index.check_weights(&self.model.weights, path)?;
-                Some(index)
-            }
+            (Some(path), Some(_)) => Some(CatalogIndex::open_for(path, &self.model.weights)?),
             (Some(_), None) => bail!("--first-stage needs --data, the catalogue the index was built over"),
             (None, _) => None,
         };

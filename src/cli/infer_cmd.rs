@@ -186,20 +186,14 @@ impl BackendTask for &SearchArgs {
         let rows = match (&self.index, &query) {
             (None, _) => rows,
             (Some(path), SearchQuery::Text(t)) => {
-                let index = crate::index::CatalogIndex::load(path)?;
-                index.check_weights(&self.model.weights, path)?;
-                let in_index = index.rows_of(ds.as_ref(), &rows)?;
+                let index = crate::index::CatalogIndex::open_for(path, &self.model.weights)?;
+                let fs = crate::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
                 loaded = t0.elapsed();
-                let q = m.text_embeddings(&[&m.prepare_text(t)?])?.remove(0);
-                let top = index.top_k(&q, self.first_stage_k, Some(&in_index));
-                first_stage = Some((t0.elapsed() - loaded, in_index.len()));
-                let back: HashMap<usize, usize> = in_index.iter().zip(&rows).map(|(&i, &r)| (i, r)).collect();
-                top.into_iter()
-                    .map(|(i, s)| {
-                        similarity.insert(back[&i], s);
-                        back[&i]
-                    })
-                    .collect()
+                let q = m.caption_embeddings(&[t])?.remove(0);
+                let top = fs.pick(&q, &rows, ds.as_ref())?;
+                first_stage = Some((t0.elapsed() - loaded, rows.len()));
+                similarity.extend(top.iter().copied());
+                top.into_iter().map(|(r, _)| r).collect()
             }
             (Some(_), SearchQuery::Image(_)) => {
                 bail!("--index holds image embeddings, for text queries; search --image without it (exhaustive)")
@@ -287,11 +281,10 @@ impl BackendTask for &IndexArgs {
             );
         }
         let ds = open_dataset(&self.catalog)?;
-        let sha = crate::train::checkpoint::sha256_file(&self.model.weights)?;
         let pb = progress_bar(ds.len() as u64, "indexing");
         let t0 = std::time::Instant::now();
-        let index =
-            crate::index::build(&m, &sha, ds.as_ref(), &self.out, self.model.batch_size, 4096, |k| pb.inc(k as u64))?;
+        let (weights, batch) = (&self.model.weights, self.model.batch_size);
+        let index = crate::index::build(&m, weights, ds.as_ref(), &self.out, batch, 4096, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         println!(

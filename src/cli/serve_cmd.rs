@@ -2,7 +2,8 @@
 use super::infer_cmd::ModelArgs;
 use crate::data::dataset::{open_dataset, Dataset};
 use crate::device::{run_on, BackendTask};
-use crate::serve::{FirstStage, ServeConfig, Server};
+use crate::index::FirstStage;
+use crate::serve::{ServeConfig, Server};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::net::SocketAddr;
@@ -81,17 +82,15 @@ fn server<B: Backend>(a: &ServeArgs, device: &B::Device) -> Result<Server> {
     let data: Arc<dyn Dataset> = Arc::from(open_dataset(&a.catalog)?);
     let first_stage = match &a.index {
         Some(path) => {
-            let index = crate::index::CatalogIndex::load(path)?;
-            index.check_weights(&a.model.weights, path)?;
+            let index = crate::index::CatalogIndex::open_for(path, &a.model.weights)?;
             eprintln!(
                 "text searches: first stage over {} indexed images, ITM re-ranks the top {}",
                 index.len(),
                 a.first_stage_k
             );
-            Some(
-                FirstStage::new(index, a.first_stage_k, data.as_ref())
-                    .with_context(|| format!("index {}", path.display()))?,
-            )
+            let fs = FirstStage::new(index, a.first_stage_k, data.as_ref())?;
+            fs.check_covers(data.as_ref()).with_context(|| format!("index {}", path.display()))?;
+            Some(fs)
         }
         None => None,
     };

@@ -325,9 +325,8 @@ impl BackendTask for RetrievalPhase<'_> {
         }
         // The catalogue's contrastive index, for `serve --index` and `search --index` on the result.
         if has_itc {
-            let sha = crate::train::checkpoint::sha256_file(self.weights)?;
             let pb = progress_bar(self.ds.len() as u64, "indexing");
-            crate::index::build(&model, &sha, self.ds, &self.out.join(report::INDEX_FILE), 64, 4096, |k| {
+            crate::index::build(&model, self.weights, self.ds, &self.out.join(report::INDEX_FILE), 64, 4096, |k| {
                 pb.inc(k as u64)
             })?;
             pb.finish_and_clear();

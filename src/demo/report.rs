@@ -305,7 +305,7 @@ pub fn search_picture<B: Backend>(
             model.search(ds, val_rows, SearchQuery::Text(caption), 101, |_| {})?.iter().map(|h| h.row).collect();
         let mut rankings = vec![by_itm];
         if itc {
-            let t = model.text_embeddings(&[&model.prepare_text(caption)?])?.remove(0);
+            let t = model.caption_embeddings(&[caption])?.remove(0);
             let sims: Vec<f32> = gallery.iter().map(|g| crate::index::dot(g, &t)).collect();
             let mut order: Vec<usize> = (0..val_rows.len()).collect();
             order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));

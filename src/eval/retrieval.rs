@@ -341,10 +341,10 @@ pub fn evaluate_two_stage<B: Backend>(
     };
     let mut image_emb: HashMap<&str, Vec<f32>> = HashMap::new();
     if let Some(index) = first_stage.index {
-        let row: HashMap<&str, usize> = index.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        let row = index.rows_by_id();
         for n in need_images.iter().copied() {
             let r = *row.get(n).with_context(|| format!("image '{n}' of the lists is not in the index"))?;
-            image_emb.insert(n, index.embeddings[r * index.dim..(r + 1) * index.dim].to_vec());
+            image_emb.insert(n, index.row(r).to_vec());
         }
     }
     let need_images: Vec<&str> = need_images.into_iter().filter(|n| !image_emb.contains_key(n)).collect();
@@ -358,9 +358,7 @@ pub fn evaluate_two_stage<B: Backend>(
     }
     let mut text_emb: HashMap<&str, Vec<f32>> = HashMap::new();
     for chunk in need_captions.chunks(batch) {
-        let ids: Vec<Vec<i64>> = chunk.iter().map(|c| model.prepare_text(c)).collect::<Result<_>>()?;
-        let e = model.text_embeddings(&ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
-        text_emb.extend(chunk.iter().copied().zip(e));
+        text_emb.extend(chunk.iter().copied().zip(model.caption_embeddings(chunk)?));
     }
     let (mut first_ranks, mut two_ranks, mut in_top_k) = (vec![], vec![], 0usize);
     for q in queries {
@@ -443,14 +441,12 @@ pub fn gallery_recall<B: Backend>(
     let embed_texts = |texts: &[&str]| -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(batch) {
-            let ids: Vec<Vec<i64>> = chunk.iter().map(|c| model.prepare_text(c)).collect::<Result<_>>()?;
-            out.extend(model.text_embeddings(&ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?);
+            out.extend(model.caption_embeddings(chunk)?);
             progress(chunk.len(), texts.len());
         }
         Ok(out)
     };
-    let index_row: HashMap<&str, usize> = index.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
-    let image_emb = |r: usize| &index.embeddings[r * index.dim..(r + 1) * index.dim];
+    let index_row = index.rows_by_id();
     let mut ranks = Vec::with_capacity(queries.len());
     let gallery = match direction {
         Direction::Tir => {
@@ -460,7 +456,7 @@ pub fn gallery_recall<B: Backend>(
                 .par_iter()
                 .zip(&emb)
                 .map(|(q, t)| {
-                    let sims: Vec<f32> = (0..index.len()).map(|r| dot(image_emb(r), t)).collect();
+                    let sims: Vec<f32> = (0..index.len()).map(|r| dot(index.row(r), t)).collect();
                     let best = (0..index.len())
                         .filter(|&r| index_captions[r] == *q)
                         .map(|r| sims[r])
@@ -487,7 +483,7 @@ pub fn gallery_recall<B: Backend>(
                 let r = *index_row
                     .get(first.image.as_str())
                     .with_context(|| format!("query image '{}' is not in the index", first.image))?;
-                let sims: Vec<f32> = emb.iter().map(|e| dot(image_emb(r), e)).collect();
+                let sims: Vec<f32> = emb.iter().map(|e| dot(index.row(r), e)).collect();
                 let p = *position
                     .get(first.caption.as_str())
                     .with_context(|| format!("the caption of query image '{}' is not in the gallery", first.image))?;

@@ -22,6 +22,7 @@ pub mod metrics;
 use crate::data::dataset::Dataset;
 use crate::data::image::{preprocess, Pixels};
 use crate::data::text::TextProcessor;
+use crate::index::FirstStage;
 use crate::infer::{distinct_captions, filter_rows, top_k, Model};
 use anyhow::{Context, Result};
 use axum::body::Bytes;
@@ -117,31 +118,8 @@ struct App {
     inflight: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     cfg: ServeConfig,
+    /// Text searches through an index (`serve --index`); it covers every catalogue row.
     first_stage: Option<FirstStage>,
-}
-
-/// An indexed catalogue's first stage (`mvlt index`): a text search ranks every indexed image by
-/// contrastive similarity and ITM scores only the top `k`.
-pub struct FirstStage {
-    index: crate::index::CatalogIndex,
-    k: usize,
-    /// Index row of each catalogue row.
-    index_row: Vec<usize>,
-    /// Catalogue row of each index row.
-    catalogue_row: Vec<usize>,
-}
-
-impl FirstStage {
-    /// `index` must cover every row of `data` (it was built over this catalogue).
-    pub fn new(index: crate::index::CatalogIndex, k: usize, data: &dyn Dataset) -> Result<FirstStage> {
-        anyhow::ensure!(k >= 1, "the first stage's k must be at least 1");
-        let index_row = index.rows_of(data, &(0..data.len()).collect::<Vec<_>>())?;
-        let mut catalogue_row = vec![usize::MAX; index.len()];
-        for (r, &i) in index_row.iter().enumerate() {
-            catalogue_row[i] = r;
-        }
-        Ok(FirstStage { index, k, index_row, catalogue_row })
-    }
 }
 
 /// An error answer: status and a message, as `{"error": message}`.
@@ -421,14 +399,14 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
     if let (Some(fs), Some(ids)) = (&app.first_stage, &text) {
         let Output::Embedding(q) = app.run(Work::Embed { ids: ids.clone() }).await? else { unreachable!() };
         let (app2, candidates) = (app.clone(), std::mem::take(&mut rows));
-        let (top, indexed) = tokio::task::spawn_blocking(move || {
+        let indexed = candidates.len();
+        let top = tokio::task::spawn_blocking(move || {
             let fs = app2.first_stage.as_ref().expect("checked above");
-            let allowed: Vec<usize> = candidates.iter().map(|&r| fs.index_row[r]).collect();
-            let top = fs.index.top_k(&q, fs.k, Some(&allowed));
-            (top.into_iter().map(|(i, s)| (fs.catalogue_row[i], s)).collect::<Vec<_>>(), allowed.len())
+            fs.pick(&q, &candidates, app2.data.as_ref())
         })
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
         rows = top.iter().map(|&(r, _)| r).collect();
         first_stage = Some((top.into_iter().collect::<std::collections::HashMap<usize, f32>>(), indexed, fs.k));
     }
