@@ -188,17 +188,23 @@ impl fmt::Display for DeviceSpec {
 
 /// The burn backend a device runs on, in words (for reports).
 pub fn backend_name(spec: DeviceSpec) -> String {
-    match (spec, backend_for(spec)) {
+    match backend_for(spec) {
+        Ok(backend) => backend_name_of(spec, backend),
+        Err(e) if spec != DeviceSpec::Wgpu => format!("{e}"),
+        Err(_) => backend_name_of(spec, BackendKind::Cubecl),
+    }
+}
+
+/// `backend` on `spec`, in words.
+pub fn backend_name_of(spec: DeviceSpec, backend: BackendKind) -> String {
+    match (spec, backend) {
         (DeviceSpec::Wgpu, _) => "burn wgpu".into(),
-        (_, Err(e)) => format!("{e}"),
-        (DeviceSpec::Cpu, Ok(BackendKind::Tch)) => {
+        (DeviceSpec::Cpu, BackendKind::Tch) => {
             format!("libtorch {} (burn-tch) on the CPU, {} threads", libtorch_version(), torch_threads())
         }
-        (DeviceSpec::Cpu, Ok(_)) => {
-            format!("burn flex (pure Rust) on the CPU, {} threads", rayon::current_num_threads())
-        }
-        (DeviceSpec::Cuda(n), Ok(BackendKind::Tch)) => format!("libtorch {} (burn-tch) on GPU {n}", libtorch_version()),
-        (DeviceSpec::Cuda(n), Ok(_)) => format!("burn cuda (cubecl) on GPU {n}"),
+        (DeviceSpec::Cpu, _) => format!("burn flex (pure Rust) on the CPU, {} threads", rayon::current_num_threads()),
+        (DeviceSpec::Cuda(n), BackendKind::Tch) => format!("libtorch {} (burn-tch) on GPU {n}", libtorch_version()),
+        (DeviceSpec::Cuda(n), _) => format!("burn cuda (cubecl) on GPU {n}"),
     }
 }
 

@@ -17,7 +17,7 @@
 //! - `peak_rss`: each process's peak resident memory over the whole run, MiB (ratio PyTorch / ours).
 
 use crate::data::loader::Batch;
-use crate::device::{backend_name, backends_for, run_with, BackendKind, BackendTask, DeviceSpec};
+use crate::device::{backend_name_of, backends_for, run_with, BackendKind, BackendTask, DeviceSpec};
 use crate::model::{HeadSet, Mode, Pvlt, PvltConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::precision::Precision;
@@ -400,7 +400,11 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
     } else {
         backends_for(device)
     };
-    let threads = match crate::device::backend_for(device)? {
+    if backends.is_empty() {
+        bail!("this mvlt has no backend for {device} to compare with PyTorch");
+    }
+    // PyTorch gets the thread count of the backend it is paired with.
+    let threads_of = |backend: BackendKind| match backend {
         BackendKind::Tch => crate::device::torch_threads(),
         _ => rayon::current_num_threads(),
     };
@@ -409,14 +413,15 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
     let cases = cases();
     let t0 = Instant::now();
     let mut results: Vec<(BackendKind, BTreeMap<&'static str, Times>)> = vec![];
-    let mut meta = json!({});
+    let mut torch = Value::Null;
     for &backend in &backends {
         // A fresh PyTorch process per backend, so each peak-memory figure covers one pairing.
-        let mut py = Python::start(&python, &fixtures, threads, device)?;
+        let mut py = Python::start(&python, &fixtures, threads_of(backend), device)?;
+        torch = py.ready["torch"].clone();
         eprintln!(
             "ours: {} ({}); PyTorch {} with {} threads; {warmup} warm-up + {runs} timed repetitions each",
             backend,
-            backend_name_for(device, backend),
+            backend_name_of(device, backend),
             py.ready["torch"].as_str().unwrap_or("?"),
             py.ready["threads"]
         );
@@ -427,26 +432,19 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
         let theirs = py.ask(&json!({"case": "memory"}))?;
         let theirs_peak = theirs["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
         times.insert("peak_rss", Times { ours: vec![ours_peak], pytorch: vec![theirs_peak] });
-        meta = json!({
-            "torch": py.ready["torch"],
-            "threads": threads,
-            "device": device.to_string(),
-            "cpu": cpu_name(),
-            "mvlt": env!("CARGO_PKG_VERSION"),
-            "quick": a.quick,
-            "repetitions": runs,
-        });
         results.push((backend, times));
     }
+    let meta = json!({
+        "torch": torch,
+        "threads": threads_of(backends[0]),
+        "device": device.to_string(),
+        "cpu": cpu_name(),
+        "mvlt": env!("CARGO_PKG_VERSION"),
+        "quick": a.quick,
+        "repetitions": runs,
+    });
     let json = report_json(&results, meta, t0.elapsed().as_secs_f64());
     write_outputs(a, &json, &backends)
-}
-
-fn backend_name_for(device: DeviceSpec, backend: BackendKind) -> String {
-    match backend {
-        BackendKind::Tch => format!("libtorch {}", crate::device::libtorch_version()),
-        _ => backend_name(device),
-    }
 }
 
 fn cpu_name() -> String {
