@@ -8,12 +8,24 @@ use mvlt::data::text::{TextProcessor, IGNORE};
 use std::sync::Arc;
 
 fn loader(dir: &std::path::Path, workers: usize, seed: u64) -> Arc<Loader> {
+    loader_with(dir, workers, seed, true)
+}
+
+fn loader_with(dir: &std::path::Path, workers: usize, seed: u64, mlm_on_negatives: bool) -> Arc<Loader> {
     let ds: Arc<dyn Dataset> = Arc::new(FileDataset::open_jsonl(&dir.join("catalog.jsonl")).unwrap());
     let text = Arc::new(TextProcessor::from_vocab_file(&dir.join("vocab.txt")).unwrap());
     let classes = Arc::new(ClassMap::from_records(ds.records()));
     let rows = (0..ds.len()).collect();
-    let cfg =
-        LoaderConfig { batch_size: 5, image_size: 32, max_len: 24, seed, workers, prefetch: 2, ..Default::default() };
+    let cfg = LoaderConfig {
+        batch_size: 5,
+        image_size: 32,
+        max_len: 24,
+        seed,
+        workers,
+        prefetch: 2,
+        mlm_on_negatives,
+        ..Default::default()
+    };
     Arc::new(Loader::new(ds, text, classes, rows, cfg).unwrap())
 }
 
@@ -64,6 +76,33 @@ fn batches_do_not_depend_on_worker_count() {
     assert_eq!(resumed, one[2..]);
     let all: std::collections::BTreeSet<usize> = one.iter().flat_map(|b| b.indices.clone()).collect();
     assert_eq!(all.len(), 23, "every row exactly once per epoch");
+}
+
+/// `mlm_on_negatives = false`: mismatched pairs carry no MLM label, yet their text is corrupted
+/// exactly as with labels (same ids), so a [MASK] in the input says nothing about the match.
+/// Matched pairs are untouched.
+#[test]
+fn mlm_on_matched_pairs_only() {
+    let dir = common::tempdir("loader-mlm-matched");
+    write_catalog(&dir, 40, 5, 32, |_| {}).unwrap();
+    let all: Vec<_> = loader_with(&dir, 1, 4, true).epoch(0, 0).collect();
+    let matched: Vec<_> = loader_with(&dir, 1, 4, false).epoch(0, 0).collect();
+    let (mut negatives, mut labelled_positives) = (0, 0);
+    for (a, m) in all.iter().zip(&matched) {
+        assert_eq!(a.input_ids, m.input_ids, "the corruption itself does not change");
+        assert_eq!(a.itm_labels, m.itm_labels);
+        for (row, &itm) in a.itm_labels.iter().enumerate() {
+            let (la, lm) = (&a.mlm_labels[row * 24..(row + 1) * 24], &m.mlm_labels[row * 24..(row + 1) * 24]);
+            if itm == 0 {
+                negatives += 1;
+                assert!(lm.iter().all(|&l| l == IGNORE), "a negative pair carries MLM labels");
+            } else {
+                assert_eq!(la, lm);
+                labelled_positives += la.iter().any(|&l| l != IGNORE) as usize;
+            }
+        }
+    }
+    assert!(negatives > 5 && labelled_positives > 5, "{negatives} negatives, {labelled_positives} labelled positives");
 }
 
 #[test]

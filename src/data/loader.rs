@@ -36,6 +36,9 @@ pub struct LoaderConfig {
     /// (`Batch::caption_ids`, `Batch::product_ids`). Off otherwise, so a run without ITC neither
     /// tokenizes twice nor ships those arrays to the device.
     pub own_captions: bool,
+    /// MLM labels on ITM negatives too (the reference); off: on matched pairs only
+    /// (`TrainConfig::mlm_on_negatives`).
+    pub mlm_on_negatives: bool,
 }
 
 impl Default for LoaderConfig {
@@ -52,6 +55,7 @@ impl Default for LoaderConfig {
             mask_grid: 16,
             mlm: super::text::MlmPolicy::default(),
             own_captions: false,
+            mlm_on_negatives: true,
         }
     }
 }
@@ -183,7 +187,10 @@ impl Loader {
             (true, false) => self.text.encode(&rec.caption, cfg.max_len)?.input_ids,
         };
         let (ids, mlm, masked) = if cfg.pretrain {
-            let (ids, mlm) = self.text.mask_tokens(&enc.input_ids, &cfg.mlm, &mut rng);
+            let (ids, mut mlm) = self.text.mask_tokens(&enc.input_ids, &cfg.mlm, &mut rng);
+            if itm == 0 && !cfg.mlm_on_negatives {
+                mlm.fill(IGNORE);
+            }
             let mut masked = image.clone();
             apply_grid_mask(&mut masked, cfg.image_size, cfg.mask_grid, &grid_mask(cfg.mask_grid, &mut rng))?;
             (ids, mlm, masked)

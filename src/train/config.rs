@@ -5,6 +5,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The reference's pre-training objectives (`loss_type` itm + mlm + t2i).
+pub const PRETRAIN_OBJECTIVES: [&str; 3] = ["mlm", "itm", "t2i"];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
@@ -67,6 +70,11 @@ pub struct TrainConfig {
     /// line. Off in the authors' recipes.
     pub mlm_focus: Option<String>,
     pub mlm_focus_probability: f64,
+    /// Predict masked words on mismatched (ITM negative) pairs too, as the reference does. Off:
+    /// only matched pairs carry MLM labels (ALBEF), so the image always tells the truth about the
+    /// words it is asked for; the negatives' text is still masked alike, so the presence of
+    /// [MASK] says nothing about the match.
+    pub mlm_on_negatives: bool,
     /// Per-step batch (per device).
     pub batch_size: usize,
     /// Batches whose gradients are summed before one optimiser step.
@@ -88,6 +96,10 @@ pub struct TrainConfig {
     pub drop_path_rate: f64,
     /// Dropout after the text embeddings.
     pub dropout: f64,
+    /// Pre-training: the reference's objectives to train, a non-empty subset of "mlm", "itm",
+    /// "t2i" (all three, the reference's `loss_type`, by default). Fewer make ablations: which
+    /// term teaches what.
+    pub objectives: Vec<String>,
     /// Pre-training: also train the recognition heads.
     pub with_cls: bool,
     /// Pre-training: also train image-text contrastive embeddings (ITC, ours; `model::ItcHead`).
@@ -136,6 +148,7 @@ impl Default for TrainConfig {
             mlm_probability: crate::data::text::MLM_PROBABILITY,
             mlm_focus: None,
             mlm_focus_probability: 0.5,
+            mlm_on_negatives: true,
             batch_size: 8,
             accum_steps: 1,
             epochs: 150,
@@ -153,6 +166,7 @@ impl Default for TrainConfig {
             dropout: 0.1,
             with_cls: false,
             with_itc: false,
+            objectives: PRETRAIN_OBJECTIVES.iter().map(|s| s.to_string()).collect(),
             train_mode: false,
             seed: 0,
             workers: 2,
@@ -251,6 +265,12 @@ impl TrainConfig {
         if self.task == Task::Finetune && self.init.is_none() {
             bail!("fine-tuning starts from pre-trained weights: set init = \"path/to/weights\" (ours or the authors' .pth)");
         }
+        if self.objectives.is_empty() {
+            bail!("objectives is empty: list some of {PRETRAIN_OBJECTIVES:?}");
+        }
+        if let Some(o) = self.objectives.iter().find(|o| !PRETRAIN_OBJECTIVES.contains(&o.as_str())) {
+            bail!("objectives: unknown objective {o:?} (known: {PRETRAIN_OBJECTIVES:?})");
+        }
         if !(self.mlm_probability > 0.0 && self.mlm_probability <= 1.0) {
             bail!("mlm_probability must be in (0, 1], got {}", self.mlm_probability);
         }
@@ -329,6 +349,13 @@ mod tests {
         assert!(e.contains("unknown field `epoch`"), "{e}");
         let e = TrainConfig::resolve("", &["batch_size=0".into()]).unwrap_err().to_string();
         assert!(e.contains("batch_size must be at least 1"), "{e}");
+        let e = TrainConfig::resolve("", &["objectives=[\"mlm\", \"itx\"]".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown objective \"itx\""), "{e}");
+        let e = TrainConfig::resolve("", &["objectives=[]".into()]).unwrap_err().to_string();
+        assert!(e.contains("objectives is empty"), "{e}");
+        let c = TrainConfig::resolve("", &["objectives=[\"mlm\"]".into()]).unwrap();
+        let h = crate::train::setup::heads_of(&c);
+        assert!(h.mlm && !h.itm && !h.t2i, "{h:?}");
         let e = TrainConfig::resolve("task = \"finetune\"", &[]).unwrap_err().to_string();
         assert!(e.contains("set init"), "{e}");
         let e = TrainConfig::resolve("", &["device=wgpu".into(), "precision=bf16".into()]).unwrap_err().to_string();

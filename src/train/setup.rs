@@ -107,7 +107,10 @@ impl RunData {
 /// The heads a task trains.
 pub fn heads_of(cfg: &TrainConfig) -> HeadSet {
     match cfg.task {
-        Task::Pretrain => HeadSet { cls: cfg.with_cls, itc: cfg.with_itc, ..HeadSet::PRETRAIN },
+        Task::Pretrain => {
+            let on = |o: &str| cfg.objectives.iter().any(|x| x == o);
+            HeadSet { mlm: on("mlm"), itm: on("itm"), t2i: on("t2i"), cls: cfg.with_cls, itc: cfg.with_itc }
+        }
         Task::Finetune => HeadSet::FINETUNE,
     }
 }
@@ -291,6 +294,7 @@ impl Plan {
                 focus_probability: cfg.mlm_focus_probability,
             },
             own_captions: cfg.with_itc,
+            mlm_on_negatives: cfg.mlm_on_negatives,
         };
         let classes = Arc::new(classes.clone());
         let (n_train, n_val) = (train_rows.len(), val_rows.len());
