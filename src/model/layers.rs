@@ -36,6 +36,22 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
     }
+
+    /// The two halves of the output channels as separate products (`[..., out/2]` each): the
+    /// numbers of `forward` split along the last axis, without slicing a strided view of it.
+    pub fn forward_halves<const D: usize>(&self, x: Tensor<B, D>) -> (Tensor<B, D>, Tensor<B, D>) {
+        let [out, d_in] = self.weight.dims();
+        let half = out / 2;
+        let w = self.weight.val();
+        let part = |r: std::ops::Range<usize>| {
+            linear(
+                x.clone(),
+                w.clone().slice([r.clone(), 0..d_in]).transpose(),
+                self.bias.as_ref().map(|b| b.val().slice([r])),
+            )
+        };
+        (part(0..half), part(half..out))
+    }
 }
 
 /// LayerNorm over the last axis (biased variance, as PyTorch).

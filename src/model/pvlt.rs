@@ -51,7 +51,17 @@ impl<B: Backend> Attention<B> {
         let [b, n, c] = x.dims();
         let heads = self.num_heads;
         let hd = c / heads;
-        let q = self.q.forward(x.clone()).reshape([b, n, heads, hd]).swap_dims(1, 2);
+        // `[B, L, C]` -> `[B, heads, L, hd]`. With one head that is a reshape; a swap there would
+        // make every later op copy the tensor through a strided view (flex's largest non-matmul
+        // cost at stage 1, the only one-head stage).
+        let split = |t: Tensor<B, 3>| {
+            let l = t.dims()[1];
+            match heads {
+                1 => t.reshape([b, 1, l, hd]),
+                _ => t.reshape([b, l, heads, hd]).swap_dims(1, 2),
+            }
+        };
+        let q = split(self.q.forward(x.clone()));
 
         let kv_src = match (&self.sr, &self.norm) {
             (Some(sr), Some(norm)) => {
@@ -64,18 +74,22 @@ impl<B: Backend> Attention<B> {
             }
             _ => x,
         };
-        let m = kv_src.dims()[1];
         // kv output channels: [0, C) keys, [C, 2C) values; heads are contiguous channel blocks.
-        let kv = self.kv.forward(kv_src).reshape([b, m, 2, heads, hd]);
-        let k = kv.clone().slice([0..b, 0..m, 0..1]).reshape([b, m, heads, hd]).swap_dims(1, 2);
-        let v = kv.slice([0..b, 0..m, 1..2]).reshape([b, m, heads, hd]).swap_dims(1, 2);
+        // Keys and values as two products with the two halves of the kv weight: the same numbers
+        // as slicing one [.., 2C] product, without copying each half out of it.
+        let (k, v) = self.kv.forward_halves(kv_src);
+        let (k, v) = (split(k), split(v));
 
         let scale = (hd as f64).powf(-0.5);
         // Softmax in f32 under bf16 training (a no-op cast for f32 models), as autocast does.
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let dtype = scores.dtype();
         let attn = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
+        let out = attn.matmul(v);
+        let out = match heads {
+            1 => out.reshape([b, n, c]),
+            _ => out.swap_dims(1, 2).reshape([b, n, c]),
+        };
         self.proj.forward(out)
     }
 }
