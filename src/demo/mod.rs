@@ -51,10 +51,15 @@ pub struct DemoPlan {
     pub candidates: usize,
     /// ITM re-ranks this many of the contrastive first stage's candidates.
     pub rerank_k: usize,
+    /// Pre-training steps: the recipe's `max_steps` (timed on flex) times the backend's measured
+    /// speed-up over flex ([`crate::device::training_speedup`]), so a faster backend trains
+    /// longer in the same minutes.
+    pub pretrain_steps: usize,
 }
 
 impl DemoPlan {
-    pub fn new(quick: bool) -> DemoPlan {
+    /// `recipe_steps`: the demo recipe's `max_steps`; `speedup`: the backend's over flex.
+    pub fn new(quick: bool, recipe_steps: usize, speedup: f64) -> DemoPlan {
         if quick {
             DemoPlan {
                 images: 600,
@@ -68,16 +73,18 @@ impl DemoPlan {
                 queries: 20,
                 candidates: 21,
                 rerank_k: 5,
+                pretrain_steps: 60,
             }
         } else {
             DemoPlan {
                 images: 2000,
                 image_size: 64,
-                pretrain_overrides: vec![],
+                pretrain_overrides: vec![format!("max_steps={}", (recipe_steps as f64 * speedup).round() as usize)],
                 finetune_overrides: vec![],
                 queries: 100,
                 candidates: 101,
                 rerank_k: 10,
+                pretrain_steps: (recipe_steps as f64 * speedup).round() as usize,
             }
         }
     }
@@ -160,7 +167,10 @@ fn train(recipe: &str, dir: &Path, overrides: Vec<String>, device: DeviceSpec) -
 
 pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let t0 = Instant::now();
-    let plan = DemoPlan::new(o.quick);
+    let recipe_steps = TrainConfig::resolve(&recipe_text("demo")?, &[])?.max_steps.unwrap_or(300);
+    let speedup =
+        crate::device::backend_for(o.device).map(|b| crate::device::training_speedup(o.device, b)).unwrap_or(1.0);
+    let plan = DemoPlan::new(o.quick, recipe_steps, speedup);
     let mut phases = vec![];
     let mut lap = {
         let mut last = Instant::now();

@@ -170,6 +170,11 @@ pub fn markdown(o: &DemoOutcome) -> String {
     }
     let _ = writeln!(
         m,
+        "Pre-training steps scale with the backend: the recipe's `max_steps` is timed on flex, and a backend \
+         measured faster gets that many times more steps in the same minutes (`mvlt info` names the backend).\n"
+    );
+    let _ = writeln!(
+        m,
         "`mlm_grounding` is MLM accuracy with the right image minus with another product's: above 0 once the \
          text reads the image. `psnr` is the reconstruction of the grid-masked image (clamped to [0, 1], as a \
          person would see it) and `psnr_input` the masked input itself, the baseline it has to beat.\n"
