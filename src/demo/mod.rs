@@ -43,7 +43,8 @@ pub struct DemoOptions {
 pub struct DemoPlan {
     pub images: usize,
     pub image_size: u32,
-    /// Overrides of the recipes (`key=value`, as `--set`).
+    /// Overrides of the recipes (`key=value`, as `--set`), `max_steps` apart: pre-training's is
+    /// `pretrain_steps`.
     pub pretrain_overrides: Vec<String>,
     pub finetune_overrides: Vec<String>,
     /// Retrieval queries per list, candidates per query (1 positive + the rest negatives).
@@ -64,9 +65,7 @@ impl DemoPlan {
             DemoPlan {
                 images: 600,
                 image_size: 64,
-                pretrain_overrides: ["batch_size=32", "max_steps=60", "val_every=30", "val_batches=2"]
-                    .map(String::from)
-                    .into(),
+                pretrain_overrides: ["batch_size=32", "val_every=30", "val_batches=2"].map(String::from).into(),
                 finetune_overrides: ["batch_size=32", "max_steps=60", "val_every=30", "val_batches=2"]
                     .map(String::from)
                     .into(),
@@ -79,7 +78,7 @@ impl DemoPlan {
             DemoPlan {
                 images: 2000,
                 image_size: 64,
-                pretrain_overrides: vec![format!("max_steps={}", (recipe_steps as f64 * speedup).round() as usize)],
+                pretrain_overrides: vec![],
                 finetune_overrides: vec![],
                 queries: 100,
                 candidates: 101,
@@ -167,7 +166,11 @@ fn train(recipe: &str, dir: &Path, overrides: Vec<String>, device: DeviceSpec) -
 
 pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let t0 = Instant::now();
-    let recipe_steps = TrainConfig::resolve(&recipe_text("demo")?, &[])?.max_steps.unwrap_or(300);
+    let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
+    let catalog = o.out.join("catalog");
+    let common = vec![format!("data={}", q(&catalog)), format!("seed={}", o.seed), format!("device=\"{}\"", o.device)];
+    let pre_cfg = TrainConfig::resolve(&recipe_text("demo")?, &common)?;
+    let recipe_steps = pre_cfg.max_steps.context("the demo recipe sets max_steps")?;
     let speedup =
         crate::device::backend_for(o.device).map(|b| crate::device::training_speedup(o.device, b)).unwrap_or(1.0);
     let plan = DemoPlan::new(o.quick, recipe_steps, speedup);
@@ -192,17 +195,13 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
         Ok(_) => {}
         Err(_) => crate::files::write_atomic(&plan_file, plan_json.as_bytes())?,
     }
-    let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
 
     // 1. Catalogue, and the split the training runs will use.
     phase(1, &format!("synthetic catalogue ({} images, {} px)", plan.images, plan.image_size));
-    let catalog = o.out.join("catalog");
     let pb = progress_bar(plan.images as u64, "synth");
     crate::data::synth::write_catalog(&catalog, plan.images, o.seed, plan.image_size, |k| pb.inc(k as u64))?;
     pb.finish_and_clear();
     let ds = FileDataset::open_jsonl(&catalog.join("catalog.jsonl"))?;
-    let common = vec![format!("data={}", q(&catalog)), format!("seed={}", o.seed), format!("device=\"{}\"", o.device)];
-    let pre_cfg = TrainConfig::resolve(&recipe_text("demo")?, &common)?;
     let (train_rows, val_rows) = split_by_product(ds.records(), pre_cfg.val_fraction, pre_cfg.seed);
     let products = |rows: &[usize]| {
         rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
@@ -221,7 +220,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     // 2. Pre-training.
     phase(2, "pre-training (MLM + ITM + masked image reconstruction + ITC)");
     let pre_dir = o.out.join("pretrain");
-    let pre = train("demo", &pre_dir, [common.clone(), plan.pretrain_overrides.clone()].concat(), o.device)?;
+    let steps = vec![format!("max_steps={}", plan.pretrain_steps)];
+    let pre = train("demo", &pre_dir, [common.clone(), steps, plan.pretrain_overrides.clone()].concat(), o.device)?;
     let pre_weights = pre.final_weights.clone().context("pre-training wrote no final weights")?;
     lap("pre-training", &mut phases);
 
