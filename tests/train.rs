@@ -167,6 +167,39 @@ fn resume_continues_exactly() {
     assert_eq!(train_metric(&split, "step"), (1..=8).map(f64::from).collect::<Vec<f64>>());
 }
 
+/// ITM negatives mined by the contrastive similarity (`itm_hard_negatives`) are drawn from the
+/// seed and the batch's place in the run: a run split in two and resumed ends with the same
+/// weights as a straight one, and differs from a run with the loader's random negatives. With
+/// `anneal_to_max_steps` the cosine ends at the run's last step, not at `epochs`.
+#[test]
+fn hard_negatives_resume_exactly_and_the_schedule_anneals_to_max_steps() {
+    let _turn = backend_turn();
+    let base = tempdir("hard-negatives");
+    let over = |steps: usize, hard: bool| {
+        let extra = [
+            format!("max_steps={steps}"),
+            "with_itc=true".into(),
+            format!("itm_hard_negatives={hard}"),
+            "anneal_to_max_steps=true".into(),
+            "min_lr=1e-6".into(),
+        ];
+        nano_overrides(&base, &extra.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert_eq!(run(&base.join("straight"), &over(6, true), false).steps, 6);
+    run(&base.join("split"), &over(3, true), false);
+    // The resumed half anneals to step 6 too: same schedule as the straight run from here on.
+    assert_eq!(run(&base.join("split"), &over(6, true), true).steps, 6);
+    run(&base.join("random"), &over(6, false), false);
+    let straight = model_tensors(&base.join("straight/final/model.safetensors"));
+    let split = model_tensors(&base.join("split/final/model.safetensors"));
+    let random = model_tensors(&base.join("random/final/model.safetensors"));
+    assert!(straight.iter().zip(&split).all(|(a, b)| a == b), "hard-negative runs differ after resume");
+    assert!(straight.iter().zip(&random).any(|(a, b)| a != b), "mining changed nothing");
+    let lr = train_metric(&base.join("straight"), "lr");
+    let peak = lr.iter().cloned().fold(0.0, f64::max);
+    assert!(lr[5] < 0.1 * peak, "the last step's lr {} is not near the floor (peak {peak}): {lr:?}", lr[5]);
+}
+
 /// Data parallelism over two replicas (`devices = [0, 1]`; on the CPU both live on the one device)
 /// takes the same optimiser steps as accumulating the same two micro-batches on one device: each
 /// replica computes its micro-batch's gradient and they are summed in device order. Only

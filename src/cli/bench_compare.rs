@@ -233,7 +233,13 @@ impl BackendTask for Alternate<'_> {
         let heads = HeadSet { mlm: true, itm: true, t2i: true, ..HeadSet::NONE };
         let mut train: Option<(Pvlt<Autodiff<B>>, AdamW<B>)> = None;
         let batch = random_batch(TRAIN_BATCH, cfg.vocab_size, &mut rng);
-        let settings = StepSettings { heads, mode: Mode::Train, precision: Precision::F32, micro_batches: 1 };
+        let settings = StepSettings {
+            heads,
+            mode: Mode::Train,
+            precision: Precision::F32,
+            micro_batches: 1,
+            hard_negatives: None,
+        };
         let mut inputs: BTreeMap<usize, (Tensor<B, 4>, Tensor<B, 2, Int>)> = BTreeMap::new();
         let mut out: BTreeMap<&'static str, Times> = BTreeMap::new();
         for rep in 0..self.warmup + self.runs {

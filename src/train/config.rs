@@ -80,8 +80,13 @@ pub struct TrainConfig {
     /// Batches whose gradients are summed before one optimiser step.
     pub accum_steps: usize,
     pub epochs: usize,
-    /// Stop after this many optimiser steps (the schedule still spans `epochs`).
+    /// Stop after this many optimiser steps (the schedule still spans `epochs`, unless
+    /// `anneal_to_max_steps`).
     pub max_steps: Option<usize>,
+    /// End the cosine at the run's last step (`max_steps`, when it stops the run before
+    /// `epochs`) instead of at `epochs`: a run cut short by a time budget still anneals, rather
+    /// than stopping near the peak rate. Off in the authors' recipes (their runs end at `epochs`).
+    pub anneal_to_max_steps: bool,
     /// Learning rate for a global batch of 512 (scaled linearly, as the reference does).
     pub base_lr: f64,
     pub warmup_epochs: f64,
@@ -104,6 +109,9 @@ pub struct TrainConfig {
     pub with_cls: bool,
     /// Pre-training: also train image-text contrastive embeddings (ITC, ours; `model::ItcHead`).
     pub with_itc: bool,
+    /// Pre-training with ITC: ITM negatives take a caption of the batch drawn by its contrastive
+    /// similarity to the image, not a random one (ALBEF's hard negatives; `hard_negatives.rs`).
+    pub itm_hard_negatives: bool,
     /// Fine-tuning: train mode (dropout, BatchNorm batch statistics). The reference fine-tunes in
     /// eval mode, the default here too.
     pub train_mode: bool,
@@ -153,6 +161,7 @@ impl Default for TrainConfig {
             accum_steps: 1,
             epochs: 150,
             max_steps: None,
+            anneal_to_max_steps: false,
             base_lr: 2.5e-4,
             warmup_epochs: 5.0,
             warmup_lr: 1e-6,
@@ -166,6 +175,7 @@ impl Default for TrainConfig {
             dropout: 0.1,
             with_cls: false,
             with_itc: false,
+            itm_hard_negatives: false,
             objectives: PRETRAIN_OBJECTIVES.iter().map(|s| s.to_string()).collect(),
             train_mode: false,
             seed: 0,
@@ -271,6 +281,9 @@ impl TrainConfig {
         if let Some(o) = self.objectives.iter().find(|o| !PRETRAIN_OBJECTIVES.contains(&o.as_str())) {
             bail!("objectives: unknown objective {o:?} (known: {PRETRAIN_OBJECTIVES:?})");
         }
+        if self.itm_hard_negatives && !(self.with_itc && self.task == Task::Pretrain) {
+            bail!("itm_hard_negatives draws ITM negatives by the contrastive similarity: it needs task = \"pretrain\" and with_itc = true");
+        }
         if !(self.mlm_probability > 0.0 && self.mlm_probability <= 1.0) {
             bail!("mlm_probability must be in (0, 1], got {}", self.mlm_probability);
         }
@@ -360,5 +373,8 @@ mod tests {
         assert!(e.contains("set init"), "{e}");
         let e = TrainConfig::resolve("", &["device=wgpu".into(), "precision=bf16".into()]).unwrap_err().to_string();
         assert!(e.contains("no bf16 type"), "{e}");
+        let e = TrainConfig::resolve("", &["itm_hard_negatives=true".into()]).unwrap_err().to_string();
+        assert!(e.contains("with_itc = true"), "{e}");
+        TrainConfig::resolve("", &["itm_hard_negatives=true".into(), "with_itc=true".into()]).unwrap();
     }
 }

@@ -101,14 +101,6 @@ pub fn itc_embeddings<B: Backend>(model: &Pvlt<B>, t: &Targets<B>, mode: Mode) -
     Some((img.cast(FloatDType::F32), txt.cast(FloatDType::F32)))
 }
 
-/// The ITC term of a batch ([`itc_embeddings`], [`itc_loss`]).
-pub fn itc_of<B: Backend>(model: &Pvlt<B>, t: &Targets<B>, mode: Mode) -> Option<Tensor<B, 1>> {
-    let head = model.itc_head.as_ref()?;
-    let itc = t.itc.as_ref()?;
-    let (img, txt) = itc_embeddings(model, t, mode)?;
-    Some(itc_loss(img, txt, head.scale().cast(FloatDType::F32), itc.targets.clone()))
-}
-
 /// What ITC needs of a batch.
 pub struct ItcTargets<B: Backend> {
     /// `[B, T]` each image's own caption, not MLM-corrupted.

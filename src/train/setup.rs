@@ -310,15 +310,19 @@ impl Plan {
         let micro_batches = cfg.accum_steps * devices;
         let steps_per_epoch = batches.div_ceil(micro_batches);
         let global_batch = cfg.batch_size * micro_batches;
+        let total_steps = (steps_per_epoch * cfg.epochs).min(cfg.max_steps.unwrap_or(usize::MAX));
         let schedule = LrSchedule {
             lr: scaled_lr(cfg.base_lr, global_batch),
             warmup_lr: cfg.warmup_lr,
             min_lr: cfg.min_lr,
             warmup_epochs: cfg.warmup_epochs,
-            epochs: cfg.epochs as f64,
+            epochs: if cfg.anneal_to_max_steps {
+                total_steps as f64 / steps_per_epoch.max(1) as f64
+            } else {
+                cfg.epochs as f64
+            },
             steps_per_epoch,
         };
-        let total_steps = (steps_per_epoch * cfg.epochs).min(cfg.max_steps.unwrap_or(usize::MAX));
         Ok(Plan {
             train_loader,
             val_loader,

@@ -2,7 +2,8 @@
 //! a host batch on the device, its forward pass and losses, the backward pass, and the same over
 //! several devices at once.
 
-use super::loss::{itc_of, losses, same_product_targets, ItcTargets, Losses, MlmTargets, Targets};
+use super::hard_negatives;
+use super::loss::{itc_embeddings, itc_loss, losses, same_product_targets, ItcTargets, Losses, MlmTargets, Targets};
 use super::precision::{autocast, Precision};
 use crate::data::loader::Batch;
 use crate::model::{HeadSet, Mode, Pvlt};
@@ -11,7 +12,7 @@ use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 /// A host batch as device tensors: the model input (clean or grid-masked image, token ids) and
 /// the targets of every loss.
@@ -86,6 +87,16 @@ pub struct StepSettings {
     pub precision: Precision,
     /// Micro-batches in the step: each loss is divided by it, so the step's gradient is the mean.
     pub micro_batches: usize,
+    /// ITM negatives mined by the contrastive similarity (`itm_hard_negatives`); `None`: the
+    /// loader's random ones.
+    pub hard_negatives: Option<HardNegatives>,
+}
+
+/// What mining ITM negatives needs of the run's config.
+#[derive(Clone, Copy, Debug)]
+pub struct HardNegatives {
+    pub seed: u64,
+    pub mlm_on_negatives: bool,
 }
 
 /// One micro-batch of a step: where it is in the run, the batch, and the image it feeds.
@@ -111,8 +122,17 @@ fn micro_batch<B: Backend>(
     s: StepSettings,
     device: &B::Device,
 ) -> Result<MicroResult> {
-    let db = to_device::<Autodiff<B>>(&mb.batch, mb.image, device);
+    let mut db = to_device::<Autodiff<B>>(&mb.batch, mb.image, device);
     let step_model = autocast(model, s.precision);
+    // ITC first: its similarities choose the ITM negatives when they are mined.
+    let itc = s.heads.itc.then(|| itc_embeddings(&step_model, &db.targets, s.mode)).flatten();
+    if let (Some(h), Some((img, txt))) = (s.hard_negatives, &itc) {
+        if hard_negatives::minable(&mb.batch, &db.targets) {
+            let mined = mine(&step_model, &mb.batch, img, txt, h, mb)?;
+            db.ids = Tensor::from_data(TensorData::new(mined.input_ids, [mined.indices.len(), mined.text_len]), device);
+            db.targets.mlm = MlmTargets::from_labels(&mined.mlm_labels, device);
+        }
+    }
     let out = step_model.forward_mlm_at(
         db.input.cast(s.precision.dtype()),
         db.ids,
@@ -121,10 +141,8 @@ fn micro_batch<B: Backend>(
         db.targets.mlm.rows.clone(),
     );
     let mut l = losses(&out, &db.targets, s.heads);
-    if s.heads.itc {
-        if let Some(itc) = itc_of(&step_model, &db.targets, s.mode) {
-            l = l.with_itc(itc);
-        }
+    if let (Some((img, txt)), Some(head), Some(t)) = (itc, &step_model.itc_head, &db.targets.itc) {
+        l = l.with_itc(itc_loss(img, txt, head.scale().cast(FloatDType::F32), t.targets.clone()));
     }
     let values = loss_values(&l)?;
     if values.iter().any(|(_, v)| !v.is_finite()) {
@@ -132,6 +150,34 @@ fn micro_batch<B: Backend>(
     }
     let total = if s.micro_batches > 1 { l.total.div_scalar(s.micro_batches as f64) } else { l.total };
     Ok(MicroResult { losses: values, grads: GradientsParams::from_grads(total.backward(), model) })
+}
+
+/// The micro-batch with its ITM negatives' captions drawn by the contrastive similarity of the
+/// batch's images `img` and captions `txt` (`[B, D]`, unit length), read back to the host.
+fn mine<B: Backend>(
+    model: &Pvlt<Autodiff<B>>,
+    batch: &Batch,
+    img: &Tensor<Autodiff<B>, 2>,
+    txt: &Tensor<Autodiff<B>, 2>,
+    h: HardNegatives,
+    mb: &MicroBatch,
+) -> Result<Batch> {
+    let scale = model.itc_head.as_ref().map(|head| head.scale().cast(FloatDType::F32).detach());
+    let mut sim = img.clone().detach().matmul(txt.clone().detach().transpose());
+    if let Some(scale) = scale {
+        sim = sim * scale.unsqueeze();
+    }
+    let sim: Vec<f32> =
+        sim.into_data().convert::<f32>().to_vec().map_err(|e| anyhow!("reading the ITC similarities back: {e:?}"))?;
+    let partners = hard_negatives::partners(
+        &sim,
+        &batch.itm_labels,
+        &batch.product_ids,
+        &mut hard_negatives::rng(h.seed, mb.epoch, mb.index),
+    );
+    let mut mined = batch.clone();
+    hard_negatives::swap_captions(&mut mined, &partners, h.mlm_on_negatives);
+    Ok(mined)
 }
 
 /// One micro-step over the devices: micro-batch `r` of `group` runs on `devices[r]`, each in its

@@ -17,7 +17,7 @@ use super::metrics::{self, record, MetricsLog};
 use super::optim::{clip_factor, grad_norm, AdamW};
 use super::schedule::decays;
 use super::setup::{Plan, RunData, RunFolder, StartPoint};
-use super::step::{data_parallel, ImageInput, MicroBatch, StepSettings};
+use super::step::{data_parallel, HardNegatives, ImageInput, MicroBatch, StepSettings};
 use super::validate::validate;
 use crate::data::loader::Batch;
 use crate::device::BackendTask;
@@ -165,6 +165,8 @@ impl<B: Backend> Trainer<B> {
             mode: if pretrain || cfg.train_mode { Mode::Train } else { Mode::Eval },
             precision: cfg.precision,
             micro_batches: plan.micro_batches,
+            hard_negatives: (pretrain && cfg.itm_hard_negatives)
+                .then_some(HardNegatives { seed: cfg.seed, mlm_on_negatives: cfg.mlm_on_negatives }),
         };
         eprintln!(
             "{} {} on {} ({} training rows, {} validation rows; {} steps of {} samples, peak lr {:.3e}); run folder {}",
