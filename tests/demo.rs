@@ -41,15 +41,19 @@ fn demo_quick_writes_the_report_and_learns() {
         }
     }
     assert!(get(&["wall_s"]) > 0.0 && r["backend"].is_string());
+    // The targets, each with what was measured and whether it is met.
+    let targets = r["targets"].as_array().unwrap_or_else(|| panic!("report.json has no targets: {r}"));
+    assert_eq!(targets.len(), 5, "{targets:?}");
+    assert!(targets.iter().all(|t| t["target"].is_string() && t["met"].is_boolean()), "{targets:?}");
     // What the quick run learns, with margins from quick runs with seeds 0, 1 and 2 (release
-    // build): main-category accuracy 0.66-0.74 against 0.21 for always answering the largest class;
-    // the contrastive first stage's R@5, averaged over the four 21-candidate lists, 0.425-0.45
+    // build): main-category accuracy 0.53-0.76 against 0.21 for always answering the largest class;
+    // the contrastive first stage's R@5, averaged over the four 21-candidate lists, 0.475-0.55
     // against 5/21 = 0.24 by chance. Each floor sits about halfway between chance and the lowest of them.
     let main = get(&["recognition", "main", "accuracy"]);
-    assert!(main > 0.45, "main-category accuracy {main}");
+    assert!(main > 0.37, "main-category accuracy {main}");
     let lists = ["tir_random", "itr_random", "tir_same_subcategory", "itr_same_subcategory"];
     let first: f64 = lists.iter().map(|l| get(&["first_stage", l, "embeddings", "r@5"])).sum::<f64>() / 4.0;
-    assert!(first > 0.35, "first-stage R@5 averaged over the lists: {first}");
+    assert!(first > 0.36, "first-stage R@5 averaged over the lists: {first}");
 }
 
 /// A folder holding another demo (other size or seed) is refused, not mixed into.

@@ -41,6 +41,8 @@ pub struct DemoOptions {
 /// The sizes of a demo run.
 #[derive(Clone, Debug, Serialize)]
 pub struct DemoPlan {
+    /// `--quick`: a smaller catalogue and a fixed number of steps, whatever the backend.
+    pub quick: bool,
     pub images: usize,
     pub image_size: u32,
     /// Overrides of the recipes (`key=value`, as `--set`), `max_steps` apart: pre-training's is
@@ -52,23 +54,36 @@ pub struct DemoPlan {
     pub candidates: usize,
     /// ITM re-ranks this many of the contrastive first stage's candidates.
     pub rerank_k: usize,
-    /// Pre-training steps: the recipe's `max_steps` (timed on flex) times the backend's measured
-    /// speed-up over flex ([`crate::device::training_speedup`]), so a faster backend trains
-    /// longer in the same minutes.
+    /// Pre-training steps: what the backend's measured pace ([`crate::device::demo_pace`]) fits
+    /// into [`BUDGET_S`] beside the other phases, so a faster backend trains longer in the same
+    /// minutes. The recipe's cosine ends at the last of them (`anneal_to_max_steps`).
     pub pretrain_steps: usize,
 }
 
+/// The default run's minutes on 2 CPU cores: the 15, less one of margin.
+pub const BUDGET_S: f64 = 14.0 * 60.0;
+
 impl DemoPlan {
-    /// `recipe_steps`: the demo recipe's `max_steps`; `speedup`: the backend's over flex.
-    pub fn new(quick: bool, recipe_steps: usize, speedup: f64) -> DemoPlan {
+    /// `recipe`: the demo's pre-training recipe (its catalogue size and batch); `pace`: the backend's.
+    pub fn new(quick: bool, recipe: &TrainConfig, pace: crate::device::DemoPace) -> DemoPlan {
         if quick {
             DemoPlan {
+                quick: true,
                 images: 600,
                 image_size: 64,
-                pretrain_overrides: ["batch_size=32", "val_every=30", "val_batches=2"].map(String::from).into(),
-                finetune_overrides: ["batch_size=32", "max_steps=60", "val_every=30", "val_batches=2"]
+                // A fifth of 600 images: about 50 validation products, enough for 21-candidate lists.
+                pretrain_overrides: ["batch_size=32", "val_every=30", "val_batches=2", "val_fraction=0.2"]
                     .map(String::from)
                     .into(),
+                finetune_overrides: [
+                    "batch_size=32",
+                    "max_steps=60",
+                    "val_every=30",
+                    "val_batches=2",
+                    "val_fraction=0.2",
+                ]
+                .map(String::from)
+                .into(),
                 queries: 20,
                 candidates: 21,
                 rerank_k: 5,
@@ -76,14 +91,18 @@ impl DemoPlan {
             }
         } else {
             DemoPlan {
-                images: 2000,
+                quick: false,
+                images: recipe.synthetic_images,
                 image_size: 64,
                 pretrain_overrides: vec![],
                 finetune_overrides: vec![],
                 queries: 100,
                 candidates: 101,
                 rerank_k: 10,
-                pretrain_steps: (recipe_steps as f64 * speedup).round() as usize,
+                pretrain_steps: ((BUDGET_S - pace.other_phases_s).max(0.0) * pace.samples_per_s
+                    / recipe.batch_size.max(1) as f64)
+                    .floor()
+                    .max(1.0) as usize,
             }
         }
     }
@@ -169,11 +188,14 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
     let catalog = o.out.join("catalog");
     let common = vec![format!("data={}", q(&catalog)), format!("seed={}", o.seed), format!("device=\"{}\"", o.device)];
-    let pre_cfg = TrainConfig::resolve(&recipe_text("demo")?, &common)?;
-    let recipe_steps = pre_cfg.max_steps.context("the demo recipe sets max_steps")?;
-    let speedup =
-        crate::device::backend_for(o.device).map(|b| crate::device::training_speedup(o.device, b)).unwrap_or(1.0);
-    let plan = DemoPlan::new(o.quick, recipe_steps, speedup);
+    let recipe = TrainConfig::resolve(&recipe_text("demo")?, &common)?;
+    let pace = crate::device::backend_for(o.device)
+        .map(|b| crate::device::demo_pace(o.device, b))
+        .unwrap_or_else(|_| crate::device::demo_pace(DeviceSpec::Cpu, crate::device::BackendKind::Flex));
+    let plan = DemoPlan::new(o.quick, &recipe, pace);
+    // Pre-training's settings as it will run them: its split is the one evaluated.
+    let pre_cfg =
+        TrainConfig::resolve(&recipe_text("demo")?, &[common.clone(), plan.pretrain_overrides.clone()].concat())?;
     let mut phases = vec![];
     let mut lap = {
         let mut last = Instant::now();

@@ -5,6 +5,7 @@
 use super::{DemoOutcome, ListResult};
 use crate::data::dataset::{Dataset, FileDataset};
 use crate::data::image::{apply_grid_mask, grid_mask};
+use crate::eval::recognition::RecognitionResult;
 use crate::infer::{Model, SearchQuery};
 use crate::model::{HeadSet, Mode};
 use anyhow::{Context, Result};
@@ -59,7 +60,49 @@ pub fn json_of(o: &DemoOutcome) -> Value {
         "pretrain": o.pretrain,
         "finetune": o.finetune,
         "search_queries": o.search_queries,
+        "targets": targets(o).into_iter().map(|(t, measured, met)| json!({"target": t, "measured": measured, "met": met})).collect::<Vec<_>>(),
     })
+}
+
+/// The demo's targets (the goal, and the floor a default run must reach): each with what the run
+/// measured and whether it is met. Retrieval is ITM's ranking, the paper's protocol; `None` when a
+/// figure is missing (no recognition phase).
+pub fn targets(o: &DemoOutcome) -> Vec<(&'static str, String, Option<bool>)> {
+    let r1 = |name: &str| o.retrieval.iter().find(|l| l.name == name).map(|l| l.itm.r1);
+    let both = |a: &str, b: &str, min: f64| -> (String, Option<bool>) {
+        match (r1(a), r1(b)) {
+            (Some(x), Some(y)) => (format!("{} / {}", pct(x), pct(y)), Some(x >= min && y >= min)),
+            _ => ("-".into(), None),
+        }
+    };
+    let acc = |pick: fn(&RecognitionResult) -> f64, min: f64| -> (String, Option<bool>) {
+        match &o.recognition {
+            Some(r) => (pct(pick(r)), Some(pick(r) >= min)),
+            None => ("-".into(), None),
+        }
+    };
+    let (main, sub) = (|r: &RecognitionResult| r.main.accuracy, |r: &RecognitionResult| r.sub.accuracy);
+    let random = both("tir_random", "itr_random", 0.9);
+    let same = both("tir_same_subcategory", "itr_same_subcategory", 0.6);
+    let floor_itm = both("tir_random", "itr_random", 0.5);
+    let floor_main = acc(main, 0.9);
+    let floor = match (floor_itm.1, floor_main.1) {
+        (Some(a), Some(b)) => Some(a && b),
+        _ => None,
+    };
+    let main_goal = acc(main, 0.95);
+    let sub_goal = acc(sub, 0.85);
+    vec![
+        ("goal: ITM R@1 >= 90, random negatives (TIR / ITR)", random.0, random.1),
+        ("goal: ITM R@1 >= 60, same-sub-category negatives (TIR / ITR)", same.0, same.1),
+        ("goal: main-category accuracy >= 95", main_goal.0, main_goal.1),
+        ("goal: sub-category accuracy >= 85", sub_goal.0, sub_goal.1),
+        (
+            "floor: ITM R@1 >= 50 both ways, random negatives; main accuracy >= 90",
+            format!("{}; {}", floor_itm.0, floor_main.0),
+            floor,
+        ),
+    ]
 }
 
 fn pct(x: f64) -> String {
@@ -135,6 +178,20 @@ pub fn summary(o: &DemoOutcome) -> String {
         }
         m.push('\n');
     }
+    if !o.plan.quick {
+        let _ = writeln!(m, "## Against the demo's targets\n");
+        let _ = writeln!(m, "| target (percent) | measured | met |");
+        let _ = writeln!(m, "|---|---|---|");
+        for (t, measured, met) in targets(o) {
+            let met = match met {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            };
+            let _ = writeln!(m, "| {t} | {measured} | {met} |");
+        }
+        m.push('\n');
+    }
     m
 }
 
@@ -168,11 +225,13 @@ pub fn markdown(o: &DemoOutcome) -> String {
         );
         let _ = writeln!(m, "![{name} loss terms]({dir}/loss.png)\n\n![{name} validation]({dir}/val.png)\n");
     }
-    let _ = writeln!(
-        m,
-        "Pre-training steps scale with the backend: the recipe's `max_steps` is timed on flex, and a backend \
-         measured faster gets that many times more steps in the same minutes (`mvlt info` names the backend).\n"
-    );
+    if !o.plan.quick {
+        let _ = writeln!(
+            m,
+            "Pre-training steps scale with the backend: the recipe's `max_steps` is timed on flex, and a backend \
+             measured faster gets that many times more steps in the same minutes (`mvlt info` names the backend).\n"
+        );
+    }
     let _ = writeln!(
         m,
         "`mlm_grounding` is MLM accuracy with the right image minus with another product's: above 0 once the \
