@@ -44,7 +44,7 @@ pub fn partners(sim: &[f32], itm_labels: &[i64], products: &[String], rng: &mut 
 /// The RNG of one micro-batch's draw: a function of the run's seed and the batch's place in it,
 /// so that a resumed run draws the same partners.
 pub fn rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed ^ 0x4841_5244_4E45_47u64 ^ ((epoch as u64) << 32) ^ index as u64)
+    ChaCha8Rng::seed_from_u64(seed ^ 0x0048_4152_444E_4547_u64 ^ ((epoch as u64) << 32) ^ index as u64)
 }
 
 /// Give each negative row of `batch` its partner's (MLM-corrupted) caption. Its MLM labels become
