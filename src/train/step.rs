@@ -128,7 +128,7 @@ fn micro_batch<B: Backend>(
     let itc = s.heads.itc.then(|| itc_embeddings(&step_model, &db.targets, s.mode)).flatten();
     if let (Some(h), Some((img, txt))) = (s.hard_negatives, &itc) {
         if hard_negatives::minable(&mb.batch, &db.targets) {
-            let mined = mine(&step_model, &mb.batch, img, txt, h, mb)?;
+            let mined = mine(&step_model, mb, img, txt, h)?;
             db.ids = Tensor::from_data(TensorData::new(mined.input_ids, [mined.indices.len(), mined.text_len]), device);
             db.targets.mlm = MlmTargets::from_labels(&mined.mlm_labels, device);
         }
@@ -156,12 +156,12 @@ fn micro_batch<B: Backend>(
 /// batch's images `img` and captions `txt` (`[B, D]`, unit length), read back to the host.
 fn mine<B: Backend>(
     model: &Pvlt<Autodiff<B>>,
-    batch: &Batch,
+    mb: &MicroBatch,
     img: &Tensor<Autodiff<B>, 2>,
     txt: &Tensor<Autodiff<B>, 2>,
     h: HardNegatives,
-    mb: &MicroBatch,
 ) -> Result<Batch> {
+    let batch = &mb.batch;
     let scale = model.itc_head.as_ref().map(|head| head.scale().cast(FloatDType::F32).detach());
     let mut sim = img.clone().detach().matmul(txt.clone().detach().transpose());
     if let Some(scale) = scale {
