@@ -228,8 +228,9 @@ pub fn markdown(o: &DemoOutcome) -> String {
     if !o.plan.quick {
         let _ = writeln!(
             m,
-            "Pre-training steps scale with the backend: the recipe's `max_steps` is timed on flex, and a backend \
-             measured faster gets that many times more steps in the same minutes (`mvlt info` names the backend).\n"
+            "Pre-training steps scale with the backend: the demo gives pre-training what its minutes leave after \
+             the other phases, at the backend's measured pace, so a faster backend trains longer in the same \
+             minutes (`mvlt info` names the backend).\n"
         );
     }
     let _ = writeln!(

@@ -9,8 +9,6 @@
 //! Li et al. 2021, section 3.2): captions the image already resembles, which ITM must then tell
 //! apart by the words that differ.
 
-use super::loss::Targets;
-use crate::data::loader::Batch;
 use crate::data::text::IGNORE;
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::SeedableRng;
@@ -47,30 +45,30 @@ pub fn rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ 0x0048_4152_444E_4547_u64 ^ ((epoch as u64) << 32) ^ index as u64)
 }
 
-/// Give each negative row of `batch` its partner's (MLM-corrupted) caption. Its MLM labels become
-/// the partner's when `mlm_on_negatives` (predict that caption's masked words from this image, as
-/// the reference does on its negatives), otherwise [`IGNORE`]. Returns how many rows changed.
-pub fn swap_captions(batch: &mut Batch, partners: &[Option<usize>], mlm_on_negatives: bool) -> usize {
-    let t = batch.text_len;
+/// Give each negative row its partner's (MLM-corrupted) caption: `input_ids` and `mlm_labels`
+/// are a batch's `[B, T]` arrays, `text_len` T. The row's MLM labels become the partner's when
+/// `mlm_on_negatives` (predict that caption's masked words from this image, as the reference does
+/// on its negatives), otherwise [`IGNORE`]. Returns how many rows changed.
+pub fn swap_captions(
+    input_ids: &mut [i64],
+    mlm_labels: &mut [i64],
+    text_len: usize,
+    partners: &[Option<usize>],
+    mlm_on_negatives: bool,
+) -> usize {
+    let t = text_len;
     let mut changed = 0;
     for (i, p) in partners.iter().enumerate() {
         let Some(j) = *p else { continue };
-        let (ids, labels) =
-            (batch.input_ids[j * t..(j + 1) * t].to_vec(), batch.mlm_labels[j * t..(j + 1) * t].to_vec());
-        batch.input_ids[i * t..(i + 1) * t].copy_from_slice(&ids);
+        input_ids.copy_within(j * t..(j + 1) * t, i * t);
         if mlm_on_negatives {
-            batch.mlm_labels[i * t..(i + 1) * t].copy_from_slice(&labels);
+            mlm_labels.copy_within(j * t..(j + 1) * t, i * t);
         } else {
-            batch.mlm_labels[i * t..(i + 1) * t].fill(IGNORE);
+            mlm_labels[i * t..(i + 1) * t].fill(IGNORE);
         }
         changed += 1;
     }
     changed
-}
-
-/// Whether a batch can be mined: it carries the product ids and own captions that ITC needs.
-pub fn minable<B: burn::tensor::backend::Backend>(batch: &Batch, targets: &Targets<B>) -> bool {
-    targets.itc.is_some() && batch.product_ids.len() == batch.len()
 }
 
 #[cfg(test)]
@@ -118,26 +116,13 @@ mod tests {
 
     #[test]
     fn swapping_moves_ids_and_labels() {
-        let mut b = Batch {
-            indices: vec![0, 1],
-            images: vec![],
-            masked_images: vec![],
-            input_ids: vec![1, 2, 3, 4, 5, 6],
-            mlm_labels: vec![IGNORE, 9, IGNORE, IGNORE, IGNORE, 8],
-            itm_labels: vec![0, 1],
-            sup_labels: vec![],
-            sub_labels: vec![],
-            caption_ids: vec![],
-            product_ids: vec![],
-            empty_caption: [101, 102],
-            image_size: 4,
-            text_len: 3,
-        };
-        let mut c = b.clone();
-        assert_eq!(swap_captions(&mut b, &[Some(1), None], true), 1);
-        assert_eq!(b.input_ids, vec![4, 5, 6, 4, 5, 6]);
-        assert_eq!(b.mlm_labels, vec![IGNORE, IGNORE, 8, IGNORE, IGNORE, 8]);
-        swap_captions(&mut c, &[Some(1), None], false);
-        assert_eq!(c.mlm_labels, vec![IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 8]);
+        let (mut ids, mut labels) = (vec![1, 2, 3, 4, 5, 6], vec![IGNORE, 9, IGNORE, IGNORE, IGNORE, 8]);
+        let (mut ids2, mut labels2) = (ids.clone(), labels.clone());
+        assert_eq!(swap_captions(&mut ids, &mut labels, 3, &[Some(1), None], true), 1);
+        assert_eq!(ids, vec![4, 5, 6, 4, 5, 6]);
+        assert_eq!(labels, vec![IGNORE, IGNORE, 8, IGNORE, IGNORE, 8]);
+        swap_captions(&mut ids2, &mut labels2, 3, &[Some(1), None], false);
+        assert_eq!(ids2, vec![4, 5, 6, 4, 5, 6]);
+        assert_eq!(labels2, vec![IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 8]);
     }
 }

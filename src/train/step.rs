@@ -126,12 +126,11 @@ fn micro_batch<B: Backend>(
     let step_model = autocast(model, s.precision);
     // ITC first: its similarities choose the ITM negatives when they are mined.
     let itc = s.heads.itc.then(|| itc_embeddings(&step_model, &db.targets, s.mode)).flatten();
+    // (ITC embeddings exist only for batches that carry own captions and product ids.)
     if let (Some(h), Some((img, txt))) = (s.hard_negatives, &itc) {
-        if hard_negatives::minable(&mb.batch, &db.targets) {
-            let mined = mine(&step_model, mb, img, txt, h)?;
-            db.ids = Tensor::from_data(TensorData::new(mined.input_ids, [mined.indices.len(), mined.text_len]), device);
-            db.targets.mlm = MlmTargets::from_labels(&mined.mlm_labels, device);
-        }
+        let (ids, labels) = mine(&step_model, mb, img, txt, h)?;
+        db.ids = Tensor::from_data(TensorData::new(ids, [mb.batch.len(), mb.batch.text_len]), device);
+        db.targets.mlm = MlmTargets::from_labels(&labels, device);
     }
     let out = step_model.forward_mlm_at(
         db.input.cast(s.precision.dtype()),
@@ -152,15 +151,16 @@ fn micro_batch<B: Backend>(
     Ok(MicroResult { losses: values, grads: GradientsParams::from_grads(total.backward(), model) })
 }
 
-/// The micro-batch with its ITM negatives' captions drawn by the contrastive similarity of the
-/// batch's images `img` and captions `txt` (`[B, D]`, unit length), read back to the host.
+/// The micro-batch's token ids and MLM labels (`[B*T]` each), its ITM negatives' captions drawn by
+/// the contrastive similarity of the batch's images `img` and captions `txt` (`[B, D]`, unit
+/// length), read back to the host.
 fn mine<B: Backend>(
     model: &Pvlt<Autodiff<B>>,
     mb: &MicroBatch,
     img: &Tensor<Autodiff<B>, 2>,
     txt: &Tensor<Autodiff<B>, 2>,
     h: HardNegatives,
-) -> Result<Batch> {
+) -> Result<(Vec<i64>, Vec<i64>)> {
     let batch = &mb.batch;
     let scale = model.itc_head.as_ref().map(|head| head.scale().cast(FloatDType::F32).detach());
     let mut sim = img.clone().detach().matmul(txt.clone().detach().transpose());
@@ -175,9 +175,9 @@ fn mine<B: Backend>(
         &batch.product_ids,
         &mut hard_negatives::rng(h.seed, mb.epoch, mb.index),
     );
-    let mut mined = batch.clone();
-    hard_negatives::swap_captions(&mut mined, &partners, h.mlm_on_negatives);
-    Ok(mined)
+    let (mut ids, mut labels) = (batch.input_ids.clone(), batch.mlm_labels.clone());
+    hard_negatives::swap_captions(&mut ids, &mut labels, batch.text_len, &partners, h.mlm_on_negatives);
+    Ok((ids, labels))
 }
 
 /// One micro-step over the devices: micro-batch `r` of `group` runs on `devices[r]`, each in its
