@@ -175,16 +175,18 @@ fn resume_continues_exactly() {
 fn hard_negatives_resume_exactly_and_the_schedule_anneals_to_max_steps() {
     let _turn = backend_turn();
     let base = tempdir("hard-negatives");
-    let over = |steps: usize, hard: bool| {
+    let over_from = |steps: usize, hard: bool, from: usize| {
         let extra = [
             format!("max_steps={steps}"),
             "with_itc=true".into(),
             format!("itm_hard_negatives={hard}"),
+            format!("itm_hard_negatives_from_step={from}"),
             "anneal_to_max_steps=true".into(),
             "min_lr=1e-6".into(),
         ];
         nano_overrides(&base, &extra.iter().map(String::as_str).collect::<Vec<_>>())
     };
+    let over = |steps: usize, hard: bool| over_from(steps, hard, 0);
     assert_eq!(run(&base.join("straight"), &over(6, true), false).steps, 6);
     run(&base.join("split"), &over(3, true), false);
     // The resumed half anneals to step 6 too: same schedule as the straight run from here on.
@@ -195,6 +197,14 @@ fn hard_negatives_resume_exactly_and_the_schedule_anneals_to_max_steps() {
     let random = model_tensors(&base.join("random/final/model.safetensors"));
     assert!(straight.iter().zip(&split).all(|(a, b)| a == b), "hard-negative runs differ after resume");
     assert!(straight.iter().zip(&random).any(|(a, b)| a != b), "mining changed nothing");
+    // The curriculum: mining from step 7 of 6 leaves the run random; from step 4 it mines the last three.
+    run(&base.join("late"), &over_from(6, true, 7), false);
+    run(&base.join("curriculum"), &over_from(6, true, 4), false);
+    let late = model_tensors(&base.join("late/final/model.safetensors"));
+    let curriculum = model_tensors(&base.join("curriculum/final/model.safetensors"));
+    assert!(late.iter().zip(&random).all(|(a, b)| a == b), "mining began before itm_hard_negatives_from_step");
+    assert!(curriculum.iter().zip(&random).any(|(a, b)| a != b), "mining never began");
+    assert!(curriculum.iter().zip(&straight).any(|(a, b)| a != b), "mining began at the first step");
     let lr = train_metric(&base.join("straight"), "lr");
     let peak = lr.iter().cloned().fold(0.0, f64::max);
     assert!(lr[5] < 0.1 * peak, "the last step's lr {} is not near the floor (peak {peak}): {lr:?}", lr[5]);

@@ -112,6 +112,10 @@ pub struct TrainConfig {
     /// Pre-training with ITC: ITM negatives take a caption of the batch drawn by its contrastive
     /// similarity to the image, not a random one (ALBEF's hard negatives; `hard_negatives.rs`).
     pub itm_hard_negatives: bool,
+    /// With `itm_hard_negatives`: the first (1-based) step whose negatives are mined; the steps before
+    /// take the loader's random ones, so ITM learns the easy task before the hard one (a curriculum).
+    /// 0 or 1: from the first step.
+    pub itm_hard_negatives_from_step: usize,
     /// Fine-tuning: train mode (dropout, BatchNorm batch statistics). The reference fine-tunes in
     /// eval mode, the default here too.
     pub train_mode: bool,
@@ -176,6 +180,7 @@ impl Default for TrainConfig {
             with_cls: false,
             with_itc: false,
             itm_hard_negatives: false,
+            itm_hard_negatives_from_step: 0,
             objectives: PRETRAIN_OBJECTIVES.iter().map(|s| s.to_string()).collect(),
             train_mode: false,
             seed: 0,

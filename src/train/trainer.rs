@@ -287,7 +287,13 @@ impl<B: Backend> Trainer<B> {
             return Ok(());
         }
         <AB<B> as Backend>::seed(&self.devices[0], batch_seed(self.cfg.seed, self.state.micro_step - 1));
-        let results = data_parallel::<B>(model, &self.group, &self.devices, self.settings)?;
+        let mut settings = self.settings;
+        // The curriculum: random ITM negatives until the configured step (`state.step` counts the
+        // steps already taken, so this is the step being computed, 1-based).
+        if self.state.step + 1 < self.cfg.itm_hard_negatives_from_step {
+            settings.hard_negatives = None;
+        }
+        let results = data_parallel::<B>(model, &self.group, &self.devices, settings)?;
         for (mb, r) in self.group.drain(..).zip(results) {
             if let Some((term, v)) = r.losses.iter().find(|(_, v)| !v.is_finite()) {
                 self.pb.abandon();
