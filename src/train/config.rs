@@ -289,6 +289,12 @@ impl TrainConfig {
         if self.itm_hard_negatives && !(self.with_itc && self.task == Task::Pretrain) {
             bail!("itm_hard_negatives draws ITM negatives by the contrastive similarity: it needs task = \"pretrain\" and with_itc = true");
         }
+        if self.itm_hard_negatives_from_step > 0 && !self.itm_hard_negatives {
+            bail!(
+                "itm_hard_negatives_from_step = {} has no effect without itm_hard_negatives = true",
+                self.itm_hard_negatives_from_step
+            );
+        }
         if !(self.mlm_probability > 0.0 && self.mlm_probability <= 1.0) {
             bail!("mlm_probability must be in (0, 1], got {}", self.mlm_probability);
         }
@@ -381,5 +387,7 @@ mod tests {
         let e = TrainConfig::resolve("", &["itm_hard_negatives=true".into()]).unwrap_err().to_string();
         assert!(e.contains("with_itc = true"), "{e}");
         TrainConfig::resolve("", &["itm_hard_negatives=true".into(), "with_itc=true".into()]).unwrap();
+        let e = TrainConfig::resolve("", &["itm_hard_negatives_from_step=500".into()]).unwrap_err().to_string();
+        assert!(e.contains("itm_hard_negatives_from_step = 500 has no effect"), "{e}");
     }
 }
