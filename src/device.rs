@@ -89,6 +89,21 @@ impl BackendKind {
     }
 }
 
+/// `cargo run --release` with the backend features this binary was built with: the commands it
+/// prints for a user to follow then reuse this build instead of rebuilding without them.
+pub fn cargo_run() -> String {
+    let mut features: Vec<&str> =
+        [BackendKind::Tch, BackendKind::Cubecl].into_iter().filter(|b| b.built()).map(BackendKind::feature).collect();
+    if cfg!(feature = "wgpu") {
+        features.push("wgpu");
+    }
+    if features.is_empty() {
+        "cargo run --release".to_string()
+    } else {
+        format!("cargo run --release --features {}", features.join(","))
+    }
+}
+
 /// The backends this binary has for a kind of device, fastest first (the first is the default).
 pub fn backends_for(spec: DeviceSpec) -> Vec<BackendKind> {
     let order: &[BackendKind] = match spec {
@@ -449,5 +464,8 @@ mod tests {
         assert!(!backends_for(DeviceSpec::Cuda(0)).contains(&BackendKind::Flex));
         assert_eq!("libtorch".parse::<BackendKind>().unwrap(), BackendKind::Tch);
         assert!("onnx".parse::<BackendKind>().is_err());
+        // The printed command rebuilds nothing: it names this build's features.
+        assert!(cargo_run().starts_with("cargo run --release"));
+        assert_eq!(cargo_run().contains("tch"), cfg!(feature = "tch"));
     }
 }

@@ -274,7 +274,7 @@ pub fn markdown(o: &DemoOutcome) -> String {
         let _ = writeln!(
             m,
             "{} -- search --weights {w} --catalog {} --index {} --text \"red striped t-shirt\"",
-            cargo_run(),
+            crate::device::cargo_run(),
             catalog.display(),
             index.display()
         );
@@ -286,21 +286,6 @@ pub fn markdown(o: &DemoOutcome) -> String {
 /// The catalogue's contrastive index in the demo's folder (built when the weights have ITC).
 pub const INDEX_FILE: &str = "catalog.index";
 
-/// `cargo run` with the backend features this binary was built with, so that following the
-/// report's commands reuses the build that ran the demo instead of rebuilding without them.
-fn cargo_run() -> String {
-    let features: Vec<&str> =
-        [("tch", cfg!(feature = "tch")), ("cuda", cfg!(feature = "cuda")), ("wgpu", cfg!(feature = "wgpu"))]
-            .into_iter()
-            .filter_map(|(name, on)| on.then_some(name))
-            .collect();
-    if features.is_empty() {
-        "cargo run --release".to_string()
-    } else {
-        format!("cargo run --release --features {}", features.join(","))
-    }
-}
-
 /// The command that serves the demo's pre-trained model over its catalogue.
 pub fn serve_command(o: &DemoOutcome) -> String {
     let w = o.pretrain.weights.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
@@ -308,7 +293,7 @@ pub fn serve_command(o: &DemoOutcome) -> String {
     let index = if index.exists() { format!(" --index {}", index.display()) } else { String::new() };
     format!(
         "{} -- serve --weights {w} --catalog {}{index}   # then open http://127.0.0.1:8080",
-        cargo_run(),
+        crate::device::cargo_run(),
         o.out.join("catalog").display()
     )
 }
