@@ -127,18 +127,23 @@ fn verify_train_step_cli_and_a_wrong_fixture() {
     assert!(text(&missing).contains("--train-step needs --weights"), "{}", text(&missing));
 }
 
+/// A run split in two and resumed ends where the straight run ends: the same weights, optimiser
+/// moments and weight average (`ema_decay`), and a metrics log with each step once. The exported
+/// weights are the average, not the last step's.
 #[test]
 fn resume_continues_exactly() {
     let _turn = backend_turn();
     let base = tempdir("resume");
     let straight = base.join("straight");
     let split = base.join("split");
-    let s = run(&straight, &nano_overrides(&base, &["max_steps=8"]), false);
+    let over = |steps: usize| nano_overrides(&base, &[&format!("max_steps={steps}"), "ema_decay=0.9"]);
+    let s = run(&straight, &over(8), false);
     assert_eq!(s.steps, 8);
-    let h = run(&split, &nano_overrides(&base, &["max_steps=4"]), false);
+    let h = run(&split, &over(4), false);
     assert_eq!(h.steps, 4);
-    let r = run(&split, &nano_overrides(&base, &["max_steps=8"]), true);
+    let r = run(&split, &over(8), true);
     assert_eq!(r.steps, 8);
+    let last_checkpoint = |run: &Path| checkpoint::list(&run.join("checkpoints")).last().unwrap().1.clone();
     let a = model_tensors(&straight.join("final/model.safetensors"));
     let b = model_tensors(&split.join("final/model.safetensors"));
     assert_eq!(a.len(), b.len());
@@ -146,23 +151,23 @@ fn resume_continues_exactly() {
         assert_eq!(ka, kb);
         assert!(va == vb, "{ka} differs after resume");
     }
-    // Same optimiser state too, and the metrics log has each step once.
-    let (sa, oa) = checkpoint::load_state::<mvlt::device::Cpu>(
-        &checkpoint::list(&straight.join("checkpoints")).last().unwrap().1,
-        &Default::default(),
-    )
-    .unwrap();
-    let (sb, ob) = checkpoint::load_state::<mvlt::device::Cpu>(
-        &checkpoint::list(&split.join("checkpoints")).last().unwrap().1,
-        &Default::default(),
-    )
-    .unwrap();
-    assert_eq!((sa.step, sa.micro_step), (sb.step, sb.micro_step));
-    for (k, m) in &oa.state {
-        let n = &ob.state[k];
+    let (raw_a, raw_b) = (model_tensors(&last_checkpoint(&straight)), model_tensors(&last_checkpoint(&split)));
+    assert!(raw_a == raw_b, "the last step's weights differ after resume");
+    assert!(raw_a.iter().zip(&a).any(|(a, b)| a != b), "the export is the last step's weights, not their average");
+    // Same optimiser state and weight average too, and the metrics log has each step once.
+    let a = checkpoint::load_state::<mvlt::device::Cpu>(&last_checkpoint(&straight), &Default::default()).unwrap();
+    let b = checkpoint::load_state::<mvlt::device::Cpu>(&last_checkpoint(&split), &Default::default()).unwrap();
+    assert_eq!((a.state.step, a.state.micro_step, a.state.ema_updates), (b.state.step, b.state.micro_step, 8));
+    for (k, m) in &a.opt.state {
+        let n = &b.opt.state[k];
         assert_eq!(m.step, n.step);
         assert!(m.m.to_data().as_bytes() == n.m.to_data().as_bytes(), "exp_avg of {k}");
         assert!(m.v.to_data().as_bytes() == n.v.to_data().as_bytes(), "exp_avg_sq of {k}");
+    }
+    let (ea, eb) = (a.average.unwrap(), b.average.unwrap());
+    assert_eq!(ea.average.len(), eb.average.len());
+    for (k, t) in &ea.average {
+        assert!(t.to_data().as_bytes() == eb.average[k].to_data().as_bytes(), "weight average of {k}");
     }
     assert_eq!(train_metric(&split, "step"), (1..=8).map(f64::from).collect::<Vec<f64>>());
 }

@@ -1,11 +1,13 @@
 //! Training checkpoints: one safetensors file holding the model (`model.<key>`, so any command
 //! that takes `--weights` reads it as a model), the AdamW moments (`optim.exp_avg.<key>`,
-//! `optim.exp_avg_sq.<key>`) and, in the metadata, everything else a resume needs.
+//! `optim.exp_avg_sq.<key>`), the weight average when the run keeps one (`ema.<key>`, flattened)
+//! and, in the metadata, everything else a resume needs.
 //!
 //! Written atomically (temp file, fsync, rename): a crash or `kill -9` at any moment leaves every
 //! checkpoint under its final name complete.
 
 use super::config::TrainConfig;
+use super::ema::WeightAverage;
 use super::optim::{AdamW, Moments};
 use crate::data::dataset::ClassMap;
 use crate::model::weights::{state_dict, write_safetensors, CONFIG_METADATA_KEY};
@@ -33,6 +35,9 @@ pub struct TrainState {
     pub best_val_loss: Option<(f64, usize)>,
     /// Per-parameter AdamW step counts.
     pub optim_steps: BTreeMap<String, u64>,
+    /// Steps folded into the weight average (`ema_decay`); 0 when the run keeps none.
+    #[serde(default)]
+    pub ema_updates: u64,
     pub train_config: TrainConfig,
     pub model_config: PvltConfig,
     pub classes: ClassMap,
@@ -44,15 +49,25 @@ pub fn file_name(step: usize) -> String {
     format!("step-{step:08}.safetensors")
 }
 
-pub fn save<B: Backend>(path: &Path, model: &Pvlt<B>, opt: &AdamW<B>, state: &TrainState) -> Result<()> {
+pub fn save<B: Backend>(
+    path: &Path,
+    model: &Pvlt<B>,
+    opt: &AdamW<B>,
+    average: Option<&WeightAverage<B>>,
+    state: &TrainState,
+) -> Result<()> {
     let mut tensors: Vec<(String, TensorData)> =
         state_dict(model, &state.model_config)?.into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
     for (key, m) in &opt.state {
         tensors.push((format!("optim.exp_avg.{key}"), m.m.to_data()));
         tensors.push((format!("optim.exp_avg_sq.{key}"), m.v.to_data()));
     }
+    for (key, t) in average.iter().flat_map(|a| &a.average) {
+        tensors.push((format!("ema.{key}"), t.to_data()));
+    }
     let mut state = state.clone();
     state.optim_steps = opt.state.iter().map(|(k, m)| (k.clone(), m.step)).collect();
+    state.ema_updates = average.map_or(0, |a| a.updates);
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(&state.model_config)?);
@@ -60,9 +75,16 @@ pub fn save<B: Backend>(path: &Path, model: &Pvlt<B>, opt: &AdamW<B>, state: &Tr
     write_safetensors(path, &tensors, meta)
 }
 
-/// The training state and optimiser moments of a checkpoint (the model is read by
-/// `weights::StateDict::read`, which keeps the `model.*` entries).
-pub fn load_state<B: Backend>(path: &Path, device: &B::Device) -> Result<(TrainState, AdamW<B>)> {
+/// What a checkpoint holds besides the model (read by `weights::StateDict::read`, which keeps the
+/// `model.*` entries).
+pub struct Resumed<B: Backend> {
+    pub state: TrainState,
+    pub opt: AdamW<B>,
+    /// The weight average, when the run kept one (its decay: the checkpoint's `ema_decay`).
+    pub average: Option<WeightAverage<B>>,
+}
+
+pub fn load_state<B: Backend>(path: &Path, device: &B::Device) -> Result<Resumed<B>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow!("{} is not a safetensors checkpoint: {e}", path.display()))?;
@@ -88,7 +110,23 @@ pub fn load_state<B: Backend>(path: &Path, device: &B::Device) -> Result<(TrainS
         let v = read(&format!("optim.exp_avg_sq.{key}"))?;
         opt.state.insert(key.clone(), Moments { step, m, v });
     }
-    Ok((state, opt))
+    let average = match state.train_config.ema_decay.filter(|_| state.ema_updates > 0) {
+        Some(decay) => {
+            let mut a = WeightAverage::new(decay);
+            a.updates = state.ema_updates;
+            for name in st.names() {
+                if let Some(key) = name.strip_prefix("ema.") {
+                    a.average.insert(key.to_string(), read(name)?);
+                }
+            }
+            if a.average.is_empty() {
+                bail!("{}: the training state counts {} weight-average updates but the file holds no ema.* tensors", path.display(), a.updates);
+            }
+            Some(a)
+        }
+        None => None,
+    };
+    Ok(Resumed { state, opt, average })
 }
 
 /// Checkpoints of a run, oldest first.

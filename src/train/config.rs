@@ -98,6 +98,10 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Clip the global gradient norm to this (off when absent).
     pub clip_grad: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay, and validate and export
+    /// it instead of the last step's weights (`ema.rs`; checkpoints keep both). Off when absent, as
+    /// in the authors' recipes.
+    pub ema_decay: Option<f64>,
     pub drop_path_rate: f64,
     /// Dropout after the text embeddings.
     pub dropout: f64,
@@ -175,6 +179,7 @@ impl Default for TrainConfig {
             beta2: 0.999,
             eps: 1e-8,
             clip_grad: None,
+            ema_decay: None,
             drop_path_rate: 0.1,
             dropout: 0.1,
             with_cls: false,
@@ -295,6 +300,9 @@ impl TrainConfig {
                 self.itm_hard_negatives_from_step
             );
         }
+        if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {
+            bail!("ema_decay must be in (0, 1), got {d} (remove it to train without a weight average)");
+        }
         if !(self.mlm_probability > 0.0 && self.mlm_probability <= 1.0) {
             bail!("mlm_probability must be in (0, 1], got {}", self.mlm_probability);
         }
@@ -389,5 +397,8 @@ mod tests {
         TrainConfig::resolve("", &["itm_hard_negatives=true".into(), "with_itc=true".into()]).unwrap();
         let e = TrainConfig::resolve("", &["itm_hard_negatives_from_step=500".into()]).unwrap_err().to_string();
         assert!(e.contains("itm_hard_negatives_from_step = 500 has no effect"), "{e}");
+        let e = TrainConfig::resolve("", &["ema_decay=1.0".into()]).unwrap_err().to_string();
+        assert!(e.contains("ema_decay must be in (0, 1), got 1"), "{e}");
+        assert_eq!(TrainConfig::resolve("", &["ema_decay=0.99".into()]).unwrap().ema_decay, Some(0.99));
     }
 }

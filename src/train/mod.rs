@@ -1,6 +1,7 @@
 //! Training: objectives, optimiser, schedule, checkpoints, metrics and the loop itself.
 pub mod checkpoint;
 pub mod config;
+pub mod ema;
 pub mod hard_negatives;
 pub mod loss;
 pub mod metrics;

@@ -48,20 +48,20 @@ pub type DecayRule<'a> = &'a dyn Fn(&str, &[usize]) -> bool;
 
 /// Tracks the module path through burn's visitor/mapper callbacks, giving reference keys.
 #[derive(Default)]
-struct Path(Vec<String>);
+pub(super) struct Path(Vec<String>);
 
 impl Path {
-    fn enter(&mut self, name: &str) {
+    pub(super) fn enter(&mut self, name: &str) {
         self.0.push(name.to_string());
     }
-    fn exit(&mut self) {
+    pub(super) fn exit(&mut self) {
         self.0.pop();
     }
-    fn key(&self) -> String {
+    pub(super) fn key(&self) -> String {
         reference_key(&self.0.join("."))
     }
     /// BatchNorm statistics also pass through map_float/visit_float; they are not trained.
-    fn is_running_state(&self) -> bool {
+    pub(super) fn is_running_state(&self) -> bool {
         matches!(self.0.last().map(|s| s.as_str()), Some("running_mean" | "running_var" | "num_batches_tracked"))
     }
 }

@@ -4,6 +4,7 @@
 
 use super::checkpoint::{self, TrainState};
 use super::config::{Task, TrainConfig};
+use super::ema::WeightAverage;
 use super::optim::AdamW;
 use super::schedule::{scaled_lr, LrSchedule};
 use crate::data::dataset::{open_dataset, split_by_product, vocab_beside_data, ClassMap, Dataset};
@@ -180,6 +181,7 @@ fn drop_mismatched_class_heads(sd: &mut StateDict, m: &PvltConfig) {
 pub struct StartPoint<B: Backend> {
     pub model: Pvlt<Autodiff<B>>,
     pub opt: AdamW<B>,
+    pub average: Option<WeightAverage<B>>,
     pub state: TrainState,
 }
 
@@ -190,12 +192,31 @@ impl<B: Backend> StartPoint<B> {
             Some(path) => Self::resume(path, data, device)?,
             None => Self::fresh(cfg, data, device)?,
         };
+        // The weight average follows this run's `ema_decay`: a resume may switch it on (it starts
+        // from the resumed weights) or off.
+        start.average = match (cfg.ema_decay, start.average.take()) {
+            (Some(decay), Some(mut a)) => {
+                a.decay = decay;
+                Some(a)
+            }
+            (Some(decay), None) => {
+                if folder.resume_from.is_some() {
+                    eprintln!("ema_decay = {decay}: the weight average starts at the resumed weights");
+                }
+                Some(WeightAverage::new(decay))
+            }
+            (None, Some(_)) => {
+                eprintln!("no ema_decay: the checkpoint's weight average is dropped; the run exports its last weights");
+                None
+            }
+            (None, None) => None,
+        };
         start.state.train_config = cfg.clone();
         Ok(start)
     }
 
     fn resume(path: &Path, data: &RunData, device: &B::Device) -> Result<Self> {
-        let (state, opt) = checkpoint::load_state::<B>(path, device)?;
+        let checkpoint::Resumed { state, opt, average } = checkpoint::load_state::<B>(path, device)?;
         if state.vocab_sha256 != data.vocab_sha256 {
             bail!(
                 "{} was trained with another vocabulary than {} (SHA-256 differs)",
@@ -212,7 +233,7 @@ impl<B: Backend> StartPoint<B> {
             state.epoch + 1,
             state.batch
         );
-        Ok(StartPoint { model, opt, state })
+        Ok(StartPoint { model, opt, average, state })
     }
 
     fn fresh(cfg: &TrainConfig, data: &RunData, device: &B::Device) -> Result<Self> {
@@ -239,12 +260,13 @@ impl<B: Backend> StartPoint<B> {
             batch: 0,
             best_val_loss: None,
             optim_steps: Default::default(),
+            ema_updates: 0,
             train_config: cfg.clone(),
             model_config,
             classes,
             vocab_sha256: data.vocab_sha256.clone(),
         };
-        Ok(StartPoint { model, opt: AdamW::new(cfg.adamw()), state })
+        Ok(StartPoint { model, opt: AdamW::new(cfg.adamw()), average: None, state })
     }
 }
 

@@ -13,6 +13,7 @@
 
 use super::checkpoint::{self, TrainState};
 use super::config::{Task, TrainConfig};
+use super::ema::WeightAverage;
 use super::metrics::{self, record, MetricsLog};
 use super::optim::{clip_factor, grad_norm, AdamW};
 use super::schedule::decays;
@@ -93,7 +94,7 @@ fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummar
     let start = StartPoint::<B>::new(&cfg, &folder, &data, &devices[0])?;
     crate::files::write_atomic(&folder.dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let plan = Plan::new(&cfg, &data, &start.state.classes, devices.len())?;
-    Trainer::new(cfg, folder, data, plan, start.opt, start.state, devices)?.fit(start.model)
+    Trainer::new(cfg, folder, data, plan, start.opt, start.average, start.state, devices)?.fit(start.model)
 }
 
 /// Loss sums and counts since the last log line.
@@ -133,6 +134,8 @@ struct Trainer<B: Backend> {
     data: RunData,
     plan: Plan,
     opt: AdamW<B>,
+    /// The weight average (`ema_decay`), validated and exported in place of the last weights.
+    average: Option<WeightAverage<B>>,
     state: TrainState,
     devices: Vec<B::Device>,
     settings: StepSettings,
@@ -150,12 +153,14 @@ struct Trainer<B: Backend> {
 }
 
 impl<B: Backend> Trainer<B> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: TrainConfig,
         folder: RunFolder,
         data: RunData,
         plan: Plan,
         opt: AdamW<B>,
+        average: Option<WeightAverage<B>>,
         state: TrainState,
         devices: Vec<B::Device>,
     ) -> Result<Self> {
@@ -194,6 +199,7 @@ impl<B: Backend> Trainer<B> {
             data,
             plan,
             opt,
+            average,
             state,
             devices,
             settings,
@@ -326,6 +332,9 @@ impl<B: Backend> Trainer<B> {
         let lr = self.plan.schedule.at(self.state.step);
         let decay_rule = |name: &str, shape: &[usize]| decays(name, shape);
         let model = self.opt.step(model, &mut grads, lr, clip_factor(norm, self.cfg.clip_grad), &decay_rule);
+        if let Some(a) = &mut self.average {
+            a.update(&model.valid());
+        }
         self.state.step += 1;
         self.micro_in_step = 0;
         self.pb.inc(1);
@@ -367,7 +376,8 @@ impl<B: Backend> Trainer<B> {
         let Some(loader) = self.plan.val_loader.clone().filter(|_| due) else { return Ok(()) };
         let pb = self.pb.clone();
         pb.suspend(|| -> Result<()> {
-            let v = validate(&model.valid(), &loader, self.settings.heads, self.cfg.val_batches, &self.devices[0])?;
+            let weights = self.weights(model);
+            let v = validate(&weights, &loader, self.settings.heads, self.cfg.val_batches, &self.devices[0])?;
             let mut rec = v.clone();
             rec["kind"] = json!("val");
             rec["step"] = json!(self.state.step);
@@ -376,7 +386,7 @@ impl<B: Backend> Trainer<B> {
             if self.state.best_val_loss.is_none_or(|(b, _)| loss < b) {
                 self.state.best_val_loss = Some((loss, self.state.step));
                 crate::model::weights::save_model(
-                    &model.valid(),
+                    &weights,
                     &self.state.model_config,
                     &self.folder.dir.join("best.safetensors"),
                 )?;
@@ -398,18 +408,26 @@ impl<B: Backend> Trainer<B> {
         } || forced;
         if due {
             let path = self.folder.checkpoints.join(checkpoint::file_name(self.state.step));
-            checkpoint::save(&path, &model.valid(), &self.opt, &self.state)?;
+            checkpoint::save(&path, &model.valid(), &self.opt, self.average.as_ref(), &self.state)?;
             checkpoint::prune(&self.folder.checkpoints, self.cfg.keep_last)?;
             self.last_checkpoint = Some(path);
         }
         Ok(())
     }
 
+    /// The weights a run stands for: the weight average when it keeps one, else the last step's.
+    fn weights(&self, model: &Pvlt<AB<B>>) -> Pvlt<B> {
+        match &self.average {
+            Some(a) => a.apply(model.valid()),
+            None => model.valid(),
+        }
+    }
+
     /// `final/`: the weights, the class names and the vocabulary, for the inference commands.
     fn export(&self, model: &Pvlt<AB<B>>) -> Result<PathBuf> {
         let out = self.folder.dir.join("final");
         let w = out.join("model.safetensors");
-        crate::model::weights::save_model(&model.valid(), &self.state.model_config, &w)?;
+        crate::model::weights::save_model(&self.weights(model), &self.state.model_config, &w)?;
         crate::files::write_atomic(
             &out.join("classes.json"),
             serde_json::to_string_pretty(&self.state.classes)?.as_bytes(),
