@@ -120,7 +120,11 @@ pub fn load_state<B: Backend>(path: &Path, device: &B::Device) -> Result<Resumed
                 }
             }
             if a.average.is_empty() {
-                bail!("{}: the training state counts {} weight-average updates but the file holds no ema.* tensors", path.display(), a.updates);
+                bail!(
+                    "{}: the training state counts {} weight-average updates but the file holds no ema.* tensors",
+                    path.display(),
+                    a.updates
+                );
             }
             Some(a)
         }
