@@ -170,6 +170,40 @@ fn resume_continues_exactly() {
         assert!(t.to_data().as_bytes() == eb.average[k].to_data().as_bytes(), "weight average of {k}");
     }
     assert_eq!(train_metric(&split, "step"), (1..=8).map(f64::from).collect::<Vec<f64>>());
+
+    // A weight average of the wrong size (a corrupt or doctored checkpoint) is refused at resume,
+    // naming the tensor, rather than failing inside the backend at the first validation.
+    let path = last_checkpoint(&split);
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    let victim = names
+        .into_iter()
+        .find(|n| n.starts_with("ema.") && st.tensor(n).unwrap().shape().iter().product::<usize>() > 1)
+        .unwrap()
+        .to_string();
+    let tensors: Vec<(String, burn::tensor::TensorData)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let keep = if name == victim { 4 } else { view.data().len() };
+            let data = view.data()[..keep].to_vec();
+            let shape = if name == victim { vec![1] } else { view.shape().to_vec() };
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => burn::tensor::DType::F32,
+                safetensors::Dtype::I64 => burn::tensor::DType::I64,
+                other => panic!("{name}: {other:?}"),
+            };
+            (name, burn::tensor::TensorData::from_bytes_vec(data, shape, dtype))
+        })
+        .collect();
+    mvlt::model::weights::write_safetensors(&path, &tensors, meta.metadata().clone().unwrap()).unwrap();
+    let config = config(&over(9));
+    let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir: split.clone(), resume: true }).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains(&format!("{victim} holds 1 values")) && e.contains("corrupt"), "{e}");
 }
 
 /// ITM negatives mined by the contrastive similarity (`itm_hard_negatives`) are drawn from the

@@ -2,8 +2,8 @@
 //! run exports and validates when it is on. Not in the authors' recipes (off by default).
 //!
 //! Why: near the peak learning rate the weights of consecutive steps rank the same validation lists
-//! quite differently (the demo's ITM R@1 at steps 1,200 / 1,300 / 1,399 of one run: 37 / 46 / 56),
-//! while their average ranks better than any of them (README, "Why ITM is slow to learn here").
+//! quite differently (one demo's ITM R@1, TIR, at steps 1,200 / 1,300 / 1,399: 44 / 28 / 34 at peak
+//! lr 1e-3), while their average ranks better (62; README, "Why ITM is slow to learn here").
 //!
 //! The rate follows TensorFlow's `ExponentialMovingAverage(decay, num_updates)`: after `n` steps
 //! the average keeps `min(decay, (1 + n) / (10 + n))` of itself, so a short run averages over its

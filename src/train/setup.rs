@@ -226,6 +226,21 @@ impl<B: Backend> StartPoint<B> {
         }
         let sd = StateDict::read(path)?;
         let (model, _) = load_state_dict(Pvlt::<Autodiff<B>>::new(&state.model_config, device), &sd, true)?;
+        // The optimiser moments and the weight average are flat: each must have its parameter's
+        // size, or the first step (or the first validation) would fail deep inside the backend.
+        let moments = opt.state.iter().flat_map(|(k, m)| [("optim.exp_avg", k, &m.m), ("optim.exp_avg_sq", k, &m.v)]);
+        let averaged = average.iter().flat_map(|a| &a.average).map(|(k, t)| ("ema", k, t));
+        for (prefix, key, t) in moments.chain(averaged) {
+            let expected = sd.tensors.get(key).map(|w| w.shape.num_elements());
+            if expected != Some(t.dims()[0]) {
+                bail!(
+                    "{}: {prefix}.{key} holds {} values but the model's {key} {}; the checkpoint is corrupt",
+                    path.display(),
+                    t.dims()[0],
+                    expected.map_or("does not exist".to_string(), |n| format!("has {n}"))
+                );
+            }
+        }
         eprintln!(
             "resuming from {} (step {}, epoch {}, batch {})",
             path.display(),
