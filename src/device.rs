@@ -36,6 +36,19 @@ pub type Wgpu = burn::backend::Wgpu;
 #[cfg(feature = "tch")]
 pub type Torch = burn::backend::LibTorch<f32>;
 
+/// Whether backend `B`'s fused attention kernel (`burn::tensor::module::attention`) is faster than
+/// the written-out product-softmax-product in inference, as measured on pvlt_tiny at 256 px, batch
+/// 16, 2 cores (README, Speed): libtorch's scaled_dot_product_attention yes (about 10%); flex's
+/// kernel, which runs each (batch, head) on one thread, no (10-15% slower). Backends not measured
+/// keep the written-out ops.
+pub fn fused_attention_pays<B: Backend>() -> bool {
+    #[cfg(feature = "tch")]
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Torch>() {
+        return true;
+    }
+    false
+}
+
 /// The burn backend that drives a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {

@@ -516,6 +516,18 @@ const TARGETS: &[(&str, &[&str], f64)] = &[
     ("peak memory (PyTorch / ours)", &["peak_rss"], 1.0),
 ];
 
+/// A ratio as `1.18x`; with a third decimal where two would round it onto a target (0.9975 is
+/// `0.998x`, not a `1.00x` that reads as met).
+fn ratio_text(r: f64) -> String {
+    let two = format!("{r:.2}");
+    let on_a_target = TARGETS.iter().any(|t| two == format!("{:.2}", t.2));
+    if on_a_target && (r * 100.0).fract() != 0.0 {
+        format!("{r:.3}x")
+    } else {
+        format!("{two}x")
+    }
+}
+
 fn fmt(x: f64, unit: &str) -> String {
     match unit {
         "s" if x < 1.0 => format!("{:.1} ms", x * 1e3),
@@ -530,17 +542,17 @@ fn rows(json: &Value, backends: &[BackendKind]) -> Vec<String> {
         let Some(c) = json.get(name) else { continue };
         let unit = c["unit"].as_str().unwrap_or("s");
         let mut row = format!(
-            "| {what} | {} | {} | **{:.2}x** |",
+            "| {what} | {} | {} | **{}** |",
             fmt(c["ours"].as_f64().unwrap_or(f64::NAN), unit),
             fmt(c["pytorch"].as_f64().unwrap_or(f64::NAN), unit),
-            c["ratio"].as_f64().unwrap_or(f64::NAN)
+            ratio_text(c["ratio"].as_f64().unwrap_or(f64::NAN))
         );
         for b in backends.iter().skip(1) {
             let r = &c["by_backend"][b.to_string()];
             row += &format!(
-                " {} ({:.2}x) |",
+                " {} ({}) |",
                 fmt(r["ours"].as_f64().unwrap_or(f64::NAN), unit),
-                r["ratio"].as_f64().unwrap_or(f64::NAN)
+                ratio_text(r["ratio"].as_f64().unwrap_or(f64::NAN))
             );
         }
         out.push(row);
@@ -625,7 +637,7 @@ fn markdown(json: &Value, backends: &[BackendKind]) -> String {
         };
         s += &format!(
             "- {what} >= {want:.1}x: {verdict} ({})\n",
-            got.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", ")
+            got.iter().map(|&r| ratio_text(r)).collect::<Vec<_>>().join(", ")
         );
     }
     s += "\nMin and max of every case are in `docs/benchmarks.json`.\n";
@@ -635,6 +647,15 @@ fn markdown(json: &Value, backends: &[BackendKind]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ratio_just_under_a_target_does_not_print_as_the_target() {
+        assert_eq!(ratio_text(0.9975), "0.998x");
+        assert_eq!(ratio_text(1.496), "1.496x");
+        assert_eq!(ratio_text(1.0), "1.00x");
+        assert_eq!(ratio_text(1.18), "1.18x");
+        assert_eq!(ratio_text(1.2510), "1.25x");
+    }
 
     #[test]
     fn the_generated_block_replaces_itself_and_keeps_the_rest() {

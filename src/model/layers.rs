@@ -12,7 +12,7 @@ use burn::module::{Module, Param, RunningState};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{conv2d, embedding, linear};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Distribution, FloatDType, Int, Tensor};
+use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorPrimitive};
 
 /// Linear layer, weight `[out, in]` as in PyTorch. Init: normal(`std`) weight, zero bias. The
 /// reference's `_init_weights` uses trunc-normal(0.02); its bounds are +-2 absolute, i.e. 100
@@ -75,12 +75,31 @@ impl<B: Backend> LayerNorm<B> {
     /// over hundreds of channels lose too much. The casts are no-ops on an f32 model.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
+        if fused_inference(&x) {
+            // One kernel (libtorch's `layer_norm`, flex's) instead of seven elementwise passes.
+            // Only without autodiff: burn 0.21's autodiff decomposes it anyway.
+            let out = B::layer_norm(
+                x.into_primitive().tensor(),
+                self.weight.val().into_primitive().tensor(),
+                Some(self.bias.val().into_primitive().tensor()),
+                self.eps,
+            );
+            return Tensor::from_primitive(TensorPrimitive::Float(out));
+        }
         let x = x.cast(FloatDType::F32);
         let (var, mean) = x.clone().var_mean_bias(D - 1);
         let x = x.sub(mean).div(var.add_scalar(self.eps).sqrt());
         let (weight, bias) = (self.weight.val().cast(FloatDType::F32), self.bias.val().cast(FloatDType::F32));
         x.mul(weight.unsqueeze()).add(bias.unsqueeze()).cast(dtype)
     }
+}
+
+/// Whether an f32 forward pass without autodiff (inference, evaluation) may use the backend's fused
+/// kernels (`layer_norm`, scaled-dot-product `attention`). They compute the same function in
+/// fewer passes over memory; under autodiff burn 0.21 decomposes them into the elementwise ops
+/// written out here anyway, and bf16 keeps its explicit f32 statistics.
+pub fn fused_inference<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    x.dtype() == DType::F32 && !B::ad_enabled(&x.device())
 }
 
 /// Conv2d, weight `[out, in, k, k]`, square kernel, stride and padding.

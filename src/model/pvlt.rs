@@ -7,11 +7,14 @@
 
 use super::config::{HeadSet, PvltConfig};
 use super::layers::{
-    bilinear, drop_path, dropout, BatchNorm2d, Conv2d, ConvBn, Embedding, LayerNorm, Linear, LinearNorm,
+    bilinear, drop_path, dropout, fused_inference, BatchNorm2d, Conv2d, ConvBn, Embedding, LayerNorm, Linear,
+    LinearNorm,
 };
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor};
 
 /// Stage input: `Conv2d(kernel = stride = patch)` then flatten and LayerNorm.
@@ -61,6 +64,11 @@ impl<B: Backend> Attention<B> {
                 _ => t.reshape([b, l, heads, hd]).swap_dims(1, 2),
             }
         };
+        // The inverse: `[B, heads, N, hd]` -> `[B, N, C]`.
+        let merge = |t: Tensor<B, 4>| match heads {
+            1 => t.reshape([b, n, c]),
+            _ => t.swap_dims(1, 2).reshape([b, n, c]),
+        };
         let q = split(self.q.forward(x.clone()));
 
         let kv_src = match (&self.sr, &self.norm) {
@@ -81,16 +89,18 @@ impl<B: Backend> Attention<B> {
         let (k, v) = (split(k), split(v));
 
         let scale = (hd as f64).powf(-0.5);
+        if fused_inference(&q) && crate::device::fused_attention_pays::<B>() {
+            // libtorch's scaled_dot_product_attention (flash attention on CPU and CUDA): the
+            // [L, L_kv] score matrix is never written out.
+            let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+            let out = attention(q, k, v, None, None, options);
+            return self.proj.forward(merge(out));
+        }
         // Softmax in f32 under bf16 training (a no-op cast for f32 models), as autocast does.
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let dtype = scores.dtype();
         let attn = softmax(scores.cast(FloatDType::F32), 3).cast(dtype);
-        let out = attn.matmul(v);
-        let out = match heads {
-            1 => out.reshape([b, n, c]),
-            _ => out.swap_dims(1, 2).reshape([b, n, c]),
-        };
-        self.proj.forward(out)
+        self.proj.forward(merge(attn.matmul(v)))
     }
 }
 
@@ -802,6 +812,7 @@ pub fn resize_pos_embed<B: Backend>(table: Tensor<B, 3>, s: usize, h: usize, w: 
 mod tests {
     use super::*;
     use crate::device::Cpu;
+    use burn::tensor::ElementConversion;
 
     /// The config's init scales reach the weights: every Linear and the text position/token-type
     /// tables, and nothing else (the word embeddings stay at the reference's 0.02).
@@ -821,5 +832,46 @@ mod tests {
             let got = std(w);
             assert!((got / want as f32 - 1.0).abs() < 0.05, "{name}: std {got}, want {want}");
         }
+    }
+
+    /// Without autodiff the forward pass runs the backend's fused LayerNorm (and, where it pays,
+    /// attention: [`crate::device::fused_attention_pays`]); under autodiff, the ops written out.
+    /// Same weights, same numbers, on every CPU backend of the build.
+    fn fused_inference_matches_the_written_out_ops<B: Backend>() {
+        use burn::module::AutodiffModule;
+        type AB<B> = burn::backend::Autodiff<B>;
+        let device: B::Device = Default::default();
+        B::seed(&device, 3);
+        // tiny: one head at stage 1 (the reshape path), 2, 5 and 8 heads after (the swapped one).
+        let trained = Pvlt::<AB<B>>::new(&PvltConfig::tiny(), &device);
+        let plain: Pvlt<B> = trained.valid();
+        let images = Tensor::<B, 4>::random([2, 3, 64, 64], Distribution::Uniform(0.0, 1.0), &device);
+        let ids = Tensor::<B, 2, Int>::random([2, 128], Distribution::Uniform(0.0, 30000.0), &device);
+        let fused = plain.forward(images.clone(), ids.clone(), HeadSet::ALL, Mode::Eval);
+        let ids_ad = Tensor::<AB<B>, 2, Int>::from_data(ids.into_data(), &device);
+        let written = trained.forward(Tensor::from_inner(images), ids_ad, HeadSet::ALL, Mode::Eval);
+        let err = |a: Tensor<B, 3>, b: Tensor<AB<B>, 3>| -> f32 { (a - b.inner()).abs().max().into_scalar().elem() };
+        for (name, e) in [
+            ("text tokens", err(fused.text_tokens, written.text_tokens)),
+            ("itm logits", err(fused.itm_logits.unwrap(), written.itm_logits.unwrap())),
+            ("mlm logits", err(fused.mlm_logits.unwrap(), written.mlm_logits.unwrap())),
+            ("main-category logits", err(fused.sup_cls_logits.unwrap(), written.sup_cls_logits.unwrap())),
+        ] {
+            assert!(e < 1e-4, "{name}: max abs difference {e}");
+        }
+        let t2i: f32 =
+            (fused.t2i_logits.unwrap() - written.t2i_logits.unwrap().inner()).abs().max().into_scalar().elem();
+        assert!(t2i < 1e-4, "reconstruction: max abs difference {t2i}");
+    }
+
+    #[test]
+    fn fused_inference_matches_on_flex() {
+        fused_inference_matches_the_written_out_ops::<Cpu>();
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn fused_inference_matches_on_libtorch() {
+        fused_inference_matches_the_written_out_ops::<crate::device::Torch>();
     }
 }
