@@ -75,9 +75,9 @@ impl<B: Backend> LayerNorm<B> {
     /// over hundreds of channels lose too much. The casts are no-ops on an f32 model.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        if fused_inference(&x) {
-            // One kernel (libtorch's `layer_norm`, flex's) instead of seven elementwise passes.
-            // Only without autodiff: burn 0.21's autodiff decomposes it anyway.
+        if dtype == DType::F32 {
+            // One kernel (libtorch's `layer_norm`, flex's) instead of seven elementwise passes;
+            // under autodiff one tracked op with a closed-form backward (vendor/burn-autodiff).
             let out = B::layer_norm(
                 x.into_primitive().tensor(),
                 self.weight.val().into_primitive().tensor(),
@@ -86,6 +86,12 @@ impl<B: Backend> LayerNorm<B> {
             );
             return Tensor::from_primitive(TensorPrimitive::Float(out));
         }
+        self.forward_written_out(x)
+    }
+
+    /// The same function in elementwise ops, statistics in f32 (what bf16 runs).
+    pub fn forward_written_out<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
         let x = x.cast(FloatDType::F32);
         let (var, mean) = x.clone().var_mean_bias(D - 1);
         let x = x.sub(mean).div(var.add_scalar(self.eps).sqrt());
@@ -95,9 +101,9 @@ impl<B: Backend> LayerNorm<B> {
 }
 
 /// Whether an f32 forward pass without autodiff (inference, evaluation) may use the backend's fused
-/// kernels (`layer_norm`, scaled-dot-product `attention`). They compute the same function in
-/// fewer passes over memory; under autodiff burn 0.21 decomposes them into the elementwise ops
-/// written out here anyway, and bf16 keeps its explicit f32 statistics.
+/// scaled-dot-product `attention`. It computes the same function in fewer passes over memory;
+/// under autodiff burn 0.21 decomposes it into the ops written out in `Attention` anyway, and
+/// bf16 keeps its explicit f32 softmax.
 pub fn fused_inference<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
     x.dtype() == DType::F32 && !B::ad_enabled(&x.device())
 }
@@ -339,8 +345,74 @@ fn interpolation_matrix<B: Backend>(
 mod tests {
     use super::*;
     use crate::device::Cpu;
+    use burn::backend::Autodiff;
+    use burn::tensor::activation::{log_softmax, softmax};
     use burn::tensor::module::interpolate;
     use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    use burn::tensor::ElementConversion;
+
+    /// The gradients of `sum(w * f(x))` through `fused` and `written` (x and each parameter
+    /// from `params`), largest absolute difference over all of them.
+    fn grad_gap<B: Backend>(
+        x: Tensor<B, 3>,
+        fused: impl Fn(Tensor<Autodiff<B>, 3>) -> Tensor<Autodiff<B>, 3>,
+        written: impl Fn(Tensor<Autodiff<B>, 3>) -> Tensor<Autodiff<B>, 3>,
+        params: impl Fn(&burn::backend::autodiff::grads::Gradients) -> Vec<Tensor<B, 1>>,
+    ) -> (f32, f32) {
+        let w = Tensor::<Autodiff<B>, 3>::random(x.dims(), Distribution::Normal(0.0, 1.0), &x.device());
+        let run = |f: &dyn Fn(Tensor<Autodiff<B>, 3>) -> Tensor<Autodiff<B>, 3>| {
+            let x = Tensor::<Autodiff<B>, 3>::from_inner(x.clone()).require_grad();
+            let y = f(x.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let mut all = vec![x.grad(&grads).unwrap().flatten::<1>(0, 2)];
+            all.extend(params(&grads));
+            (y.inner(), Tensor::cat(all, 0))
+        };
+        let ((y1, g1), (y2, g2)) = (run(&fused), run(&written));
+        let gap = |a: Tensor<B, 1>, b: Tensor<B, 1>| -> f32 { (a - b).abs().max().into_scalar().elem() };
+        (gap(y1.flatten(0, 2), y2.flatten(0, 2)), gap(g1, g2))
+    }
+
+    /// vendor/burn-autodiff's single-op LayerNorm, softmax and log-softmax: their gradients
+    /// (input, weight, bias) against autodiff through the same functions written out.
+    fn fused_ops_differentiate_as_written_out<B: Backend>() {
+        type AB<B> = Autodiff<B>;
+        let device: B::Device = Default::default();
+        B::seed(&device, 7);
+        let x = Tensor::<B, 3>::random([3, 17, 40], Distribution::Normal(0.5, 2.0), &device);
+        let mut ln = LayerNorm::<AB<B>>::new(40, 1e-6, &device);
+        ln.weight = Param::from_tensor(Tensor::random([40], Distribution::Normal(1.0, 0.5), &device));
+        ln.bias = Param::from_tensor(Tensor::random([40], Distribution::Normal(0.0, 0.5), &device));
+        let params = |g: &burn::backend::autodiff::grads::Gradients| {
+            vec![ln.weight.val().grad(g).unwrap(), ln.bias.val().grad(g).unwrap()]
+        };
+        let (out, grad) = grad_gap(x.clone(), |x| ln.forward(x), |x| ln.forward_written_out(x), params);
+        assert!(out < 1e-5 && grad < 1e-4, "layer norm: output {out}, gradients {grad}");
+
+        let soft = |x: Tensor<AB<B>, 3>| {
+            let e = (x.clone() - x.detach().max_dim(2)).exp();
+            e.clone() / e.sum_dim(2)
+        };
+        let (out, grad) = grad_gap(x.clone(), |x| softmax(x, 2), soft, |_| vec![]);
+        assert!(out < 1e-6 && grad < 1e-5, "softmax: output {out}, gradients {grad}");
+        let log_soft = |x: Tensor<AB<B>, 3>| {
+            let shifted = x.clone() - x.detach().max_dim(2);
+            shifted.clone() - shifted.exp().sum_dim(2).log()
+        };
+        let (out, grad) = grad_gap(x, |x| log_softmax(x, 2), log_soft, |_| vec![]);
+        assert!(out < 1e-5 && grad < 1e-5, "log-softmax: output {out}, gradients {grad}");
+    }
+
+    #[test]
+    fn fused_ops_differentiate_as_written_out_on_flex() {
+        fused_ops_differentiate_as_written_out::<Cpu>();
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn fused_ops_differentiate_as_written_out_on_libtorch() {
+        fused_ops_differentiate_as_written_out::<crate::device::Torch>();
+    }
 
     /// Same numbers as burn's own bilinear `interpolate` (checked against PyTorch by the reference
     /// fixtures' position tables and reconstruction output), up- and down-sampling, both corner modes.

@@ -834,9 +834,9 @@ mod tests {
         }
     }
 
-    /// Without autodiff the forward pass runs the backend's fused LayerNorm (and, where it pays,
-    /// attention: [`crate::device::fused_attention_pays`]); under autodiff, the ops written out.
-    /// Same weights, same numbers, on every CPU backend of the build.
+    /// Without autodiff the forward pass runs the backend's fused attention where it pays
+    /// ([`crate::device::fused_attention_pays`]); under autodiff, the ops written out. Same
+    /// weights, same numbers, on every CPU backend of the build.
     fn fused_inference_matches_the_written_out_ops<B: Backend>() {
         use burn::module::AutodiffModule;
         type AB<B> = burn::backend::Autodiff<B>;
