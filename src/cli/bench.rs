@@ -1,8 +1,11 @@
+use super::bench_compare::{random_batch, StepTimes, TrainBench};
 use crate::device::{run_on, BackendTask, DeviceSpec};
 use crate::model::{HeadSet, Mode, Pvlt, PvltConfig};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -23,6 +26,11 @@ pub struct BenchArgs {
     warmup: usize,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Time pre-training steps instead of the forward pass: MLM (at the masked positions), ITM and
+    /// reconstruction heads, forward and backward, then AdamW, with the time of each part
+    /// (`--heads` does not apply).
+    #[arg(long)]
+    train_step: bool,
     #[command(flatten)]
     compare: super::bench_compare::CompareArgs,
 }
@@ -53,6 +61,9 @@ impl BackendTask for Bench<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let (a, cfg, heads) = (self.0, self.1, self.2);
         B::seed(&device, 0);
+        if a.train_step {
+            return train_steps::<B>(a, &cfg, device);
+        }
         let model = Pvlt::<B>::new(&cfg, &device);
         let images =
             Tensor::<B, 4>::random([a.batch, 3, a.image_size, a.image_size], Distribution::Uniform(0.0, 1.0), &device);
@@ -99,10 +110,51 @@ impl BackendTask for Bench<'_> {
     }
 }
 
+/// `--train-step`: median and min of each part of the step over `--iters` steps.
+fn train_steps<B: Backend>(a: &BenchArgs, cfg: &PvltConfig, device: B::Device) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let batch = random_batch(a.batch, a.image_size, cfg.num_text_tokens, cfg.vocab_size, &mut rng);
+    let mut bench = TrainBench::<B>::new(cfg, &device);
+    let mut times = vec![];
+    for i in 0..a.warmup + a.iters {
+        let t = bench.step(&batch, i)?;
+        if i >= a.warmup {
+            times.push(t);
+        }
+    }
+    let stat = |f: &dyn Fn(&StepTimes) -> f64| {
+        let mut v: Vec<f64> = times.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0])
+    };
+    let (total, total_min) = stat(&|t| t.total());
+    let (fb, fb_min) = stat(&|t| t.forward_backward);
+    let (opt, opt_min) = stat(&|t| t.optimiser);
+    println!(
+        "pre-training step {} {}x{} batch {} on {}: median {:.1} ms (min {:.1}) over {} steps ({:.2} samples/s): \
+         forward + backward {:.1} ms (min {:.1}), AdamW {:.1} ms (min {:.1})",
+        cfg.variant_name().map(|v| format!("pvlt_{v}")).unwrap_or_else(|| "custom".into()),
+        a.image_size,
+        a.image_size,
+        a.batch,
+        a.device,
+        total * 1e3,
+        total_min * 1e3,
+        times.len(),
+        a.batch as f64 / total,
+        fb * 1e3,
+        fb_min * 1e3,
+        opt * 1e3,
+        opt_min * 1e3
+    );
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.compare.compare_pytorch {
         return super::bench_compare::run(&a.compare, a.device);
     }
+    anyhow::ensure!(a.iters >= 1, "--iters must be at least 1 (got 0): the median needs a timed run");
     let cfg = PvltConfig::resolve(&a.config)?;
     cfg.check_image_size(a.image_size, a.image_size)?;
     let heads = parse_heads(&a.heads)?;

@@ -177,11 +177,73 @@ fn min_max(v: &[f64]) -> (f64, f64) {
     v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)))
 }
 
-/// A random pre-training batch of `n` (seeded): images, corrupted ids with their MLM labels, ITM labels.
-fn random_batch(n: usize, vocab: usize, rng: &mut ChaCha8Rng) -> Batch {
-    let images: Vec<f32> = (0..n * 3 * IMAGE * IMAGE).map(|_| rng.random::<f32>()).collect();
-    let mut input_ids = vec![0i64; n * TEXT];
-    let mut mlm_labels = vec![-1i64; n * TEXT];
+/// One pre-training step as the benchmarks time it: MLM (decoded at the masked positions), ITM and
+/// reconstruction heads, forward and backward, then AdamW; one model and optimiser kept across
+/// steps, as in training.
+pub(crate) struct TrainBench<B: Backend> {
+    model: Option<Pvlt<Autodiff<B>>>,
+    opt: AdamW<B>,
+    device: B::Device,
+}
+
+/// Seconds of one timed step, by phase.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepTimes {
+    /// Batch to the device, forward, losses (read back), backward.
+    pub forward_backward: f64,
+    /// AdamW over every parameter, up to one parameter read back.
+    pub optimiser: f64,
+}
+
+impl StepTimes {
+    pub fn total(self) -> f64 {
+        self.forward_backward + self.optimiser
+    }
+}
+
+impl<B: Backend> TrainBench<B> {
+    pub const HEADS: HeadSet = HeadSet { mlm: true, itm: true, t2i: true, ..HeadSet::NONE };
+
+    pub fn new(cfg: &PvltConfig, device: &B::Device) -> Self {
+        TrainBench {
+            model: Some(Pvlt::new(&PvltConfig { heads: Self::HEADS, ..cfg.clone() }, device)),
+            opt: AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }),
+            device: device.clone(),
+        }
+    }
+
+    /// One step on `batch` (clean images); `index` is its place in the run.
+    pub fn step(&mut self, batch: &Batch, index: usize) -> Result<StepTimes> {
+        let settings = StepSettings {
+            heads: Self::HEADS,
+            mode: Mode::Train,
+            precision: Precision::F32,
+            micro_batches: 1,
+            hard_negatives: None,
+        };
+        let model = self.model.take().context("an earlier step failed")?;
+        let t0 = Instant::now();
+        let mb = MicroBatch { epoch: 0, index, batch: batch.clone(), image: ImageInput::Clean };
+        let mut r =
+            data_parallel::<B>(&model, std::slice::from_ref(&mb), std::slice::from_ref(&self.device), settings)?;
+        let t1 = Instant::now();
+        let mut grads = std::mem::take(&mut r[0].grads);
+        let decay = |name: &str, shape: &[usize]| crate::train::schedule::decays(name, shape);
+        let model = self.opt.step(model, &mut grads, 1e-4, 1.0, &decay);
+        // The step's losses were read back inside; one parameter read closes the update.
+        let _ = model.pos_embed1.val().sum().into_scalar();
+        let t2 = Instant::now();
+        self.model = Some(model);
+        Ok(StepTimes { forward_backward: (t1 - t0).as_secs_f64(), optimiser: (t2 - t1).as_secs_f64() })
+    }
+}
+
+/// A random pre-training batch of `n` (seeded): `image` px images, `text` tokens, corrupted ids
+/// with their MLM labels, ITM labels.
+pub(crate) fn random_batch(n: usize, image: usize, text: usize, vocab: usize, rng: &mut ChaCha8Rng) -> Batch {
+    let images: Vec<f32> = (0..n * 3 * image * image).map(|_| rng.random::<f32>()).collect();
+    let mut input_ids = vec![0i64; n * text];
+    let mut mlm_labels = vec![-1i64; n * text];
     for (id, label) in input_ids.iter_mut().zip(&mut mlm_labels) {
         let token = rng.random_range(1000..vocab.min(30000) as i64);
         if rng.random::<f64>() < 0.15 {
@@ -203,8 +265,8 @@ fn random_batch(n: usize, vocab: usize, rng: &mut ChaCha8Rng) -> Batch {
         caption_ids: vec![],
         product_ids: vec![],
         empty_caption: [101, 102],
-        image_size: IMAGE,
-        text_len: TEXT,
+        image_size: image,
+        text_len: text,
     }
 }
 
@@ -230,16 +292,8 @@ impl BackendTask for Alternate<'_> {
         // Eval model for the forward cases: ITM head only.
         let eval =
             Pvlt::<B>::new(&PvltConfig { heads: HeadSet { itm: true, ..HeadSet::NONE }, ..cfg.clone() }, &device);
-        let heads = HeadSet { mlm: true, itm: true, t2i: true, ..HeadSet::NONE };
-        let mut train: Option<(Pvlt<Autodiff<B>>, AdamW<B>)> = None;
-        let batch = random_batch(TRAIN_BATCH, cfg.vocab_size, &mut rng);
-        let settings = StepSettings {
-            heads,
-            mode: Mode::Train,
-            precision: Precision::F32,
-            micro_batches: 1,
-            hard_negatives: None,
-        };
+        let mut train: Option<TrainBench<B>> = None;
+        let batch = random_batch(TRAIN_BATCH, IMAGE, TEXT, cfg.vocab_size, &mut rng);
         let mut inputs: BTreeMap<usize, (Tensor<B, 4>, Tensor<B, 2, Int>)> = BTreeMap::new();
         let mut out: BTreeMap<&'static str, Times> = BTreeMap::new();
         for rep in 0..self.warmup + self.runs {
@@ -265,29 +319,11 @@ impl BackendTask for Alternate<'_> {
                         t0.elapsed().as_secs_f64()
                     }
                     Ours::TrainStep => {
-                        let (model, mut opt) = match train.take() {
+                        let t = match train.as_mut() {
                             Some(t) => t,
-                            None => (
-                                Pvlt::<Autodiff<B>>::new(&PvltConfig { heads, ..cfg.clone() }, &device),
-                                AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }),
-                            ),
+                            None => train.insert(TrainBench::new(&cfg, &device)),
                         };
-                        let t0 = Instant::now();
-                        let mb = MicroBatch { epoch: 0, index: rep, batch: batch.clone(), image: ImageInput::Clean };
-                        let mut r = data_parallel::<B>(
-                            &model,
-                            std::slice::from_ref(&mb),
-                            std::slice::from_ref(&device),
-                            settings,
-                        )?;
-                        let mut grads = std::mem::take(&mut r[0].grads);
-                        let decay = |name: &str, shape: &[usize]| crate::train::schedule::decays(name, shape);
-                        let model = opt.step(model, &mut grads, 1e-4, 1.0, &decay);
-                        // The step's losses were read back inside; one parameter read closes the update.
-                        let _ = model.pos_embed1.val().sum().into_scalar();
-                        let secs = t0.elapsed().as_secs_f64();
-                        train = Some((model, opt));
-                        secs
+                        t.step(&batch, rep)?.total()
                     }
                 };
                 let theirs = self.py.ask(&case.pytorch)?["secs"].as_f64().context("PyTorch gave no time")?;
