@@ -91,8 +91,7 @@ impl BackendTask for Bench<'_> {
                 times.push(t0.elapsed().as_secs_f64());
             }
         }
-        times.sort_by(|x, y| x.partial_cmp(y).unwrap());
-        let median = times[times.len() / 2];
+        let (median, min) = median_min(&times);
         println!(
             "forward {} {}x{} batch {} heads [{}] on {}: median {:.1} ms, min {:.1} ms over {} runs ({:.1} images/s)",
             cfg.variant_name().map(|v| format!("pvlt_{v}")).unwrap_or_else(|| "custom".into()),
@@ -102,12 +101,19 @@ impl BackendTask for Bench<'_> {
             heads.names().join(","),
             a.device,
             median * 1e3,
-            times[0] * 1e3,
+            min * 1e3,
             times.len(),
             a.batch as f64 / median
         );
         Ok(())
     }
+}
+
+/// The median (the upper one of an even count) and the minimum of timings; `times` is not empty.
+fn median_min(times: &[f64]) -> (f64, f64) {
+    let mut v = times.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0])
 }
 
 /// `--train-step`: median and min of each part of the step over `--iters` steps.
@@ -122,11 +128,7 @@ fn train_steps<B: Backend>(a: &BenchArgs, cfg: &PvltConfig, device: B::Device) -
             times.push(t);
         }
     }
-    let stat = |f: &dyn Fn(&StepTimes) -> f64| {
-        let mut v: Vec<f64> = times.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], v[0])
-    };
+    let stat = |f: &dyn Fn(&StepTimes) -> f64| median_min(&times.iter().map(f).collect::<Vec<_>>());
     let (total, total_min) = stat(&|t| t.total());
     let (fb, fb_min) = stat(&|t| t.forward_backward);
     let (opt, opt_min) = stat(&|t| t.optimiser);

@@ -207,7 +207,7 @@ impl<B: Backend> TrainBench<B> {
     pub fn new(cfg: &PvltConfig, device: &B::Device) -> Self {
         TrainBench {
             model: Some(Pvlt::new(&PvltConfig { heads: Self::HEADS, ..cfg.clone() }, device)),
-            opt: AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }),
+            opt: AdamW::new(AdamWConfig::default()),
             device: device.clone(),
         }
     }
