@@ -24,6 +24,10 @@ pub mod grads;
 /// Operation module.
 pub mod ops;
 
+/// mvlt patch: backward kernels an inner backend may register for the tracked fused ops.
+#[cfg(feature = "std")]
+pub mod fused_backward;
+
 pub(crate) mod graph;
 // Exported for backend extension
 pub use graph::NodeId;

@@ -70,6 +70,13 @@ impl<B: Backend, C: CheckpointStrategy> ActivationOps<Autodiff<B, C>> for Autodi
                 _checkpointer: &mut Checkpointer,
             ) {
                 let (output, dim) = ops.state;
+                #[cfg(feature = "std")]
+                if let Some(kernels) = crate::fused_backward::fused_backward::<B>() {
+                    unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                        kernels.softmax(grad, output, dim)
+                    });
+                    return;
+                }
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
                     // d softmax: y * (g - sum(g * y)) = g * y - y * sum(g * y).
                     let grad_output = B::float_mul(grad, output.clone());

@@ -1899,6 +1899,17 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
                 let grad = grads.consume::<B>(&ops.node);
                 let (x, gamma, epsilon) = ops.state;
 
+                #[cfg(feature = "std")]
+                if let Some(kernels) = crate::fused_backward::fused_backward::<B>() {
+                    let [dx, dgamma, dbeta] = kernels.layer_norm(grad, x, gamma, epsilon);
+                    for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
+                        if let Some(node) = node {
+                            grads.register::<B>(node.id, g);
+                        }
+                    }
+                    return;
+                }
+
                 let shape = x.shape();
                 let last = shape.num_dims() - 1;
                 let d_model = shape[last];
