@@ -63,7 +63,6 @@ pub fn with_host_f32<B: Backend, const N: usize>(
     tensors: [Tensor<B, 1>; N],
     f: impl FnOnce(&mut [&mut [f32]]),
 ) -> std::result::Result<[Tensor<B, 1>; N], [Tensor<B, 1>; N]> {
-    use std::any::Any;
     if tensors.iter().any(|t| t.dtype() != DType::F32) {
         return Err(tensors);
     }
@@ -81,6 +80,7 @@ pub fn with_host_f32<B: Backend, const N: usize>(
     }
     #[cfg(feature = "tch")]
     if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Torch>() {
+        use std::any::Any;
         // The type test above makes both downcasts succeed; `Err` keeps the types honest.
         let boxed: Box<dyn Any> = Box::new(tensors);
         let Ok(torch) = boxed.downcast::<[Tensor<Torch, 1>; N]>() else { unreachable!("B is Torch") };
