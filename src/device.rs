@@ -20,6 +20,8 @@
 //! session is spent on it. `scripts/gpu_check.sh` runs with `DEV=wgpu` (README, "Devices").
 
 use anyhow::{bail, Result};
+#[cfg(feature = "tch")]
+use burn::backend::libtorch::TchTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use std::fmt;
@@ -98,7 +100,7 @@ fn torch_host_f32<const N: usize>(
     tensors: [Tensor<Torch, 1>; N],
     f: impl FnOnce(&mut [&mut [f32]]),
 ) -> std::result::Result<[Tensor<Torch, 1>; N], [Tensor<Torch, 1>; N]> {
-    use burn::backend::libtorch::{LibTorchDevice, TchTensor};
+    use burn::backend::libtorch::LibTorchDevice;
     use burn::tensor::TensorPrimitive;
     if tensors.iter().any(|t| t.device() != LibTorchDevice::Cpu) {
         return Err(tensors);
@@ -137,14 +139,7 @@ struct TorchBackward;
 
 #[cfg(feature = "tch")]
 impl burn::backend::autodiff::fused_backward::FusedBackward<Torch> for TorchBackward {
-    fn layer_norm(
-        &self,
-        grad: burn::backend::libtorch::TchTensor,
-        x: burn::backend::libtorch::TchTensor,
-        gamma: burn::backend::libtorch::TchTensor,
-        epsilon: f64,
-    ) -> [burn::backend::libtorch::TchTensor; 3] {
-        use burn::backend::libtorch::TchTensor;
+    fn layer_norm(&self, grad: TchTensor, x: TchTensor, gamma: TchTensor, epsilon: f64) -> [TchTensor; 3] {
         let d = x.tensor.size().last().copied().unwrap_or(1);
         // Leaves of a throw-away libtorch graph (aliases: burn's tensors are not touched).
         let x = x.tensor.detach().set_requires_grad(true);
@@ -158,19 +153,9 @@ impl burn::backend::autodiff::fused_backward::FusedBackward<Torch> for TorchBack
         [next(), next(), next()]
     }
 
-    fn softmax(
-        &self,
-        grad: burn::backend::libtorch::TchTensor,
-        output: burn::backend::libtorch::TchTensor,
-        dim: usize,
-    ) -> burn::backend::libtorch::TchTensor {
+    fn softmax(&self, grad: TchTensor, output: TchTensor, dim: usize) -> TchTensor {
         let kind = output.tensor.kind();
-        burn::backend::libtorch::TchTensor::new(tch::Tensor::internal_softmax_backward_data(
-            &grad.tensor,
-            &output.tensor,
-            dim as i64,
-            kind,
-        ))
+        TchTensor::new(tch::Tensor::internal_softmax_backward_data(&grad.tensor, &output.tensor, dim as i64, kind))
     }
 }
 
