@@ -28,9 +28,13 @@ pub struct PatchEmbed<B: Backend> {
 impl<B: Backend> PatchEmbed<B> {
     /// `[B, C_in, H, W] -> ([B, H'*W', C], H', W')`
     pub fn forward(&self, x: Tensor<B, 4>) -> (Tensor<B, 3>, usize, usize) {
-        let x = self.proj.forward(x);
-        let [b, c, h, w] = x.dims();
-        let x = x.reshape([b, c, h * w]).swap_dims(1, 2);
+        let (x, h, w) = self.proj.forward_image_tokens(x);
+        (self.norm.forward(x), h, w)
+    }
+
+    /// The same from the tokens of an `h x w` grid `[B, h*w, C_in]` (the previous stage's output).
+    pub fn forward_tokens(&self, x: Tensor<B, 3>, h: usize, w: usize) -> (Tensor<B, 3>, usize, usize) {
+        let (x, h, w) = self.proj.forward_tokens(x, h, w);
         (self.norm.forward(x), h, w)
     }
 }
@@ -75,9 +79,7 @@ impl<B: Backend> Attention<B> {
             (Some(sr), Some(norm)) => {
                 let img = x.clone().slice([0..b, 0..h * w, 0..c]);
                 let text = x.slice([0..b, h * w..n, 0..c]);
-                let img = sr.forward(img.swap_dims(1, 2).reshape([b, c, h, w]));
-                let [_, _, hr, wr] = img.dims();
-                let img = norm.forward(img.reshape([b, c, hr * wr]).swap_dims(1, 2));
+                let img = norm.forward(sr.forward_tokens(img, h, w).0);
                 Tensor::cat(vec![img, text], 1)
             }
             _ => x,
@@ -695,13 +697,20 @@ impl<B: Backend> Pvlt<B> {
     ) -> (PvltOutput<B>, Option<HiddenStates<B>>) {
         let train = mode.is_train();
         let text_embeddings = self.text_embeddings.forward(input_ids, train);
+        // The stage input (the images), then each stage's image map, NCHW.
         let mut img = images;
+        // The previous stage's image tokens and grid: the next patch embedding reads them as
+        // tokens, without the copy a conv over the NCHW map would make.
+        let mut grid: Option<(Tensor<B, 3>, usize, usize)> = None;
         let mut text = text_embeddings.clone();
         let (mut img_feats, mut text_feats, mut pos_used) = (vec![], vec![], vec![]);
         let mut patch_embed1 = None;
         for i in 0..4 {
             let st = self.stage(i);
-            let (x, h, w) = st.patch_embed.forward(img);
+            let (x, h, w) = match grid.take() {
+                None => st.patch_embed.forward(img.clone()),
+                Some((tokens, h, w)) => st.patch_embed.forward_tokens(tokens, h, w),
+            };
             if i == 0 && keep_hidden {
                 patch_embed1 = Some(x.clone());
             }
@@ -720,7 +729,8 @@ impl<B: Backend> Pvlt<B> {
             }
             let x = z.clone().slice([0..b, 0..hw, 0..c]);
             text = z.slice([0..b, hw..hw + t, 0..c]);
-            img = x.swap_dims(1, 2).reshape([b, c, h, w]);
+            img = x.clone().swap_dims(1, 2).reshape([b, c, h, w]);
+            grid = Some((x, h, w));
             // The reconstruction head reads stage maps 2-4.
             if i >= 1 || keep_hidden {
                 img_feats.push(img.clone());
