@@ -149,7 +149,7 @@ impl<B: Backend> Conv2d<B> {
     /// spatial reductions. Such a conv is one matrix product of the patches with the weight.
     fn patch_side(&self, h: usize, w: usize) -> Option<usize> {
         let k = self.weight.dims()[2];
-        (k == self.stride && self.padding == 0 && h % k == 0 && w % k == 0).then_some(k)
+        (k == self.stride && self.padding == 0 && h.is_multiple_of(k) && w.is_multiple_of(k)).then_some(k)
     }
 
     /// [`Conv2d::forward`] of a token grid, tokens in and out: `[B, h*w, C_in]` (row-major grid)
