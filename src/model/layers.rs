@@ -164,9 +164,8 @@ impl<B: Backend> Conv2d<B> {
     pub fn forward_tokens(&self, x: Tensor<B, 3>, h: usize, w: usize) -> (Tensor<B, 3>, usize, usize) {
         let [b, _, c] = x.dims();
         let Some(k) = self.patch_side(h, w) else {
-            let y = self.forward(x.swap_dims(1, 2).reshape([b, c, h, w]));
-            let [_, c_out, ho, wo] = y.dims();
-            return (y.reshape([b, c_out, ho * wo]).swap_dims(1, 2), ho, wo);
+            // Not patch-cutting: the conv over the grid's NCHW view.
+            return self.forward_image_tokens(x.swap_dims(1, 2).reshape([b, c, h, w]));
         };
         let (ho, wo) = (h / k, w / k);
         // Each patch as one row, (kh, kw, C_in) fastest last; the weight's columns in that order.
