@@ -497,6 +497,25 @@ impl<E: TchElement> ModuleOps<Self> for LibTorch<E> {
         TchTensor::new(output_grad.tensor.matmul(&weight.tensor.tr()))
     }
 
+    // mvlt patch: the weight gradient computed as `[out, in]` in memory and handed back as its
+    // `[in, out]` transposed view. mvlt's `Linear` keeps PyTorch's `[out, in]` weight and gives
+    // `linear` its transpose (so does the tied MLM decoder, over the `[vocab, hidden]` word
+    // embeddings); the gradient then reaches the parameter as a contiguous `[out, in]` tensor,
+    // which the optimiser reads flat. burn's default (`x^T g`, `[in, out]` in memory) reached it
+    // transposed, and the optimiser copied every weight gradient through a transposing loop first
+    // (all 40 M parameters of pvlt_tiny, a single-threaded copy). Same products, per sample and
+    // summed, with the operands' roles swapped.
+    fn linear_weight_backward(x: TchTensor, output_grad: TchTensor) -> TchTensor {
+        let dims = x.tensor.dim() as i64;
+        // `[.., out, n] x [.., n, in]`
+        let mut grad = output_grad.tensor.transpose(-2, -1).matmul(&x.tensor);
+        if dims > 2 {
+            let batch: Vec<i64> = (0..dims - 2).collect();
+            grad = grad.sum_dim_intlist(batch.as_slice(), false, None::<tch::Kind>);
+        }
+        TchTensor::new(grad.tr())
+    }
+
     fn linear_bias_backward(output_grad: TchTensor) -> TchTensor {
         let d_out = output_grad.tensor.size().last().copied().unwrap_or(1);
         let grad = output_grad.tensor.reshape([-1, d_out]);
