@@ -543,6 +543,60 @@ mod tests {
         patch_convs_match_the_conv::<crate::device::Torch>();
     }
 
+    /// Input, weight and bias gradients of `sum(g * conv(x))` on backend `B` for the same numbers
+    /// everywhere, as host vectors.
+    #[cfg(feature = "tch")]
+    fn conv_gradients<B: Backend>(
+        [x, w, b, g]: [&burn::tensor::TensorData; 4],
+        stride: usize,
+        padding: usize,
+    ) -> [Vec<f32>; 3] {
+        type AB<B> = Autodiff<B>;
+        let device: B::Device = Default::default();
+        let conv = Conv2d::<AB<B>> {
+            weight: Param::from_tensor(Tensor::from_data(w.clone(), &device)),
+            bias: Some(Param::from_tensor(Tensor::from_data(b.clone(), &device))),
+            stride,
+            padding,
+        };
+        let x = Tensor::<AB<B>, 4>::from_data(x.clone(), &device).require_grad();
+        let grads = (conv.forward(x.clone()) * Tensor::from_data(g.clone(), &device)).sum().backward();
+        let host = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap();
+        [
+            host(x.grad(&grads).unwrap()),
+            host(conv.weight.val().grad(&grads).unwrap()),
+            conv.bias.as_ref().unwrap().val().grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+        ]
+    }
+
+    /// vendor/burn-tch's conv2d backward (libtorch's `convolution_backward`, `src/native`)
+    /// against burn's default backward on flex: 3x3 convs with padding 1 at strides 1 and 2 (the
+    /// reconstruction head's), a 1x1 conv, and an overlapping strided one.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn libtorch_conv_gradients_match_flex() {
+        let device = Default::default();
+        Cpu::seed(&device, 5);
+        let normal = |shape: [usize; 4]| Tensor::<Cpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        // (c_in, c_out, kernel, stride, padding, h, w)
+        for (c_in, c_out, k, s, p, h, w) in
+            [(4, 6, 3, 1, 1, 7, 5), (3, 5, 3, 2, 1, 9, 8), (6, 3, 1, 1, 0, 4, 4), (2, 4, 4, 2, 1, 8, 6)]
+        {
+            let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+            let x = normal([2, c_in, h, w]).into_data();
+            let wt = normal([c_out, c_in, k, k]).into_data();
+            let b = Tensor::<Cpu, 1>::random([c_out], Distribution::Normal(0.0, 1.0), &device).into_data();
+            let g = normal([2, c_out, ho, wo]).into_data();
+            let want = conv_gradients::<Cpu>([&x, &wt, &b, &g], s, p);
+            let got = conv_gradients::<crate::device::Torch>([&x, &wt, &b, &g], s, p);
+            for (name, (a, b)) in ["input", "weight", "bias"].iter().zip(want.iter().zip(&got)) {
+                assert_eq!(a.len(), b.len(), "{name} gradient sizes");
+                let gap = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(gap < 1e-4, "conv {k}x{k}/{s} pad {p}: {name} gradients differ by {gap}");
+            }
+        }
+    }
+
     /// Same numbers as burn's own bilinear `interpolate` (checked against PyTorch by the reference
     /// fixtures' position tables and reconstruction output), up- and down-sampling, both corner modes.
     #[test]

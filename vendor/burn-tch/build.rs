@@ -145,6 +145,9 @@ impl SystemInfo {
             "src/cuda_hack/fake_cuda_dependency.cpp"
         };
         println!("cargo:rerun-if-changed={cuda_dependency}");
+        // mvlt patch: ATen backward kernels tch does not bind (src/native).
+        let native = "src/native/aten_backward.cpp";
+        println!("cargo:rerun-if-changed={native}");
 
         match self.os {
             Os::Linux | Os::Macos => {
@@ -156,7 +159,7 @@ impl SystemInfo {
                     .flag(format!("-Wl,-rpath={}", self.libtorch_lib_dir.display()))
                     .flag("-std=c++17")
                     .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", self.cxx11_abi))
-                    .files(&[cuda_dependency])
+                    .files(&[cuda_dependency, native])
                     .compile("burn-tch");
             }
             Os::Windows => {
@@ -166,7 +169,7 @@ impl SystemInfo {
                     .warnings(false)
                     .includes(&self.libtorch_include_dirs)
                     .flag("/std:c++17")
-                    .files(&[cuda_dependency])
+                    .files(&[cuda_dependency, native])
                     .compile("burn-tch");
             }
         };
@@ -175,6 +178,9 @@ impl SystemInfo {
     fn make_cpu() {
         let cuda_dependency = "src/cuda_hack/fake_cuda_dependency.cpp";
         println!("cargo:rerun-if-changed={cuda_dependency}");
+        // mvlt patch: without libtorch headers, stand-ins that report it (src/native).
+        let native = "src/native/unavailable.cpp";
+        println!("cargo:rerun-if-changed={native}");
 
         let os = env::var("CARGO_CFG_TARGET_OS").expect("Unable to get TARGET_OS");
 
@@ -185,7 +191,7 @@ impl SystemInfo {
                     .pic(true)
                     .warnings(false)
                     .flag("/std:c++17")
-                    .files(&[cuda_dependency])
+                    .files(&[cuda_dependency, native])
                     .compile("burn-tch");
             }
             _ => {
@@ -194,7 +200,7 @@ impl SystemInfo {
                     .pic(true)
                     .warnings(false)
                     .flag("-std=c++17")
-                    .files(&[cuda_dependency])
+                    .files(&[cuda_dependency, native])
                     .compile("tch");
             }
         };

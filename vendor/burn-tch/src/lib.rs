@@ -6,6 +6,8 @@
 
 mod backend;
 mod element;
+/// mvlt patch: ATen backward kernels tch does not bind (vendor/README.md).
+pub mod native;
 mod ops;
 mod tensor;
 

@@ -98,6 +98,28 @@ impl<E: TchElement> ModuleOps<Self> for LibTorch<E> {
         TchTensor::new(tensor)
     }
 
+    // mvlt patch: the conv2d gradients from libtorch's own `convolution_backward` (oneDNN's
+    // backward kernels on CPU) through `crate::native`, instead of burn's default transposed conv
+    // and conv over swapped axes. Should libtorch refuse, the gradient comes from libtorch's
+    // autograd over the recomputed conv.
+    fn conv2d_x_backward(
+        x: TchTensor,
+        weight: TchTensor,
+        output_grad: TchTensor,
+        options: ConvOptions<2>,
+    ) -> TchTensor {
+        TchTensor::new(conv2d_grad(&x, &weight, &output_grad, &options, true))
+    }
+
+    fn conv2d_weight_backward(
+        x: TchTensor,
+        weight: TchTensor,
+        output_grad: TchTensor,
+        options: ConvOptions<2>,
+    ) -> TchTensor {
+        TchTensor::new(conv2d_grad(&x, &weight, &output_grad, &options, false))
+    }
+
     fn conv3d(
         x: TchTensor,
         weight: TchTensor,
@@ -635,6 +657,46 @@ impl<E: TchElement> ModuleOps<Self> for LibTorch<E> {
         let complex = tch::Tensor::complex(&spectrum_re.tensor, &spectrum_im.tensor);
         TchTensor::new(complex.fft_irfft(n.map(|v| v as i64), dim as i64, "backward"))
     }
+}
+
+/// mvlt patch: the input (`input`) or weight gradient of `conv2d(x, weight)` for `grad`.
+fn conv2d_grad(
+    x: &TchTensor,
+    weight: &TchTensor,
+    grad: &TchTensor,
+    options: &ConvOptions<2>,
+    input: bool,
+) -> tch::Tensor {
+    let (stride, padding, dilation) = (
+        options.stride.map(|i| i as i64),
+        options.padding.map(|i| i as i64),
+        options.dilation.map(|i| i as i64),
+    );
+    let groups = options.groups as i64;
+    let native = crate::native::conv2d_backward(
+        &grad.tensor,
+        &x.tensor,
+        &weight.tensor,
+        stride,
+        padding,
+        dilation,
+        groups,
+        (input, !input),
+    );
+    match native {
+        Ok((Some(gx), _)) if input => return gx,
+        Ok((_, Some(gw))) if !input => return gw,
+        _ => {}
+    }
+    // Fallback: libtorch's autograd through the conv, recomputed on detached leaves.
+    let xs = x.tensor.detach().set_requires_grad(input);
+    let ws = weight.tensor.detach().set_requires_grad(!input);
+    let y = tch::Tensor::conv2d(&xs, &ws, None::<tch::Tensor>, stride, padding, dilation, groups);
+    let s = (y * &grad.tensor).sum(grad.tensor.kind());
+    let leaf = if input { &xs } else { &ws };
+    tch::Tensor::run_backward(&[s], &[leaf], false, false)
+        .pop()
+        .expect("one input, one gradient")
 }
 
 #[cfg(test)]
