@@ -143,24 +143,10 @@ struct TorchBackward;
 #[cfg(feature = "tch")]
 impl burn::backend::autodiff::fused_backward::FusedBackward<Torch> for TorchBackward {
     fn layer_norm(&self, grad: TchTensor, x: TchTensor, gamma: TchTensor, epsilon: f64) -> [TchTensor; 3] {
-        // The kernel itself, through the vendored burn-tch's binding of it.
-        if let Ok(g) =
-            burn::backend::libtorch::native::layer_norm_backward(&grad.tensor, &x.tensor, &gamma.tensor, epsilon)
-        {
-            return g.map(TchTensor::new);
-        }
-        // Should libtorch refuse: the same kernel through libtorch's autograd.
-        let d = x.tensor.size().last().copied().unwrap_or(1);
-        // Leaves of a throw-away libtorch graph (aliases: burn's tensors are not touched).
-        let x = x.tensor.detach().set_requires_grad(true);
-        let gamma = gamma.tensor.detach().set_requires_grad(true);
-        let beta = gamma.zeros_like().set_requires_grad(true);
-        let y = x.layer_norm([d], Some(&gamma), Some(&beta), epsilon, false);
-        // autograd without output gradients needs a scalar: sum(y * grad) has gradient `grad`.
-        let s = (y * &grad.tensor).sum(grad.tensor.kind());
-        let mut g = tch::Tensor::run_backward(&[s], &[&x, &gamma, &beta], false, false).into_iter();
-        let mut next = || TchTensor::new(g.next().unwrap_or_else(|| unreachable!("three inputs, three gradients")));
-        [next(), next(), next()]
+        // The kernel itself, through the vendored burn-tch's binding of it (libtorch's autograd
+        // there should libtorch refuse).
+        burn::backend::libtorch::native::layer_norm_backward(&grad.tensor, &x.tensor, &gamma.tensor, epsilon)
+            .map(TchTensor::new)
     }
 
     fn softmax(&self, grad: TchTensor, output: TchTensor, dim: usize) -> TchTensor {

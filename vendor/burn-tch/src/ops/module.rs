@@ -692,9 +692,8 @@ fn conv2d_grad(
     let xs = x.tensor.detach().set_requires_grad(input);
     let ws = weight.tensor.detach().set_requires_grad(!input);
     let y = tch::Tensor::conv2d(&xs, &ws, None::<tch::Tensor>, stride, padding, dilation, groups);
-    let s = (y * &grad.tensor).sum(grad.tensor.kind());
     let leaf = if input { &xs } else { &ws };
-    tch::Tensor::run_backward(&[s], &[leaf], false, false)
+    crate::native::autograd_backward(y, &grad.tensor, &[leaf])
         .pop()
         .expect("one input, one gradient")
 }
