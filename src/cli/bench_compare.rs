@@ -15,6 +15,10 @@
 //! - `train_step_b8_authors`: the same step of ours against the authors' algorithm, which decodes
 //!   all 128 positions;
 //! - `peak_rss`: each process's peak resident memory over the whole run, MiB (ratio PyTorch / ours).
+//!
+//! Each repetition times every case once on each side, the batch-1 forward five times and the
+//! batch-16 forward twice (ours, PyTorch, ours, PyTorch, ...): at a tenth of a second a single
+//! timing is at the mercy of the machine's swings, so those medians rest on more timings.
 
 use crate::data::loader::Batch;
 use crate::device::{backend_name_of, backends_for, run_with, BackendKind, BackendTask, DeviceSpec};
@@ -56,6 +60,10 @@ struct Case {
     /// Costly enough that `--quick` times it without a warm-up repetition (a batch of 101 takes
     /// seconds, so first-call costs are a small part of it).
     heavy: bool,
+    /// Timed pairs (ours, then PyTorch) per repetition. The cheap cases take several: a batch-1
+    /// forward lasts about 0.1 s, within the machine's own swings, so its median needs more
+    /// timings than a repetition count sized for the seconds-long cases gives.
+    pairs: usize,
 }
 
 fn cases() -> Vec<Case> {
@@ -64,6 +72,11 @@ fn cases() -> Vec<Case> {
         ours: Ours::Forward { batch },
         pytorch: json!({"case": "forward", "batch": batch, "heads": heads}),
         heavy: batch > 16,
+        pairs: match batch {
+            1 => 5,
+            2..=16 => 2,
+            _ => 1,
+        },
     };
     vec![
         fwd("forward_itm_b1", 1, &["itm"]),
@@ -75,12 +88,14 @@ fn cases() -> Vec<Case> {
             ours: Ours::TrainStep,
             pytorch: json!({"case": "train", "batch": TRAIN_BATCH, "mlm": "masked"}),
             heavy: false,
+            pairs: 1,
         },
         Case {
             name: "train_step_b8_authors",
             ours: Ours::TrainStep,
             pytorch: json!({"case": "train", "batch": TRAIN_BATCH, "mlm": "all"}),
             heavy: false,
+            pairs: 1,
         },
     ]
 }
@@ -282,64 +297,88 @@ struct Alternate<'a> {
     verbose: bool,
 }
 
-impl BackendTask for Alternate<'_> {
-    type Output = BTreeMap<&'static str, Times>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+/// Our side of the cases: the ITM-only eval model, the training bench (made on first use) and
+/// each batch size's random inputs, kept across repetitions.
+struct OurSide<B: Backend> {
+    cfg: PvltConfig,
+    eval: Pvlt<B>,
+    train: Option<TrainBench<B>>,
+    batch: Batch,
+    inputs: BTreeMap<usize, (Tensor<B, 4>, Tensor<B, 2, Int>)>,
+    device: B::Device,
+}
+
+impl<B: Backend> OurSide<B> {
+    fn new(device: B::Device) -> Self {
         // Dropout and stochastic depth off: PyTorch's side applies neither.
         let cfg = PvltConfig { drop_path_rate: 0.0, text_dropout: 0.0, ..PvltConfig::tiny() };
         B::seed(&device, 0);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        // Eval model for the forward cases: ITM head only.
         let eval =
             Pvlt::<B>::new(&PvltConfig { heads: HeadSet { itm: true, ..HeadSet::NONE }, ..cfg.clone() }, &device);
-        let mut train: Option<TrainBench<B>> = None;
         let batch = random_batch(TRAIN_BATCH, IMAGE, TEXT, cfg.vocab_size, &mut rng);
-        let mut inputs: BTreeMap<usize, (Tensor<B, 4>, Tensor<B, 2, Int>)> = BTreeMap::new();
+        OurSide { cfg, eval, train: None, batch, inputs: BTreeMap::new(), device }
+    }
+
+    /// Seconds of one call of `case` (`rep` picks the training step's masking).
+    fn time(&mut self, case: &Ours, rep: usize) -> Result<f64> {
+        match *case {
+            Ours::Forward { batch } => {
+                let device = &self.device;
+                let (images, ids) = self
+                    .inputs
+                    .entry(batch)
+                    .or_insert_with(|| {
+                        (
+                            Tensor::random([batch, 3, IMAGE, IMAGE], Distribution::Uniform(0.0, 1.0), device),
+                            Tensor::random([batch, TEXT], Distribution::Uniform(1000.0, 30000.0), device),
+                        )
+                    })
+                    .clone();
+                let t0 = Instant::now();
+                let o = self.eval.forward(images, ids, self.eval.heads(), Mode::Eval);
+                // Read back, so asynchronous backends finish inside the timing.
+                let _ = o.itm_logits.context("ITM head ran")?.sum().into_scalar();
+                Ok(t0.elapsed().as_secs_f64())
+            }
+            Ours::TrainStep => {
+                let t = match self.train.as_mut() {
+                    Some(t) => t,
+                    None => self.train.insert(TrainBench::new(&self.cfg, &self.device)),
+                };
+                Ok(t.step(&self.batch, rep)?.total())
+            }
+        }
+    }
+}
+
+impl BackendTask for Alternate<'_> {
+    type Output = BTreeMap<&'static str, Times>;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        let mut ours = OurSide::<B>::new(device);
         let mut out: BTreeMap<&'static str, Times> = BTreeMap::new();
         for rep in 0..self.warmup + self.runs {
             for case in self.cases {
                 if rep < self.warmup && self.quick && case.heavy {
                     continue;
                 }
-                let secs = match case.ours {
-                    Ours::Forward { batch } => {
-                        let (images, ids) = inputs
-                            .entry(batch)
-                            .or_insert_with(|| {
-                                (
-                                    Tensor::random([batch, 3, IMAGE, IMAGE], Distribution::Uniform(0.0, 1.0), &device),
-                                    Tensor::random([batch, TEXT], Distribution::Uniform(1000.0, 30000.0), &device),
-                                )
-                            })
-                            .clone();
-                        let t0 = Instant::now();
-                        let o = eval.forward(images, ids, eval.heads(), Mode::Eval);
-                        // Read back, so asynchronous backends finish inside the timing.
-                        let _ = o.itm_logits.context("ITM head ran")?.sum().into_scalar();
-                        t0.elapsed().as_secs_f64()
+                for _ in 0..case.pairs {
+                    let secs = ours.time(&case.ours, rep)?;
+                    let theirs = self.py.ask(&case.pytorch)?["secs"].as_f64().context("PyTorch gave no time")?;
+                    if self.verbose {
+                        eprintln!(
+                            "{} {:<22} ours {:>8.1} ms   pytorch {:>8.1} ms",
+                            if rep < self.warmup { "warm-up" } else { "run    " },
+                            case.name,
+                            secs * 1e3,
+                            theirs * 1e3
+                        );
                     }
-                    Ours::TrainStep => {
-                        let t = match train.as_mut() {
-                            Some(t) => t,
-                            None => train.insert(TrainBench::new(&cfg, &device)),
-                        };
-                        t.step(&batch, rep)?.total()
+                    if rep >= self.warmup {
+                        let t = out.entry(case.name).or_default();
+                        t.ours.push(secs);
+                        t.pytorch.push(theirs);
                     }
-                };
-                let theirs = self.py.ask(&case.pytorch)?["secs"].as_f64().context("PyTorch gave no time")?;
-                if self.verbose {
-                    eprintln!(
-                        "{} {:<22} ours {:>8.1} ms   pytorch {:>8.1} ms",
-                        if rep < self.warmup { "warm-up" } else { "run    " },
-                        case.name,
-                        secs * 1e3,
-                        theirs * 1e3
-                    );
-                }
-                if rep >= self.warmup {
-                    let t = out.entry(case.name).or_default();
-                    t.ours.push(secs);
-                    t.pytorch.push(theirs);
                 }
             }
         }
@@ -484,6 +523,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
         "mvlt": env!("CARGO_PKG_VERSION"),
         "quick": a.quick,
         "repetitions": runs,
+        "pairs": cases.iter().map(|c| (c.name, c.pairs * runs)).collect::<BTreeMap<_, _>>(),
     });
     let json = report_json(&results, meta, t0.elapsed().as_secs_f64());
     write_outputs(a, &json, &backends)
@@ -632,6 +672,25 @@ fn splice(page: &str, block: &str) -> String {
     }
 }
 
+/// How many timings each case's median rests on: "3 timed repetitions per case" when they are all
+/// equal, else each case's count (`_meta.pairs`; pages of earlier runs have only `repetitions`).
+fn timings_text(meta: &Value) -> String {
+    let Some(pairs) = meta["pairs"].as_object() else {
+        return format!("{} timed repetitions per case", meta["repetitions"]);
+    };
+    let counts: Vec<(String, u64)> = WHAT
+        .iter()
+        .filter_map(|(name, _)| pairs.get(*name).and_then(Value::as_u64).map(|n| (name.to_string(), n)))
+        .collect();
+    match counts.first() {
+        Some((_, n)) if counts.iter().all(|c| c.1 == *n) => format!("{n} timed repetitions per case"),
+        _ => format!(
+            "timed repetitions per case: {}",
+            counts.iter().map(|(c, n)| format!("{n} ({c})")).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 fn markdown(json: &Value, backends: &[BackendKind]) -> String {
     let m = &json["_meta"];
     let mut s = String::new();
@@ -640,14 +699,14 @@ fn markdown(json: &Value, backends: &[BackendKind]) -> String {
           (after `eval \"$(scripts/setup-libtorch.sh)\"` and `cargo build --release --features tch`); \
           rerun it to regenerate this page.\n\n";
     s += &format!(
-        "Machine: {}; {} threads on both sides; device {}. mvlt {}, PyTorch {}; {} timed repetitions per case \
-         after a warm-up, the two sides alternating. Wall time {:.0} s.\n\n",
+        "Machine: {}; {} threads on both sides; device {}. mvlt {}, PyTorch {}; {} after a warm-up, \
+         the two sides alternating. Wall time {:.0} s.\n\n",
         m["cpu"].as_str().unwrap_or("?"),
         m["threads"],
         m["device"].as_str().unwrap_or("?"),
         m["mvlt"].as_str().unwrap_or("?"),
         m["torch"].as_str().unwrap_or("?"),
-        m["repetitions"],
+        timings_text(m),
         m["wall_s"].as_f64().unwrap_or(0.0)
     );
     s += "pvlt_tiny with random weights, 256 x 256 images, T = 128, bert-base-uncased's 30,522-word MLM decoder. \
@@ -704,6 +763,18 @@ mod tests {
         assert_eq!(twice.matches(START).count(), 1);
         assert_eq!(splice(&twice, "A\n"), once);
         assert!(splice("", "A\n").contains("A\n"));
+    }
+
+    #[test]
+    fn the_page_says_how_many_timings_each_median_rests_on() {
+        assert_eq!(timings_text(&json!({"repetitions": 3})), "3 timed repetitions per case");
+        let same = json!({"repetitions": 3, "pairs": {"forward_itm_b1": 3, "train_step_b8": 3}});
+        assert_eq!(timings_text(&same), "3 timed repetitions per case");
+        let meta = json!({"repetitions": 3, "pairs": {"forward_itm_b1": 15, "forward_itm_b16": 6, "train_step_b8": 3}});
+        assert_eq!(
+            timings_text(&meta),
+            "timed repetitions per case: 15 (forward_itm_b1), 6 (forward_itm_b16), 3 (train_step_b8)"
+        );
     }
 
     #[test]
