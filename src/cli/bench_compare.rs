@@ -444,8 +444,9 @@ fn backends_of(json: &Value) -> Result<Vec<BackendKind>> {
     Ok(all)
 }
 
-/// Write the outputs asked for from a report's figures.
-fn write_outputs(a: &CompareArgs, json: &Value, backends: &[BackendKind]) -> Result<()> {
+/// Write the outputs asked for from a report's figures; `figures` is the JSON file that holds them
+/// (named on the page for the min and max).
+fn write_outputs(a: &CompareArgs, json: &Value, backends: &[BackendKind], figures: Option<&Path>) -> Result<()> {
     print_table(json, backends);
     if let Some(p) = &a.json {
         crate::files::write_atomic(p, serde_json::to_string_pretty(json)?.as_bytes())?;
@@ -453,7 +454,7 @@ fn write_outputs(a: &CompareArgs, json: &Value, backends: &[BackendKind]) -> Res
     }
     if let Some(p) = &a.markdown {
         let old = std::fs::read_to_string(p).unwrap_or_default();
-        crate::files::write_atomic(p, splice(&old, &markdown(json, backends)).as_bytes())?;
+        crate::files::write_atomic(p, splice(&old, &markdown(json, backends, figures)).as_bytes())?;
         println!("page: {}", p.display());
     }
     Ok(())
@@ -465,7 +466,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
         let json: Value = serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", f.display()))?;
         let backends =
             backends_of(&json).with_context(|| format!("{}: not written by --compare-pytorch --json", f.display()))?;
-        return write_outputs(&CompareArgs { json: None, ..a.clone() }, &json, &backends);
+        return write_outputs(&CompareArgs { json: None, ..a.clone() }, &json, &backends, Some(f));
     }
     let fixtures = a.fixtures.clone().unwrap_or_else(default_fixtures);
     if !fixtures.join("small_io.json").is_file() {
@@ -522,11 +523,34 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
         "cpu": cpu_name(),
         "mvlt": env!("CARGO_PKG_VERSION"),
         "quick": a.quick,
+        "command": command_line(a, device),
         "repetitions": runs,
         "pairs": cases.iter().map(|c| (c.name, c.pairs * runs)).collect::<BTreeMap<_, _>>(),
     });
     let json = report_json(&results, meta, t0.elapsed().as_secs_f64());
-    write_outputs(a, &json, &backends)
+    write_outputs(a, &json, &backends, a.json.as_deref())
+}
+
+/// The command that produced a report, as the page shows it (the options that change the figures
+/// or where they go; a quick or GPU run must not read as the full CPU one).
+fn command_line(a: &CompareArgs, device: DeviceSpec) -> String {
+    let mut c = "mvlt bench --compare-pytorch".to_string();
+    if a.quick {
+        c += " --quick";
+    }
+    if device != DeviceSpec::Cpu {
+        c += &format!(" --device {device}");
+    }
+    if !a.backends.is_empty() {
+        c += &format!(" --backends {}", a.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","));
+    }
+    if let Some(p) = &a.json {
+        c += &format!(" --json {}", p.display());
+    }
+    if let Some(p) = &a.markdown {
+        c += &format!(" --markdown {}", p.display());
+    }
+    c
 }
 
 fn cpu_name() -> String {
@@ -691,15 +715,20 @@ fn timings_text(meta: &Value) -> String {
     }
 }
 
-fn markdown(json: &Value, backends: &[BackendKind]) -> String {
+fn markdown(json: &Value, backends: &[BackendKind], figures: Option<&Path>) -> String {
     let m = &json["_meta"];
     let mut s = String::new();
     s += "## mvlt against PyTorch, one command\n\n";
-    s += "Written by `mvlt bench --compare-pytorch --json docs/benchmarks.json --markdown docs/BENCHMARKS.md` \
-          (after `eval \"$(scripts/setup-libtorch.sh)\"` and `cargo build --release --features tch`); \
-          rerun it to regenerate this page.\n\n";
+    // Reports from before `_meta.command` came from the full CPU run that regenerates this page.
+    let command = m["command"]
+        .as_str()
+        .unwrap_or("mvlt bench --compare-pytorch --json docs/benchmarks.json --markdown docs/BENCHMARKS.md");
     s += &format!(
-        "Machine: {}; {} threads on both sides; device {}. mvlt {}, PyTorch {}; {} after a warm-up, \
+        "Written by `{command}` (after `eval \"$(scripts/setup-libtorch.sh)\"` and \
+         `cargo build --release --features tch`); rerun it to regenerate this page.\n\n"
+    );
+    s += &format!(
+        "Machine: {}; {} threads on both sides; device {}. mvlt {}, PyTorch {}; {} after a warm-up{}, \
          the two sides alternating. Wall time {:.0} s.\n\n",
         m["cpu"].as_str().unwrap_or("?"),
         m["threads"],
@@ -707,6 +736,7 @@ fn markdown(json: &Value, backends: &[BackendKind]) -> String {
         m["mvlt"].as_str().unwrap_or("?"),
         m["torch"].as_str().unwrap_or("?"),
         timings_text(m),
+        if m["quick"].as_bool() == Some(true) { " (none for the batch-101 cases: `--quick`)" } else { "" },
         m["wall_s"].as_f64().unwrap_or(0.0)
     );
     s += "pvlt_tiny with random weights, 256 x 256 images, T = 128, bert-base-uncased's 30,522-word MLM decoder. \
@@ -735,7 +765,10 @@ fn markdown(json: &Value, backends: &[BackendKind]) -> String {
             got.iter().map(|&r| ratio_text(r)).collect::<Vec<_>>().join(", ")
         );
     }
-    s += "\nMin and max of every case are in `docs/benchmarks.json`.\n";
+    match figures {
+        Some(f) => s += &format!("\nMin and max of every case are in `{}`.\n", f.display()),
+        None => s += "\nMin and max of every case: rerun with `--json FILE`.\n",
+    }
     s
 }
 
@@ -775,6 +808,44 @@ mod tests {
             timings_text(&meta),
             "timed repetitions per case: 15 (forward_itm_b1), 6 (forward_itm_b16), 3 (train_step_b8)"
         );
+    }
+
+    #[test]
+    fn the_page_names_the_command_and_the_figures_file_of_its_run() {
+        let args = |quick: bool| CompareArgs {
+            compare_pytorch: true,
+            quick,
+            json: Some("/tmp/q.json".into()),
+            markdown: Some("/tmp/q.md".into()),
+            backends: vec![],
+            from_json: None,
+            python: None,
+            fixtures: None,
+        };
+        let quick = command_line(&args(true), DeviceSpec::Cuda(0));
+        assert_eq!(
+            quick,
+            "mvlt bench --compare-pytorch --quick --device cuda:0 --json /tmp/q.json --markdown /tmp/q.md"
+        );
+        assert_eq!(
+            command_line(&CompareArgs { json: None, markdown: None, ..args(false) }, DeviceSpec::Cpu),
+            "mvlt bench --compare-pytorch"
+        );
+        let t = |x: f64| Times { ours: vec![x], pytorch: vec![x] };
+        let figures = BTreeMap::from([("forward_itm_b1", t(1.0)), ("peak_rss", t(1.0))]);
+        let j = report_json(
+            &[(BackendKind::Flex, figures)],
+            json!({"command": quick, "quick": true, "repetitions": 2}),
+            1.0,
+        );
+        let page = markdown(&j, &[BackendKind::Flex], Some(Path::new("/tmp/q.json")));
+        assert!(page.contains("Written by `mvlt bench --compare-pytorch --quick --device cuda:0"), "{page}");
+        assert!(page.contains("are in `/tmp/q.json`"), "{page}");
+        assert!(page.contains("after a warm-up (none for the batch-101 cases: `--quick`)"), "{page}");
+        // A report from before `_meta.command` names the full run that writes the page.
+        let old = report_json(&[(BackendKind::Flex, BTreeMap::from([("forward_itm_b1", t(1.0))]))], json!({}), 1.0);
+        assert!(markdown(&old, &[BackendKind::Flex], None)
+            .contains("--json docs/benchmarks.json --markdown docs/BENCHMARKS.md`"));
     }
 
     #[test]
