@@ -444,10 +444,12 @@ fn backends_of(json: &Value) -> Result<Vec<BackendKind>> {
     Ok(all)
 }
 
-/// Write the outputs asked for from a report's figures; `figures` is the JSON file that holds them
-/// (named on the page for the min and max).
-fn write_outputs(a: &CompareArgs, json: &Value, backends: &[BackendKind], figures: Option<&Path>) -> Result<()> {
+/// Write the outputs asked for from a report's figures.
+fn write_outputs(a: &CompareArgs, json: &Value, backends: &[BackendKind]) -> Result<()> {
     print_table(json, backends);
+    // The JSON file that holds the figures (named on the page for the min and max): the one this
+    // run writes, or the one it was read from.
+    let figures = a.json.as_deref().or(a.from_json.as_deref());
     if let Some(p) = &a.json {
         crate::files::write_atomic(p, serde_json::to_string_pretty(json)?.as_bytes())?;
         println!("figures: {}", p.display());
@@ -466,7 +468,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
         let json: Value = serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", f.display()))?;
         let backends =
             backends_of(&json).with_context(|| format!("{}: not written by --compare-pytorch --json", f.display()))?;
-        return write_outputs(&CompareArgs { json: None, ..a.clone() }, &json, &backends, Some(f));
+        return write_outputs(&CompareArgs { json: None, ..a.clone() }, &json, &backends);
     }
     let fixtures = a.fixtures.clone().unwrap_or_else(default_fixtures);
     if !fixtures.join("small_io.json").is_file() {
@@ -528,7 +530,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
         "pairs": cases.iter().map(|c| (c.name, c.pairs * runs)).collect::<BTreeMap<_, _>>(),
     });
     let json = report_json(&results, meta, t0.elapsed().as_secs_f64());
-    write_outputs(a, &json, &backends, a.json.as_deref())
+    write_outputs(a, &json, &backends)
 }
 
 /// The command that produced a report, as the page shows it (the options that change the figures
@@ -715,6 +717,12 @@ fn timings_text(meta: &Value) -> String {
     }
 }
 
+/// What `--quick` leaves without a warm-up, as the page says it (from the cases' `heavy` flags).
+fn no_warmup_text() -> String {
+    let heavy: Vec<&str> = cases().iter().filter(|c| c.heavy).map(|c| c.name).collect();
+    format!(" (none for {}: `--quick`)", heavy.join(", "))
+}
+
 fn markdown(json: &Value, backends: &[BackendKind], figures: Option<&Path>) -> String {
     let m = &json["_meta"];
     let mut s = String::new();
@@ -736,7 +744,7 @@ fn markdown(json: &Value, backends: &[BackendKind], figures: Option<&Path>) -> S
         m["mvlt"].as_str().unwrap_or("?"),
         m["torch"].as_str().unwrap_or("?"),
         timings_text(m),
-        if m["quick"].as_bool() == Some(true) { " (none for the batch-101 cases: `--quick`)" } else { "" },
+        if m["quick"].as_bool() == Some(true) { no_warmup_text() } else { String::new() },
         m["wall_s"].as_f64().unwrap_or(0.0)
     );
     s += "pvlt_tiny with random weights, 256 x 256 images, T = 128, bert-base-uncased's 30,522-word MLM decoder. \
@@ -841,7 +849,7 @@ mod tests {
         let page = markdown(&j, &[BackendKind::Flex], Some(Path::new("/tmp/q.json")));
         assert!(page.contains("Written by `mvlt bench --compare-pytorch --quick --device cuda:0"), "{page}");
         assert!(page.contains("are in `/tmp/q.json`"), "{page}");
-        assert!(page.contains("after a warm-up (none for the batch-101 cases: `--quick`)"), "{page}");
+        assert!(page.contains("after a warm-up (none for forward_itm_b101, retrieval_b101: `--quick`)"), "{page}");
         // A report from before `_meta.command` names the full run that writes the page.
         let old = report_json(&[(BackendKind::Flex, BTreeMap::from([("forward_itm_b1", t(1.0))]))], json!({}), 1.0);
         assert!(markdown(&old, &[BackendKind::Flex], None)
