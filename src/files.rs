@@ -53,6 +53,26 @@ pub fn read_text_limited(path: &Path, what: &str, max: u64) -> Result<String> {
         .map_err(|e| anyhow::anyhow!("{what} {} is not UTF-8 text ({e})", path.display()))
 }
 
+/// `s` safe to print on a terminal: control characters (ANSI and OSC escape sequences begin
+/// with one) written as escapes, so a name read from a file cannot move the cursor, retitle the
+/// window or hide text; at most `MAX_SHOWN` characters.
+pub fn printable(s: &str) -> String {
+    const MAX_SHOWN: usize = 200;
+    let mut out = String::with_capacity(s.len().min(MAX_SHOWN));
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX_SHOWN {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A folder that image paths must stay inside, resolved (symlinks included) once.
 #[derive(Clone, Debug)]
 pub struct Confined {
@@ -116,22 +136,70 @@ impl Confined {
 
 /// Write `bytes` to `path` atomically: a temporary file beside it, fsynced, then renamed, so a
 /// crash or `kill -9` never leaves a half-written file under the final name (checkpoints,
-/// weights, metrics, plots, reports). Creates the parent folder.
+/// weights, metrics, plots, reports). Creates the parent folder. A write that fails (a full disk)
+/// removes its temporary file; one cut short by `kill -9` leaves it behind, named
+/// `.NAME.tmpPID`, for [`remove_stale_temporaries`] to find.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let tmp =
-        dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
-    {
+    let tmp = dir.join(format!(
+        ".{}{TEMPORARY_MARK}{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    let written = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all()?;
+        f.sync_all().with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    written?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// What [`write_atomic`] puts between a temporary file's name and the writer's process id.
+const TEMPORARY_MARK: &str = ".tmp";
+
+/// Remove the temporary files [`write_atomic`] left in `dir` when its process was killed
+/// mid-write (their writer is no longer running). Returns how many, and their bytes.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<(usize, u64)> {
+    let mut removed = (0, 0);
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(removed) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|n| n.rsplit_once(TEMPORARY_MARK))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && process_is_running(pid) {
+            continue; // another process's write in progress
+        }
+        let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            removed.0 += 1;
+            removed.1 += size;
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether process `pid` exists (Linux: /proc; elsewhere assumed, so nothing is removed).
+fn process_is_running(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +220,36 @@ mod tests {
         assert!(e.contains("is a folder"), "{e}");
         let e = read_limited(Path::new("/dev/zero"), "catalogue", 10).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    /// A write that fails leaves nothing behind; one cut short by a killed process (a temporary
+    /// file named after a process that is gone) is found and removed, another live process's is
+    /// not.
+    #[test]
+    fn temporary_files_never_outlive_their_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a-folder");
+        std::fs::create_dir_all(&target).unwrap();
+        // Renaming a file onto a folder fails after the temporary was written.
+        assert!(write_atomic(&target, b"data").is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        // A dead writer's temporary (pid 2^31 - 1 exceeds pid_max) goes, a live one's stays.
+        std::fs::write(dir.path().join(".step-00000010.safetensors.tmp2147483647"), vec![0u8; 100]).unwrap();
+        let live = dir.path().join(".metrics.jsonl.tmp1");
+        std::fs::write(&live, b"x").unwrap();
+        std::fs::write(dir.path().join("notes.tmp5"), b"not ours").unwrap();
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), (1, 100));
+        assert!(live.exists() && dir.path().join("notes.tmp5").exists());
+    }
+
+    #[test]
+    fn printable_escapes_terminal_controls() {
+        assert_eq!(printable("block1.0.norm1.weight"), "block1.0.norm1.weight");
+        let shown = printable("w\x1b[2J\x1b]0;owned\x07\u{202e}x");
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown}");
+        assert_eq!(shown, "w\\u{1b}[2J\\u{1b}]0;owned\\u{7}\\u{202e}x");
+        assert_eq!(printable(&"a".repeat(500)).len(), 203);
     }
 
     #[test]

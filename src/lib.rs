@@ -12,6 +12,7 @@
 //! - [`verify`], [`verify_step`]: parity with tensors produced by the authors' PyTorch code (a
 //!   forward pass; one training step).
 //! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
+//! - [`pickle`]: a bounded pickle reader (the authors' `.pth` and `.pkl` files), data only.
 //! - [`files`]: bounded, checked reads of user-named files and atomic writes; [`memory`]: the
 //!   allocator's keep-or-return policy; [`progress`]: progress bars.
 //! - [`demo`]: `mvlt demo`, the whole pipeline on the synthetic catalogue, and its report.
@@ -26,6 +27,7 @@ pub mod index;
 pub mod infer;
 pub mod memory;
 pub mod model;
+pub mod pickle;
 pub mod progress;
 pub mod serve;
 pub mod train;

@@ -77,11 +77,11 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     println!("parameters:    {} (unique; the tied word embeddings / MLM decoder counted once)", thousands(params));
     if a.keys {
         for (k, s, d) in &layout {
-            println!("  {k:<55} {:<22} {d}", format!("{s:?}"));
+            println!("  {:<55} {:<22} {d}", crate::files::printable(k), format!("{s:?}"));
         }
     }
     if let Some(m) = &a.manifest {
-        let text = std::fs::read_to_string(m).with_context(|| format!("cannot read manifest {}", m.display()))?;
+        let text = crate::files::read_text_limited(m, "manifest", crate::files::MAX_SMALL_FILE_BYTES)?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("manifest {} is not JSON", m.display()))?;
         let diffs = manifest_differences(&layout, &v)?;
@@ -113,14 +113,16 @@ pub fn manifest_differences(
         theirs.insert(k.to_string());
         match ours.get(k) {
             None if k == TIED_DECODER_KEY => {}
-            None => diffs.push(format!("missing: {k} {shape:?}")),
-            Some(s) if **s != shape => diffs.push(format!("shape: {k} ours {s:?}, manifest {shape:?}")),
+            None => diffs.push(format!("missing: {} {shape:?}", crate::files::printable(k))),
+            Some(s) if **s != shape => {
+                diffs.push(format!("shape: {} ours {s:?}, manifest {shape:?}", crate::files::printable(k)))
+            }
             _ => {}
         }
     }
     for (k, _, _) in layout {
         if !theirs.contains(k) {
-            diffs.push(format!("unexpected: {k}"));
+            diffs.push(format!("unexpected: {}", crate::files::printable(k)));
         }
     }
     Ok(diffs)

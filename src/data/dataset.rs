@@ -153,8 +153,12 @@ fn check_caption(caption: &str) -> Result<(), String> {
     if caption.trim().is_empty() {
         return Err("empty caption".into());
     }
-    if caption.len() > super::text::MAX_TEXT_BYTES {
-        return Err(format!("caption of {} bytes, over the limit of {}", caption.len(), super::text::MAX_TEXT_BYTES));
+    if caption.len() > super::text::MAX_CAPTION_BYTES {
+        return Err(format!(
+            "caption of {} bytes, over the limit of {} bytes",
+            caption.len(),
+            super::text::MAX_CAPTION_BYTES
+        ));
     }
     Ok(())
 }
@@ -456,21 +460,23 @@ fn sorted_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Read a pickle as plain data. Unknown classes (numpy arrays in the real files' `input_ids`)
-/// become placeholders instead of being executed or rejected.
-pub fn read_pickle(path: &Path) -> Result<serde_pickle::Value> {
+/// Read a pickle as plain data ([`crate::pickle::read_json`]). Unknown classes (numpy arrays in
+/// the real files' `input_ids`) become null instead of being executed or rejected.
+pub fn read_pickle(path: &Path) -> Result<serde_json::Value> {
     let bytes = crate::files::read_limited(path, "pickle", crate::files::MAX_SMALL_FILE_BYTES)?;
-    serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new().replace_unresolved_globals().decode_strings())
-        .map_err(|e| anyhow!("{} is not a readable pickle: {e}", path.display()))
+    crate::pickle::read_json(&bytes, MAX_PICKLE_OBJECTS)
+        .map_err(|e| anyhow!("{} is not a readable pickle: {e:#}", path.display()))
 }
 
-pub fn pickle_str(dict: &serde_pickle::Value, key: &str) -> Result<String, String> {
-    let serde_pickle::Value::Dict(d) = dict else { return Err("the pickle is not a dict".into()) };
-    match d.get(&serde_pickle::HashableValue::String(key.into())) {
-        Some(serde_pickle::Value::String(s)) => Ok(s.clone()),
-        Some(serde_pickle::Value::I64(i)) => Ok(i.to_string()),
-        Some(serde_pickle::Value::Bytes(b)) => Ok(b.iter().map(|&c| c as char).collect()),
-        Some(other) => Err(format!("key '{key}' is not a string ({other:?})")),
+/// Objects one per-image or per-query pickle may hold (a query of 101 candidates has about 500).
+const MAX_PICKLE_OBJECTS: usize = 100_000;
+
+pub fn pickle_str(dict: &serde_json::Value, key: &str) -> Result<String, String> {
+    let Some(d) = dict.as_object() else { return Err("the pickle is not a dict".into()) };
+    match d.get(key) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(serde_json::Value::Number(n)) if n.is_i64() => Ok(n.to_string()),
+        Some(other) => Err(format!("key '{key}' is not a string ({})", crate::files::printable(&other.to_string()))),
         None => Err(format!("the dict has no '{key}' key")),
     }
 }

@@ -62,11 +62,10 @@ pub fn read_authors_lists(dir: &Path) -> Result<Vec<Query>> {
         .enumerate()
         .map(|(q, f)| {
             let bytes = crate::files::read_limited(f, "query list", crate::files::MAX_SMALL_FILE_BYTES)?;
-            // serde_json's map keeps insertion order (feature preserve_order), and serde-pickle hands
-            // dict items over in pickle order; serde_pickle::Value would sort them.
-            let v: serde_json::Value =
-                serde_pickle::from_slice(&bytes, serde_pickle::DeOptions::new().decode_strings())
-                    .with_context(|| format!("{} is not a readable pickle", f.display()))?;
+            // serde_json's map keeps insertion order (feature preserve_order), and the pickle's
+            // dict items come in pickle order: the first candidate stays first.
+            let v = crate::pickle::read_json(&bytes, 100_000)
+                .with_context(|| format!("{} is not a readable pickle", f.display()))?;
             let map = v.as_object().with_context(|| format!("{}: expected a dict of candidates", f.display()))?;
             let candidates = map
                 .iter()

@@ -2,6 +2,7 @@
 pub mod config;
 pub mod layers;
 pub mod pvlt;
+pub mod torch_file;
 pub mod weights;
 
 pub use config::{HeadSet, PvltConfig};

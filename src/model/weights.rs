@@ -2,17 +2,17 @@
 //! or a bare state dict), strict and non-strict loading with precise reports.
 //!
 //! Every module path in the burn tree equals the reference state-dict key once the `_N` fields of
-//! `nn.Sequential` stand-ins are renamed `N` (see `layers.rs`). `.pth` files are read by burn-store's
-//! pickle reader, which interprets the pickle opcodes as data and never executes anything.
+//! `nn.Sequential` stand-ins are renamed `N` (see `layers.rs`). `.pth` files are read by
+//! [`super::torch_file`], which interprets the pickle opcodes as data and never executes anything.
 
 use super::config::PvltConfig;
 use super::pvlt::Pvlt;
+use crate::files::printable;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::ParamId;
 use burn::store::{ModuleSnapshot, TensorSnapshot};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, TensorData};
-use burn_store::pytorch::PytorchReader;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -89,7 +89,8 @@ impl StateDict {
         let size = crate::files::regular_file_size(path, "weights file")?;
         let sd = match WeightsFormat::detect(path, size)? {
             WeightsFormat::Safetensors => Self::read_safetensors(path)?,
-            WeightsFormat::TorchZip | WeightsFormat::TorchPickle => Self::read_pth(path, size)?,
+            WeightsFormat::TorchZip => Self::read_pth(path, size, true)?,
+            WeightsFormat::TorchPickle => Self::read_pth(path, size, false)?,
         };
         sd.check_finite()?;
         Ok(sd)
@@ -112,9 +113,10 @@ impl StateDict {
             }
             if let Some((index, value)) = first {
                 bail!(
-                    "{}: tensor '{key}' holds {bad} NaN or infinite value(s) (the first at flat index {index}: {value}); these weights are broken \
+                    "{}: tensor '{}' holds {bad} NaN or infinite value(s) (the first at flat index {index}: {value}); these weights are broken \
                      (a diverged run?): use an earlier checkpoint",
                     self.path.display(),
+                    printable(key),
                 );
             }
         }
@@ -155,52 +157,10 @@ impl StateDict {
         })
     }
 
-    fn read_pth(path: &Path, file_size: u64) -> Result<StateDict> {
-        let reader = PytorchReader::new(path).map_err(|e| {
-            anyhow!("cannot read PyTorch file {}: {e} (is it a complete torch.save file?)", path.display())
-        })?;
-        let all = reader.into_tensors();
-        // burn-store reads tensor data lazily and pads a storage shorter than the tensor's shape
-        // with zeros; a crafted file could so claim gigabytes. No tensor can hold more bytes than
-        // the file, and the tensors together no more than twice it (tied weights such as the MLM
-        // decoder share their storage with another tensor): checked before any data is read.
-        let mut claimed_total: u64 = 0;
-        for (key, snap) in &all {
-            let claimed = snap
-                .shape
-                .iter()
-                .try_fold(snap.dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-                .unwrap_or(u64::MAX);
-            if claimed > file_size {
-                bail!(
-                    "{}: tensor '{key}' claims shape {:?} of {:?} ({claimed} bytes), more than the whole file ({file_size} bytes); the file is corrupt or crafted",
-                    path.display(),
-                    snap.shape.to_vec(),
-                    snap.dtype
-                );
-            }
-            claimed_total = claimed_total.saturating_add(claimed);
-        }
-        if claimed_total > 2 * file_size + (1 << 20) {
-            bail!(
-                "{}: its tensors claim {claimed_total} bytes in all, far more than the file's {file_size} bytes; the file is corrupt or crafted",
-                path.display()
-            );
-        }
-        // The authors' training checkpoint nests the state dict under 'model', beside optimizer
-        // state that also holds tensors (not read); a bare state dict (PVT ImageNet weights) has
-        // no prefix.
-        let nested = all.keys().any(|k| k.starts_with("model."));
-        let mut tensors = BTreeMap::new();
-        for (key, snap) in all {
-            if nested && !key.starts_with("model.") {
-                continue;
-            }
-            let data = snap.to_data().map_err(|e| anyhow!("{}: cannot read tensor '{key}': {e:?}", path.display()))?;
-            tensors.insert(key, data);
-        }
-        let tensors = if nested { unnest(tensors) } else { tensors };
-        if tensors.is_empty() {
+    fn read_pth(path: &Path, file_size: u64, zip: bool) -> Result<StateDict> {
+        let file = super::torch_file::read(path, file_size, zip)
+            .map_err(|e| anyhow!("cannot read PyTorch file {}: {e:#}", path.display()))?;
+        if file.tensors.is_empty() {
             bail!(
                 "PyTorch file {} holds no tensors (expected a state dict or a checkpoint with a 'model' entry)",
                 path.display()
@@ -208,8 +168,8 @@ impl StateDict {
         }
         Ok(StateDict {
             path: path.to_path_buf(),
-            format: if nested { "pth (training checkpoint, 'model' entry)" } else { "pth (bare state dict)" },
-            tensors,
+            format: if file.nested { "pth (training checkpoint, 'model' entry)" } else { "pth (bare state dict)" },
+            tensors: file.tensors,
             metadata: HashMap::new(),
         })
     }
@@ -295,6 +255,20 @@ fn unnest(tensors: BTreeMap<String, TensorData>) -> BTreeMap<String, TensorData>
     tensors.into_iter().filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v))).collect()
 }
 
+/// A BatchNorm counter (`num_batches_tracked`) as the model holds it: whole numbers from 0 to
+/// 2^24 (f32's exact integers), stored as integers or, in some converted files, as floats.
+fn counts(data: &TensorData) -> Result<Vec<f32>, String> {
+    let values: Vec<f64> = if data.dtype.is_float() {
+        data.iter::<f64>().collect()
+    } else {
+        data.iter::<i64>().map(|x| x as f64).collect()
+    };
+    match values.iter().find(|v| !(v.fract() == 0.0 && (0.0..=16_777_216.0).contains(*v))) {
+        Some(v) => Err(format!("holds {v}, not a count of batches (a whole number from 0 to 2^24)")),
+        None => Ok(values.into_iter().map(|v| v as f32).collect()),
+    }
+}
+
 /// Burn module path -> reference key (`text_embed1._0.weight` -> `text_embed1.0.weight`).
 pub fn reference_key(burn_path: &str) -> String {
     burn_path
@@ -347,7 +321,8 @@ impl LoadReport {
             if v.is_empty() {
                 String::new()
             } else {
-                let shown: Vec<_> = v.iter().take(12).cloned().collect();
+                // Names come from the file: shown with terminal controls escaped.
+                let shown: Vec<_> = v.iter().take(12).map(|k| printable(k)).collect();
                 format!(
                     ": {}{}",
                     shown.join(", "),
@@ -400,19 +375,27 @@ pub fn load_state_dict<B: Backend>(model: Pvlt<B>, sd: &StateDict, strict: bool)
         };
         if !shapes_agree(&data.shape, &exp.shape, exp.is_int) {
             bail!(
-                "shape mismatch for key '{key}' in {}: the file has {:?}, the model expects {:?} (is --config the \
+                "shape mismatch for key '{}' in {}: the file has {:?}, the model expects {:?} (is --config the \
                  architecture these weights were trained with?)",
+                printable(key),
                 sd.path.display(),
                 data.shape,
                 exp.shape
             );
         }
         let data = if exp.is_int {
-            let v: Vec<f32> = data.iter::<i64>().map(|x| x as f32).collect();
-            TensorData::new(v, exp.shape.clone())
+            TensorData::new(
+                counts(data).map_err(|why| anyhow!("key '{}' in {}: {why}", printable(key), sd.path.display()))?,
+                exp.shape.clone(),
+            )
         } else {
             if !data.dtype.is_float() {
-                bail!("key '{key}' in {} has dtype {:?}, expected a float tensor", sd.path.display(), data.dtype);
+                bail!(
+                    "key '{}' in {} has dtype {:?}, expected a float tensor",
+                    printable(key),
+                    sd.path.display(),
+                    data.dtype
+                );
             }
             data.clone().convert::<f32>()
         };
