@@ -3,9 +3,13 @@
 //! only the first stage's top k.
 //!
 //! File: safetensors with one tensor, `embeddings` `[N, D]` f32 (unit rows), and metadata
-//! `format` = `mvlt-index-1`, `weights_sha256` (the index refuses other weights) and `ids` (a JSON
-//! list of the catalogue row ids, in row order). Exact search: N x D multiply-adds per query,
-//! a few milliseconds at 100,000 products and D = 128.
+//! `format` = `mvlt-index-1`, `weights_sha256` (the index refuses other weights), `ids` (a JSON
+//! list of the catalogue row ids, in row order) and `skipped` (ids whose image could not be read
+//! when it was built: never searched). Exact search: N x D multiply-adds per query, a few
+//! milliseconds at 100,000 products and D = 128.
+//!
+//! A file is checked against the weights it is used with: their hash, the ITC head's width D,
+//! finite unit rows (an index with NaN or unnormalised rows would rank by noise).
 
 use crate::data::dataset::Dataset;
 use crate::infer::Model;
@@ -20,6 +24,8 @@ const FORMAT: &str = "mvlt-index-1";
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+/// Widest embedding an index may hold (the ITC head's `itc_dim`).
+const MAX_DIM: usize = 4096;
 /// Largest index file read: 16 million products at D = 128.
 pub const MAX_INDEX_BYTES: u64 = 8 << 30;
 
@@ -31,6 +37,8 @@ pub struct CatalogIndex {
     pub dim: usize,
     /// `[N, dim]`, row-major, unit rows.
     pub embeddings: Vec<f32>,
+    /// Catalogue ids left out because their image could not be read.
+    pub skipped: Vec<String>,
 }
 
 impl CatalogIndex {
@@ -50,6 +58,7 @@ impl CatalogIndex {
             ("format".to_string(), FORMAT.to_string()),
             ("weights_sha256".to_string(), self.weights_sha256.clone()),
             ("ids".to_string(), serde_json::to_string(&self.ids)?),
+            ("skipped".to_string(), serde_json::to_string(&self.skipped)?),
         ]);
         let out = safetensors::serialize([("embeddings", view)], &Some(meta))
             .map_err(|e| anyhow::anyhow!("writing the index: {e}"))?;
@@ -71,18 +80,39 @@ impl CatalogIndex {
         }
         let ids: Vec<String> =
             serde_json::from_str(meta.get("ids").context("index metadata lacks 'ids'")?).context("index 'ids'")?;
+        let skipped: Vec<String> = match meta.get("skipped") {
+            Some(s) => serde_json::from_str(s).context("index 'skipped'")?,
+            None => vec![],
+        };
+        let weights_sha256 = meta.get("weights_sha256").cloned().unwrap_or_default();
+        if weights_sha256.len() != 64 || !weights_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!(
+                "{}: its weights_sha256 is not a SHA-256 digest (64 hex digits); rebuild it with mvlt index",
+                path.display()
+            );
+        }
         let t = st.tensor("embeddings").with_context(|| format!("{} has no 'embeddings' tensor", path.display()))?;
         let shape = t.shape();
         if t.dtype() != safetensors::Dtype::F32 || shape.len() != 2 || shape[0] != ids.len() {
             bail!("{}: 'embeddings' must be F32 [{}, D], found {:?} {:?}", path.display(), ids.len(), t.dtype(), shape);
         }
-        let embeddings = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        Ok(CatalogIndex {
-            weights_sha256: meta.get("weights_sha256").cloned().unwrap_or_default(),
-            ids,
-            dim: shape[1],
-            embeddings,
-        })
+        let dim = shape[1];
+        if !ids.is_empty() && !(1..=MAX_DIM).contains(&dim) {
+            bail!("{}: its embeddings have {dim} dimensions; an ITC head's width is 1 to {MAX_DIM}", path.display());
+        }
+        let embeddings: Vec<f32> =
+            t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        for (i, row) in embeddings.chunks(dim.max(1)).enumerate() {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if !(norm - 1.0).abs().le(&1e-3) {
+                bail!(
+                    "{}: embedding row {i} ('{}') has length {norm}, not 1 (NaN, or not written by mvlt index): rebuild the index",
+                    path.display(),
+                    crate::files::printable(&ids[i])
+                );
+            }
+        }
+        Ok(CatalogIndex { weights_sha256, ids, dim, embeddings, skipped })
     }
 
     /// Row `i`'s embedding.
@@ -95,10 +125,18 @@ impl CatalogIndex {
         self.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect()
     }
 
-    /// [`load`](Self::load) the index at `path` and refuse it unless it was built with `weights`.
-    pub fn open_for(path: &Path, weights: &Path) -> Result<Self> {
+    /// [`load`](Self::load) the index at `path` and refuse it unless it was built with `weights`,
+    /// whose ITC head embeds in `itc_dim` dimensions.
+    pub fn open_for(path: &Path, weights: &Path, itc_dim: usize) -> Result<Self> {
         let index = Self::load(path)?;
         index.check_weights(weights, path)?;
+        if !index.is_empty() && index.dim != itc_dim {
+            bail!(
+                "the index {} holds {}-dimensional embeddings, but these weights embed in {itc_dim}: rebuild it with mvlt index",
+                path.display(),
+                index.dim
+            );
+        }
         Ok(index)
     }
 
@@ -109,7 +147,7 @@ impl CatalogIndex {
             bail!(
                 "the index {} was built with other weights (sha256 {}…), not {} ({}…): rebuild it with mvlt index",
                 index.display(),
-                &self.weights_sha256[..self.weights_sha256.len().min(12)],
+                &self.weights_sha256[..12],
                 weights.display(),
                 &sha[..12]
             );
@@ -156,6 +194,8 @@ pub struct FirstStage {
     pub k: usize,
     /// Index row of each catalogue row (`None`: not indexed).
     index_row: Vec<Option<usize>>,
+    /// Catalogue rows the index left out because their image could not be read.
+    unreadable: std::collections::HashSet<usize>,
     /// Catalogue row of each index row the catalogue has.
     catalogue_row: HashMap<usize, usize>,
 }
@@ -166,22 +206,34 @@ impl FirstStage {
         let by_id = index.rows_by_id();
         let index_row: Vec<Option<usize>> = ds.records().iter().map(|r| by_id.get(r.id.as_str()).copied()).collect();
         let catalogue_row = index_row.iter().enumerate().filter_map(|(r, i)| Some(((*i)?, r))).collect();
-        Ok(FirstStage { index, k, index_row, catalogue_row })
+        let skipped: std::collections::HashSet<&str> = index.skipped.iter().map(String::as_str).collect();
+        let unreadable = ds
+            .records()
+            .iter()
+            .enumerate()
+            .filter(|(r, rec)| index_row[*r].is_none() && skipped.contains(rec.id.as_str()))
+            .map(|(r, _)| r)
+            .collect();
+        Ok(FirstStage { index, k, index_row, catalogue_row, unreadable })
     }
 
-    /// Refuse a catalogue with rows the index lacks (a server checks this once, at start).
+    /// Refuse a catalogue with rows the index lacks (a server checks this once, at start); rows
+    /// whose image could not be read when it was built are no gap.
     pub fn check_covers(&self, ds: &dyn Dataset) -> Result<()> {
-        match self.index_row.iter().position(Option::is_none) {
+        match (0..self.index_row.len()).find(|r| self.index_row[*r].is_none() && !self.unreadable.contains(r)) {
             Some(r) => Err(not_indexed(ds, r)),
             None => Ok(()),
         }
     }
 
-    /// The `k` of `rows` (catalogue rows, all indexed) most similar to the `query` embedding, as
-    /// (catalogue row, similarity), best first.
+    /// The `k` of `rows` (catalogue rows, all indexed or unreadable) most similar to the `query`
+    /// embedding, as (catalogue row, similarity), best first.
     pub fn pick(&self, query: &[f32], rows: &[usize], ds: &dyn Dataset) -> Result<Vec<(usize, f32)>> {
-        let allowed: Vec<usize> =
-            rows.iter().map(|&r| self.index_row[r].ok_or_else(|| not_indexed(ds, r))).collect::<Result<_>>()?;
+        let allowed: Vec<usize> = rows
+            .iter()
+            .filter(|r| !self.unreadable.contains(r))
+            .map(|&r| self.index_row[r].ok_or_else(|| not_indexed(ds, r)))
+            .collect::<Result<_>>()?;
         Ok(self
             .index
             .top_k(query, self.k, Some(&allowed))
@@ -213,30 +265,63 @@ pub fn build<B: Backend>(
     let weights_sha256 = &crate::train::checkpoint::sha256_file(weights)?;
     let ids: Vec<String> = ds.records().iter().map(|r| r.id.clone()).collect();
     let partial = partial_path(out);
-    let mut index = match CatalogIndex::load(&partial) {
-        Ok(p) if &p.weights_sha256 == weights_sha256 && ids.starts_with(&p.ids) => {
-            eprintln!("continuing {} ({} of {} images embedded)", partial.display(), p.len(), ids.len());
-            p
+    // A partial build continues when it is of these weights and its rows (embedded and
+    // skipped, in catalogue order) are a prefix of this catalogue's.
+    let resumable = |p: &CatalogIndex| {
+        let (mut done, mut seen) = (p.ids.iter().peekable(), 0);
+        let skipped: std::collections::HashSet<&String> = p.skipped.iter().collect();
+        for id in &ids {
+            if done.peek() == Some(&id) {
+                done.next();
+            } else if !skipped.contains(id) {
+                break;
+            }
+            seen += 1;
         }
-        _ => CatalogIndex { weights_sha256: weights_sha256.clone(), ids: vec![], dim: 0, embeddings: vec![] },
+        (done.peek().is_none()).then_some(seen)
     };
-    progress(index.len());
+    let (mut index, start) = match CatalogIndex::load(&partial) {
+        Ok(p) if &p.weights_sha256 == weights_sha256 && resumable(&p).is_some() => {
+            let seen = resumable(&p).unwrap_or(0);
+            eprintln!("continuing {} ({} of {} images embedded)", partial.display(), p.len(), ids.len());
+            (p, seen)
+        }
+        _ => (
+            CatalogIndex {
+                weights_sha256: weights_sha256.clone(),
+                ids: vec![],
+                dim: 0,
+                embeddings: vec![],
+                skipped: vec![],
+            },
+            0,
+        ),
+    };
+    progress(start);
     let mut since_save = 0;
-    for start in (index.len()..ids.len()).step_by(batch.max(1)) {
+    for start in (start..ids.len()).step_by(batch.max(1)) {
         let rows: Vec<usize> = (start..(start + batch.max(1)).min(ids.len())).collect();
-        let px: Vec<Vec<f32>> = {
+        let px: Vec<Result<Vec<f32>>> = {
             use rayon::prelude::*;
-            rows.par_iter()
-                .map(|&r| {
-                    ds.pixels(r)
-                        .and_then(|p| model.prepare_image(&p))
-                        .with_context(|| format!("catalogue image '{}'", ids[r]))
-                })
-                .collect::<Result<_>>()?
+            rows.par_iter().map(|&r| ds.pixels(r).and_then(|p| model.prepare_image(&p))).collect()
         };
-        let e = model.image_embeddings(&px.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+        // An unreadable image is left out of the index and said once; search never offers it.
+        let mut kept = vec![];
+        for (&r, p) in rows.iter().zip(px) {
+            match p {
+                Ok(p) => kept.push((r, p)),
+                Err(e) => {
+                    eprintln!(
+                        "note: catalogue image '{}' left out of the index: {e:#}",
+                        crate::files::printable(&ids[r])
+                    );
+                    index.skipped.push(ids[r].clone());
+                }
+            }
+        }
+        let e = model.image_embeddings(&kept.iter().map(|(_, v)| v.as_slice()).collect::<Vec<_>>())?;
         index.dim = e.first().map(Vec::len).unwrap_or(index.dim);
-        for (r, v) in rows.iter().zip(e) {
+        for ((r, _), v) in kept.iter().zip(e) {
             index.ids.push(ids[*r].clone());
             index.embeddings.extend(v);
         }

@@ -263,6 +263,42 @@ pub fn top_k(p: &[f32], names: Option<&Vec<String>>, k: usize) -> Vec<(String, f
         .collect()
 }
 
+/// Candidates ranked by ITM, best first, and those left out because their image could not be
+/// read (row, why).
+pub struct Ranked {
+    pub scores: Vec<(usize, f32)>,
+    pub unreadable: Vec<(usize, String)>,
+}
+
+/// A search's hits, best first, and the catalogue rows it could not read (row, why).
+pub struct Searched {
+    pub hits: Vec<Hit>,
+    pub unreadable: Vec<(usize, String)>,
+}
+
+/// A note naming what a command left out: how many of `what`, and the first few with why.
+pub fn unreadable_note(
+    ds: &dyn crate::data::dataset::Dataset,
+    unreadable: &[(usize, String)],
+    what: &str,
+) -> Option<String> {
+    if unreadable.is_empty() {
+        return None;
+    }
+    let recs = ds.records();
+    let shown: Vec<String> = unreadable
+        .iter()
+        .take(3)
+        .map(|(r, why)| format!("'{}' ({})", crate::files::printable(&recs[*r].id), crate::files::printable(why)))
+        .collect();
+    Some(format!(
+        "note: {} {what} could not be read and were left out: {}{}",
+        unreadable.len(),
+        shown.join("; "),
+        if unreadable.len() > 3 { ", ..." } else { "" }
+    ))
+}
+
 /// One search result.
 #[derive(Clone, Debug, Serialize)]
 pub struct Hit {
@@ -332,26 +368,36 @@ impl<B: Backend> Model<B> {
         query: Candidates<'_>,
         batch: usize,
         progress: impl Fn(usize) -> Result<()>,
-    ) -> Result<Vec<(usize, f32)>> {
+    ) -> Result<Ranked> {
         use rayon::prelude::*;
-        let mut out = Vec::with_capacity(rows.len());
+        let mut out = Ranked { scores: Vec::with_capacity(rows.len()), unreadable: vec![] };
         for chunk in rows.chunks(batch.max(1)) {
-            let scores = match &query {
+            match &query {
                 Candidates::Images { text, image_of } => {
-                    let imgs: Vec<Vec<f32>> = chunk.par_iter().map(|&r| image_of(r)).collect::<Result<_>>()?;
-                    let tok: Vec<&[i64]> = chunk.iter().map(|_| *text).collect();
-                    self.match_probs(&imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &tok)?
+                    // A candidate whose image cannot be read is left out and reported, not fatal:
+                    // one corrupt file must not stop a search of the whole catalogue.
+                    let imgs: Vec<Result<Vec<f32>>> = chunk.par_iter().map(|&r| image_of(r)).collect();
+                    let mut kept = vec![];
+                    for (&r, img) in chunk.iter().zip(imgs) {
+                        match img {
+                            Ok(v) => kept.push((r, v)),
+                            Err(e) => out.unreadable.push((r, format!("{e:#}"))),
+                        }
+                    }
+                    let tok: Vec<&[i64]> = kept.iter().map(|_| *text).collect();
+                    let scores = self.match_probs(&kept.iter().map(|(_, v)| v.as_slice()).collect::<Vec<_>>(), &tok)?;
+                    out.scores.extend(kept.iter().map(|(r, _)| *r).zip(scores));
                 }
                 Candidates::Captions { image, ids_of } => {
                     let ids: Vec<Vec<i64>> = chunk.iter().map(|&r| ids_of(r)).collect::<Result<_>>()?;
                     let imgs: Vec<&[f32]> = chunk.iter().map(|_| *image).collect();
-                    self.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?
+                    let scores = self.match_probs(&imgs, &ids.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
+                    out.scores.extend(chunk.iter().copied().zip(scores));
                 }
-            };
-            out.extend(chunk.iter().copied().zip(scores));
+            }
             progress(chunk.len())?;
         }
-        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out.scores.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(out)
     }
 
@@ -363,13 +409,13 @@ impl<B: Backend> Model<B> {
         query: SearchQuery,
         batch: usize,
         progress: impl Fn(usize),
-    ) -> Result<Vec<Hit>> {
+    ) -> Result<Searched> {
         let recs = ds.records();
         let progress = |k: usize| -> Result<()> {
             progress(k);
             Ok(())
         };
-        let scored = match query {
+        let ranked = match query {
             SearchQuery::Text(text) => {
                 let ids = self.prepare_text(text)?;
                 let image_of = |r: usize| ds.pixels(r).and_then(|p| self.prepare_image(&p));
@@ -386,7 +432,8 @@ impl<B: Backend> Model<B> {
                 )?
             }
         };
-        Ok(scored
+        let hits = ranked
+            .scores
             .into_iter()
             .map(|(row, score)| {
                 let r = &recs[row];
@@ -401,7 +448,8 @@ impl<B: Backend> Model<B> {
                     similarity: None,
                 }
             })
-            .collect())
+            .collect();
+        Ok(Searched { hits, unreadable: ranked.unreadable })
     }
 }
 

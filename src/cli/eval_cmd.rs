@@ -114,7 +114,7 @@ impl BackendTask for &RetrievalArgs {
         );
         let mut json = serde_json::to_value(&r)?;
         let index = match (&self.first_stage, &data) {
-            (Some(path), Some(_)) => Some(CatalogIndex::open_for(path, &self.model.weights)?),
+            (Some(path), Some(_)) => Some(CatalogIndex::open_for(path, &self.model.weights, m.config.itc_dim)?),
             (Some(_), None) => bail!("--first-stage needs --data, the catalogue the index was built over"),
             (None, _) => None,
         };
@@ -232,6 +232,9 @@ impl BackendTask for &RecognitionArgs {
         pb.finish_and_clear();
         print_per_class("main category", &r.main, &r.main_names);
         print_per_class("sub-category", &r.sub, &r.sub_names);
+        if let Some(note) = crate::infer::unreadable_note(ds.as_ref(), &r.unreadable, "rows") {
+            println!("{note}");
+        }
         if r.unknown_class_rows > 0 {
             println!("note: {} rows have a category the model does not know and were left out", r.unknown_class_rows);
         }

@@ -186,7 +186,7 @@ impl BackendTask for &SearchArgs {
         let rows = match (&self.index, &query) {
             (None, _) => rows,
             (Some(path), SearchQuery::Text(t)) => {
-                let index = crate::index::CatalogIndex::open_for(path, &self.model.weights)?;
+                let index = crate::index::CatalogIndex::open_for(path, &self.model.weights, m.config.itc_dim)?;
                 let fs = crate::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
                 loaded = t0.elapsed();
                 let q = m.caption_embeddings(&[t])?.remove(0);
@@ -201,9 +201,13 @@ impl BackendTask for &SearchArgs {
         };
         let pb = progress_bar(rows.len() as u64, "scoring");
         let scoring = std::time::Instant::now();
-        let mut hits = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
+        let searched = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
         let scoring = scoring.elapsed();
         pb.finish_and_clear();
+        if let Some(note) = crate::infer::unreadable_note(ds.as_ref(), &searched.unreadable, "catalogue images") {
+            eprintln!("{note}");
+        }
+        let mut hits = searched.hits;
         for h in &mut hits {
             h.similarity = similarity.get(&h.row).copied();
         }

@@ -12,6 +12,11 @@ use std::path::Path;
 /// header. The server sets a lower limit (`mvlt serve --max-image-pixels`).
 pub const MAX_PIXELS: u64 = 64_000_000;
 
+/// What an image may take beyond its pixels: the PNG decoder's row buffers and its ancillary
+/// chunks (an ICC profile is a few KB, at most a few MB). The PNG decoder keeps this cap for the
+/// whole decode, which its row buffers (width x 8 bytes) fit many times over.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
+
 /// Decoded pixels as PIL holds them for this pipeline: 8-bit RGB, or 8-bit grey for mode-L files.
 #[derive(Clone, Debug)]
 pub struct Pixels {
@@ -80,14 +85,26 @@ impl Pixels {
     /// to what that many pixels need.
     pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<Pixels> {
         use image::ImageDecoder;
-        let corrupt = |e: image::ImageError| anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)");
+        let corrupt = |e: image::ImageError| {
+            match e {
+            image::ImageError::Limits(_) => anyhow!(
+                "cannot decode: its header or ancillary chunks (an ICC profile, text) need more than {} MiB, or its pixels more than their size allows",
+                MAX_HEADER_BYTES >> 20
+            ),
+            e => anyhow!("cannot decode: {e} (corrupt, truncated, or not a PNG/JPEG?)"),
+        }
+        };
         // One decoder: its header gives the size, then the same decoder decodes (as
-        // `ImageReader::decode` does, with our limits).
-        let mut decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
+        // `ImageReader::decode` does, with our limits). What the decoder takes before the
+        // pixels (PNG's iCCP profile and text chunks are inflated while the header is read) is
+        // capped first, so a small file cannot inflate gigabytes of "profile".
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
-            .map_err(|e| anyhow!("cannot read the image header: {e}"))?
-            .into_decoder()
-            .map_err(corrupt)?;
+            .map_err(|e| anyhow!("cannot read the image header: {e}"))?;
+        let mut header_limits = image::Limits::default();
+        header_limits.max_alloc = Some(MAX_HEADER_BYTES);
+        reader.limits(header_limits);
+        let mut decoder = reader.into_decoder().map_err(corrupt)?;
         let (w, h) = decoder.dimensions();
         if w == 0 || h == 0 {
             bail!("image has zero size ({w}x{h})");
@@ -214,6 +231,26 @@ pub fn resize_rgb(p: &Pixels, size: usize) -> Result<Vec<u8>> {
         .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
         .map_err(|e| anyhow!("resize: {e}"))?;
     Ok(dst.into_vec())
+}
+
+/// `p` scaled down (never up) so that its longer side is at most `max_side`, channels kept: what
+/// the server sends for a catalogue image. Takes the pixels, so a large photo is not copied.
+pub fn thumbnail(p: Pixels, max_side: usize) -> Result<Pixels> {
+    let longer = p.width.max(p.height);
+    if longer <= max_side.max(1) {
+        return Ok(p);
+    }
+    let scale = max_side.max(1) as f64 / longer as f64;
+    let side = |n: usize| ((n as f64 * scale).round() as usize).max(1);
+    let (w, h) = (side(p.width), side(p.height));
+    let kind = if p.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
+    let src = FirImage::from_vec_u8(p.width as u32, p.height as u32, p.data, kind)
+        .map_err(|e| anyhow!("thumbnail source: {e}"))?;
+    let mut dst = FirImage::new(w as u32, h as u32, kind);
+    Resizer::new()
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
+        .map_err(|e| anyhow!("thumbnail: {e}"))?;
+    Ok(Pixels { width: w, height: h, channels: p.channels, data: dst.into_vec() })
 }
 
 /// HWC -> CHW.
@@ -352,6 +389,35 @@ mod tests {
     fn corrupt_and_empty_files_are_errors() {
         assert!(Pixels::decode(b"not an image").unwrap_err().to_string().contains("cannot decode"));
         assert!(Pixels::decode(&[]).is_err());
+    }
+
+    /// A PNG whose iCCP chunk (an ICC profile, read with the header) inflates to 1 GiB from
+    /// about 1 MB: the decoder inflates it only up to the header cap, drops the profile (which
+    /// this pipeline never uses) and decodes the pixels. The server's peak memory under such
+    /// uploads is measured by `scripts/hostile_probe.py`.
+    #[test]
+    fn an_iccp_bomb_is_inflated_only_up_to_the_header_cap() {
+        use std::io::Write;
+        let mut z = flate2::write::ZlibEncoder::new(vec![], flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            z.write_all(&zeros).unwrap();
+        }
+        let mut iccp = b"icc\0\0".to_vec();
+        iccp.extend(z.finish().unwrap());
+        let mut png = Pixels::from_hwc_rgb(2, 1, vec![10, 20, 30, 40, 50, 60]).to_png().unwrap();
+        let chunk = |kind: &[u8], data: &[u8]| -> Vec<u8> {
+            let mut c = (data.len() as u32).to_be_bytes().to_vec();
+            let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+            c.extend(&body);
+            c.extend(crc32fast::hash(&body).to_be_bytes());
+            c
+        };
+        // After the signature (8 bytes) and IHDR (25).
+        png.splice(33..33, chunk(b"iCCP", &iccp));
+        assert!(png.len() < 8 << 20, "{} bytes", png.len());
+        let p = Pixels::decode(&png).unwrap();
+        assert_eq!((p.width, p.height, p.data), (2, 1, vec![10, 20, 30, 40, 50, 60]));
     }
 
     #[test]

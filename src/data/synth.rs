@@ -902,12 +902,22 @@ pub fn vocabulary() -> Vec<String> {
 
 /// Write `n` images (products x views) with `catalog.jsonl`, `images/` and `vocab.txt` under `out`.
 /// Returns the number of images written.
+/// Smallest and largest side of a synthetic image: the garments need 16 pixels to be told apart,
+/// and a canvas over 1024 pixels only costs memory (the reference trains at 256).
+pub const MIN_SIZE: u32 = 16;
+pub const MAX_SIZE: u32 = 1024;
+/// Most images one synthetic catalogue holds.
+pub const MAX_IMAGES: usize = 10_000_000;
+
 pub fn write_catalog(out: &Path, n: usize, seed: u64, size: u32, progress: impl Fn(usize) + Sync) -> Result<usize> {
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    if size < 16 {
-        bail!("--size must be at least 16 pixels");
+    if n > MAX_IMAGES {
+        bail!("--n must be at most {MAX_IMAGES} images, got {n}");
+    }
+    if !(MIN_SIZE..=MAX_SIZE).contains(&size) {
+        bail!("the image size must be between {MIN_SIZE} and {MAX_SIZE} pixels (each image is drawn at that size), got {size}");
     }
     let img_dir = out.join("images");
     std::fs::create_dir_all(&img_dir).with_context(|| format!("cannot create {}", img_dir.display()))?;

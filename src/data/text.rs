@@ -22,7 +22,8 @@ pub const IGNORE: i64 = -1;
 /// A text with its word pieces and the fixed-length model input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
-    /// WordPiece tokens before truncation.
+    /// WordPiece tokens before truncation: all of them, or, for a text of more than
+    /// [`MAX_TEXT_TOKENS`] pieces, at least the first [`MAX_TEXT_TOKENS`] (see [`prefix_with_pieces`]).
     pub tokens: Vec<String>,
     /// `[CLS] + first T-2 piece ids + [SEP] + [PAD]...`, length T.
     pub input_ids: Vec<i64>,
@@ -48,6 +49,9 @@ pub struct TextProcessor {
 /// ([`prefix_with_pieces`]); one still longer than this (no spaces to cut at) is refused.
 /// Fashion-Gen's longest caption is about 1 KiB.
 pub const MAX_TEXT_BYTES: usize = 256 << 10;
+/// Longest caption a catalogue row or a request may carry: a product description is a few hundred
+/// bytes (Fashion-Gen's longest about 1 KiB); longer rows are skipped, longer requests refused.
+pub const MAX_CAPTION_BYTES: usize = 64 << 10;
 /// Largest text length T: the position table of every PVLT has 512 rows.
 pub const MAX_TEXT_TOKENS: usize = 512;
 
@@ -111,7 +115,9 @@ impl TextProcessor {
     /// The reference's `text_process`: keep at most T-2 pieces, then `[CLS] pieces [SEP] [PAD]...`.
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Encoded> {
         check_max_len(max_len)?;
-        let text = prefix_with_pieces(text, max_len);
+        // Cut at the longest T any model has, not at this T: `tokens` then lists every piece of
+        // any ordinary text, as the reference's tokenizer does, and a huge one costs 512 pieces.
+        let text = prefix_with_pieces(text, MAX_TEXT_TOKENS);
         if text.len() > MAX_TEXT_BYTES {
             bail!("the text has {} bytes without a space, over the limit of {MAX_TEXT_BYTES} bytes", text.len());
         }
@@ -220,24 +226,35 @@ pub fn itm_pair(index: usize, product_ids: &[String], rng: &mut impl Rng) -> (us
     (index, 1) // every item is the same product: no negative exists
 }
 
-/// The shortest prefix of `text`, cut before an ASCII space, that surely holds at least `n` word
-/// pieces; the whole text when it may hold fewer. Its pieces are exactly the first pieces of the
-/// whole text: a space always separates BERT words, and every space-separated segment with an
-/// ASCII letter or digit gives at least one piece (the normaliser never removes those; a word too
-/// long for WordPiece becomes one [UNK]). So a 7 MB caption costs its first words, not 7 MB of
-/// pieces, and encodes exactly as the reference's `text_process` would.
+/// The shortest prefix of `text` that surely holds at least `n` word pieces, cut where a piece
+/// surely ends; the whole text when it may hold fewer. Its pieces are exactly the first pieces
+/// of the whole text. BERT's pre-tokenizer ends a word at every space and makes every
+/// punctuation character a word of its own, and no word gives fewer than one piece (a word too
+/// long for WordPiece becomes one [UNK]); the normaliser never removes ASCII letters, digits or
+/// punctuation. So each ASCII punctuation byte counts one piece and ends a word, each run of ASCII
+/// letters and digits begins at most one more piece in the word it belongs to, and the text may
+/// be cut before an ASCII space or after an ASCII punctuation byte. A 7 MB caption, or 64 KiB of
+/// "!!!" without a space, costs its first pieces, and encodes exactly as the reference's
+/// `text_process` would. (Other bytes, non-ASCII letters, accents and control characters, may
+/// join a word or vanish; they are never counted.)
 pub fn prefix_with_pieces(text: &str, n: usize) -> &str {
-    let mut count = 0;
-    let mut end = 0;
-    for seg in text.split(' ') {
-        end += seg.len();
-        if seg.bytes().any(|b| b.is_ascii_alphanumeric()) {
-            count += 1;
+    let (mut count, mut in_counted_word) = (0usize, false);
+    for (i, b) in text.bytes().enumerate() {
+        if b == b' ' || b == b'\t' || b == b'\n' || b == b'\r' {
             if count >= n {
-                return &text[..end];
+                return &text[..i];
             }
+            in_counted_word = false;
+        } else if b.is_ascii_punctuation() {
+            count += 1;
+            in_counted_word = false;
+            if count >= n {
+                return &text[..=i];
+            }
+        } else if b.is_ascii_alphanumeric() && !in_counted_word {
+            count += 1;
+            in_counted_word = true;
         }
-        end += 1; // the space
     }
     text
 }
@@ -279,6 +296,11 @@ mod tests {
             "!!",
             "a\tb",
             "dresses",
+            "!!!!!!!!",
+            ".,;:",
+            "é!",
+            "a.b",
+            "(x)",
             "x".repeat(150).leak(),
             "\u{301}e",
             "",
@@ -300,9 +322,14 @@ mod tests {
                 assert_eq!(full.truncated, all.len() > max_len - 2, "{text:?}");
             }
         }
-        // 7 MB of words: the prefix, not 7 MB of pieces; 300 KB without a space: refused.
+        // 7 MB of words, or 64 KiB of punctuation without a space: the prefix, not every piece;
+        // 300 KB of one word: refused.
         let e = t.encode(&"red ".repeat(7 << 18), 8).unwrap();
-        assert!(e.truncated && e.tokens.len() == 8);
+        assert!(e.truncated && e.tokens.len() == MAX_TEXT_TOKENS);
+        for junk in ["!".repeat(64 << 10), "!?.,".repeat(16 << 10), "é!".repeat(20 << 10)] {
+            let e = t.encode(&junk, 8).unwrap();
+            assert!(e.truncated && e.tokens.len() <= 2 * MAX_TEXT_TOKENS, "{} pieces", e.tokens.len());
+        }
         assert!(t.encode(&"r".repeat(300 << 10), 8).unwrap_err().to_string().contains("without a space"));
     }
 

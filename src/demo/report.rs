@@ -369,7 +369,7 @@ pub fn search_picture<B: Backend>(
         let caption = &recs[q].caption;
         queries.push(caption.clone());
         let by_itm: Vec<usize> =
-            model.search(ds, val_rows, SearchQuery::Text(caption), 101, |_| {})?.iter().map(|h| h.row).collect();
+            model.search(ds, val_rows, SearchQuery::Text(caption), 101, |_| {})?.hits.iter().map(|h| h.row).collect();
         let mut rankings = vec![by_itm];
         if itc {
             let t = model.caption_embeddings(&[caption])?.remove(0);

@@ -368,11 +368,34 @@ impl PvltConfig {
                 MAX_PARAMS * 4 / 1_000_000_000
             );
         }
-        for (name, v) in [("linear_init_std", self.linear_init_std), ("text_table_init_std", self.text_table_init_std)]
-        {
+        for (name, v) in [
+            ("linear_init_std", self.linear_init_std),
+            ("text_table_init_std", self.text_table_init_std),
+            ("block_norm_eps", self.block_norm_eps),
+            ("norm_eps", self.norm_eps),
+            ("bert_layer_norm_eps", self.bert_layer_norm_eps),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 bail!("{name} must be a positive number, got {v}");
             }
+        }
+        // Widths a layer is built with: zero would make an empty layer the backends refuse.
+        for (name, v) in [
+            ("token_hidden_size", self.token_hidden_size),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+            ("num_sup_classes", self.num_sup_classes),
+            ("num_sub_classes", self.num_sub_classes),
+            ("t2i_channel", self.t2i_channel),
+            ("itc_dim", self.itc_dim),
+        ] {
+            if v == 0 {
+                bail!("config: {name} must be at least 1, got 0");
+            }
+        }
+        if let Some(i) = self.embed_dims.iter().position(|&d| d == 0) {
+            bail!("config: embed_dims[{i}] must be at least 1, got 0");
         }
         Ok(())
     }

@@ -302,11 +302,15 @@ fn search<B: Backend>(
     match (&text, &image) {
         (Some(ids), _) => {
             let image_of = |r: usize| Ok(to_unit_floats(&cat.images[r]));
-            model.rank_candidates(rows, Candidates::Images { text: ids, image_of: &image_of }, max_batch, record)
+            Ok(model
+                .rank_candidates(rows, Candidates::Images { text: ids, image_of: &image_of }, max_batch, record)?
+                .scores)
         }
         (None, Some(img)) => {
             let ids_of = |r: usize| Ok(cat.captions[r].to_vec());
-            model.rank_candidates(rows, Candidates::Captions { image: img, ids_of: &ids_of }, max_batch, record)
+            Ok(model
+                .rank_candidates(rows, Candidates::Captions { image: img, ids_of: &ids_of }, max_batch, record)?
+                .scores)
         }
         (None, None) => anyhow::bail!("a search needs a text or an image"),
     }

@@ -314,6 +314,40 @@ impl TrainConfig {
                 bail!("{name} must be in [0, 1), got {v}");
             }
         }
+        // The optimiser and its schedule: every rate a finite number >= 0 (the peak above 0),
+        // the moment decays in [0, 1), and a clipping norm above 0.
+        for (name, v) in [("warmup_lr", self.warmup_lr), ("min_lr", self.min_lr), ("weight_decay", self.weight_decay)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a number >= 0, got {v}");
+            }
+        }
+        for (name, v) in [("base_lr", self.base_lr), ("eps", self.eps)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{name} must be a number above 0, got {v}");
+            }
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{name} must be in [0, 1), got {v}");
+            }
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            bail!("warmup_epochs must be a number >= 0, got {}", self.warmup_epochs);
+        }
+        if let Some(c) = self.clip_grad.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            bail!("clip_grad must be a number above 0, got {c} (remove it to train without clipping)");
+        }
+        crate::data::text::check_max_len(self.max_len)?;
+        use crate::data::synth::{MAX_IMAGES, MAX_SIZE, MIN_SIZE};
+        if !(MIN_SIZE..=MAX_SIZE).contains(&self.synthetic_size) {
+            bail!(
+                "synthetic_size must be between {MIN_SIZE} and {MAX_SIZE} pixels (each synthetic image is drawn at that size), got {}",
+                self.synthetic_size
+            );
+        }
+        if !(1..=MAX_IMAGES).contains(&self.synthetic_images) {
+            bail!("synthetic_images must be between 1 and {MAX_IMAGES}, got {}", self.synthetic_images);
+        }
         if self.precision == Precision::Bf16
             && self.device.parse::<crate::device::DeviceSpec>().ok() == Some(crate::device::DeviceSpec::Wgpu)
         {
