@@ -352,6 +352,10 @@ fn kill_9_leaves_loadable_checkpoints_and_resume_works() {
         checkpoint::load_state::<mvlt::device::Cpu>(p, &Default::default()).unwrap();
     }
     let last = ckpts.last().unwrap().0;
+    // A write cut short by the kill leaves its temporary file (named after the dead process):
+    // the resume removes it.
+    let stale = dir.join("checkpoints").join(".step-99999999.safetensors.tmp2147483647");
+    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
     let o = cli_pretrain(
         &dir,
         &base,
@@ -363,6 +367,44 @@ fn kill_9_leaves_loadable_checkpoints_and_resume_works() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains(&format!("resuming from {}", ckpts.last().unwrap().1.display())), "{}", text(&o));
     assert!(text(&o).contains(&format!("done: {} steps", last + 2)), "{}", text(&o));
+    assert!(!stale.exists() && text(&o).contains("removed 1 temporary file(s)"), "{}", text(&o));
+}
+
+/// Unreadable training images: skipped, said on the terminal and in metrics.jsonl; a catalogue
+/// with no readable image stops with an error and exports nothing.
+#[test]
+fn unreadable_samples_are_reported_and_nothing_is_trained_from_nothing() {
+    let base = tempdir("unreadable");
+    let cat = base.join("cat");
+    mvlt::data::synth::write_catalog(&cat, 16, 5, 32, |_| {}).unwrap();
+    let mut images: Vec<PathBuf> = std::fs::read_dir(cat.join("images")).unwrap().flatten().map(|e| e.path()).collect();
+    images.sort();
+    let data = format!("data={}", toml::Value::from(cat.display().to_string()));
+    for p in &images[..2] {
+        std::fs::write(p, b"not an image").unwrap();
+    }
+    let dir = base.join("some");
+    let o = cli_pretrain(&dir, &base, &[&data, "max_steps=3", "val_fraction=0"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("could not be read and are skipped"), "{}", text(&o));
+    let log = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let skipped: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "skipped")
+        .collect();
+    let reported: u64 = skipped.iter().map(|v| v["new"].as_u64().unwrap()).sum();
+    assert_eq!(reported, 2, "each unreadable row once: {log}");
+    assert!(skipped[0]["items"][0]["why"].as_str().unwrap().contains("cannot decode"), "{log}");
+
+    for p in &images {
+        std::fs::write(p, b"not an image").unwrap();
+    }
+    let dir = base.join("none");
+    let o = cli_pretrain(&dir, &base, &[&data, "max_steps=3", "val_fraction=0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no sample of epoch 1 could be read"), "{}", text(&o));
+    assert!(!dir.join("final").exists(), "no weights exported from nothing");
 }
 
 #[test]

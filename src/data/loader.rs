@@ -117,8 +117,11 @@ pub struct Loader {
     pub rows: Arc<Vec<usize>>,
     product_ids: Arc<Vec<String>>,
     pool: Arc<rayon::ThreadPool>,
-    /// Images that could not be decoded, with reasons.
+    /// Rows whose sample could not be made (an unreadable image, say), each once, with reasons;
+    /// `total_rows` is the rows this loader draws from.
     pub skips: Arc<Mutex<SkipReport>>,
+    /// The rows in `skips`, so that a row that fails every epoch is reported once.
+    skipped_rows: Arc<Mutex<std::collections::HashSet<usize>>>,
     /// Images with no black pixel after dithering (used whole; the reference crashes there).
     pub uncropped: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -132,6 +135,7 @@ impl Loader {
         config: LoaderConfig,
     ) -> Result<Loader> {
         let product_ids = Arc::new(dataset.records().iter().map(|r| r.product_id.clone()).collect());
+        let n_rows = rows.len();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.workers.max(1))
             .thread_name(|i| format!("mvlt-data-{i}"))
@@ -144,7 +148,8 @@ impl Loader {
             rows: Arc::new(rows),
             product_ids,
             pool: Arc::new(pool),
-            skips: Arc::new(Mutex::new(SkipReport::default())),
+            skips: Arc::new(Mutex::new(SkipReport { total_rows: n_rows, skipped: vec![] })),
+            skipped_rows: Default::default(),
             uncropped: Default::default(),
         })
     }
@@ -249,12 +254,18 @@ impl Loader {
                     }
                 }
                 Err(e) => {
-                    let mut skips = self.skips.lock().expect("skip report");
-                    skips.total_rows += 1;
-                    skips.skip(
-                        format!("{} item {} ({})", self.dataset.source(), row, self.dataset.records()[row].id),
-                        format!("{e:#}"),
-                    );
+                    if self.skipped_rows.lock().unwrap_or_else(|p| p.into_inner()).insert(row) {
+                        let mut skips = self.skips.lock().unwrap_or_else(|p| p.into_inner());
+                        skips.skip(
+                            format!(
+                                "{} item {} ({})",
+                                self.dataset.source(),
+                                row,
+                                crate::files::printable(&self.dataset.records()[row].id)
+                            ),
+                            format!("{e:#}"),
+                        );
+                    }
                     continue;
                 }
             }

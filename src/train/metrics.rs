@@ -1,6 +1,7 @@
 //! What a run writes for people and programs: JSON lines (`metrics.jsonl`: one line per logged
-//! step, `"kind": "train"`, and per validation pass, `"kind": "val"`) and PNG plots drawn from
-//! them (`loss.png`, `val.png`).
+//! step, `"kind": "train"`, per validation pass, `"kind": "val"`, and when training samples could
+//! not be read, `"kind": "skipped"` with the new ones and why) and PNG plots drawn from them
+//! (`loss.png`, `val.png`).
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;

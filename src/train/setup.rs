@@ -35,6 +35,18 @@ impl RunFolder {
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create run folder {}", dir.display()))?;
         let checkpoints = dir.join("checkpoints");
+        // A write cut short (kill -9, a full disk before this version) left its temporary file:
+        // it holds no data a resume needs, and it may be what fills the disk.
+        for folder in [dir.to_path_buf(), checkpoints.clone(), dir.join("final")] {
+            let (n, bytes) = crate::files::remove_stale_temporaries(&folder)?;
+            if n > 0 {
+                eprintln!(
+                    "note: removed {n} temporary file(s) ({:.1} MB) left in {} by an interrupted write",
+                    bytes as f64 / 1e6,
+                    folder.display()
+                );
+            }
+        }
         let existing = checkpoint::list(&checkpoints);
         let resume_from = match (resume, existing.last()) {
             (true, Some(_)) => {

@@ -149,6 +149,8 @@ struct Trainer<B: Backend> {
     last_checkpoint: Option<PathBuf>,
     last_val: Option<serde_json::Value>,
     samples_run: usize,
+    /// Skipped samples already reported.
+    skips_reported: usize,
     started: Instant,
 }
 
@@ -211,6 +213,7 @@ impl<B: Backend> Trainer<B> {
             last_checkpoint,
             last_val: None,
             samples_run: 0,
+            skips_reported: 0,
             started: Instant::now(),
         })
     }
@@ -223,8 +226,21 @@ impl<B: Backend> Trainer<B> {
         'epochs: while self.state.step < self.plan.total_steps && self.state.epoch < self.cfg.epochs {
             let epoch = self.state.epoch;
             let start = self.state.batch;
+            let mut epoch_samples = 0;
             for (bi, batch) in (start..self.plan.batches).zip(loader.epoch(epoch as u64, start)) {
+                epoch_samples += batch.len();
                 let end_of_epoch = self.take_batch(bi, batch);
+                if end_of_epoch {
+                    self.report_skips()?;
+                    if start == 0 && epoch_samples == 0 {
+                        self.pb.abandon();
+                        bail!(
+                            "stopping: no sample of epoch {} could be read, so nothing can be trained ({})",
+                            epoch + 1,
+                            self.skip_summary().unwrap_or_default()
+                        );
+                    }
+                }
                 if self.group.len() < self.devices.len() && !end_of_epoch {
                     continue; // one micro-batch per device
                 }
@@ -253,7 +269,14 @@ impl<B: Backend> Trainer<B> {
             }
         }
         self.pb.finish();
+        self.report_skips()?;
         metrics::plot_run(&self.folder.dir)?;
+        if self.state.step == 0 && !interrupted {
+            bail!(
+                "no training step was taken, so no weights were exported: {}",
+                self.skip_summary().unwrap_or_else(|| "the plan holds no step (more epochs or data needed)".into())
+            );
+        }
         let final_weights = if interrupted { None } else { Some(self.export(&model)?) };
         let secs = self.started.elapsed().as_secs_f64();
         Ok(RunSummary {
@@ -264,6 +287,38 @@ impl<B: Backend> Trainer<B> {
             last_val: self.last_val,
             interrupted,
         })
+    }
+
+    /// The training loader's skip report, when it skipped anything.
+    fn skip_summary(&self) -> Option<String> {
+        self.plan.train_loader.skips.lock().unwrap_or_else(|p| p.into_inner()).summary()
+    }
+
+    /// Samples that could not be read since the last report: said on the terminal and written
+    /// to metrics.jsonl (`kind` "skipped", with the rows and reasons), so a run that trains on
+    /// fewer samples than its data holds says so.
+    fn report_skips(&mut self) -> Result<()> {
+        let (new, total, rows) = {
+            let skips = self.plan.train_loader.skips.lock().unwrap_or_else(|p| p.into_inner());
+            let new: Vec<(String, String)> = skips.skipped[self.skips_reported..].to_vec();
+            (new, skips.skipped.len(), skips.total_rows)
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.skips_reported = total;
+        let pb = self.pb.clone();
+        pb.suspend(|| {
+            eprintln!(
+                "note: {} more training sample(s) could not be read and are skipped ({total} of {rows} in all), e.g. {}: {}",
+                new.len(),
+                new[0].0,
+                crate::files::printable(&new[0].1)
+            )
+        });
+        let items: Vec<serde_json::Value> =
+            new.iter().take(100).map(|(item, why)| json!({"item": item, "why": why})).collect();
+        self.log.write(&json!({"kind": "skipped", "step": self.state.step, "new": new.len(), "total": total, "rows": rows, "items": items}))
     }
 
     /// Move the position past batch `bi` and queue it as a micro-batch (pre-training alternates
