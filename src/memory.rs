@@ -29,6 +29,14 @@ pub fn keep_freed_memory(keep: bool) {
     glibc::keep_freed_memory(keep);
 }
 
+/// Give memory that is already free back to the system now (both allocators): after a burst of
+/// large temporary buffers, such as a server preprocessing its catalogue.
+pub fn release_freed() {
+    // SAFETY: asks mimalloc to return the free pages it holds; no pointer is involved.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    glibc::release_freed();
+}
+
 /// glibc's malloc, which libtorch allocates its tensors from. By default it serves every block
 /// above its mmap threshold (128 KiB, rising to at most 32 MiB as blocks are freed) with a fresh
 /// `mmap`, and unmaps it on free, so each step's activations (up to 70 MB for pvlt_tiny's MLP at
@@ -51,11 +59,17 @@ mod glibc {
             libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
         }
     }
+
+    pub fn release_freed() {
+        // SAFETY: malloc_trim only returns free heap memory to the system.
+        unsafe { libc::malloc_trim(0) };
+    }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 mod glibc {
     pub fn keep_freed_memory(_keep: bool) {}
+    pub fn release_freed() {}
 }
 
 /// Peak resident memory of this process, bytes (Linux's `VmHWM`; `None` elsewhere); reset it first

@@ -140,10 +140,11 @@ fn web_page_in_headless_chromium() {
     .collect();
     assert_eq!(scores.len(), 12);
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
-    // Images load from the server.
-    // Images load from the server (wait for them, then check every one decoded).
-    for _ in 0..100 {
-        if js("[...document.querySelectorAll('.card img')].every(i => i.complete)") == serde_json::Value::Bool(true) {
+    // Images load from the server, through fetch (wait for them, then check every one decoded).
+    for _ in 0..200 {
+        if js("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
+            == serde_json::Value::Bool(true)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -56,33 +56,86 @@ pub struct ServeArgs {
     index: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
     first_stage_k: usize,
+    /// A file whose first line is the access token: every data route then needs
+    /// `Authorization: Bearer <token>`. Required when --addr is not a loopback address.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Serve beyond loopback without a token (anyone who can reach the port can use the API).
+    #[arg(long)]
+    insecure_public: bool,
+    /// A host name requests may be addressed to, besides loopback names and --addr's address
+    /// (repeatable; `*`: any). Requests naming another host get 403 (DNS-rebinding protection).
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_hosts: Vec<String>,
+    /// An origin (scheme://host[:port]) whose web pages may call the API (repeatable; `*`: any).
+    /// Default: only the server's own page.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// Connections one client address may hold open.
+    #[arg(long, default_value_t = ServeConfig::default().max_connections_per_client)]
+    max_connections_per_client: usize,
+    /// Requests one client address may have in flight.
+    #[arg(long, default_value_t = ServeConfig::default().max_inflight_per_client)]
+    max_inflight_per_client: usize,
+    /// Seconds a request body may pause before the request is dropped (408).
+    #[arg(long, default_value_t = 5.0)]
+    body_stall: f64,
+}
+
+/// A duration given in seconds on the command line: finite, positive, at most a day.
+fn seconds(flag: &str, value: f64) -> Result<Duration> {
+    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+        bail!("--{flag} must be a number of seconds above 0 and at most 86400 (a day), got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// A count given on the command line: at least 1 and at most `max`.
+fn count(flag: &str, value: usize, max: usize) -> Result<usize> {
+    if !(1..=max).contains(&value) {
+        bail!("--{flag} must be between 1 and {max}, got {value}");
+    }
+    Ok(value)
 }
 
 impl ServeArgs {
-    fn config(&self) -> ServeConfig {
-        ServeConfig {
-            max_body: self.max_body_mib << 20,
-            timeout: Duration::from_secs_f64(self.timeout),
-            queue: self.queue,
+    fn config(&self) -> Result<ServeConfig> {
+        let token = self.token_file.as_deref().map(crate::serve::access::Access::read_token).transpose()?;
+        let access = crate::serve::access::Access::new(
+            self.addr,
+            token,
+            &self.allow_hosts,
+            &self.cors_origins,
+            self.insecure_public,
+        )?;
+        Ok(ServeConfig {
+            max_body: count("max-body-mib", self.max_body_mib, 1024)? << 20,
+            timeout: seconds("timeout", self.timeout)?,
+            queue: count("queue", self.queue, 1 << 16)?,
             max_batch: self.model.batch_size,
-            window: Duration::from_millis(self.batch_window_ms),
-            max_candidates: self.max_candidates,
-            max_texts: self.max_texts,
-            max_image_pixels: self.max_image_pixels,
-            max_connections: self.max_connections,
-            header_timeout: Duration::from_secs_f64(self.header_timeout),
-            body_timeout: Duration::from_secs_f64(self.body_timeout),
+            window: Duration::from_millis(self.batch_window_ms.min(10_000)),
+            max_candidates: count("max-candidates", self.max_candidates, 100_000_000)?,
+            max_texts: count("max-texts", self.max_texts, 1 << 16)?,
+            max_image_pixels: self.max_image_pixels.clamp(1, crate::data::image::MAX_PIXELS),
+            max_connections: count("max-connections", self.max_connections, 1 << 16)?,
+            header_timeout: seconds("header-timeout", self.header_timeout)?,
+            body_timeout: seconds("body-timeout", self.body_timeout)?,
+            body_stall: seconds("body-stall", self.body_stall)?,
+            max_connections_per_client: count("max-connections-per-client", self.max_connections_per_client, 1 << 16)?,
+            max_inflight_per_client: count("max-inflight-per-client", self.max_inflight_per_client, 1 << 16)?,
+            access,
             ..ServeConfig::default()
-        }
+        })
     }
 }
 
 fn server<B: Backend>(a: &ServeArgs, device: &B::Device) -> Result<Server> {
+    let cfg = a.config()?;
     let m = a.model.load::<B>(device)?;
     let data: Arc<dyn Dataset> = Arc::from(open_dataset(&a.catalog)?);
     let first_stage = match &a.index {
         Some(path) => {
-            let index = crate::index::CatalogIndex::open_for(path, &a.model.weights)?;
+            let index = crate::index::CatalogIndex::open_for(path, &a.model.weights, m.config.itc_dim)?;
             eprintln!(
                 "text searches: first stage over {} indexed images, ITM re-ranks the top {}",
                 index.len(),
@@ -94,7 +147,7 @@ fn server<B: Backend>(a: &ServeArgs, device: &B::Device) -> Result<Server> {
         }
         None => None,
     };
-    Server::new(m, data, a.config(), first_stage)
+    Server::new(m, data, cfg, first_stage)
 }
 
 impl BackendTask for &ServeArgs {
@@ -235,7 +288,7 @@ impl BackendTask for &ServeBenchArgs {
             }
             println!("| {name} | {st} | {json_err} |");
         }
-        failed += hostile_mix(addr, &self.serve.config())?;
+        failed += hostile_mix(addr, &self.serve.config()?)?;
         let health = ureq::get(&format!("http://{addr}/healthz")).call().map(|r| r.status()).unwrap_or(0);
         println!("\n/healthz after the bad and hostile requests: {health}");
         let _ = stop_tx.send(());
@@ -323,8 +376,8 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
     let limit = cfg.header_timeout + Duration::from_secs(1);
     let slow: [(&str, &[u8]); 3] = [
         ("connect only", b""),
-        ("partial headers", b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Ty"),
-        ("idle keep-alive after a request", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("partial headers", b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"),
+        ("idle keep-alive after a request", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
     ];
     // All at once: each waits out the header timeout.
     let results: Vec<(bool, f64)> = std::thread::scope(|scope| {

@@ -16,7 +16,9 @@
 //! the time to send headers (which also closes idle keep-alive connections). Work whose client has
 //! gone or timed out is dropped by the model thread between forward passes.
 
+pub mod access;
 pub mod batcher;
+pub mod clients;
 pub mod metrics;
 
 use crate::data::dataset::Dataset;
@@ -24,6 +26,7 @@ use crate::data::image::{preprocess, Pixels};
 use crate::data::text::TextProcessor;
 use crate::index::FirstStage;
 use crate::infer::{distinct_captions, filter_rows, top_k, Model};
+use access::Access;
 use anyhow::{Context, Result};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, Path as UrlPath, Request, State};
@@ -34,6 +37,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use batcher::{BatcherConfig, Catalogue, Head, JobError, Output, Queue, Submit, Work};
 use burn::tensor::backend::Backend;
+use clients::{ClientIp, Clients};
 use metrics::Metrics;
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -71,6 +75,18 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// Time a client has to send a request's body.
     pub body_timeout: Duration,
+    /// Longest pause within a body: a body that stops arriving gives its request slot back
+    /// after this (408), not after the whole body timeout.
+    pub body_stall: Duration,
+    /// Open connections one peer address may hold; more are answered 503 and closed.
+    pub max_connections_per_client: usize,
+    /// POST requests one peer address may have in flight; more are answered 503.
+    pub max_inflight_per_client: usize,
+    /// Longer side of the catalogue images `GET /v1/images/{row}` sends (scaled down from the
+    /// file, one decode at a time).
+    pub thumbnail_side: usize,
+    /// Token, Host allow-list and CORS policy ([`access`]).
+    pub access: Access,
 }
 
 impl Default for ServeConfig {
@@ -89,6 +105,11 @@ impl Default for ServeConfig {
             max_connections: 256,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            body_stall: Duration::from_secs(5),
+            max_connections_per_client: 64,
+            max_inflight_per_client: 8,
+            thumbnail_side: 512,
+            access: Access::loopback(),
         }
     }
 }
@@ -101,7 +122,7 @@ const MAX_HEADER_COUNT: usize = 64;
 const HYPER_MAX_BUF: usize = 256 << 10;
 const HYPER_MAX_HEADERS: usize = 128;
 /// Longest text of a request: the model reads its first T - 2 word pieces only.
-const MAX_REQUEST_TEXT_BYTES: usize = 64 << 10;
+const MAX_REQUEST_TEXT_BYTES: usize = crate::data::text::MAX_CAPTION_BYTES;
 
 struct App {
     queue: Queue,
@@ -116,6 +137,11 @@ struct App {
     heads: crate::model::HeadSet,
     decode_slots: Arc<tokio::sync::Semaphore>,
     inflight: Arc<tokio::sync::Semaphore>,
+    clients: Arc<Clients>,
+    /// Catalogue images decoded for `/v1/images` one at a time (a catalogue file may hold 64
+    /// megapixels), and the last few thumbnails sent.
+    thumbnail_slot: Arc<tokio::sync::Semaphore>,
+    thumbnails: std::sync::Mutex<std::collections::VecDeque<(usize, Bytes)>>,
     metrics: Arc<Metrics>,
     cfg: ServeConfig,
     /// Text searches through an index (`serve --index`); it covers every catalogue row.
@@ -176,30 +202,35 @@ const DRAIN_BYTES: usize = 64 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// The whole body, at most `limit` bytes (413 beyond, after draining as above), within `time`
-/// (408 beyond: a client sending a byte a second holds no connection for long).
-async fn read_body(body: axum::body::Body, limit: usize, time: Duration) -> Result<Bytes, ApiError> {
-    tokio::time::timeout(time, read_body_unbounded_in_time(body, limit)).await.map_err(|_| {
+/// and with no pause longer than `stall` (408 beyond either: a client sending a byte a second, or
+/// one that stops, holds no slot for long).
+async fn read_body(body: axum::body::Body, limit: usize, time: Duration, stall: Duration) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(time, read_body_unbounded_in_time(body, limit, stall)).await.map_err(|_| {
         ApiError(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {time:?}"))
     })?
 }
 
-async fn read_body_unbounded_in_time(mut body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body_unbounded_in_time(
+    mut body: axum::body::Body,
+    limit: usize,
+    stall: Duration,
+) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let mut buf = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| bad(format!("reading the request body: {e}")))?;
+    loop {
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body did not arrive: nothing came for {stall:?}"),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(|e| bad(format!("reading the request body: {e}")))?,
+        };
         let Ok(data) = frame.into_data() else { continue };
         if buf.len() + data.len() > limit {
-            let drain = async {
-                let mut seen = buf.len() + data.len();
-                while let Some(Ok(frame)) = body.frame().await {
-                    seen += frame.into_data().map(|d| d.len()).unwrap_or(0);
-                    if seen > DRAIN_BYTES {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            drain(body, buf.len() + data.len()).await;
             return Err(ApiError(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the request body is over the {limit}-byte limit"),
@@ -210,32 +241,70 @@ async fn read_body_unbounded_in_time(mut body: axum::body::Body, limit: usize) -
     Ok(Bytes::from(buf))
 }
 
-/// A POST request's place among those in flight (`ServeConfig::max_inflight`), held until it is
-/// answered.
-type Slot = tokio::sync::OwnedSemaphorePermit;
-
-async fn read_input(app: &App, req: Request) -> Result<(Input, Slot), ApiError> {
-    let slot = app.inflight.clone().try_acquire_owned().map_err(|_| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the server is busy ({} requests in flight); retry shortly", app.cfg.max_inflight),
-        )
-    })?;
-    Ok((read_fields(req, app.cfg.max_body, app.cfg.body_timeout).await?, slot))
+/// Read and drop the rest of a body (at most [`DRAIN_BYTES`] in all, for at most [`DRAIN_TIME`])
+/// before an early answer, so that the client reads the answer instead of a reset connection.
+async fn drain(mut body: axum::body::Body, mut seen: usize) {
+    use http_body_util::BodyExt;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.into_data().map(|d| d.len()).unwrap_or(0);
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
 }
 
-async fn read_fields(req: Request, limit: usize, time: Duration) -> Result<Input, ApiError> {
+/// A POST request's places among those in flight (`ServeConfig::max_inflight`) and among its
+/// client's (`max_inflight_per_client`), held until it is answered.
+struct Slot {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    _client: Option<clients::Held>,
+}
+
+async fn read_input(app: &App, req: Request) -> Result<(Input, Slot), ApiError> {
+    let busy = |msg: String| ApiError(StatusCode::SERVICE_UNAVAILABLE, msg);
+    let client = match req.extensions().get::<ClientIp>() {
+        Some(ClientIp(ip)) => match app.clients.begin_request(*ip) {
+            Some(held) => Some(held),
+            None => {
+                drain(req.into_body(), 0).await;
+                return Err(busy(format!(
+                    "your address already has {} requests in flight; wait for their answers",
+                    app.clients.max_inflight()
+                )));
+            }
+        },
+        None => None,
+    };
+    let global = match app.inflight.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            drain(req.into_body(), 0).await;
+            return Err(busy(format!(
+                "the server is busy ({} requests in flight); retry shortly",
+                app.cfg.max_inflight
+            )));
+        }
+    };
+    let input = read_fields(req, app.cfg.max_body, app.cfg.body_timeout, app.cfg.body_stall).await?;
+    Ok((input, Slot { _global: global, _client: client }))
+}
+
+async fn read_fields(req: Request, limit: usize, time: Duration, stall: Duration) -> Result<Input, ApiError> {
     let ctype =
         req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let is_json = ctype.starts_with("application/json");
     if !is_json && !ctype.starts_with("multipart/form-data") {
+        drain(req.into_body(), 0).await;
         return Err(ApiError(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("Content-Type must be application/json or multipart/form-data, got '{ctype}'"),
         ));
     }
     let (parts, body) = req.into_parts();
-    let body = read_body(body, limit, time).await?;
+    let body = read_body(body, limit, time, stall).await?;
     if is_json {
         serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))
     } else {
@@ -261,36 +330,74 @@ async fn read_fields(req: Request, limit: usize, time: Duration) -> Result<Input
     }
 }
 
+/// When a request must be answered by (`ServeConfig::timeout` after it was read).
+type Deadline = tokio::time::Instant;
+
+fn timed_out(app: &App) -> ApiError {
+    ApiError(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {:?}", app.cfg.timeout))
+}
+
+/// A request whose deadline passed before it reached the model: dropped there, and counted with
+/// the work the model thread drops (`mvlt_abandoned_total`).
+fn abandoned(app: &App) -> ApiError {
+    app.metrics.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    timed_out(app)
+}
+
 impl App {
-    fn ids(&self, text: &str) -> Result<Arc<Vec<i64>>, ApiError> {
-        if text.trim().is_empty() {
-            return Err(bad("text is empty"));
+    fn deadline(&self) -> Deadline {
+        tokio::time::Instant::now() + self.cfg.timeout
+    }
+
+    /// Token ids of `texts`, tokenized on the blocking pool (a text can take milliseconds; 256 of
+    /// them must not hold the threads that answer every other client), within the deadline.
+    async fn encode(self: &Arc<Self>, texts: Vec<String>, deadline: Deadline) -> Result<Vec<Arc<Vec<i64>>>, ApiError> {
+        for t in &texts {
+            if t.trim().is_empty() {
+                return Err(bad("text is empty"));
+            }
+            if t.len() > MAX_REQUEST_TEXT_BYTES {
+                return Err(bad(format!(
+                    "a text of {} bytes, over the limit of {MAX_REQUEST_TEXT_BYTES} bytes (a product description is a few hundred)",
+                    t.len()
+                )));
+            }
         }
-        if text.len() > MAX_REQUEST_TEXT_BYTES {
-            return Err(bad(format!("a text of {} bytes, over the limit of {MAX_REQUEST_TEXT_BYTES} bytes (a product description is a few hundred)", text.len())));
-        }
-        self.text.encode(text, self.max_len).map(|e| Arc::new(e.input_ids)).map_err(|e| bad(format!("text: {e:#}")))
+        let app = self.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .map(|t| app.text.encode(t, app.max_len).map(|e| Arc::new(e.input_ids)))
+                .collect::<Result<Vec<_>>>()
+        });
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| abandoned(self))?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("tokenizing failed: {e}")))?
+            .map_err(|e| bad(format!("text: {e:#}")))
     }
 
     /// Decode and preprocess on the blocking pool (CPU work off the async threads), at most
     /// `decode_slots` at a time, images of at most `max_image_pixels`.
-    async fn image(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<Vec<f32>>, ApiError> {
+    async fn image(self: &Arc<Self>, bytes: Vec<u8>, deadline: Deadline) -> Result<Arc<Vec<f32>>, ApiError> {
         let size = self.image_size;
         let max_pixels = self.cfg.max_image_pixels;
-        let slot = tokio::time::timeout(self.cfg.timeout, self.decode_slots.clone().acquire_owned())
+        let slot = tokio::time::timeout_at(deadline, self.decode_slots.clone().acquire_owned())
             .await
             .map_err(|_| {
                 ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy decoding images; retry shortly".into())
             })?
             .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the image decoder is closed".into()))?;
-        tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
+        let work = tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
             let _slot = slot;
             Ok(crate::data::image::preprocess_floats(&Pixels::decode_limited(&bytes, max_pixels)?, size)?.0)
-        })
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map(Arc::new)
-        .map_err(|e| bad(format!("image: {e:#}")))
+        });
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| abandoned(self))?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("decoding failed: {e}")))?
+            .map(Arc::new)
+            .map_err(|e| bad(format!("image: {e:#}")))
     }
 
     /// 422 unless the weights have `head`, naming the weights that do.
@@ -301,8 +408,9 @@ impl App {
         }
     }
 
-    async fn run(&self, work: Work) -> Result<Output, ApiError> {
-        let rx = match self.queue.submit(work, self.cfg.timeout) {
+    async fn run(&self, work: Work, deadline: Deadline) -> Result<Output, ApiError> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let rx = match self.queue.submit(work, left) {
             Submit::Ok(rx) => rx,
             Submit::Full => {
                 return Err(ApiError(
@@ -314,28 +422,86 @@ impl App {
                 return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread stopped".into()))
             }
         };
-        match tokio::time::timeout(self.cfg.timeout, rx).await {
-            Err(_) => Err(ApiError(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {:?}", self.cfg.timeout))),
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(timed_out(self)),
             Ok(Err(_)) => {
                 Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the model thread dropped the request".into()))
             }
             // The model thread saw the deadline pass before this timer did.
-            Ok(Ok(Err(JobError::Abandoned))) => {
-                Err(ApiError(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {:?}", self.cfg.timeout)))
+            Ok(Ok(Err(JobError::Abandoned))) => Err(timed_out(self)),
+            Ok(Ok(Err(JobError::Failed(msg)))) => {
+                tracing_note(&format!("a request failed in the model: {msg}"));
+                Err(ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the model failed on this request (the server log says why)".into(),
+                ))
             }
-            Ok(Ok(Err(JobError::Failed(msg)))) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg)),
             Ok(Ok(Ok(out))) => Ok(out),
         }
     }
+
+    /// A catalogue image scaled down to `thumbnail_side`, as PNG: from the last few sent, or
+    /// decoded (one at a time) on the blocking pool.
+    async fn thumbnail(self: &Arc<Self>, row: usize, deadline: Deadline) -> Result<Bytes, ApiError> {
+        let cached = |app: &App| {
+            let cache = app.thumbnails.lock().unwrap_or_else(|p| p.into_inner());
+            cache.iter().find(|(r, _)| *r == row).map(|(_, png)| png.clone())
+        };
+        if let Some(png) = cached(self) {
+            return Ok(png);
+        }
+        let slot = tokio::time::timeout_at(deadline, self.thumbnail_slot.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, "the server is busy sending images; retry shortly".into())
+            })?
+            .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the image decoder is closed".into()))?;
+        if let Some(png) = cached(self) {
+            return Ok(png);
+        }
+        let app = self.clone();
+        let work = tokio::task::spawn_blocking(move || -> Result<Bytes> {
+            let _slot = slot;
+            let px = crate::data::image::thumbnail(app.data.pixels(row)?, app.cfg.thumbnail_side)?;
+            Ok(Bytes::from(px.to_png()?))
+        });
+        let png = tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| timed_out(self))?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("decoding failed: {e}")))?
+            .map_err(|e| {
+                // The reason names files on this machine: it goes to the log, not to the client.
+                tracing_note(&format!("catalogue row {row}: {e:#}"));
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("catalogue image {row} cannot be read (the server log says why)"),
+                )
+            })?;
+        let mut cache = self.thumbnails.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= THUMBNAILS_KEPT {
+            cache.pop_front();
+        }
+        cache.push_back((row, png.clone()));
+        Ok(png)
+    }
+}
+
+/// Thumbnails kept in memory (about 100 KB each at 512 px).
+const THUMBNAILS_KEPT: usize = 64;
+
+/// A note for the server's operator (standard error).
+fn tracing_note(msg: &str) {
+    eprintln!("note: {}", crate::files::printable(msg));
 }
 
 async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
     app.require(Head::Itm)?;
     let (input, _slot) = read_input(&app, req).await?;
+    let deadline = app.deadline();
     let bytes = input.image()?.ok_or_else(|| bad("image is required"))?;
-    let texts: Vec<String> = match (&input.text, &input.texts) {
-        (Some(t), None) => vec![t.clone()],
-        (None, Some(ts)) if !ts.is_empty() => ts.clone(),
+    let texts: Vec<String> = match (input.text, input.texts) {
+        (Some(t), None) => vec![t],
+        (None, Some(ts)) if !ts.is_empty() => ts,
         _ => return Err(bad("give text (a string) or texts (a non-empty list of strings)")),
     };
     if texts.len() > app.cfg.max_texts {
@@ -345,9 +511,10 @@ async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_j
             app.cfg.max_texts
         )));
     }
-    let ids = texts.iter().map(|t| app.ids(t)).collect::<Result<Vec<_>, _>>()?;
-    let img = app.image(bytes).await?;
-    let Output::Itm(p) = app.run(Work::Pairs { head: Head::Itm, images: vec![img; ids.len()], ids }).await? else {
+    let ids = app.encode(texts.clone(), deadline).await?;
+    let img = app.image(bytes, deadline).await?;
+    let Output::Itm(p) = app.run(Work::Pairs { head: Head::Itm, images: vec![img; ids.len()], ids }, deadline).await?
+    else {
         unreachable!()
     };
     let results: Vec<_> = texts.iter().zip(p).map(|(t, p)| json!({"text": t, "match_probability": p})).collect();
@@ -357,13 +524,16 @@ async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_j
 async fn classify(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
     app.require(Head::Cls)?;
     let (input, _slot) = read_input(&app, req).await?;
+    let deadline = app.deadline();
     let bytes = input.image()?.ok_or_else(|| bad("image is required"))?;
     let ids = match &input.text {
-        Some(t) => app.ids(t)?,
+        Some(t) => app.encode(vec![t.clone()], deadline).await?.remove(0),
         None => Arc::new(app.text.encode("", app.max_len).map_err(|e| bad(e.to_string()))?.input_ids),
     };
-    let img = app.image(bytes).await?;
-    let Output::Cls(mut v) = app.run(Work::Pairs { head: Head::Cls, images: vec![img], ids: vec![ids] }).await? else {
+    let img = app.image(bytes, deadline).await?;
+    let Output::Cls(mut v) =
+        app.run(Work::Pairs { head: Head::Cls, images: vec![img], ids: vec![ids] }, deadline).await?
+    else {
         unreachable!()
     };
     let (main, sub) = v.pop().ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no output".into()))?;
@@ -379,6 +549,7 @@ async fn classify(State(app): State<Arc<App>>, req: Request) -> Result<Json<serd
 async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
     app.require(Head::Itm)?;
     let (input, _slot) = read_input(&app, req).await?;
+    let deadline = app.deadline();
     let k = input.top.unwrap_or(10).clamp(1, 1000);
     let mut rows: Vec<usize> =
         filter_rows(app.data.as_ref(), input.category.as_deref(), input.subcategory.as_deref(), None)
@@ -386,10 +557,10 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
             .filter(|&r| app.usable[r])
             .collect();
     let (text, image) = match (&input.text, input.image()?) {
-        (Some(t), None) => (Some(app.ids(t)?), None),
+        (Some(t), None) => (Some(app.encode(vec![t.clone()], deadline).await?.remove(0)), None),
         (None, Some(bytes)) => {
             rows = distinct_captions(app.data.as_ref(), &rows);
-            (None, Some(app.image(bytes).await?))
+            (None, Some(app.image(bytes, deadline).await?))
         }
         _ => return Err(bad("give text (text -> products) or image (image -> captions), not both")),
     };
@@ -397,7 +568,7 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
     // max_candidates, without one).
     let mut first_stage = None;
     if let (Some(fs), Some(ids)) = (&app.first_stage, &text) {
-        let Output::Embedding(q) = app.run(Work::Embed { ids: ids.clone() }).await? else { unreachable!() };
+        let Output::Embedding(q) = app.run(Work::Embed { ids: ids.clone() }, deadline).await? else { unreachable!() };
         let (app2, candidates) = (app.clone(), std::mem::take(&mut rows));
         let indexed = candidates.len();
         let top = tokio::task::spawn_blocking(move || {
@@ -412,7 +583,7 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
     }
     rows.truncate(app.cfg.max_candidates);
     let candidates = rows.len();
-    let Output::Search(hits) = app.run(Work::Search { text, image, rows }).await? else { unreachable!() };
+    let Output::Search(hits) = app.run(Work::Search { text, image, rows }, deadline).await? else { unreachable!() };
     let recs = app.data.records();
     let hits: Vec<_> = hits
         .into_iter()
@@ -442,11 +613,7 @@ async fn catalogue_image(
     if row >= app.data.len() {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no catalogue row {row}")));
     }
-    let data = app.data.clone();
-    let png = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> { data.pixels(row)?.to_png() })
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))?;
+    let png = app.thumbnail(row, app.deadline()).await?;
     Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "max-age=3600")], png).into_response())
 }
 
@@ -516,6 +683,31 @@ async fn observe(
     resp
 }
 
+/// Answer a connection over its address's share with 503 and close it. What the client sends
+/// meanwhile is read and dropped (at most [`DRAIN_BYTES`], for at most a second), so that a client
+/// that writes its whole request before reading (most do) reads the 503 instead of a reset.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, share: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = json!({ "error": format!("your address already holds {share} connections to this server; close some or reuse them") })
+        .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        let (mut buf, mut seen) = ([0u8; 16 << 10], 0);
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            seen += n;
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Everything the server holds, ready to serve: the model thread started, the catalogue
 /// preprocessed.
 pub struct Server {
@@ -533,6 +725,9 @@ impl Server {
         if first_stage.is_some() && !model.config.heads.itc {
             anyhow::bail!("{}", crate::infer::NO_ITC_HEAD);
         }
+        // A server returns freed memory promptly (see `crate::memory`), from its first
+        // allocation: preprocessing a catalogue of large photos must not leave its peak behind.
+        crate::memory::keep_freed_memory(false);
         let recs = data.records();
         let size = model.image_size;
         let pb = crate::progress::progress_bar(recs.len() as u64, "catalogue");
@@ -566,8 +761,7 @@ impl Server {
             BatcherConfig { queue: cfg.queue, max_batch: cfg.max_batch, window: cfg.window },
             metrics.clone(),
         );
-        // A request's memory goes back to the system when it is answered (see `crate::memory`).
-        crate::memory::keep_freed_memory(false);
+        crate::memory::release_freed();
         let decode_slots = Arc::new(tokio::sync::Semaphore::new(cfg.decode_slots.max(1)));
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight.max(1)));
         Ok(Server {
@@ -582,6 +776,9 @@ impl Server {
                 heads,
                 decode_slots,
                 inflight,
+                clients: Clients::new(cfg.max_connections_per_client, cfg.max_inflight_per_client),
+                thumbnail_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+                thumbnails: Default::default(),
                 metrics,
                 cfg,
                 first_stage,
@@ -602,6 +799,7 @@ impl Server {
             .route("/v1/images/{row}", get(catalogue_image))
             .fallback(fallback)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(Arc::new(self.app.cfg.access.clone()), access::guard))
             .layer(axum::middleware::from_fn(bounded_head))
             .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
             // The body limit is enforced while reading (413 as JSON); this stops axum's own
@@ -630,6 +828,7 @@ impl Server {
         let cfg = self.app.cfg.clone();
         let metrics = self.app.metrics.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections.max(1)));
+        let clients = self.app.clients.clone();
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -642,9 +841,9 @@ impl Server {
                 s = slots.clone().acquire_owned() => s.context("connection slots closed")?,
                 _ = &mut shutdown => break,
             };
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors and the like: wait a little rather than spin.
                         eprintln!("note: accept failed: {e}");
@@ -654,14 +853,28 @@ impl Server {
                 },
                 _ = &mut shutdown => break,
             };
-            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            // One address gets its share of the connections; the rest are told so and closed at
+            // once, so that they neither wait in the backlog nor crowd out other clients.
+            let Some(held) = clients.connect(peer.ip()) else {
+                drop(slot);
+                tokio::spawn(refuse_connection(stream, clients.max_connections()));
+                continue;
+            };
+            let ip = ClientIp(peer.ip());
+            let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                router.clone(),
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ip);
+                    req
+                },
+            ));
             let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             let metrics = metrics.clone();
             metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(async move {
                 let _ = conn.await;
                 metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                drop(slot);
+                drop((slot, held));
             });
         }
         drop(listener);
