@@ -264,7 +264,7 @@ fn counts(data: &TensorData) -> Result<Vec<f32>, String> {
         data.iter::<i64>().map(|x| x as f64).collect()
     };
     match values.iter().find(|v| !(v.fract() == 0.0 && (0.0..=16_777_216.0).contains(*v))) {
-        Some(v) => Err(format!("holds {v}, not a count of batches (a whole number from 0 to 2^24)")),
+        Some(v) => Err(format!("holds {v:e}, not a count of batches (a whole number from 0 to 2^24)")),
         None => Ok(values.into_iter().map(|v| v as f32).collect()),
     }
 }
