@@ -338,27 +338,6 @@ pub fn backend_name(spec: DeviceSpec) -> String {
     }
 }
 
-/// What `mvlt demo`'s default run does per second on a backend, as measured on 2 CPU cores: its
-/// pre-training throughput (micro PVLT, 64 px, batch 64, with ITC) and the seconds of its other
-/// phases (catalogue, retrieval, indexing, fine-tuning, recognition, report). The demo spends the
-/// rest of its minutes pre-training, so a faster backend trains longer.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DemoPace {
-    pub samples_per_s: f64,
-    pub other_phases_s: f64,
-}
-
-/// [`DemoPace`] of `backend` on `spec`. Where nothing was measured (any GPU so far), flex's on
-/// the CPU: a run planned with it never lasts longer than flex's.
-pub fn demo_pace(spec: DeviceSpec, backend: BackendKind) -> DemoPace {
-    match (spec, backend) {
-        // 121 samples/s over 1,300 steps; other phases 100 s (20,000-image catalogue).
-        (DeviceSpec::Cpu, BackendKind::Tch) => DemoPace { samples_per_s: 121.0, other_phases_s: 100.0 },
-        // 39 samples/s; other phases 330 s (exhaustive ITM over 40,400 pairs is most of it).
-        _ => DemoPace { samples_per_s: 39.0, other_phases_s: 330.0 },
-    }
-}
-
 /// `backend` on `spec`, in words.
 pub fn backend_name_of(spec: DeviceSpec, backend: BackendKind) -> String {
     match (spec, backend) {

@@ -17,10 +17,15 @@ pub struct DemoArgs {
     device: DeviceSpec,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Pre-training steps, instead of what the pace measured after a warm-up fits into the demo's
+    /// minutes: `plan.json` and REPORT.md give a run's, so that any run can be repeated exactly.
+    #[arg(long)]
+    steps: Option<usize>,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let o = demo::run(&DemoOptions { out: a.out.clone(), quick: a.quick, device: a.device, seed: a.seed })?;
+    let o =
+        demo::run(&DemoOptions { out: a.out.clone(), quick: a.quick, device: a.device, seed: a.seed, steps: a.steps })?;
     println!("\n{}", demo::report::summary(&o));
     println!("report: {} (figures also in {})", a.out.join("REPORT.md").display(), a.out.join("report.json").display());
     println!("serve the result: {}", demo::report::serve_command(&o));

@@ -2,7 +2,9 @@
 //! argument. In phases, each a command a user could run alone:
 //!
 //! 1. **catalogue**: `mvlt synth` into `OUT/catalog`, split by product (the training runs' split);
-//! 2. **pre-training**: `mvlt pretrain --recipe demo` (`configs/demo.toml` says why each setting);
+//! 2. **pre-training**: `mvlt pretrain --recipe demo` (`configs/demo.toml` says why each setting),
+//!    first a warm-up segment that [`pace`] times, with the later phases' costs, to plan the steps
+//!    that fill the demo's minutes; then the rest of the run, resumed from the segment's checkpoint;
 //! 3. **retrieval**: `mvlt eval retrieval` on the validation products, TIR and ITR, random and
 //!    same-sub-category negatives; also through the contrastive first stage when the weights have
 //!    it, and `mvlt index` of the catalogue for serving;
@@ -13,6 +15,7 @@
 //! A stage whose training run already finished is resumed (and so skipped), so a second `mvlt
 //! demo` after an interruption picks up where the first stopped.
 
+pub mod pace;
 pub mod report;
 
 use crate::data::dataset::{split_by_product, Dataset, FileDataset};
@@ -25,7 +28,7 @@ use crate::train::config::{recipe_text, TrainConfig};
 use crate::train::trainer::{RunSummary, TrainRun};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -36,6 +39,9 @@ pub struct DemoOptions {
     pub quick: bool,
     pub device: DeviceSpec,
     pub seed: u64,
+    /// Pre-training steps, instead of what the measured pace fits into [`BUDGET_S`]: reproduces a
+    /// run whose `plan.json` or REPORT.md gives them.
+    pub steps: Option<usize>,
 }
 
 /// The sizes of a demo run.
@@ -54,18 +60,26 @@ pub struct DemoPlan {
     pub candidates: usize,
     /// ITM re-ranks this many of the contrastive first stage's candidates.
     pub rerank_k: usize,
-    /// Pre-training steps: what the backend's measured pace ([`crate::device::demo_pace`]) fits
-    /// into [`BUDGET_S`] beside the other phases, so a faster backend trains longer in the same
-    /// minutes. The recipe's cosine keeps its epoch length, so a run cut short ends near peak rate.
+}
+
+/// How many steps pre-training takes, and where that number came from (`plan.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StepPlan {
     pub pretrain_steps: usize,
+    /// `quick` (fixed), `--steps` (asked), or `measured` (with the pace it was planned from).
+    pub from: String,
+    pub pace: Option<pace::MeasuredPace>,
 }
 
 /// The default run's minutes on 2 CPU cores: the 15, less one of margin.
 pub const BUDGET_S: f64 = 14.0 * 60.0;
 
+/// Pre-training steps of `--quick`: the 60 anneal to their end (`anneal_to_max_steps`).
+const QUICK_STEPS: usize = 60;
+
 impl DemoPlan {
-    /// `recipe`: the demo's pre-training recipe (its catalogue size and batch); `pace`: the backend's.
-    pub fn new(quick: bool, recipe: &TrainConfig, pace: crate::device::DemoPace) -> DemoPlan {
+    /// `images`: the catalogue of the demo's pre-training recipe.
+    pub fn new(quick: bool, images: usize) -> DemoPlan {
         if quick {
             DemoPlan {
                 quick: true,
@@ -95,22 +109,17 @@ impl DemoPlan {
                 queries: 20,
                 candidates: 21,
                 rerank_k: 5,
-                pretrain_steps: 60,
             }
         } else {
             DemoPlan {
                 quick: false,
-                images: recipe.synthetic_images,
+                images,
                 image_size: 64,
                 pretrain_overrides: vec![],
                 finetune_overrides: vec![],
                 queries: 100,
                 candidates: 101,
                 rerank_k: 10,
-                pretrain_steps: ((BUDGET_S - pace.other_phases_s).max(0.0) * pace.samples_per_s
-                    / recipe.batch_size.max(1) as f64)
-                    .floor()
-                    .max(1.0) as usize,
             }
         }
     }
@@ -135,6 +144,8 @@ pub struct ListResult {
 pub struct DemoOutcome {
     pub out: PathBuf,
     pub plan: DemoPlan,
+    pub steps: StepPlan,
+    pub seed: u64,
     pub backend: String,
     pub wall_s: f64,
     /// Seconds per phase, in order.
@@ -191,16 +202,55 @@ fn train(recipe: &str, dir: &Path, overrides: Vec<String>, device: DeviceSpec) -
     Ok(s)
 }
 
+/// `plan.json`: what a second run in the same folder must repeat (settings and seed), and, once
+/// planned, the pre-training steps it continues with.
+#[derive(Serialize, Deserialize)]
+struct PlanFile {
+    plan: serde_json::Value,
+    seed: u64,
+    #[serde(default)]
+    steps: Option<StepPlan>,
+}
+
+/// The steps a run in `out` already planned, if any; refuses a folder of another demo, or a
+/// `--steps` other than the planned ones.
+fn read_plan_file(path: &Path, plan: &DemoPlan, o: &DemoOptions) -> Result<Option<StepPlan>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(None) };
+    let old: Option<PlanFile> = serde_json::from_str(&text).ok();
+    let Some(old) = old.filter(|f| f.plan == serde_json::json!(plan) && f.seed == o.seed) else {
+        bail!(
+            "{} holds a demo run with other settings ({}); give another --out or remove that folder",
+            o.out.display(),
+            path.display()
+        );
+    };
+    if let (Some(asked), Some(planned)) = (o.steps, &old.steps) {
+        if asked != planned.pretrain_steps {
+            bail!(
+                "{} holds a demo run of {} pre-training steps, not the --steps {asked} asked; give another --out",
+                o.out.display(),
+                planned.pretrain_steps
+            );
+        }
+    }
+    Ok(old.steps)
+}
+
+fn write_plan_file(path: &Path, plan: &DemoPlan, seed: u64, steps: Option<&StepPlan>) -> Result<()> {
+    let file = PlanFile { plan: serde_json::json!(plan), seed, steps: steps.cloned() };
+    crate::files::write_atomic(path, serde_json::to_string_pretty(&file)?.as_bytes())
+}
+
 pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let t0 = Instant::now();
     let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
     let catalog = o.out.join("catalog");
     let common = vec![format!("data={}", q(&catalog)), format!("seed={}", o.seed), format!("device=\"{}\"", o.device)];
     let recipe = TrainConfig::resolve(&recipe_text("demo")?, &common)?;
-    let pace = crate::device::backend_for(o.device)
-        .map(|b| crate::device::demo_pace(o.device, b))
-        .unwrap_or_else(|_| crate::device::demo_pace(DeviceSpec::Cpu, crate::device::BackendKind::Flex));
-    let plan = DemoPlan::new(o.quick, &recipe, pace);
+    let plan = DemoPlan::new(o.quick, recipe.synthetic_images);
+    if o.steps == Some(0) {
+        bail!("--steps must be at least 1");
+    }
     // Pre-training's settings as it will run them: its split is the one evaluated.
     let pre_cfg =
         TrainConfig::resolve(&recipe_text("demo")?, &[common.clone(), plan.pretrain_overrides.clone()].concat())?;
@@ -213,18 +263,15 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
         }
     };
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
-    // A second run continues the first, so it must be the same demo (size, seed).
+    // A second run continues the first, so it must be the same demo (size, seed, steps).
     let plan_file = o.out.join("plan.json");
-    let plan_json = serde_json::to_string_pretty(&serde_json::json!({"plan": &plan, "seed": o.seed}))?;
-    match std::fs::read_to_string(&plan_file) {
-        Ok(old) if old != plan_json => bail!(
-            "{} holds a demo run with other settings ({}); give another --out or remove that folder",
-            o.out.display(),
-            plan_file.display()
-        ),
-        Ok(_) => {}
-        Err(_) => crate::files::write_atomic(&plan_file, plan_json.as_bytes())?,
-    }
+    let planned = read_plan_file(&plan_file, &plan, o)?;
+    let known = planned.or_else(|| match (o.steps, o.quick) {
+        (Some(n), _) => Some(StepPlan { pretrain_steps: n, from: "--steps".into(), pace: None }),
+        (None, true) => Some(StepPlan { pretrain_steps: QUICK_STEPS, from: "quick".into(), pace: None }),
+        (None, false) => None,
+    });
+    write_plan_file(&plan_file, &plan, o.seed, known.as_ref())?;
 
     // 1. Catalogue, and the split the training runs will use.
     phase(1, &format!("synthetic catalogue ({} images, {} px)", plan.images, plan.image_size));
@@ -247,17 +294,63 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     );
     lap("catalogue", &mut phases);
 
-    // 2. Pre-training.
+    // 2. Pre-training: a warm-up segment when the steps are still to plan, the plan, the rest.
     phase(2, "pre-training (MLM + ITM + masked image reconstruction + ITC)");
     let pre_dir = o.out.join("pretrain");
-    let steps = vec![format!("max_steps={}", plan.pretrain_steps)];
-    let pre = train("demo", &pre_dir, [common.clone(), steps, plan.pretrain_overrides.clone()].concat(), o.device)?;
+    let candidates = plan.candidates.min(val_products);
+    let pretrain = |steps: usize| {
+        let steps = vec![format!("max_steps={steps}")];
+        train("demo", &pre_dir, [common.clone(), steps, plan.pretrain_overrides.clone()].concat(), o.device)
+    };
+    let steps = match known {
+        Some(s) => s,
+        None => {
+            // The warm-up ends where the recipe validates and checkpoints anyway, so the segments
+            // log what one uninterrupted run of the planned steps would (`--steps` reproduces it).
+            let warmup = pre_cfg.val_every.max(1);
+            let timed = |steps: usize| -> Result<(RunSummary, f64)> {
+                let t = Instant::now();
+                let s = pretrain(steps)?;
+                Ok((s, t.elapsed().as_secs_f64()))
+            };
+            let (mut warm, mut timed_s) = timed(warmup)?;
+            if warm.steps_run < warmup / 2 {
+                // Resumed near the warm-up's end (stopped before planning): time one more segment.
+                (warm, timed_s) = timed(warm.steps + warmup)?;
+            }
+            let weights = warm.final_weights.clone().context("the warm-up segment wrote no weights")?;
+            eprintln!("timing the later phases on a few of their items ...");
+            let probe =
+                pace::Probe { weights: &weights, ds: &ds, val_rows: &val_rows, plan: &plan, candidates, seed: o.seed };
+            let (itm_query_s, two_stage_query_s, image_embedding_s) = run_on(o.device, probe)?;
+            let fine_over = [common.clone(), vec![format!("init={}", q(&weights))], plan.finetune_overrides.clone()];
+            let finetune_cfg = TrainConfig::resolve(&recipe_text("demo-finetune")?, &fine_over.concat())?;
+            let mut pace = pace::MeasuredPace {
+                warmup_steps: warm.steps,
+                timed_steps: warm.steps_run,
+                timed_s,
+                batch_size: pre_cfg.batch_size,
+                itm_query_s,
+                two_stage_query_s,
+                image_embedding_s,
+                spent_s: t0.elapsed().as_secs_f64(),
+                after_pretraining_s: 0.0,
+                budget_s: BUDGET_S,
+            };
+            pace.after_pretraining_s =
+                pace.after_pretraining(&plan, finetune_cfg.max_steps.unwrap_or(0), val_rows.len());
+            let s = StepPlan { pretrain_steps: pace.planned_steps(), from: "measured".into(), pace: Some(pace) };
+            eprintln!("{}", report::plan_line(&s));
+            write_plan_file(&plan_file, &plan, o.seed, Some(&s))?;
+            s
+        }
+    };
+    let pre = pretrain(steps.pretrain_steps)?;
     let pre_weights = pre.final_weights.clone().context("pre-training wrote no final weights")?;
     lap("pre-training", &mut phases);
 
     // 3. Retrieval on the validation products, and the report's pictures of the pre-trained model.
     phase(3, "retrieval on the validation products");
-    let candidates = plan.candidates.min(val_products);
     let eval = RetrievalPhase {
         weights: &pre_weights,
         ds: &ds,
@@ -291,6 +384,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let outcome = DemoOutcome {
         out: o.out.clone(),
         plan,
+        steps,
+        seed: o.seed,
         backend: crate::device::backend_name(o.device),
         wall_s: t0.elapsed().as_secs_f64(),
         phases,
@@ -403,5 +498,34 @@ impl BackendTask for RecognitionPhase<'_> {
             )?;
         }
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(out: &Path, steps: Option<usize>) -> DemoOptions {
+        DemoOptions { out: out.to_path_buf(), quick: true, device: DeviceSpec::Cpu, seed: 0, steps }
+    }
+
+    /// A second run continues the first with the steps it planned; another `--steps` or another
+    /// demo's folder is refused rather than mixed in.
+    #[test]
+    fn plan_file_keeps_the_planned_steps_and_refuses_others() {
+        let dir = std::env::temp_dir().join(format!("mvlt-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("plan.json");
+        let plan = DemoPlan::new(true, 600);
+        assert_eq!(read_plan_file(&path, &plan, &options(&dir, None)).unwrap(), None);
+        let steps = StepPlan { pretrain_steps: 60, from: "quick".into(), pace: None };
+        write_plan_file(&path, &plan, 0, Some(&steps)).unwrap();
+        assert_eq!(read_plan_file(&path, &plan, &options(&dir, None)).unwrap(), Some(steps.clone()));
+        assert_eq!(read_plan_file(&path, &plan, &options(&dir, Some(60))).unwrap(), Some(steps));
+        let e = read_plan_file(&path, &plan, &options(&dir, Some(7))).unwrap_err().to_string();
+        assert!(e.contains("60 pre-training steps, not the --steps 7"), "{e}");
+        let e = read_plan_file(&path, &DemoPlan::new(false, 600), &options(&dir, None)).unwrap_err().to_string();
+        assert!(e.contains("holds a demo run with other settings"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -58,6 +58,7 @@ pub fn json_of(o: &DemoOutcome) -> Value {
         "catalogue": {"images": o.plan.images, "image_size": o.plan.image_size, "train_products": o.train_products,
                       "val_products": o.val_products, "val_images": o.val_images},
         "pretrain": o.pretrain,
+        "pretrain_plan": o.steps,
         "finetune": o.finetune,
         "search_queries": o.search_queries,
         "targets": targets(o).into_iter().map(|(t, measured, met)| json!({"target": t, "measured": measured, "met": met})).collect::<Vec<_>>(),
@@ -225,12 +226,18 @@ pub fn markdown(o: &DemoOutcome) -> String {
         );
         let _ = writeln!(m, "![{name} loss terms]({dir}/loss.png)\n\n![{name} validation]({dir}/val.png)\n");
     }
-    if !o.plan.quick {
+    let _ = writeln!(m, "{}\n", plan_line(&o.steps));
+    if let Some(p) = &o.steps.pace {
+        let after: f64 = o.phases.iter().skip_while(|(n, _)| n != "pre-training").skip(1).map(|(_, s)| s).sum();
         let _ = writeln!(
             m,
-            "Pre-training steps scale with the backend: the demo gives pre-training what its minutes leave after \
-             the other phases, at the backend's measured pace, so a faster backend trains longer in the same \
-             minutes (`mvlt info` names the backend).\n"
+            "Predicted {} for the phases after pre-training, took {} (report included). Repeat this run exactly: \
+             `{} -- demo --seed {} --steps {}`.\n",
+            minutes(p.after_pretraining_s),
+            minutes(after),
+            crate::device::cargo_run(),
+            o.seed,
+            o.steps.pretrain_steps
         );
     }
     let _ = writeln!(
@@ -281,6 +288,30 @@ pub fn markdown(o: &DemoOutcome) -> String {
     }
     let _ = writeln!(m, "```");
     m
+}
+
+/// Where the pre-training steps came from, in a sentence (terminal and REPORT.md).
+pub fn plan_line(s: &super::StepPlan) -> String {
+    match &s.pace {
+        Some(p) => format!(
+            "Pre-training steps planned from this machine's pace: {} steps; {} timed steps took {:.2} s each \
+             ({:.1} samples/s with start-up, validation and checkpoint), the later phases were priced \
+             at {:.2} s per exhaustive ITM query of 101 candidates, {:.2} s per first-stage query and {:.1} ms per \
+             indexed image: {} of them, {} spent before planning, in a budget of {}.",
+            s.pretrain_steps,
+            p.timed_steps,
+            p.step_s(),
+            p.samples_per_s(),
+            p.itm_query_s,
+            p.two_stage_query_s,
+            p.image_embedding_s * 1e3,
+            minutes(p.after_pretraining_s),
+            minutes(p.spent_s),
+            minutes(p.budget_s)
+        ),
+        None if s.from == "quick" => format!("Pre-training steps: {} (fixed by --quick).", s.pretrain_steps),
+        None => format!("Pre-training steps: {} (asked with --steps).", s.pretrain_steps),
+    }
 }
 
 /// The catalogue's contrastive index in the demo's folder (built when the weights have ITC).

@@ -44,6 +44,8 @@ pub struct TrainRun {
 #[derive(Debug)]
 pub struct RunSummary {
     pub steps: usize,
+    /// Steps taken by this call (fewer than `steps` when it resumed a run).
+    pub steps_run: usize,
     pub final_weights: Option<PathBuf>,
     pub last_checkpoint: Option<PathBuf>,
     /// Training samples per second over the run (data waits included).
@@ -149,6 +151,8 @@ struct Trainer<B: Backend> {
     last_checkpoint: Option<PathBuf>,
     last_val: Option<serde_json::Value>,
     samples_run: usize,
+    /// The step this call started from (0, or the resumed checkpoint's).
+    first_step: usize,
     /// Skipped samples already reported.
     skips_reported: usize,
     started: Instant,
@@ -194,7 +198,9 @@ impl<B: Backend> Trainer<B> {
         pb.set_position(state.step as u64);
         pb.reset_eta();
         let last_checkpoint = folder.resume_from.clone();
+        let first_step = state.step;
         Ok(Trainer {
+            first_step,
             group: Vec::with_capacity(devices.len()),
             cfg,
             folder,
@@ -281,6 +287,7 @@ impl<B: Backend> Trainer<B> {
         let secs = self.started.elapsed().as_secs_f64();
         Ok(RunSummary {
             steps: self.state.step,
+            steps_run: self.state.step - self.first_step,
             final_weights,
             last_checkpoint: self.last_checkpoint,
             samples_per_s: self.samples_run as f64 / secs.max(1e-9),
