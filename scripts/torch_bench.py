@@ -6,8 +6,10 @@ Started by mvlt with `--fixtures DIR --threads N --device cpu|cuda`; it checks i
 one JSON request per line from standard input and answers one JSON line each:
   {"case": "forward", "batch": 16, "heads": ["itm"]}        -> {"secs": ...}   (eval, no_grad)
   {"case": "train", "batch": 8, "mlm": "masked" | "all"}    -> {"secs": ...}   (forward, backward, AdamW)
+  {"case": "train", ..., "model": "micro", "image": 64, "text": 16}   (the demo's model, configs/pvlt_micro.json)
   {"case": "memory"}                                       -> {"peak_rss_mib": ..., "peak_cuda_mib": ...}
-The model is pvlt_tiny with random weights, 256 px, T = 128, bert-base-uncased's 30,522-word decoder.
+The model is pvlt_tiny with random weights, 256 px, T = 128, bert-base-uncased's 30,522-word decoder,
+unless a request names the micro PVLT.
 """
 import argparse
 import contextlib
@@ -22,6 +24,9 @@ import torch.nn.functional as F
 from torch_pvlt import TINY, forward, parity_check, random_weights
 
 S, T, V = 256, 128, 30522
+# configs/pvlt_micro.json over TINY's other keys, at the demo's 64 px and T = 16.
+MICRO = dict(TINY, embed_dims=[32, 64, 96, 128], num_heads=[1, 2, 2, 4], mlp_ratios=[4, 4, 4, 4], depths=[1, 1, 1, 1],
+             hidden=128, t2i_channel=16, img_size=64, T=16)
 
 
 def main():
@@ -37,16 +42,15 @@ def main():
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     eval_sd, cfg = random_weights(TINY, dev)
-    train_sd = None
-    opt = None
+    trainers = {}  # model name -> (weights, config, optimiser)
     inputs = {}
 
-    def batch(n):
-        if n not in inputs:
-            images = torch.rand(n, 3, S, S, generator=g).to(dev)
-            ids = torch.randint(1000, 30000, (n, T), generator=g).to(dev)
-            inputs[n] = (images, ids)
-        return inputs[n]
+    def batch(n, s=S, t=T):
+        if (n, s, t) not in inputs:
+            images = torch.rand(n, 3, s, s, generator=g).to(dev)
+            ids = torch.randint(1000, 30000, (n, t), generator=g).to(dev)
+            inputs[n, s, t] = (images, ids)
+        return inputs[n, s, t]
 
     print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev)}), flush=True)
     for line in sys.stdin:
@@ -63,26 +67,29 @@ def main():
                 secs = time.perf_counter() - t0
             print(json.dumps({"secs": secs}), flush=True)
         elif case == "train":
-            if train_sd is None:
-                train_sd, _ = random_weights(TINY, dev, seed=1)
+            model = req.get("model", "tiny")
+            if model not in trainers:
+                train_sd, train_cfg = random_weights(MICRO if model == "micro" else TINY, dev, seed=1)
                 buffers = {k: v for k, v in train_sd.items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
                 params = {k: v.requires_grad_(True) for k, v in train_sd.items() if k not in buffers}
                 decay = [p for k, p in params.items() if p.ndim > 1 and not k.endswith(".bias")]
                 rest = [p for k, p in params.items() if not (p.ndim > 1 and not k.endswith(".bias"))]
                 opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=1e-4)
-            B = req["batch"]
-            images, ids = batch(B)
-            labels = torch.where(torch.rand(B, T, generator=g).to(dev) < 0.15, ids, torch.full_like(ids, -1))
+                trainers[model] = (train_sd, train_cfg, opt)
+            train_sd, train_cfg, opt = trainers[model]
+            B, Tn = req["batch"], req.get("text", T)
+            images, ids = batch(B, req.get("image", S), Tn)
+            labels = torch.where(torch.rand(B, Tn, generator=g).to(dev) < 0.15, ids, torch.full_like(ids, -1))
             corrupted = torch.where(labels >= 0, torch.full_like(ids, 103), ids)
             itm = torch.randint(0, 2, (B,), generator=g).to(dev)
             sync()
             t0 = time.perf_counter()
             if req["mlm"] == "masked":
                 rows = (labels.reshape(-1) >= 0).nonzero().squeeze(1)
-                out = forward(train_sd, cfg, images, corrupted, {"itm", "mlm", "t2i"}, train=True, mlm_rows=rows)
+                out = forward(train_sd, train_cfg, images, corrupted, {"itm", "mlm", "t2i"}, train=True, mlm_rows=rows)
                 mlm = F.cross_entropy(out["mlm_logits"], labels.reshape(-1)[rows])
             else:
-                out = forward(train_sd, cfg, images, corrupted, {"itm", "mlm", "t2i"}, train=True)
+                out = forward(train_sd, train_cfg, images, corrupted, {"itm", "mlm", "t2i"}, train=True)
                 mlm = F.cross_entropy(out["mlm_logits"].reshape(-1, V), labels.reshape(-1), ignore_index=-1)
             loss = mlm + F.cross_entropy(out["itm_logits"].reshape(B, 2), itm) + 10 * F.smooth_l1_loss(out["t2i_logits"], images)
             opt.zero_grad(set_to_none=True)

@@ -42,6 +42,19 @@ use std::time::Instant;
 const IMAGE: usize = 256;
 const TEXT: usize = 128;
 const TRAIN_BATCH: usize = 8;
+/// The demo's pre-training step (`configs/demo.toml`): micro PVLT, 64 px, T = 16, batch 64.
+const DEMO_IMAGE: usize = 64;
+const DEMO_TEXT: usize = 16;
+const DEMO_BATCH: usize = 64;
+
+/// The model a training-step case trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum StepModel {
+    /// pvlt_tiny, 256 px, T = 128, batch 8.
+    Tiny,
+    /// The demo's micro PVLT, 64 px, T = 16, batch 64.
+    Demo,
+}
 
 /// What one case runs on each side.
 #[derive(Clone, Debug)]
@@ -49,7 +62,7 @@ enum Ours {
     /// ITM-only forward, eval mode.
     Forward { batch: usize },
     /// One pre-training step, MLM decoded at the masked positions.
-    TrainStep,
+    TrainStep(StepModel),
 }
 
 #[derive(Clone, Debug)]
@@ -85,15 +98,25 @@ fn cases() -> Vec<Case> {
         fwd("retrieval_b101", 101, &["itm", "mlm", "t2i", "cls"]),
         Case {
             name: "train_step_b8",
-            ours: Ours::TrainStep,
+            ours: Ours::TrainStep(StepModel::Tiny),
             pytorch: json!({"case": "train", "batch": TRAIN_BATCH, "mlm": "masked"}),
             heavy: false,
             pairs: 1,
         },
         Case {
             name: "train_step_b8_authors",
-            ours: Ours::TrainStep,
+            ours: Ours::TrainStep(StepModel::Tiny),
             pytorch: json!({"case": "train", "batch": TRAIN_BATCH, "mlm": "all"}),
+            heavy: false,
+            pairs: 1,
+        },
+        // The demo's model and batch, its MLM + ITM + reconstruction terms (PyTorch's side has no
+        // contrastive head, so the demo's ITC term is left out on both).
+        Case {
+            name: "train_step_demo_b64",
+            ours: Ours::TrainStep(StepModel::Demo),
+            pytorch: json!({"case": "train", "batch": DEMO_BATCH, "mlm": "masked", "model": "micro",
+                            "image": DEMO_IMAGE, "text": DEMO_TEXT}),
             heavy: false,
             pairs: 1,
         },
@@ -302,8 +325,8 @@ struct Alternate<'a> {
 struct OurSide<B: Backend> {
     cfg: PvltConfig,
     eval: Pvlt<B>,
-    train: Option<TrainBench<B>>,
-    batch: Batch,
+    /// Each training case's model and its random batch, made on first use.
+    train: BTreeMap<StepModel, (TrainBench<B>, Batch)>,
     inputs: BTreeMap<usize, (Tensor<B, 4>, Tensor<B, 2, Int>)>,
     device: B::Device,
 }
@@ -313,11 +336,9 @@ impl<B: Backend> OurSide<B> {
         // Dropout and stochastic depth off: PyTorch's side applies neither.
         let cfg = PvltConfig { drop_path_rate: 0.0, text_dropout: 0.0, ..PvltConfig::tiny() };
         B::seed(&device, 0);
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
         let eval =
             Pvlt::<B>::new(&PvltConfig { heads: HeadSet { itm: true, ..HeadSet::NONE }, ..cfg.clone() }, &device);
-        let batch = random_batch(TRAIN_BATCH, IMAGE, TEXT, cfg.vocab_size, &mut rng);
-        OurSide { cfg, eval, train: None, batch, inputs: BTreeMap::new(), device }
+        OurSide { cfg, eval, train: BTreeMap::new(), inputs: BTreeMap::new(), device }
     }
 
     /// Seconds of one call of `case` (`rep` picks the training step's masking).
@@ -341,12 +362,23 @@ impl<B: Backend> OurSide<B> {
                 let _ = o.itm_logits.context("ITM head ran")?.sum().into_scalar();
                 Ok(t0.elapsed().as_secs_f64())
             }
-            Ours::TrainStep => {
-                let t = match self.train.as_mut() {
-                    Some(t) => t,
-                    None => self.train.insert(TrainBench::new(&self.cfg, &self.device)),
-                };
-                Ok(t.step(&self.batch, rep)?.total())
+            Ours::TrainStep(model) => {
+                let (cfg, device) = (&self.cfg, &self.device);
+                let (bench, batch) = self.train.entry(model).or_insert_with(|| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(0);
+                    let (cfg, n, image, text) = match model {
+                        StepModel::Tiny => (cfg.clone(), TRAIN_BATCH, IMAGE, TEXT),
+                        StepModel::Demo => {
+                            let micro = PvltConfig::micro();
+                            let cfg =
+                                PvltConfig { img_size: DEMO_IMAGE, drop_path_rate: 0.0, text_dropout: 0.0, ..micro };
+                            (cfg, DEMO_BATCH, DEMO_IMAGE, DEMO_TEXT)
+                        }
+                    };
+                    let batch = random_batch(n, image, text, cfg.vocab_size, &mut rng);
+                    (TrainBench::new(&cfg, device), batch)
+                });
+                Ok(bench.step(batch, rep)?.total())
             }
         }
     }
@@ -408,6 +440,9 @@ pub struct CompareArgs {
     /// running the cases again.
     #[arg(long, value_name = "JSON")]
     pub from_json: Option<PathBuf>,
+    /// Only these cases (comma separated names, as the page lists them), e.g. train_step_demo_b64.
+    #[arg(long, value_delimiter = ',')]
+    pub cases: Vec<String>,
     /// The Python with torch (default: $VIRTUAL_ENV/bin/python, else python3).
     #[arg(long)]
     pub python: Option<PathBuf>,
@@ -494,7 +529,14 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
     };
     let (warmup, runs) = if a.quick { (1, 2) } else { (1, 3) };
     let python = a.python.clone().unwrap_or_else(default_python);
-    let cases = cases();
+    let mut cases = cases();
+    if !a.cases.is_empty() {
+        if let Some(unknown) = a.cases.iter().find(|n| !cases.iter().any(|c| c.name == n.as_str())) {
+            let known: Vec<&str> = cases.iter().map(|c| c.name).collect();
+            bail!("--cases: no case '{}' (the cases: {})", crate::files::printable(unknown), known.join(", "));
+        }
+        cases.retain(|c| a.cases.iter().any(|n| n == c.name));
+    }
     let t0 = Instant::now();
     let mut results: Vec<(BackendKind, BTreeMap<&'static str, Times>)> = vec![];
     let mut torch = Value::Null;
@@ -542,6 +584,9 @@ fn command_line(a: &CompareArgs, device: DeviceSpec) -> String {
     }
     if device != DeviceSpec::Cpu {
         c += &format!(" --device {device}");
+    }
+    if !a.cases.is_empty() {
+        c += &format!(" --cases {}", a.cases.join(","));
     }
     if !a.backends.is_empty() {
         c += &format!(" --backends {}", a.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","));
@@ -596,7 +641,7 @@ fn report_json(results: &[(BackendKind, BTreeMap<&'static str, Times>)], meta: V
     Value::Object(out)
 }
 
-const WHAT: [(&str, &str); 7] = [
+const WHAT: [(&str, &str); 8] = [
     ("forward_itm_b1", "forward, ITM head only, batch 1"),
     ("forward_itm_b16", "forward, ITM head only, batch 16"),
     ("forward_itm_b101", "forward, ITM head only, batch 101"),
@@ -605,6 +650,10 @@ const WHAT: [(&str, &str); 7] = [
     (
         "train_step_b8_authors",
         "pre-training step, batch 8: ours vs the authors' algorithm (MLM decoded at all 128 positions)",
+    ),
+    (
+        "train_step_demo_b64",
+        "the demo's pre-training step: micro PVLT, 64 px, T = 16, batch 64, MLM + ITM + reconstruction",
     ),
     ("peak_rss", "peak resident memory of the whole benchmark process"),
 ];
@@ -615,6 +664,7 @@ const TARGETS: &[(&str, &[&str], f64)] = &[
     ("retrieval path against every head per pair", &["retrieval_b101"], 2.0),
     ("pre-training step against PyTorch on the same algorithm", &["train_step_b8"], 1.0),
     ("pre-training step against the authors' algorithm", &["train_step_b8_authors"], 1.5),
+    ("the demo's pre-training step against PyTorch (flex too: issue 36)", &["train_step_demo_b64"], 1.0),
     ("peak memory (PyTorch / ours)", &["peak_rss"], 1.0),
 ];
 
@@ -826,6 +876,7 @@ mod tests {
             json: Some("/tmp/q.json".into()),
             markdown: Some("/tmp/q.md".into()),
             backends: vec![],
+            cases: vec![],
             from_json: None,
             python: None,
             fixtures: None,
@@ -839,6 +890,8 @@ mod tests {
             command_line(&CompareArgs { json: None, markdown: None, ..args(false) }, DeviceSpec::Cpu),
             "mvlt bench --compare-pytorch"
         );
+        let one = CompareArgs { json: None, markdown: None, cases: vec!["train_step_demo_b64".into()], ..args(false) };
+        assert_eq!(command_line(&one, DeviceSpec::Cpu), "mvlt bench --compare-pytorch --cases train_step_demo_b64");
         let t = |x: f64| Times { ours: vec![x], pytorch: vec![x] };
         let figures = BTreeMap::from([("forward_itm_b1", t(1.0)), ("peak_rss", t(1.0))]);
         let j = report_json(
