@@ -28,13 +28,16 @@ KINDS = [
     ("exp / erf / gelu / tanh", r"erf|exp_f32|\bexp|gelu|tanh|expf"),
     ("reductions", r"reduce|sum_|_sum|mean|argmax|max_dim"),
     ("element-wise (binary, unary, scalar)", r"binary|unary|scalar_op|zip_map|par::|compare|mask|clamp|powf|sqrt"),
+    # The patched flex's parallel loops (vendor/burn-flex/src/par.rs) are inlined into rayon's
+    # folder: element-wise work and copies, split over the threads.
+    ("element-wise and copies inlined in rayon's parallel loops", r"Folder::consume_iter|fold_with|bridge_producer"),
     ("copies / layout (contiguous, gather, slice, cat)", r"copy|gather|slice|cat_|permute|transpose|memmove|memcpy"),
     ("memory (zeroing, page faults, alloc)", r"memset|clear_page|page_fault|alloc|free|mmap|munmap|zero"),
     ("random numbers (masks, init)", r"rand|Distribution|sampler|chacha|xoshiro"),
     ("AdamW", r"adam|optim"),
     ("autodiff bookkeeping", r"burn_autodiff|graph|Node|checkpoint"),
     ("images and text (data)", r"png|image|jpeg|decode|token|resize|synth"),
-    ("threads (rayon, scheduling)", r"rayon|crossbeam|futex|sched|schedule|switch_to|pthread"),
+    ("threads (rayon's waits, scheduling)", r"rayon|crossbeam|futex|sched|schedule|switch_to|pthread"),
 ]
 
 
@@ -59,6 +62,12 @@ def run_one(binary, iters, tmp):
         pct, sym = float(m.group(1)), m.group(2)
         kind = next((k for k, rx in KINDS if re.search(rx, sym, re.I)), "other")
         shares[kind] = shares.get(kind, 0.0) + pct
+    # The calling thread's share: the serial part of the step (the rayon workers do the rest).
+    threads = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "pid"],
+                             capture_output=True, text=True).stdout
+    per_tid = sorted((int(m.group(2)), float(m.group(1)))
+                     for m in re.finditer(r"^\s*([\d.]+)%\s+(\d+):", threads, re.M))
+    shares["main thread (serial work)"] = per_tid[0][1] if per_tid else 0.0
     return sps, (user + sys_) / wall, shares
 
 
@@ -75,7 +84,7 @@ def main():
                 runs[b].append(run_one(b, a.iters, tmp))
                 sps, cores, _ = runs[b][-1]
                 print(f"round {r + 1}: {b}: {sps:.1f} samples/s, {cores:.2f} cores", flush=True)
-    kinds = [k for k, _ in KINDS] + ["other"]
+    kinds = [k for k, _ in KINDS] + ["other", "main thread (serial work)"]
     print("\n| | " + " | ".join(a.binaries) + " |")
     print("|---|" + "---|" * len(a.binaries))
     med = {b: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for b, v in runs.items()}
