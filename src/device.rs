@@ -555,6 +555,52 @@ fn run_cuda<T: BackendTask>(indices: &[usize], _task: T) -> Result<T::Output> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// flex's exp and erf are the vendored patch's vectorised ones (vendor/burn-flex.patch): checked
+    /// here against f64 over large tensors (the parallel paths) and at the edges, so the main suite
+    /// covers them.
+    /// erf by its series of positive terms, 2/sqrt(pi) e^(-x^2) sum 2^n x^(2n+1) / (2n+1)!!
+    /// (stable in f64 for |x| <= 5; std has no erf).
+    fn erf_f64(x: f64) -> f64 {
+        let (mut term, mut sum, mut k) = (x.abs(), 0.0f64, 1.0f64);
+        while term > 1e-18 * sum.max(1e-300) {
+            sum += term;
+            k += 2.0;
+            term *= 2.0 * x * x / k;
+        }
+        (2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp() * sum).copysign(x)
+    }
+
+    #[test]
+    fn flex_exp_and_erf_agree_with_f64() {
+        use burn::tensor::{Tensor, TensorData};
+        let n = 200_000;
+        let xs: Vec<f32> = (0..n).map(|i| -90.0 + 180.0 * i as f32 / n as f32).collect();
+        let device = Default::default();
+        let t = Tensor::<Cpu, 1>::from_data(TensorData::new(xs.clone(), [n]), &device);
+        let exp = t.clone().exp().into_data().to_vec::<f32>().unwrap();
+        let erf = (t / 20.0).erf().into_data().to_vec::<f32>().unwrap();
+        for ((x, e), r) in xs.iter().zip(&exp).zip(&erf) {
+            let want = (*x as f64).exp();
+            let ok = if want > f32::MAX as f64 {
+                e.is_infinite()
+            } else if want < 1.2e-38 {
+                *e == 0.0 || (*e as f64 - want).abs() < 1.2e-38
+            } else {
+                ((*e as f64 - want) / want).abs() < 5e-7
+            };
+            assert!(ok, "exp({x}) = {e}, want {want}");
+            let want = erf_f64(*x as f64 / 20.0);
+            assert!((*r as f64 - want).abs() < 1e-6, "erf({}) = {r}, want {want}", x / 20.0);
+        }
+        let edges = Tensor::<Cpu, 1>::from_data(
+            TensorData::new(vec![f32::INFINITY, f32::NEG_INFINITY, f32::NAN], [3]),
+            &device,
+        );
+        let e = edges.exp().into_data().to_vec::<f32>().unwrap();
+        assert!(e[0] == f32::INFINITY && e[1] == 0.0 && e[2].is_nan(), "{e:?}");
+    }
+
     #[test]
     fn parses_devices() {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);

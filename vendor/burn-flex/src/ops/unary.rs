@@ -370,10 +370,20 @@ pub fn erf_f32(x: f32) -> f32 {
 
 /// mvlt patch: e^x for f32 as Cephes' `expf` computes it (range reduction by ln 2, a degree-5
 /// polynomial, the exponent set by bits; about 1 ulp), branch-free so that loops over it
-/// vectorise. Inputs are clamped to [-87.3, 88.7], where the result stays a normal float.
+/// vectorise. Above 88.72 the result is infinity and below -87.34 zero (libm gives subnormals down
+/// to -103.97: at most 1.2e-38 apart, and subnormals are slow on x86); NaN stays NaN.
 #[inline]
 pub fn exp_f32(x: f32) -> f32 {
-    let x = x.clamp(-87.336_55, 88.722_83);
+    const HI: f32 = 88.722_83;
+    const LO: f32 = -87.336_55;
+    let y = exp_in_range(x.clamp(LO, HI));
+    let y = if x > HI { f32::INFINITY } else { y };
+    if x < LO { 0.0 } else { y }
+}
+
+/// [`exp_f32`] for `x` in [-87.34, 88.72].
+#[inline]
+fn exp_in_range(x: f32) -> f32 {
     // floor() by truncation and a correction: the x86-64 baseline has no rounding instruction,
     // and `f32::floor` became a libm call per element, which stops vectorisation.
     let t = x * core::f32::consts::LOG2_E + 0.5;
@@ -386,6 +396,10 @@ pub fn exp_f32(x: f32) -> f32 {
         * r
         + r
         + 1.0;
+    // Near the top of the range n reaches 128, one past f32's largest exponent: take 2^127 and
+    // double the polynomial instead (a select, so the loop still vectorises).
+    let top = n > 127.5;
+    let (n, p) = (if top { n - 1.0 } else { n }, if top { p * 2.0 } else { p });
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
@@ -413,7 +427,7 @@ mod tests {
     fn fast_exp_and_erf_are_accurate() {
         let mut worst = (0.0f64, 0.0f64);
         for i in -400_000..=400_000 {
-            let x = i as f32 * 2.1e-4; // [-84, 84]
+            let x = (i as f32 * 2.2e-4).max(-87.3); // [-87.3, 88]: zero below, by design
             let (e, want) = (super::exp_f32(x) as f64, (x as f64).exp());
             worst.0 = worst.0.max((e - want).abs() / want);
             let y = i as f32 * 1e-5; // [-4, 4]
@@ -423,6 +437,14 @@ mod tests {
         // A&S 7.1.26's own error is 1.5e-7; f32 rounding near erf = 1 adds a few 1e-7.
         assert!(worst.1 < 1e-6, "erf absolute error {}", worst.1);
         assert!(super::erf_f32(0.0).abs() < 1e-6 && super::erf_f32(-10.0) == -1.0);
+        // Out of range as libm (flushing its subnormals to zero), and NaN through.
+        let exp = super::exp_f32;
+        assert!(exp(f32::INFINITY) == f32::INFINITY && exp(89.0) == f32::INFINITY);
+        let top = (88.7f32 as f64).exp();
+        assert!(((exp(88.7) as f64 - top) / top).abs() < 4e-7);
+        assert!(exp(f32::NEG_INFINITY) == 0.0 && exp(-88.0) == 0.0 && exp(-87.0) > 0.0);
+        assert!(exp(f32::NAN).is_nan() && super::erf_f32(f32::NAN).is_nan());
+        assert!(super::erf_f32(f32::INFINITY) == 1.0 && super::erf_f32(f32::NEG_INFINITY) == -1.0);
     }
     use burn_backend::TensorData;
 
