@@ -66,9 +66,23 @@ pub struct DemoPlan {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StepPlan {
     pub pretrain_steps: usize,
-    /// `quick` (fixed), `--steps` (asked), or `measured` (with the pace it was planned from).
-    pub from: String,
+    pub from: StepsFrom,
+    /// With [`StepsFrom::Measured`]: the pace the steps were planned from.
     pub pace: Option<pace::MeasuredPace>,
+}
+
+/// Where [`StepPlan::pretrain_steps`] came from (`plan.json` keeps the words).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum StepsFrom {
+    /// Fixed by `--quick`.
+    #[serde(rename = "quick")]
+    Quick,
+    /// Asked with `--steps`.
+    #[serde(rename = "--steps")]
+    Asked,
+    /// Planned from the pace measured after the warm-up.
+    #[serde(rename = "measured")]
+    Measured,
 }
 
 /// The default run's minutes on 2 CPU cores: the 15, less one of margin.
@@ -266,9 +280,9 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     // A second run continues the first, so it must be the same demo (size, seed, steps).
     let plan_file = o.out.join("plan.json");
     let planned = read_plan_file(&plan_file, &plan, o)?;
-    let known = planned.or_else(|| match (o.steps, o.quick) {
-        (Some(n), _) => Some(StepPlan { pretrain_steps: n, from: "--steps".into(), pace: None }),
-        (None, true) => Some(StepPlan { pretrain_steps: QUICK_STEPS, from: "quick".into(), pace: None }),
+    let known = planned.or(match (o.steps, o.quick) {
+        (Some(n), _) => Some(StepPlan { pretrain_steps: n, from: StepsFrom::Asked, pace: None }),
+        (None, true) => Some(StepPlan { pretrain_steps: QUICK_STEPS, from: StepsFrom::Quick, pace: None }),
         (None, false) => None,
     });
     write_plan_file(&plan_file, &plan, o.seed, known.as_ref())?;
@@ -339,7 +353,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
             };
             pace.after_pretraining_s =
                 pace.after_pretraining(&plan, finetune_cfg.max_steps.unwrap_or(0), val_rows.len());
-            let s = StepPlan { pretrain_steps: pace.planned_steps(), from: "measured".into(), pace: Some(pace) };
+            let s = StepPlan { pretrain_steps: pace.planned_steps(), from: StepsFrom::Measured, pace: Some(pace) };
             eprintln!("{}", report::plan_line(&s));
             write_plan_file(&plan_file, &plan, o.seed, Some(&s))?;
             s
@@ -518,7 +532,7 @@ mod tests {
         let path = dir.join("plan.json");
         let plan = DemoPlan::new(true, 600);
         assert_eq!(read_plan_file(&path, &plan, &options(&dir, None)).unwrap(), None);
-        let steps = StepPlan { pretrain_steps: 60, from: "quick".into(), pace: None };
+        let steps = StepPlan { pretrain_steps: 60, from: StepsFrom::Quick, pace: None };
         write_plan_file(&path, &plan, 0, Some(&steps)).unwrap();
         assert_eq!(read_plan_file(&path, &plan, &options(&dir, None)).unwrap(), Some(steps.clone()));
         assert_eq!(read_plan_file(&path, &plan, &options(&dir, Some(60))).unwrap(), Some(steps));

@@ -309,7 +309,9 @@ pub fn plan_line(s: &super::StepPlan) -> String {
             minutes(p.spent_s),
             minutes(p.budget_s)
         ),
-        None if s.from == "quick" => format!("Pre-training steps: {} (fixed by --quick).", s.pretrain_steps),
+        None if s.from == super::StepsFrom::Quick => {
+            format!("Pre-training steps: {} (fixed by --quick).", s.pretrain_steps)
+        }
         None => format!("Pre-training steps: {} (asked with --steps).", s.pretrain_steps),
     }
 }
