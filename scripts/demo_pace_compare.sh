@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo's own pre-training (configs/demo.toml: micro PVLT, 64 px, T = 16, batch 64, MLM + ITM +
+# The demo's own pre-training (crates/mvlt/configs/demo.toml: micro PVLT, 64 px, T = 16, batch 64, MLM + ITM +
 # reconstruction + ITC, real synthetic catalogue and loader) timed for two or more mvlt binaries in
 # one sitting, alternating, so that a machine whose speed drifts affects all alike.
 #

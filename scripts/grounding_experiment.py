@@ -46,7 +46,7 @@ And on the CPU, all three objectives with that init:
   The same with --masked-odd (grid-masked images on odd steps, as in pre-training): ITM batch loss
   0.52 at step 700, 0.35 at 900; held-out 0.71-0.73 from step 600.
 Started from mvlt's own initial weights (--init-from: `mvlt pretrain --set max_steps=1 --set
-warmup_lr=1e-12` with configs/pvlt_micro.json on the scripts/short_captions.py catalogue, whose
+warmup_lr=1e-12` with crates/mvlt/configs/pvlt_micro.json on the scripts/short_captions.py catalogue, whose
 token ids are this script's), --mask sparse --objectives full --masked-odd --batch 128 --lr 3e-4:
   ITM batch loss 0.58 at step 600, 0.33 at 700, 0.19 at 1000; held-out 0.79-0.90 from step 700.
   With --reference-pairs as well: 0.65 at step 800, 0.43 at 1000; held-out 0.65-0.71 from step 800.
@@ -82,7 +82,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--depths", default="1,1,1,1")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--width", choices=["micro", "tiny"], default="micro", help="micro: configs/pvlt_micro.json's widths; tiny: pvlt_tiny's")
+    ap.add_argument("--width", choices=["micro", "tiny"], default="micro", help="micro: crates/mvlt/configs/pvlt_micro.json's widths; tiny: pvlt_tiny's")
     ap.add_argument("--init-std", type=float, default=0.02, help="std of the Linear weights' init (the reference: 0.02)")
     ap.add_argument("--itm-read", choices=["cls", "mean"], default="cls",
                     help="diagnostic only: 'mean' feeds the ITM head the mean of the stage-4 text tokens instead of [CLS] (not the reference)")

@@ -6,7 +6,7 @@ Started by mvlt with `--fixtures DIR --threads N --device cpu|cuda`; it checks i
 one JSON request per line from standard input and answers one JSON line each:
   {"case": "forward", "batch": 16, "heads": ["itm"]}        -> {"secs": ...}   (eval, no_grad)
   {"case": "train", "batch": 8, "mlm": "masked" | "all"}    -> {"secs": ...}   (forward, backward, AdamW)
-  {"case": "train", ..., "model": "micro", "image": 64, "text": 16}   (the demo's model, configs/pvlt_micro.json)
+  {"case": "train", ..., "model": "micro", "image": 64, "text": 16}   (the demo's model, crates/mvlt/configs/pvlt_micro.json)
   {"case": "memory"}                                       -> {"peak_rss_mib": ..., "peak_cuda_mib": ...}
 The model is pvlt_tiny with random weights, 256 px, T = 128, bert-base-uncased's 30,522-word decoder,
 unless a request names the micro PVLT.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch_pvlt import TINY, forward, parity_check, random_weights
 
 S, T, V = 256, 128, 30522
-# configs/pvlt_micro.json over TINY's other keys, at the demo's 64 px and T = 16.
+# crates/mvlt/configs/pvlt_micro.json over TINY's other keys, at the demo's 64 px and T = 16.
 MICRO = dict(TINY, embed_dims=[32, 64, 96, 128], num_heads=[1, 2, 2, 4], mlp_ratios=[4, 4, 4, 4], depths=[1, 1, 1, 1],
              hidden=128, t2i_channel=16, img_size=64, T=16)
 

@@ -5,12 +5,12 @@
 //! optional `mlm_rows`, `outputs_file`, `pth_file`) beside a safetensors file holding the inputs
 //! (`images`, `input_ids`) and the outputs. Anything missing can be supplied on the command line.
 
-use crate::device::BackendTask;
-use crate::model::weights::{load_model, StateDict};
-use crate::model::{HiddenStates, Mode, Pvlt, PvltConfig, PvltOutput};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use mvlt::device::BackendTask;
+use mvlt::model::weights::{load_model, StateDict};
+use mvlt::model::{HiddenStates, Mode, Pvlt, PvltConfig, PvltOutput};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -96,7 +96,7 @@ impl Fixture {
             let shape = t.shape.clone();
             // u8 images become exactly the reference's `float32(u8) / 255`.
             let v: Vec<f32> = if t.dtype == DType::U8 {
-                crate::data::image::to_unit_floats(t.as_bytes())
+                mvlt::data::image::to_unit_floats(t.as_bytes())
             } else {
                 t.convert::<f32>().to_vec::<f32>().unwrap()
             };

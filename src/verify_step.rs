@@ -6,17 +6,17 @@
 //! pre-training step with all five losses, train mode, dropout and drop_path off, AdamW lr 1e-3,
 //! betas 0.9/0.999, eps 1e-8, weight decay 0.01 on every parameter.
 
-use crate::device::BackendTask;
-use crate::model::weights::{load_model, state_dict, StateDict};
-use crate::model::{Mode, PvltConfig};
-use crate::train::loss::{losses, MlmTargets, Targets};
-use crate::train::optim::{named_grads, AdamW, AdamWConfig};
 use crate::verify::{compare_values, Row, Tolerance};
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use mvlt::device::BackendTask;
+use mvlt::model::weights::{load_model, state_dict, StateDict};
+use mvlt::model::{Mode, PvltConfig};
+use mvlt::train::loss::{losses, MlmTargets, Targets};
+use mvlt::train::optim::{named_grads, AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -86,7 +86,7 @@ fn pad_row_check(
     ours: &BTreeMap<String, Vec<f64>>,
     tol: &Tolerance,
 ) -> Result<Vec<Row>> {
-    let key = crate::model::weights::WORD_EMBEDDINGS_KEY;
+    let key = mvlt::model::weights::WORD_EMBEDDINGS_KEY;
     let (Some(lookup), Some(decoder)) =
         (fx.get(&format!("grad_part/lookup/{key}")), fx.get(&format!("grad_part/decoder/{key}")))
     else {

@@ -6,7 +6,7 @@ use mvlt::device::{backends_for, run_with, Cpu, DeviceSpec};
 use mvlt::model::pvlt::resize_pos_embed;
 use mvlt::model::weights::{load_state_dict, reference_layout, StateDict};
 use mvlt::model::{HeadSet, Pvlt, PvltConfig};
-use mvlt::verify::{print_rows, Fixture, FixtureOverrides, Tolerance, VerifyTask};
+use mvlt_cli::verify::{print_rows, Fixture, FixtureOverrides, Tolerance, VerifyTask};
 use std::path::Path;
 
 /// Every tensor of `fixture` within tolerance, on each CPU backend this build has (flex, and

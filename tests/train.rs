@@ -7,8 +7,8 @@ use mvlt::model::weights::StateDict;
 use mvlt::train::checkpoint;
 use mvlt::train::config::TrainConfig;
 use mvlt::train::trainer::TrainRun;
-use mvlt::verify::Tolerance;
-use mvlt::verify_step::TrainStepTask;
+use mvlt_cli::verify::Tolerance;
+use mvlt_cli::verify_step::TrainStepTask;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -59,7 +59,13 @@ fn config(overrides: &[String]) -> TrainConfig {
 fn run(dir: &Path, overrides: &[String], resume: bool) -> mvlt::train::trainer::RunSummary {
     let config = config(overrides);
     let (spec, devices) = config.device_indices().unwrap();
-    run_on_devices(spec, &devices, TrainRun { config, dir: dir.to_path_buf(), resume }).unwrap()
+    run_on_devices(
+        spec,
+        None,
+        &devices,
+        TrainRun { config, dir: dir.to_path_buf(), resume, control: common::run_control() },
+    )
+    .unwrap()
 }
 
 /// `field` of each training line of a run's metrics.jsonl, in order.
@@ -93,7 +99,7 @@ fn training_step_matches_the_pytorch_step() {
     }
 }
 
-fn check_train_step(rows: &[mvlt::verify::Row], backend: mvlt::device::BackendKind) {
+fn check_train_step(rows: &[mvlt_cli::verify::Row], backend: mvlt::device::BackendKind) {
     let failed: Vec<_> = rows.iter().filter(|r| !r.ok).map(|r| format!("{} ({:.2e})", r.name, r.max_abs)).collect();
     assert!(failed.is_empty(), "{backend}: {} tensors off: {failed:?}", failed.len());
     // 6 losses, a gradient and a post-step value per parameter, 11 BatchNorms x 3 buffers.
@@ -201,7 +207,9 @@ fn resume_continues_exactly() {
         .collect();
     mvlt::model::weights::write_safetensors(&path, &tensors, meta.metadata().clone().unwrap()).unwrap();
     let config = config(&over(9));
-    let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir: split.clone(), resume: true }).unwrap_err();
+    let e =
+        run_on(DeviceSpec::Cpu, TrainRun { config, dir: split.clone(), resume: true, control: common::run_control() })
+            .unwrap_err();
     let e = format!("{e:#}");
     assert!(e.contains(&format!("{victim} holds 1 values")) && e.contains("corrupt"), "{e}");
 }
@@ -308,7 +316,10 @@ fn a_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint() {
     let dir = base.join("run");
     let config =
         config(&nano_overrides(&base, &["base_lr=1e12", "warmup_epochs=0", "checkpoint_every=1", "max_steps=20"]));
-    let err = run_on(DeviceSpec::Cpu, TrainRun { config, dir: dir.clone(), resume: false }).unwrap_err().to_string();
+    let err =
+        run_on(DeviceSpec::Cpu, TrainRun { config, dir: dir.clone(), resume: false, control: common::run_control() })
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("stopping: loss term"), "{err}");
     assert!(err.contains("at step") && err.contains("items"), "{err}");
     let ckpts = checkpoint::list(&dir.join("checkpoints"));
@@ -437,18 +448,30 @@ fn refuses_to_overwrite_a_run_and_to_resume_nothing() {
     let base = tempdir("refuse");
     let dir = base.join("run");
     let config = config(&nano_overrides(&base, &["max_steps=1"]));
-    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true })
-        .unwrap_err()
-        .to_string();
+    let e = run_on(
+        DeviceSpec::Cpu,
+        TrainRun { config: config.clone(), dir: dir.clone(), resume: true, control: common::run_control() },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("does not exist"), "{e}");
     assert!(!dir.exists(), "--resume must not create the run folder it was pointed at");
     std::fs::create_dir_all(&dir).unwrap();
-    let e = run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: true })
+    let e = run_on(
+        DeviceSpec::Cpu,
+        TrainRun { config: config.clone(), dir: dir.clone(), resume: true, control: common::run_control() },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no checkpoint"), "{e}");
+    run_on(
+        DeviceSpec::Cpu,
+        TrainRun { config: config.clone(), dir: dir.clone(), resume: false, control: common::run_control() },
+    )
+    .unwrap();
+    let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir, resume: false, control: common::run_control() })
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no checkpoint"), "{e}");
-    run_on(DeviceSpec::Cpu, TrainRun { config: config.clone(), dir: dir.clone(), resume: false }).unwrap();
-    let e = run_on(DeviceSpec::Cpu, TrainRun { config, dir, resume: false }).unwrap_err().to_string();
     assert!(e.contains("pass --resume"), "{e}");
 }
 

@@ -1,9 +1,10 @@
 use super::bench_compare::{random_batch, StepTimes, TrainBench};
-use crate::device::{run_on, BackendTask, DeviceSpec};
-use crate::model::{HeadSet, Mode, Pvlt, PvltConfig};
+use crate::cli::run_on;
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
+use mvlt::device::{BackendTask, DeviceSpec};
+use mvlt::model::{HeadSet, Mode, Pvlt, PvltConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;

@@ -20,16 +20,16 @@
 //! batch-16 forward twice (ours, PyTorch, ours, PyTorch, ...): at a tenth of a second a single
 //! timing is at the mercy of the machine's swings, so those medians rest on more timings.
 
-use crate::data::loader::Batch;
-use crate::device::{backend_name_of, backends_for, run_with, BackendKind, BackendTask, DeviceSpec};
-use crate::model::{HeadSet, Mode, Pvlt, PvltConfig};
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::precision::Precision;
-use crate::train::step::{data_parallel, ImageInput, MicroBatch, StepSettings};
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
+use mvlt::data::loader::Batch;
+use mvlt::device::{backend_name_of, backends_for, run_with, BackendKind, BackendTask, DeviceSpec};
+use mvlt::model::{HeadSet, Mode, Pvlt, PvltConfig};
+use mvlt::train::optim::{AdamW, AdamWConfig};
+use mvlt::train::precision::Precision;
+use mvlt::train::step::{data_parallel, ImageInput, MicroBatch, StepSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -42,7 +42,7 @@ use std::time::Instant;
 const IMAGE: usize = 256;
 const TEXT: usize = 128;
 const TRAIN_BATCH: usize = 8;
-/// The demo's pre-training step (`configs/demo.toml`): micro PVLT, 64 px, T = 16, batch 64.
+/// The demo's pre-training step (`crates/mvlt/configs/demo.toml`): micro PVLT, 64 px, T = 16, batch 64.
 const DEMO_IMAGE: usize = 64;
 const DEMO_TEXT: usize = 16;
 const DEMO_BATCH: usize = 64;
@@ -266,7 +266,7 @@ impl<B: Backend> TrainBench<B> {
             data_parallel::<B>(&model, std::slice::from_ref(&mb), std::slice::from_ref(&self.device), settings)?;
         let t1 = Instant::now();
         let mut grads = std::mem::take(&mut r[0].grads);
-        let decay = |name: &str, shape: &[usize]| crate::train::schedule::decays(name, shape);
+        let decay = |name: &str, shape: &[usize]| mvlt::train::schedule::decays(name, shape);
         let model = self.opt.step(model, &mut grads, 1e-4, 1.0, &decay);
         // The step's losses were read back inside; one parameter read closes the update.
         let _ = model.pos_embed1.val().sum().into_scalar();
@@ -486,12 +486,12 @@ fn write_outputs(a: &CompareArgs, json: &Value, backends: &[BackendKind]) -> Res
     // run writes, or the one it was read from.
     let figures = a.json.as_deref().or(a.from_json.as_deref());
     if let Some(p) = &a.json {
-        crate::files::write_atomic(p, serde_json::to_string_pretty(json)?.as_bytes())?;
+        mvlt::files::write_atomic(p, serde_json::to_string_pretty(json)?.as_bytes())?;
         println!("figures: {}", p.display());
     }
     if let Some(p) = &a.markdown {
         let old = std::fs::read_to_string(p).unwrap_or_default();
-        crate::files::write_atomic(p, splice(&old, &markdown(json, backends, figures)).as_bytes())?;
+        mvlt::files::write_atomic(p, splice(&old, &markdown(json, backends, figures)).as_bytes())?;
         println!("page: {}", p.display());
     }
     Ok(())
@@ -499,7 +499,7 @@ fn write_outputs(a: &CompareArgs, json: &Value, backends: &[BackendKind]) -> Res
 
 pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
     if let Some(f) = &a.from_json {
-        let bytes = crate::files::read_limited(f, "benchmark figures", crate::files::MAX_SMALL_FILE_BYTES)?;
+        let bytes = mvlt::files::read_limited(f, "benchmark figures", mvlt::files::MAX_SMALL_FILE_BYTES)?;
         let json: Value = serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", f.display()))?;
         let backends =
             backends_of(&json).with_context(|| format!("{}: not written by --compare-pytorch --json", f.display()))?;
@@ -515,7 +515,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
     let backends = if !a.backends.is_empty() {
         a.backends.clone()
     } else if a.quick {
-        vec![crate::device::backend_for(device)?]
+        vec![mvlt::device::backend_for(device, crate::cli::backend())?]
     } else {
         backends_for(device)
     };
@@ -524,7 +524,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
     }
     // PyTorch gets the thread count of the backend it is paired with.
     let threads_of = |backend: BackendKind| match backend {
-        BackendKind::Tch => crate::device::torch_threads(),
+        BackendKind::Tch => mvlt::device::torch_threads(),
         _ => rayon::current_num_threads(),
     };
     let (warmup, runs) = if a.quick { (1, 2) } else { (1, 3) };
@@ -533,7 +533,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
     if !a.cases.is_empty() {
         if let Some(unknown) = a.cases.iter().find(|n| !cases.iter().any(|c| c.name == n.as_str())) {
             let known: Vec<&str> = cases.iter().map(|c| c.name).collect();
-            bail!("--cases: no case '{}' (the cases: {})", crate::files::printable(unknown), known.join(", "));
+            bail!("--cases: no case '{}' (the cases: {})", mvlt::files::printable(unknown), known.join(", "));
         }
         cases.retain(|c| a.cases.iter().any(|n| n == c.name));
     }
@@ -551,10 +551,10 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
             py.ready["torch"].as_str().unwrap_or("?"),
             py.ready["threads"]
         );
-        crate::memory::reset_peak_rss();
+        mvlt::memory::reset_peak_rss();
         let task = Alternate { py: &mut py, cases: &cases, warmup, runs, quick: a.quick, verbose: true };
         let mut times = run_with(device, backend, &[device.index()], task)?;
-        let ours_peak = crate::memory::peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64;
+        let ours_peak = mvlt::memory::peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64;
         let theirs = py.ask(&json!({"case": "memory"}))?;
         let theirs_peak = theirs["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
         times.insert("peak_rss", Times { ours: vec![ours_peak], pytorch: vec![theirs_peak] });

@@ -1,11 +1,11 @@
 //! `mvlt data bench`: how fast batches are made, against the reference's PIL pipeline.
-use crate::data::dataset::vocab_beside_data;
-use crate::data::dataset::{open_dataset, ClassMap, Dataset};
-use crate::data::image::preprocess_floats;
-use crate::data::loader::{Loader, LoaderConfig};
-use crate::data::text::TextProcessor;
-use crate::progress::progress_bar;
 use anyhow::{bail, Context, Result};
+use mvlt::data::dataset::vocab_beside_data;
+use mvlt::data::dataset::{open_dataset, ClassMap, Dataset};
+use mvlt::data::image::preprocess_floats;
+use mvlt::data::loader::{Loader, LoaderConfig};
+use mvlt::data::text::TextProcessor;
+use mvlt::progress::progress_bar;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,11 +1,11 @@
 //! `mvlt tokenize`, `mvlt preprocess` and `mvlt data info`: what the model sees of a text and of an
 //! image, and what a dataset holds.
-use crate::data::dataset::{open_dataset, ClassMap};
-use crate::data::image::{preprocess, Pixels};
-use crate::data::text::TextProcessor;
-use crate::model::weights::write_safetensors;
 use anyhow::{Context, Result};
 use burn::tensor::TensorData;
+use mvlt::data::dataset::{open_dataset, ClassMap};
+use mvlt::data::image::{preprocess, Pixels};
+use mvlt::data::text::TextProcessor;
+use mvlt::model::weights::write_safetensors;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -79,7 +79,7 @@ pub fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
     if let Some(p) = &a.safetensors {
-        let data = TensorData::new(crate::data::image::to_unit_floats(&out.chw_u8), [3, a.size, a.size]);
+        let data = TensorData::new(mvlt::data::image::to_unit_floats(&out.chw_u8), [3, a.size, a.size]);
         write_safetensors(p, &[("image".to_string(), data)], Default::default())?;
     }
     if a.json {
@@ -124,7 +124,7 @@ pub fn info(a: DataInfoArgs) -> Result<()> {
         println!("  {s}");
     }
     if let Some(f) = a.val_fraction {
-        let (train, val) = crate::data::dataset::split_by_product(ds.records(), f, a.seed);
+        let (train, val) = mvlt::data::dataset::split_by_product(ds.records(), f, a.seed);
         println!("  split by product (seed {}): {} train / {} validation images", a.seed, train.len(), val.len());
     }
     for r in ds.records().iter().take(a.head) {

@@ -1,7 +1,7 @@
 //! `mvlt demo`.
 use crate::demo::{self, DemoOptions};
-use crate::device::DeviceSpec;
 use anyhow::Result;
+use mvlt::device::DeviceSpec;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -1,14 +1,15 @@
 //! `mvlt eval retrieval` and `mvlt eval recognition`.
 use super::infer_cmd::ModelArgs;
-use crate::data::dataset::{open_dataset, split_by_product, Dataset};
-use crate::device::{run_on, BackendTask};
-use crate::eval::metrics::Report;
-use crate::eval::recognition;
-use crate::eval::retrieval::{self, Direction, ImageSource, Negatives};
-use crate::index::CatalogIndex;
-use crate::progress::progress_bar;
+use crate::cli::run_on;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
+use mvlt::data::dataset::{open_dataset, split_by_product, Dataset};
+use mvlt::device::BackendTask;
+use mvlt::eval::metrics::Report;
+use mvlt::eval::recognition;
+use mvlt::eval::retrieval::{self, Direction, ImageSource, Negatives};
+use mvlt::index::CatalogIndex;
+use mvlt::progress::progress_bar;
 use std::path::PathBuf;
 
 /// The rows an evaluation covers: the validation split of a run's data (`--val-fraction F
@@ -182,7 +183,7 @@ impl BackendTask for &RetrievalArgs {
             json["first_stage"]["gallery"] = serde_json::to_value(&g)?;
         }
         if let Some(p) = &self.json {
-            crate::files::write_atomic(p, serde_json::to_string_pretty(&json)?.as_bytes())?;
+            mvlt::files::write_atomic(p, serde_json::to_string_pretty(&json)?.as_bytes())?;
         }
         Ok(())
     }
@@ -232,7 +233,7 @@ impl BackendTask for &RecognitionArgs {
         pb.finish_and_clear();
         print_per_class("main category", &r.main, &r.main_names);
         print_per_class("sub-category", &r.sub, &r.sub_names);
-        if let Some(note) = crate::infer::unreadable_note(ds.as_ref(), &r.unreadable, "rows") {
+        if let Some(note) = mvlt::infer::unreadable_note(ds.as_ref(), &r.unreadable, "rows") {
             println!("{note}");
         }
         if r.unknown_class_rows > 0 {
@@ -252,12 +253,12 @@ impl BackendTask for &RecognitionArgs {
             );
         }
         if let Some(p) = &self.json {
-            crate::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            mvlt::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
         }
         if let Some(prefix) = &self.confusion {
             for (tag, names, (t, pr)) in [("main", &r.main_names, &r.main_pairs), ("sub", &r.sub_names, &r.sub_pairs)] {
                 let path = PathBuf::from(format!("{}_{tag}.png", prefix.display()));
-                recognition::plot_confusion(
+                crate::plots::plot_confusion(
                     &path,
                     &format!("{tag} category confusion (rows: truth, columns: prediction; row-normalised)"),
                     names,

@@ -1,11 +1,12 @@
 //! `mvlt score`, `mvlt classify`, `mvlt search`.
-use crate::data::dataset::open_dataset;
-use crate::data::image::Pixels;
-use crate::device::{run_on, BackendTask, DeviceSpec};
-use crate::infer::{filter_rows, Hit, LoadOptions, Model, SearchQuery};
-use crate::progress::progress_bar;
+use crate::cli::run_on;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
+use mvlt::data::dataset::open_dataset;
+use mvlt::data::image::Pixels;
+use mvlt::device::{BackendTask, DeviceSpec};
+use mvlt::infer::{filter_rows, Hit, LoadOptions, Model, SearchQuery};
+use mvlt::progress::progress_bar;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -186,8 +187,8 @@ impl BackendTask for &SearchArgs {
         let rows = match (&self.index, &query) {
             (None, _) => rows,
             (Some(path), SearchQuery::Text(t)) => {
-                let index = crate::index::CatalogIndex::open_for(path, &self.model.weights, m.config.itc_dim)?;
-                let fs = crate::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
+                let index = mvlt::index::CatalogIndex::open_for(path, &self.model.weights, m.config.itc_dim)?;
+                let fs = mvlt::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
                 loaded = t0.elapsed();
                 let q = m.caption_embeddings(&[t])?.remove(0);
                 let top = fs.pick(&q, &rows, ds.as_ref())?;
@@ -204,7 +205,7 @@ impl BackendTask for &SearchArgs {
         let searched = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
         let scoring = scoring.elapsed();
         pb.finish_and_clear();
-        if let Some(note) = crate::infer::unreadable_note(ds.as_ref(), &searched.unreadable, "catalogue images") {
+        if let Some(note) = mvlt::infer::unreadable_note(ds.as_ref(), &searched.unreadable, "catalogue images") {
             eprintln!("{note}");
         }
         let mut hits = searched.hits;
@@ -288,7 +289,7 @@ impl BackendTask for &IndexArgs {
         let pb = progress_bar(ds.len() as u64, "indexing");
         let t0 = std::time::Instant::now();
         let (weights, batch) = (&self.model.weights, self.model.batch_size);
-        let index = crate::index::build(&m, weights, ds.as_ref(), &self.out, batch, 4096, |k| pb.inc(k as u64))?;
+        let index = mvlt::index::build(&m, weights, ds.as_ref(), &self.out, batch, 4096, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         println!(
@@ -308,7 +309,7 @@ pub fn index(a: IndexArgs) -> Result<()> {
 
 /// Images of `rows` in a grid of `cols` columns, `cell` pixels each, in order.
 pub fn contact_sheet(
-    ds: &dyn crate::data::dataset::Dataset,
+    ds: &dyn mvlt::data::dataset::Dataset,
     rows: &[usize],
     cols: usize,
     cell: u32,

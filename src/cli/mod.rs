@@ -13,7 +13,10 @@ mod train_cmd;
 mod verify_cmd;
 mod weights_cmd;
 
+use anyhow::Result;
 use clap::{Parser, Subcommand};
+use mvlt::device::{BackendKind, BackendTask, DeviceSpec};
+use std::sync::OnceLock;
 
 #[derive(Parser)]
 #[command(name = "mvlt", version, about = "MVLT (Masked Vision-Language Transformer in Fashion) in Rust: \
@@ -24,7 +27,7 @@ pub struct Cli {
     /// Default: the fastest one this binary has for the device (`mvlt info` says which);
     /// also MVLT_BACKEND.
     #[arg(long, global = true, value_enum)]
-    backend: Option<crate::device::BackendKind>,
+    backend: Option<mvlt::device::BackendKind>,
     #[command(subcommand)]
     command: Command,
 }
@@ -98,21 +101,82 @@ enum DataCommand {
     Info(data_cmd::DataInfoArgs),
 }
 
+/// The backend this command runs on (`--backend`, else `MVLT_BACKEND`; none: each device's
+/// default). The application's own setting, fixed in [`main`] before a command runs; the library
+/// takes it as an argument.
+static BACKEND: OnceLock<Option<BackendKind>> = OnceLock::new();
+
+/// See [`BACKEND`].
+pub fn backend() -> Option<BackendKind> {
+    BACKEND.get().copied().flatten()
+}
+
+fn choose_backend(flag: Option<BackendKind>) -> Result<()> {
+    let chosen = match flag {
+        Some(b) => Some(b),
+        None => match std::env::var("MVLT_BACKEND") {
+            Ok(v) if !v.is_empty() => Some(v.parse::<BackendKind>().map_err(|e| e.context("MVLT_BACKEND"))?),
+            _ => None,
+        },
+    };
+    let chosen = chosen.map(mvlt::device::check_built).transpose()?;
+    BACKEND.set(chosen).map_err(|_| anyhow::anyhow!("the backend was already chosen"))
+}
+
+/// [`mvlt::device::run_on`] on the chosen backend.
+pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
+    mvlt::device::run_on_devices(spec, backend(), &[spec.index()], task)
+}
+
+/// [`mvlt::device::run_on_devices`] on the chosen backend.
+pub fn run_on_devices<T: BackendTask>(spec: DeviceSpec, indices: &[usize], task: T) -> Result<T::Output> {
+    mvlt::device::run_on_devices(spec, backend(), indices, task)
+}
+
+/// The control of a training run started from the command line: Ctrl-C stops it at the next
+/// step boundary with a checkpoint (a second Ctrl-C exits at once), and its plots are redrawn
+/// whenever its metrics change.
+pub fn run_control() -> mvlt::train::trainer::RunControl {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    let stop = STOP
+        .get_or_init(|| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            // Fails only when another handler is installed already; training then has no Ctrl-C stop.
+            let _ = ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "\nCtrl-C: finishing this step, writing a checkpoint, then stopping (Ctrl-C again to quit at once)"
+                );
+            });
+            stop
+        })
+        .clone();
+    mvlt::train::trainer::RunControl {
+        stop,
+        on_metrics: Some(Arc::new(|dir: &std::path::Path| crate::plots::plot_run(dir))),
+        ..Default::default()
+    }
+}
+
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(b) = cli.backend {
-        crate::device::choose_backend(b)?;
-    }
+    choose_backend(cli.backend)?;
     match cli.command {
         Command::Info => {
             println!("mvlt {}", env!("CARGO_PKG_VERSION"));
-            print!("{}", crate::device::describe());
+            print!("{}", mvlt::device::describe(backend()));
             Ok(())
         }
         Command::Demo(a) => demo_cmd::run(a),
         Command::CompareRuns(a) => plot_cmd::run(a),
-        Command::Pretrain(a) => train_cmd::run(crate::train::config::Task::Pretrain, a),
-        Command::Finetune(a) => train_cmd::run(crate::train::config::Task::Finetune, a),
+        Command::Pretrain(a) => train_cmd::run(mvlt::train::config::Task::Pretrain, a),
+        Command::Finetune(a) => train_cmd::run(mvlt::train::config::Task::Finetune, a),
         Command::Eval(EvalCommand::Retrieval(a)) => eval_cmd::retrieval(a),
         Command::Eval(EvalCommand::Recognition(a)) => eval_cmd::recognition(a),
         Command::Score(a) => infer_cmd::score(a),
@@ -145,6 +209,6 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 /// A text length T in [2, 512]: [CLS] and [SEP] at least, the position table at most.
 fn parse_text_len(s: &str) -> Result<usize, String> {
     let v: usize = s.parse().map_err(|_| format!("'{s}' is not a whole number"))?;
-    crate::data::text::check_max_len(v).map_err(|e| e.to_string())?;
+    mvlt::data::text::check_max_len(v).map_err(|e| e.to_string())?;
     Ok(v)
 }

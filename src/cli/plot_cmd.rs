@@ -1,7 +1,8 @@
 //! `mvlt compare-runs`: the curves of several training runs in one picture, to see what one
 //! setting changes (for example `--with-itc`).
-use crate::train::metrics::{plot_runs, read_lines, series_of, TRAIN_FIELDS, VAL_FIELDS};
+use crate::plots::{plot_runs, TRAIN_FIELDS, VAL_FIELDS};
 use anyhow::{bail, Result};
+use mvlt::train::metrics::{read_lines, series_of};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

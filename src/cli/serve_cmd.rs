@@ -1,11 +1,12 @@
 //! `mvlt serve` and its loopback load test, `mvlt bench-serve`.
 use super::infer_cmd::ModelArgs;
-use crate::data::dataset::{open_dataset, Dataset};
-use crate::device::{run_on, BackendTask};
-use crate::index::FirstStage;
+use crate::cli::run_on;
 use crate::serve::{ServeConfig, Server};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
+use mvlt::data::dataset::{open_dataset, Dataset};
+use mvlt::device::BackendTask;
+use mvlt::index::FirstStage;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,7 +117,7 @@ impl ServeArgs {
             window: Duration::from_millis(self.batch_window_ms.min(10_000)),
             max_candidates: count("max-candidates", self.max_candidates, 100_000_000)?,
             max_texts: count("max-texts", self.max_texts, 1 << 16)?,
-            max_image_pixels: self.max_image_pixels.clamp(1, crate::data::image::MAX_PIXELS),
+            max_image_pixels: self.max_image_pixels.clamp(1, mvlt::data::image::MAX_PIXELS),
             max_connections: count("max-connections", self.max_connections, 1 << 16)?,
             header_timeout: seconds("header-timeout", self.header_timeout)?,
             body_timeout: seconds("body-timeout", self.body_timeout)?,
@@ -135,7 +136,7 @@ fn server<B: Backend>(a: &ServeArgs, device: &B::Device) -> Result<Server> {
     let data: Arc<dyn Dataset> = Arc::from(open_dataset(&a.catalog)?);
     let first_stage = match &a.index {
         Some(path) => {
-            let index = crate::index::CatalogIndex::open_for(path, &a.model.weights, m.config.itc_dim)?;
+            let index = mvlt::index::CatalogIndex::open_for(path, &a.model.weights, m.config.itc_dim)?;
             eprintln!(
                 "text searches: first stage over {} indexed images, ITM re-ranks the top {}",
                 index.len(),
@@ -315,11 +316,11 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
         png
     };
-    let small = b64(&crate::data::image::png_claiming(16, 16));
+    let small = b64(&mvlt::data::image::png_claiming(16, 16));
     let cases: Vec<(String, String, u16)> = vec![
         (
-            format!("16000x16000 PNG header ({} bytes)", crate::data::image::png_claiming(16000, 16000).len()),
-            serde_json::json!({"image": b64(&crate::data::image::png_claiming(16000, 16000)), "text": "a shirt"})
+            format!("16000x16000 PNG header ({} bytes)", mvlt::data::image::png_claiming(16000, 16000).len()),
+            serde_json::json!({"image": b64(&mvlt::data::image::png_claiming(16000, 16000)), "text": "a shirt"})
                 .to_string(),
             400,
         ),
@@ -345,14 +346,14 @@ fn hostile_mix(addr: SocketAddr, cfg: &ServeConfig) -> Result<usize> {
             println!("| {name} | (skipped: {} bytes is over --max-body-mib) | | | |", body.len());
             continue;
         }
-        crate::memory::reset_peak_rss();
+        mvlt::memory::reset_peak_rss();
         let t0 = Instant::now();
         let answers: Vec<(u16, String)> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..8).map(|_| s.spawn(|| post(&url, "application/json", body.as_bytes()))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or((0, "client thread panicked".into()))).collect()
         });
         let secs = t0.elapsed().as_secs_f64();
-        let peak = crate::memory::peak_rss().unwrap_or(0);
+        let peak = mvlt::memory::peak_rss().unwrap_or(0);
         overall_peak = overall_peak.max(peak);
         let statuses: std::collections::BTreeSet<u16> = answers.iter().map(|a| a.0).collect();
         let json_errors = answers

@@ -1,8 +1,8 @@
 //! `mvlt synth`: write the built-in synthetic catalogue.
-use crate::data::dataset::{Dataset, FileDataset};
-use crate::data::synth::write_catalog;
-use crate::progress::progress_bar;
 use anyhow::Result;
+use mvlt::data::dataset::{Dataset, FileDataset};
+use mvlt::data::synth::write_catalog;
+use mvlt::progress::progress_bar;
 use std::path::PathBuf;
 use std::time::Instant;
 

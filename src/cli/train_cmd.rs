@@ -1,8 +1,8 @@
 //! `mvlt pretrain` and `mvlt finetune`.
-use crate::device::run_on_devices;
-use crate::train::config::{recipe_text, Task, TrainConfig};
-use crate::train::trainer::{summarize, TrainRun};
+use crate::cli::run_on_devices;
 use anyhow::Result;
+use mvlt::train::config::{recipe_text, Task, TrainConfig};
+use mvlt::train::trainer::{summarize, TrainRun};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -92,7 +92,11 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     over.extend(a.set.iter().cloned());
     let config = TrainConfig::resolve(&recipe, &over)?;
     let (device, indices) = config.device_indices()?;
-    let s = run_on_devices(device, &indices, TrainRun { config, dir: out.clone(), resume: a.resume })?;
+    let s = run_on_devices(
+        device,
+        &indices,
+        TrainRun { config, dir: out.clone(), resume: a.resume, control: super::run_control() },
+    )?;
     if s.interrupted {
         println!(
             "interrupted after step {}; continue with --resume (checkpoint {})",

@@ -1,7 +1,8 @@
-use crate::device::{run_on, DeviceSpec};
+use crate::cli::run_on;
 use crate::verify::{print_rows, Fixture, FixtureOverrides, Tolerance, VerifyTask};
 use crate::verify_step::TrainStepTask;
 use anyhow::{bail, Result};
+use mvlt::device::DeviceSpec;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

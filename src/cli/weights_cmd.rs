@@ -1,10 +1,10 @@
-use crate::device::Cpu;
-use crate::model::weights::{
+use anyhow::{bail, Context, Result};
+use mvlt::device::Cpu;
+use mvlt::model::weights::{
     is_buffer_or_alias, reference_layout, resolve_config, write_safetensors, StateDict, CONFIG_METADATA_KEY,
     TIED_DECODER_KEY,
 };
-use crate::model::{Pvlt, PvltConfig};
-use anyhow::{bail, Context, Result};
+use mvlt::model::{Pvlt, PvltConfig};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -77,11 +77,11 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     println!("parameters:    {} (unique; the tied word embeddings / MLM decoder counted once)", thousands(params));
     if a.keys {
         for (k, s, d) in &layout {
-            println!("  {:<55} {:<22} {d}", crate::files::printable(k), format!("{s:?}"));
+            println!("  {:<55} {:<22} {d}", mvlt::files::printable(k), format!("{s:?}"));
         }
     }
     if let Some(m) = &a.manifest {
-        let text = crate::files::read_text_limited(m, "manifest", crate::files::MAX_SMALL_FILE_BYTES)?;
+        let text = mvlt::files::read_text_limited(m, "manifest", mvlt::files::MAX_SMALL_FILE_BYTES)?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("manifest {} is not JSON", m.display()))?;
         let diffs = manifest_differences(&layout, &v)?;
@@ -113,16 +113,16 @@ pub fn manifest_differences(
         theirs.insert(k.to_string());
         match ours.get(k) {
             None if k == TIED_DECODER_KEY => {}
-            None => diffs.push(format!("missing: {} {shape:?}", crate::files::printable(k))),
+            None => diffs.push(format!("missing: {} {shape:?}", mvlt::files::printable(k))),
             Some(s) if **s != shape => {
-                diffs.push(format!("shape: {} ours {s:?}, manifest {shape:?}", crate::files::printable(k)))
+                diffs.push(format!("shape: {} ours {s:?}, manifest {shape:?}", mvlt::files::printable(k)))
             }
             _ => {}
         }
     }
     for (k, _, _) in layout {
         if !theirs.contains(k) {
-            diffs.push(format!("unexpected: {}", crate::files::printable(k)));
+            diffs.push(format!("unexpected: {}", mvlt::files::printable(k)));
         }
     }
     Ok(diffs)
@@ -152,7 +152,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     // Check the file really fits the config before recording it.
     if let Some(cfg) = &cfg {
         let model = Pvlt::<Cpu>::new(cfg, &Default::default());
-        let (_, report) = crate::model::weights::load_state_dict(model, &sd, false)?;
+        let (_, report) = mvlt::model::weights::load_state_dict(model, &sd, false)?;
         if !report.missing.is_empty() || !report.unexpected.is_empty() {
             eprintln!("note: against {}: {}", describe(cfg), report.summary());
         }

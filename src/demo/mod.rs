@@ -2,7 +2,7 @@
 //! argument. In phases, each a command a user could run alone:
 //!
 //! 1. **catalogue**: `mvlt synth` into `OUT/catalog`, split by product (the training runs' split);
-//! 2. **pre-training**: `mvlt pretrain --recipe demo` (`configs/demo.toml` says why each setting),
+//! 2. **pre-training**: `mvlt pretrain --recipe demo` (`crates/mvlt/configs/demo.toml` says why each setting),
 //!    first a warm-up segment that [`pace`] times, with the later phases' costs, to plan the steps
 //!    that fill the demo's minutes; then the rest of the run, resumed from the segment's checkpoint;
 //! 3. **retrieval**: `mvlt eval retrieval` on the validation products, TIR and ITR, random and
@@ -18,16 +18,17 @@
 pub mod pace;
 pub mod report;
 
-use crate::data::dataset::{split_by_product, Dataset, FileDataset};
-use crate::device::{run_on, run_on_devices, BackendTask, DeviceSpec};
-use crate::eval::recognition::{self, RecognitionResult};
-use crate::eval::retrieval::{self, Direction, ImageSource, Negatives, RetrievalResult, TwoStageResult};
-use crate::infer::{LoadOptions, Model};
-use crate::progress::progress_bar;
-use crate::train::config::{recipe_text, TrainConfig};
-use crate::train::trainer::{RunSummary, TrainRun};
+use crate::cli::{run_on, run_on_devices};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
+use mvlt::data::dataset::{split_by_product, Dataset, FileDataset};
+use mvlt::device::{BackendTask, DeviceSpec};
+use mvlt::eval::recognition::{self, RecognitionResult};
+use mvlt::eval::retrieval::{self, Direction, ImageSource, Negatives, RetrievalResult, TwoStageResult};
+use mvlt::infer::{LoadOptions, Model};
+use mvlt::progress::progress_bar;
+use mvlt::train::config::{recipe_text, TrainConfig};
+use mvlt::train::trainer::{RunSummary, TrainRun};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -209,7 +210,11 @@ fn train(recipe: &str, dir: &Path, overrides: Vec<String>, device: DeviceSpec) -
         eprintln!("{} has checkpoints: resuming (a finished run only exports its weights)", dir.display());
     }
     let (_, indices) = config.device_indices()?;
-    let s = run_on_devices(device, &indices, TrainRun { config, dir: dir.to_path_buf(), resume })?;
+    let s = run_on_devices(
+        device,
+        &indices,
+        TrainRun { config, dir: dir.to_path_buf(), resume, control: crate::cli::run_control() },
+    )?;
     if s.interrupted {
         bail!("interrupted during {}; run the same command again to continue", dir.display());
     }
@@ -252,7 +257,7 @@ fn read_plan_file(path: &Path, plan: &DemoPlan, o: &DemoOptions) -> Result<Optio
 
 fn write_plan_file(path: &Path, plan: &DemoPlan, seed: u64, steps: Option<&StepPlan>) -> Result<()> {
     let file = PlanFile { plan: serde_json::json!(plan), seed, steps: steps.cloned() };
-    crate::files::write_atomic(path, serde_json::to_string_pretty(&file)?.as_bytes())
+    mvlt::files::write_atomic(path, serde_json::to_string_pretty(&file)?.as_bytes())
 }
 
 pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
@@ -290,7 +295,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     // 1. Catalogue, and the split the training runs will use.
     phase(1, &format!("synthetic catalogue ({} images, {} px)", plan.images, plan.image_size));
     let pb = progress_bar(plan.images as u64, "synth");
-    crate::data::synth::write_catalog(&catalog, plan.images, o.seed, plan.image_size, |k| pb.inc(k as u64))?;
+    mvlt::data::synth::write_catalog(&catalog, plan.images, o.seed, plan.image_size, |k| pb.inc(k as u64))?;
     pb.finish_and_clear();
     let ds = FileDataset::open_jsonl(&catalog.join("catalog.jsonl"))?;
     let (train_rows, val_rows) = split_by_product(ds.records(), pre_cfg.val_fraction, pre_cfg.seed);
@@ -400,7 +405,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
         plan,
         steps,
         seed: o.seed,
-        backend: crate::device::backend_name(o.device),
+        backend: mvlt::device::backend_name(o.device, crate::cli::backend()),
         wall_s: t0.elapsed().as_secs_f64(),
         phases,
         train_products,
@@ -475,7 +480,7 @@ impl BackendTask for RetrievalPhase<'_> {
         // The catalogue's contrastive index, for `serve --index` and `search --index` on the result.
         if has_itc {
             let pb = progress_bar(self.ds.len() as u64, "indexing");
-            crate::index::build(&model, self.weights, self.ds, &self.out.join(report::INDEX_FILE), 64, 4096, |k| {
+            mvlt::index::build(&model, self.weights, self.ds, &self.out.join(report::INDEX_FILE), 64, 4096, |k| {
                 pb.inc(k as u64)
             })?;
             pb.finish_and_clear();
@@ -503,7 +508,7 @@ impl BackendTask for RecognitionPhase<'_> {
         let r = recognition::evaluate(&model, self.ds, self.val_rows, 64, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
         for (tag, names, (t, p)) in [("main", &r.main_names, &r.main_pairs), ("sub", &r.sub_names, &r.sub_pairs)] {
-            recognition::plot_confusion(
+            crate::plots::plot_confusion(
                 &self.out.join(format!("confusion_{tag}.png")),
                 &format!("{tag} category on the validation products (rows: truth; row-normalised)"),
                 names,

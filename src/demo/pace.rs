@@ -4,11 +4,11 @@
 //! Nothing here assumes a speed: a faster machine or backend trains longer in the same minutes.
 
 use super::DemoPlan;
-use crate::data::dataset::{Dataset, FileDataset};
-use crate::eval::retrieval::{self, Direction, ImageSource, Negatives};
-use crate::infer::{LoadOptions, Model};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
+use mvlt::data::dataset::{Dataset, FileDataset};
+use mvlt::eval::retrieval::{self, Direction, ImageSource, Negatives};
+use mvlt::infer::{LoadOptions, Model};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -86,7 +86,7 @@ pub struct Probe<'a> {
 }
 
 /// `(itm_query_s, two_stage_query_s, image_embedding_s)`.
-impl crate::device::BackendTask for Probe<'_> {
+impl mvlt::device::BackendTask for Probe<'_> {
     type Output = (f64, f64, f64);
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
         let model = Model::<B>::load(self.weights, &LoadOptions::default(), &device)?;

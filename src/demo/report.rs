@@ -3,15 +3,15 @@
 //! head makes of a masked image.
 
 use super::{DemoOutcome, ListResult};
-use crate::data::dataset::{Dataset, FileDataset};
-use crate::data::image::{apply_grid_mask, grid_mask};
-use crate::eval::recognition::RecognitionResult;
-use crate::infer::{Model, SearchQuery};
-use crate::model::{HeadSet, Mode};
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use image::{Rgb, RgbImage};
+use mvlt::data::dataset::{Dataset, FileDataset};
+use mvlt::data::image::{apply_grid_mask, grid_mask};
+use mvlt::eval::recognition::RecognitionResult;
+use mvlt::infer::{Model, SearchQuery};
+use mvlt::model::{HeadSet, Mode};
 use rand::SeedableRng;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -23,7 +23,7 @@ const GAP: u32 = 6;
 
 /// `report.json`: the issue's schema (R@K as fractions), plus the run's details.
 pub fn json_of(o: &DemoOutcome) -> Value {
-    let recall = |r: &crate::eval::retrieval::RetrievalResult| json!({"r@1": r.r1, "r@5": r.r5, "r@10": r.r10, "queries": r.queries});
+    let recall = |r: &mvlt::eval::retrieval::RetrievalResult| json!({"r@1": r.r1, "r@5": r.r5, "r@10": r.r10, "queries": r.queries});
     let mut retrieval = serde_json::Map::new();
     let mut first_stage = serde_json::Map::new();
     for l in &o.retrieval {
@@ -43,7 +43,7 @@ pub fn json_of(o: &DemoOutcome) -> Value {
         }
     }
     let rec = o.recognition.as_ref().map(|r| {
-        let one = |x: &crate::eval::metrics::Report| {
+        let one = |x: &mvlt::eval::metrics::Report| {
             json!({"accuracy": x.accuracy, "macro_f1": x.macro_f1, "images": x.samples})
         };
         json!({"main": one(&r.main), "sub": one(&r.sub)})
@@ -111,7 +111,7 @@ fn pct(x: f64) -> String {
 }
 
 /// `R@1 | R@5 | R@10` cells in percent.
-fn recall_cells(r: &crate::eval::retrieval::RetrievalResult) -> String {
+fn recall_cells(r: &mvlt::eval::retrieval::RetrievalResult) -> String {
     format!("{} | {} | {}", pct(r.r1), pct(r.r5), pct(r.r10))
 }
 
@@ -126,8 +126,8 @@ pub fn summary(o: &DemoOutcome) -> String {
     let _ = writeln!(m, "| direction | negatives | R@1 | R@5 | R@10 | queries | candidates |");
     let _ = writeln!(m, "|---|---|---|---|---|---|---|");
     let dir = |l: &ListResult| match l.direction {
-        crate::eval::retrieval::Direction::Tir => "text -> image (TIR)",
-        crate::eval::retrieval::Direction::Itr => "image -> text (ITR)",
+        mvlt::eval::retrieval::Direction::Tir => "text -> image (TIR)",
+        mvlt::eval::retrieval::Direction::Itr => "image -> text (ITR)",
     };
     for l in &o.retrieval {
         let _ = writeln!(
@@ -222,7 +222,7 @@ pub fn markdown(o: &DemoOutcome) -> String {
             "{name}: {} steps at {:.1} samples/s; last validation: {}.\n",
             t.steps,
             t.samples_per_s,
-            t.last_val.as_ref().map(crate::train::trainer::summarize).unwrap_or_else(|| "none".into())
+            t.last_val.as_ref().map(mvlt::train::trainer::summarize).unwrap_or_else(|| "none".into())
         );
         let _ = writeln!(m, "![{name} loss terms]({dir}/loss.png)\n\n![{name} validation]({dir}/val.png)\n");
     }
@@ -235,7 +235,7 @@ pub fn markdown(o: &DemoOutcome) -> String {
              `{} -- demo --seed {} --steps {}`.\n",
             minutes(p.after_pretraining_s),
             minutes(after),
-            crate::device::cargo_run(),
+            mvlt::device::cargo_run(),
             o.seed,
             o.steps.pretrain_steps
         );
@@ -281,7 +281,7 @@ pub fn markdown(o: &DemoOutcome) -> String {
         let _ = writeln!(
             m,
             "{} -- search --weights {w} --catalog {} --index {} --text \"red striped t-shirt\"",
-            crate::device::cargo_run(),
+            mvlt::device::cargo_run(),
             catalog.display(),
             index.display()
         );
@@ -326,14 +326,14 @@ pub fn serve_command(o: &DemoOutcome) -> String {
     let index = if index.exists() { format!(" --index {}", index.display()) } else { String::new() };
     format!(
         "{} -- serve --weights {w} --catalog {}{index}   # then open http://127.0.0.1:8080",
-        crate::device::cargo_run(),
+        mvlt::device::cargo_run(),
         o.out.join("catalog").display()
     )
 }
 
 pub fn write(out: &Path, o: &DemoOutcome) -> Result<()> {
-    crate::files::write_atomic(&out.join("report.json"), serde_json::to_string_pretty(&json_of(o))?.as_bytes())?;
-    crate::files::write_atomic(&out.join("REPORT.md"), markdown(o).as_bytes())
+    mvlt::files::write_atomic(&out.join("report.json"), serde_json::to_string_pretty(&json_of(o))?.as_bytes())?;
+    mvlt::files::write_atomic(&out.join("REPORT.md"), markdown(o).as_bytes())
 }
 
 /// Paste `img` (HWC RGB bytes, any size) into cell (`col`, `row`) of `sheet`, framed in `frame`.
@@ -382,7 +382,7 @@ pub fn search_picture<B: Backend>(
     path: &Path,
 ) -> Result<Vec<String>> {
     let recs = ds.records();
-    let firsts = crate::infer::distinct_captions(ds, val_rows);
+    let firsts = mvlt::infer::distinct_captions(ds, val_rows);
     let step = (firsts.len() / 4).max(1);
     let picks: Vec<usize> = firsts.iter().step_by(step).take(4).copied().collect();
     let itc = model.config.heads.itc;
@@ -406,7 +406,7 @@ pub fn search_picture<B: Backend>(
         let mut rankings = vec![by_itm];
         if itc {
             let t = model.caption_embeddings(&[caption])?.remove(0);
-            let sims: Vec<f32> = gallery.iter().map(|g| crate::index::dot(g, &t)).collect();
+            let sims: Vec<f32> = gallery.iter().map(|g| mvlt::index::dot(g, &t)).collect();
             let mut order: Vec<usize> = (0..val_rows.len()).collect();
             order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
             rankings.push(order.into_iter().map(|j| val_rows[j]).collect());

@@ -91,7 +91,7 @@ impl Access {
     /// Read a token file: its first line, trimmed, of at least [`MIN_TOKEN_CHARS`] visible ASCII
     /// characters.
     pub fn read_token(path: &Path) -> Result<String> {
-        let text = crate::files::read_text_limited(path, "token file", 4096)?;
+        let text = mvlt::files::read_text_limited(path, "token file", 4096)?;
         let token = text.lines().next().unwrap_or("").trim().to_string();
         if token.chars().count() < MIN_TOKEN_CHARS || !token.bytes().all(|b| b.is_ascii_graphic()) {
             bail!(
@@ -170,7 +170,7 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
             StatusCode::FORBIDDEN,
             format!(
                 "this server does not answer to the host name '{}' (the server's operator can allow it with --allow-host)",
-                crate::files::printable(host_name(&host))
+                mvlt::files::printable(host_name(&host))
             ),
         );
     }
@@ -188,7 +188,7 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
                     StatusCode::FORBIDDEN,
                     format!(
                         "requests from pages of {} are not allowed (the server's operator can allow that origin with --cors-origin)",
-                        crate::files::printable(o)
+                        mvlt::files::printable(o)
                     ),
                 );
             }

@@ -6,10 +6,10 @@
 //! whole catalogue slice, in chunks of `max_batch`).
 
 use super::metrics::Metrics;
-use crate::data::image::to_unit_floats;
-use crate::infer::{Candidates, Model};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
+use mvlt::data::image::to_unit_floats;
+use mvlt::infer::{Candidates, Model};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,8 +23,8 @@ pub enum Head {
 
 impl Head {
     /// The model heads this one runs.
-    pub fn heads(self) -> crate::model::HeadSet {
-        use crate::model::HeadSet;
+    pub fn heads(self) -> mvlt::model::HeadSet {
+        use mvlt::model::HeadSet;
         match self {
             Head::Itm => HeadSet { itm: true, ..HeadSet::NONE },
             Head::Cls => HeadSet { cls: true, ..HeadSet::NONE },

@@ -21,11 +21,6 @@ pub mod batcher;
 pub mod clients;
 pub mod metrics;
 
-use crate::data::dataset::Dataset;
-use crate::data::image::{preprocess, Pixels};
-use crate::data::text::TextProcessor;
-use crate::index::FirstStage;
-use crate::infer::{distinct_captions, filter_rows, top_k, Model};
 use access::Access;
 use anyhow::{Context, Result};
 use axum::body::Bytes;
@@ -39,6 +34,11 @@ use batcher::{BatcherConfig, Catalogue, Head, JobError, Output, Queue, Submit, W
 use burn::tensor::backend::Backend;
 use clients::{ClientIp, Clients};
 use metrics::Metrics;
+use mvlt::data::dataset::Dataset;
+use mvlt::data::image::{preprocess, Pixels};
+use mvlt::data::text::TextProcessor;
+use mvlt::index::FirstStage;
+use mvlt::infer::{distinct_captions, filter_rows, top_k, Model};
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::json;
@@ -122,19 +122,19 @@ const MAX_HEADER_COUNT: usize = 64;
 const HYPER_MAX_BUF: usize = 256 << 10;
 const HYPER_MAX_HEADERS: usize = 128;
 /// Longest text of a request: the model reads its first T - 2 word pieces only.
-const MAX_REQUEST_TEXT_BYTES: usize = crate::data::text::MAX_CAPTION_BYTES;
+const MAX_REQUEST_TEXT_BYTES: usize = mvlt::data::text::MAX_CAPTION_BYTES;
 
 struct App {
     queue: Queue,
     text: Arc<TextProcessor>,
     max_len: usize,
     image_size: usize,
-    classes: Option<crate::data::dataset::ClassMap>,
+    classes: Option<mvlt::data::dataset::ClassMap>,
     data: Arc<dyn Dataset>,
     /// Catalogue rows whose image could be read.
     usable: Vec<bool>,
     /// The heads the weights have: an endpoint whose head is missing answers 422.
-    heads: crate::model::HeadSet,
+    heads: mvlt::model::HeadSet,
     decode_slots: Arc<tokio::sync::Semaphore>,
     inflight: Arc<tokio::sync::Semaphore>,
     clients: Arc<Clients>,
@@ -390,7 +390,7 @@ impl App {
             .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the image decoder is closed".into()))?;
         let work = tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
             let _slot = slot;
-            Ok(crate::data::image::preprocess_floats(&Pixels::decode_limited(&bytes, max_pixels)?, size)?.0)
+            Ok(mvlt::data::image::preprocess_floats(&Pixels::decode_limited(&bytes, max_pixels)?, size)?.0)
         });
         tokio::time::timeout_at(deadline, work)
             .await
@@ -402,7 +402,7 @@ impl App {
 
     /// 422 unless the weights have `head`, naming the weights that do.
     fn require(&self, head: Head) -> Result<(), ApiError> {
-        match crate::infer::missing_head(self.heads, head.heads()) {
+        match mvlt::infer::missing_head(self.heads, head.heads()) {
             None => Ok(()),
             Some(why) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, why.into())),
         }
@@ -462,7 +462,7 @@ impl App {
         let app = self.clone();
         let work = tokio::task::spawn_blocking(move || -> Result<Bytes> {
             let _slot = slot;
-            let px = crate::data::image::thumbnail(app.data.pixels(row)?, app.cfg.thumbnail_side)?;
+            let px = mvlt::data::image::thumbnail(app.data.pixels(row)?, app.cfg.thumbnail_side)?;
             Ok(Bytes::from(px.to_png()?))
         });
         let png = tokio::time::timeout_at(deadline, work)
@@ -491,7 +491,7 @@ const THUMBNAILS_KEPT: usize = 64;
 
 /// A note for the server's operator (standard error).
 fn tracing_note(msg: &str) {
-    eprintln!("note: {}", crate::files::printable(msg));
+    eprintln!("note: {}", mvlt::files::printable(msg));
 }
 
 async fn score(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
@@ -723,14 +723,14 @@ impl Server {
         first_stage: Option<FirstStage>,
     ) -> Result<Server> {
         if first_stage.is_some() && !model.config.heads.itc {
-            anyhow::bail!("{}", crate::infer::NO_ITC_HEAD);
+            anyhow::bail!("{}", mvlt::infer::NO_ITC_HEAD);
         }
-        // A server returns freed memory promptly (see `crate::memory`), from its first
+        // A server returns freed memory promptly (see `mvlt::memory`), from its first
         // allocation: preprocessing a catalogue of large photos must not leave its peak behind.
-        crate::memory::keep_freed_memory(false);
+        mvlt::memory::keep_freed_memory(false);
         let recs = data.records();
         let size = model.image_size;
-        let pb = crate::progress::progress_bar(recs.len() as u64, "catalogue");
+        let pb = mvlt::progress::progress_bar(recs.len() as u64, "catalogue");
         let images: Vec<Option<Vec<u8>>> = (0..recs.len())
             .into_par_iter()
             .map(|i| {
@@ -761,7 +761,7 @@ impl Server {
             BatcherConfig { queue: cfg.queue, max_batch: cfg.max_batch, window: cfg.window },
             metrics.clone(),
         );
-        crate::memory::release_freed();
+        mvlt::memory::release_freed();
         let decode_slots = Arc::new(tokio::sync::Semaphore::new(cfg.decode_slots.max(1)));
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight.max(1)));
         Ok(Server {

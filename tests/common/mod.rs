@@ -116,7 +116,7 @@ pub fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
             .unwrap();
     let s = mvlt::device::run_on(
         mvlt::device::DeviceSpec::Cpu,
-        mvlt::train::trainer::TrainRun { config, dir: base.join("run"), resume: false },
+        mvlt::train::trainer::TrainRun { config, dir: base.join("run"), resume: false, control: run_control() },
     )
     .unwrap();
     (s.final_weights.unwrap(), data)
@@ -168,4 +168,12 @@ pub fn post(url: &str, ctype: &str, body: &[u8]) -> (u16, serde_json::Value) {
         Err(e) => panic!("{e}"),
     };
     (st, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+/// The control every training run of a test binary shares: one turn, so runs in parallel test
+/// threads take turns at burn's process-wide random generator and each stays deterministic.
+#[allow(dead_code)]
+pub fn run_control() -> mvlt::train::trainer::RunControl {
+    static TURN: std::sync::OnceLock<mvlt::train::trainer::RunControl> = std::sync::OnceLock::new();
+    TURN.get_or_init(Default::default).clone()
 }

@@ -10,8 +10,9 @@
 //!   `scripts/setup-libtorch.sh` installs the libtorch it links.
 //! - `cubecl` (feature `cuda`): burn's CUDA backend (cubecl kernels, NVRTC at run time).
 //!
-//! `--backend` (or `MVLT_BACKEND`) picks one; by default a device runs on the fastest backend the
-//! binary has for it: `tch` when built, else `flex` (CPU) or `cubecl` (CUDA).
+//! The caller picks one (the `mvlt` command: `--backend` or `MVLT_BACKEND`); by default a device
+//! runs on the fastest backend the binary has for it: `tch` when built, else `flex` (CPU) or
+//! `cubecl` (CUDA).
 //!
 //! `wgpu` (behind the `wgpu` feature) is a check, not a training target: burn's WGPU backend runs
 //! the same burn-cubecl kernels and backward rules as CUDA, and with a software Vulkan driver
@@ -165,7 +166,8 @@ pub fn use_torch_backward_kernels() {
 }
 
 /// The burn backend that drives a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum BackendKind {
     /// burn's pure-Rust CPU backend (no setup).
     Flex,
@@ -242,11 +244,8 @@ pub fn backends_for(spec: DeviceSpec) -> Vec<BackendKind> {
     order.iter().copied().filter(|b| b.built()).collect()
 }
 
-/// The backend chosen for this process (`--backend`, else `MVLT_BACKEND`), if any.
-static CHOSEN: std::sync::OnceLock<BackendKind> = std::sync::OnceLock::new();
-
-/// Choose the backend for every device of this process (the `--backend` flag).
-pub fn choose_backend(kind: BackendKind) -> Result<()> {
+/// `kind`, if this binary has it; else why not and how to get it.
+pub fn check_built(kind: BackendKind) -> Result<BackendKind> {
     if !kind.built() {
         bail!(
             "backend {kind}: this mvlt was built without it; rebuild with `--features {}`{}",
@@ -254,18 +253,12 @@ pub fn choose_backend(kind: BackendKind) -> Result<()> {
             if kind == BackendKind::Tch { " after `eval \"$(scripts/setup-libtorch.sh)\"`" } else { "" }
         );
     }
-    CHOSEN.set(kind).map_err(|_| anyhow::anyhow!("the backend was already chosen"))
+    Ok(kind)
 }
 
-/// The backend `spec` runs on: the chosen one, else `MVLT_BACKEND`, else the fastest built.
-pub fn backend_for(spec: DeviceSpec) -> Result<BackendKind> {
-    let chosen = match CHOSEN.get() {
-        Some(&k) => Some(k),
-        None => match std::env::var("MVLT_BACKEND") {
-            Ok(v) if !v.is_empty() => Some(v.parse::<BackendKind>().map_err(|e| e.context("MVLT_BACKEND"))?),
-            _ => None,
-        },
-    };
+/// The backend `spec` runs on: `chosen` (the caller's choice, e.g. a `--backend` flag), else the
+/// fastest this binary has for it.
+pub fn backend_for(spec: DeviceSpec, chosen: Option<BackendKind>) -> Result<BackendKind> {
     let built = backends_for(spec);
     match chosen {
         Some(k) if built.contains(&k) => Ok(k),
@@ -329,9 +322,9 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-/// The burn backend a device runs on, in words (for reports).
-pub fn backend_name(spec: DeviceSpec) -> String {
-    match backend_for(spec) {
+/// The burn backend a device runs on (`chosen`, else the default), in words (for reports).
+pub fn backend_name(spec: DeviceSpec, chosen: Option<BackendKind>) -> String {
+    match backend_for(spec, chosen) {
         Ok(backend) => backend_name_of(spec, backend),
         Err(e) if spec != DeviceSpec::Wgpu => format!("{e}"),
         Err(_) => backend_name_of(spec, BackendKind::Cubecl),
@@ -394,8 +387,9 @@ pub fn torch_threads() -> usize {
     }
 }
 
-/// What `mvlt info` prints: the backends of this binary and which each device would use.
-pub fn describe() -> String {
+/// What `mvlt info` prints: the backends of this binary and which each device would use
+/// (`chosen`, else the default).
+pub fn describe(chosen: Option<BackendKind>) -> String {
     let mut out = String::new();
     let built: Vec<BackendKind> =
         [BackendKind::Flex, BackendKind::Tch, BackendKind::Cubecl].into_iter().filter(|b| b.built()).collect();
@@ -405,8 +399,8 @@ pub fn describe() -> String {
             DeviceSpec::Cpu => "cpu",
             _ => "cuda",
         };
-        match backend_for(spec) {
-            Ok(b) => out += &format!("--device {kind}: {b} ({})\n", backend_name(spec)),
+        match backend_for(spec, chosen) {
+            Ok(b) => out += &format!("--device {kind}: {b} ({})\n", backend_name(spec, chosen)),
             Err(e) => out += &format!("--device {kind}: {e}\n"),
         }
     }
@@ -442,16 +436,23 @@ pub trait BackendTask {
     }
 }
 
+/// Run on `spec` with its default backend (the fastest this binary has).
 pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
-    run_on_devices(spec, &[spec.index()], task)
+    run_on_devices(spec, None, &[spec.index()], task)
 }
 
-/// Run on several devices of `spec`'s kind: GPU indices for CUDA; for the CPU, which is one
-/// device, each index is one more model replica on it (for testing data parallelism).
-pub fn run_on_devices<T: BackendTask>(spec: DeviceSpec, indices: &[usize], task: T) -> Result<T::Output> {
+/// Run on several devices of `spec`'s kind, on backend `chosen` or the default: GPU indices for
+/// CUDA; for the CPU, which is one device, each index is one more model replica on it (for
+/// testing data parallelism).
+pub fn run_on_devices<T: BackendTask>(
+    spec: DeviceSpec,
+    chosen: Option<BackendKind>,
+    indices: &[usize],
+    task: T,
+) -> Result<T::Output> {
     let backend = match spec {
         DeviceSpec::Wgpu => BackendKind::Cubecl,
-        _ => backend_for(spec)?,
+        _ => backend_for(spec, chosen)?,
     };
     run_with(spec, backend, indices, task)
 }

@@ -178,8 +178,8 @@ impl Loader {
         let pixels = self.dataset.pixels(index)?;
         let (image, crop_box) = preprocess_floats(&pixels, cfg.image_size)?;
         if crop_box.is_none() && self.uncropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
-            eprintln!(
-                "note: {} ({}) has no black pixel after dithering; such images are used whole (said once per dataset)",
+            tracing::warn!(
+                "{} ({}) has no black pixel after dithering; such images are used whole (said once per dataset)",
                 self.dataset.source(),
                 rec.id
             );

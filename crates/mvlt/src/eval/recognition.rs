@@ -1,14 +1,13 @@
 //! Main- and sub-category recognition over a dataset: the image with its caption, as the reference
 //! evaluates, argmax of each head.
 
-use super::metrics::{classification_report, confusion_matrix, Report};
+use super::metrics::{classification_report, Report};
 use crate::data::dataset::Dataset;
 use crate::infer::Model;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::path::Path;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RecognitionResult {
@@ -102,49 +101,4 @@ pub fn evaluate<B: Backend>(
         unknown_class_rows: unknown,
         unreadable,
     })
-}
-
-/// A row-normalised confusion matrix as a heat map (class names on the axes up to 40 classes).
-pub fn plot_confusion(path: &Path, title: &str, names: &[String], y_true: &[usize], y_pred: &[usize]) -> Result<()> {
-    use plotters::prelude::*;
-    let n = names.len();
-    let m = confusion_matrix(y_true, y_pred, n);
-    let cell = (720 / n.max(1)).clamp(6, 40) as i32;
-    let label_w = if n <= 40 { 150 } else { 10 };
-    let (w, h) = (label_w + cell * n as i32 + 20, cell * n as i32 + 60);
-    let mut buf = vec![255u8; (w * h * 3) as usize];
-    {
-        crate::train::metrics::register_font();
-        let root = BitMapBackend::with_buffer(&mut buf, (w as u32, h as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let err = |e| anyhow::anyhow!("drawing the confusion matrix: {e:?}");
-        root.draw(&Text::new(title.to_string(), (10, 10), ("sans-serif", 18))).map_err(err)?;
-        let (x0, y0) = (label_w, 45);
-        for (t, row) in m.iter().enumerate() {
-            let total: usize = row.iter().sum();
-            for (p, &c) in row.iter().enumerate() {
-                let v = if total == 0 { 0.0 } else { c as f64 / total as f64 };
-                let shade = (255.0 * (1.0 - v)) as u8;
-                let rect = [
-                    (x0 + p as i32 * cell, y0 + t as i32 * cell),
-                    (x0 + (p as i32 + 1) * cell, y0 + (t as i32 + 1) * cell),
-                ];
-                root.draw(&Rectangle::new(rect, RGBColor(shade, shade, 255).filled())).map_err(err)?;
-            }
-            if n <= 40 {
-                let y = y0 + t as i32 * cell + cell / 2 - 5;
-                root.draw(&Text::new(names[t].clone(), (4, y), ("sans-serif", 10))).map_err(err)?;
-            }
-        }
-        root.present().map_err(err)?;
-    }
-    let mut png = vec![];
-    use image::ImageEncoder;
-    image::codecs::png::PngEncoder::new(&mut png).write_image(
-        &buf,
-        w as u32,
-        h as u32,
-        image::ExtendedColorType::Rgb8,
-    )?;
-    crate::files::write_atomic(path, &png)
 }

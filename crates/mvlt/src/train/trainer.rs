@@ -7,14 +7,14 @@
 //! per (seed, epoch, row); dropout and stochastic depth reseed the backend's generator from (seed,
 //! batch counter) before every batch. A checkpoint therefore pins the whole future of a run, and a
 //! resumed run repeats, bit for bit on the CPU, what the uninterrupted run would have done.
-//! burn's generator is process-wide: runs in one process take turns (`RUN_LOCK`), and other work
-//! that draws random numbers on the same backend at the same time (building a fresh model) would
-//! perturb a run.
+//! burn's generator is process-wide (burn's own state, not ours): runs that share a
+//! [`RunControl::turn`] take turns, and other work that draws random numbers on the same backend at
+//! the same time (building a fresh model, another run with its own turn) would perturb a run.
 
 use super::checkpoint::{self, TrainState};
 use super::config::{Task, TrainConfig};
 use super::ema::WeightAverage;
-use super::metrics::{self, record, MetricsLog};
+use super::metrics::{record, MetricsLog};
 use super::optim::{clip_factor, grad_norm, AdamW};
 use super::schedule::decays;
 use super::setup::{Plan, RunData, RunFolder, StartPoint};
@@ -30,15 +30,48 @@ use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::Backend;
 use indicatif::ProgressBar;
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// A training run: settings, its folder, and whether to continue from its last checkpoint.
+/// A training run: settings, its folder, whether to continue from its last checkpoint, and what
+/// the caller controls of it.
 pub struct TrainRun {
     pub config: TrainConfig,
     pub dir: PathBuf,
     pub resume: bool,
+    pub control: RunControl,
+}
+
+/// What the caller owns of a run: how to stop it, what to do when its metrics change, and which
+/// runs take turns. The library keeps none of this process-wide: the `mvlt` command sets `stop`
+/// from its Ctrl-C handler and redraws its plots in `on_metrics`.
+#[derive(Clone, Default)]
+pub struct RunControl {
+    /// Set from anywhere (a signal handler, a timer, another thread): the run finishes its step,
+    /// writes a checkpoint and returns with `interrupted`.
+    pub stop: Arc<AtomicBool>,
+    /// Called with the run folder after each validation pass and at the end, once
+    /// `metrics.jsonl` holds the new lines.
+    pub on_metrics: Option<MetricsHook>,
+    /// Runs holding clones of one turn run one at a time: burn's random generator is
+    /// process-wide, so two runs at once would draw from it in turn and neither would repeat.
+    pub turn: Arc<Mutex<()>>,
+}
+
+/// See [`RunControl::on_metrics`].
+pub type MetricsHook = Arc<dyn Fn(&Path) -> Result<()> + Send + Sync>;
+
+impl RunControl {
+    /// Whether the run was asked to stop.
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn metrics_changed(&self, dir: &Path) -> Result<()> {
+        self.on_metrics.as_ref().map_or(Ok(()), |f| f(dir))
+    }
 }
 
 #[derive(Debug)]
@@ -52,23 +85,6 @@ pub struct RunSummary {
     pub samples_per_s: f64,
     pub last_val: Option<serde_json::Value>,
     pub interrupted: bool,
-}
-
-/// Serialises training runs within a process (the backend's generator is shared).
-static RUN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Set by Ctrl-C; the loop checkpoints and stops at the next step boundary.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn install_ctrlc() {
-    // Fails only when a handler is already installed (a second run in one process): keep it.
-    let _ = ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
-            std::process::exit(130);
-        }
-        eprintln!("\nCtrl-C: finishing this step, writing a checkpoint, then stopping (Ctrl-C again to quit at once)");
-    });
 }
 
 /// Seed of the backend generator for batch `k` (dropout, drop_path).
@@ -89,14 +105,15 @@ impl BackendTask for TrainRun {
 type AB<B> = Autodiff<B>;
 
 fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummary> {
-    let _turn = RUN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let turn = run.control.turn.clone();
+    let _turn = turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let cfg = run.config;
     let folder = RunFolder::prepare(&run.dir, run.resume)?;
     let data = RunData::open(&cfg, &folder.dir)?;
     let start = StartPoint::<B>::new(&cfg, &folder, &data, &devices[0])?;
     crate::files::write_atomic(&folder.dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let plan = Plan::new(&cfg, &data, &start.state.classes, devices.len())?;
-    Trainer::new(cfg, folder, data, plan, start.opt, start.average, start.state, devices)?.fit(start.model)
+    Trainer::new(cfg, folder, data, plan, start.opt, start.average, start.state, devices, run.control)?.fit(start.model)
 }
 
 /// Loss sums and counts since the last log line.
@@ -140,6 +157,7 @@ struct Trainer<B: Backend> {
     average: Option<WeightAverage<B>>,
     state: TrainState,
     devices: Vec<B::Device>,
+    control: RunControl,
     settings: StepSettings,
     log: MetricsLog,
     pb: ProgressBar,
@@ -169,6 +187,7 @@ impl<B: Backend> Trainer<B> {
         average: Option<WeightAverage<B>>,
         state: TrainState,
         devices: Vec<B::Device>,
+        control: RunControl,
     ) -> Result<Self> {
         let pretrain = cfg.task == Task::Pretrain;
         let settings = StepSettings {
@@ -179,7 +198,7 @@ impl<B: Backend> Trainer<B> {
             hard_negatives: (pretrain && cfg.itm_hard_negatives)
                 .then_some(HardNegatives { seed: cfg.seed, mlm_on_negatives: cfg.mlm_on_negatives }),
         };
-        eprintln!(
+        tracing::info!(
             "{} {} on {} ({} training rows, {} validation rows; {} steps of {} samples, peak lr {:.3e}); run folder {}",
             if pretrain { "pre-training" } else { "fine-tuning" },
             state.model_config.variant_name().unwrap_or("custom PVLT"),
@@ -192,8 +211,6 @@ impl<B: Backend> Trainer<B> {
             folder.dir.display()
         );
         let log = MetricsLog::open(&folder.dir.join("metrics.jsonl"), folder.resume_from.as_ref().map(|_| state.step))?;
-        install_ctrlc();
-        STOP.store(false, Ordering::SeqCst);
         let pb = crate::progress::progress_bar(plan.total_steps as u64, "train");
         pb.set_position(state.step as u64);
         pb.reset_eta();
@@ -210,6 +227,7 @@ impl<B: Backend> Trainer<B> {
             average,
             state,
             devices,
+            control,
             settings,
             log,
             pb,
@@ -261,7 +279,7 @@ impl<B: Backend> Trainer<B> {
                 model = stepped;
                 self.log_window_if_due(lr, norm)?;
                 let done = self.state.step >= self.plan.total_steps;
-                let stop = STOP.load(Ordering::SeqCst);
+                let stop = self.control.stopping();
                 self.validate_if_due(&model, end_of_epoch, done)?;
                 self.checkpoint_if_due(&model, end_of_epoch, done || stop)?;
                 if stop {
@@ -276,7 +294,7 @@ impl<B: Backend> Trainer<B> {
         }
         self.pb.finish();
         self.report_skips()?;
-        metrics::plot_run(&self.folder.dir)?;
+        self.control.metrics_changed(&self.folder.dir)?;
         if self.state.step == 0 && !interrupted {
             bail!(
                 "no training step was taken, so no weights were exported: {}",
@@ -316,8 +334,8 @@ impl<B: Backend> Trainer<B> {
         self.skips_reported = total;
         let pb = self.pb.clone();
         pb.suspend(|| {
-            eprintln!(
-                "note: {} more training sample(s) could not be read and are skipped ({total} of {rows} in all), e.g. {}: {}",
+            tracing::warn!(
+                "{} more training sample(s) could not be read and are skipped ({total} of {rows} in all), e.g. {}: {}",
                 new.len(),
                 new[0].0,
                 crate::files::printable(&new[0].1)
@@ -430,7 +448,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Validation every `val_every` steps (or at the end of each epoch), and at the end; keeps
-    /// `best.safetensors` and redraws the plots.
+    /// `best.safetensors` and tells the caller (`RunControl::on_metrics`).
     fn validate_if_due(&mut self, model: &Pvlt<AB<B>>, end_of_epoch: bool, done: bool) -> Result<()> {
         let due =
             if self.cfg.val_every > 0 { self.state.step.is_multiple_of(self.cfg.val_every) } else { end_of_epoch }
@@ -453,11 +471,11 @@ impl<B: Backend> Trainer<B> {
                     &self.folder.dir.join("best.safetensors"),
                 )?;
             }
-            eprintln!("validation at step {}: {}", self.state.step, summarize(&v));
+            tracing::info!("validation at step {}: {}", self.state.step, summarize(&v));
             self.last_val = Some(v);
             Ok(())
         })?;
-        metrics::plot_run(&self.folder.dir)
+        self.control.metrics_changed(&self.folder.dir)
     }
 
     /// A checkpoint every `checkpoint_every` steps (or at the end of each epoch), at the end and

@@ -295,7 +295,7 @@ mod itc_tests {
             1.0 - sim.mean().into_scalar()
         };
         let (si, st) = (spread(img.clone()), spread(txt.clone()));
-        eprintln!("1 - mean cosine: images {si:e}, texts {st:e}");
+        tracing::info!("1 - mean cosine: images {si:e}, texts {st:e}");
         assert!(si > 1e-4 && st > 1e-4, "embeddings hardly differ: {si} {st}");
         let head = model.itc_head.as_ref().unwrap();
         let targets = same_product_targets::<A>(&(0..b).map(|i| i.to_string()).collect::<Vec<_>>(), &dev);
@@ -305,7 +305,7 @@ mod itc_tests {
         let g_img = norm(head.image_proj.weight.grad(&grads));
         let g_txt = norm(head.text_proj.weight.grad(&grads));
         let g_q = norm(model.block1[0].attn.q.weight.grad(&grads));
-        eprintln!("grad norms: image_proj {g_img:e}, text_proj {g_txt:e}, block1 q {g_q:e}");
+        tracing::info!("grad norms: image_proj {g_img:e}, text_proj {g_txt:e}, block1 q {g_q:e}");
         assert!(g_img > 0.0 && g_txt > 0.0 && g_q > 0.0);
     }
 }

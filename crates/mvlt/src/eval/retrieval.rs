@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Text to image: one caption against candidate images.
@@ -104,7 +105,8 @@ pub fn read_jsonl_lists(path: &Path) -> Result<Vec<Query>> {
 }
 
 /// Negatives for generated lists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Negatives {
     /// Any other product.
     Random,
@@ -171,8 +173,8 @@ pub fn generate(
         out.push(Query { query: q, candidates: list });
     }
     if out.len() < queries {
-        eprintln!(
-            "note: {} has {} rows to query; generated {} queries, not {queries}",
+        tracing::warn!(
+            "{} has {} rows to query; generated {} queries, not {queries}",
             ds.source(),
             rows.len(),
             out.len()

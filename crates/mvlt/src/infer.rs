@@ -88,7 +88,7 @@ impl<B: Backend> Model<B> {
         let config = resolve_config(o.config.as_deref(), Some(&sd))?;
         let (net, report) = load_state_dict(Pvlt::<B>::new(&config, device), &sd, !o.non_strict)?;
         if o.non_strict {
-            eprintln!("{}: {}", weights.display(), report.summary());
+            tracing::info!("{}: {}", weights.display(), report.summary());
         }
         let vocab = match &o.vocab {
             Some(v) => v.clone(),

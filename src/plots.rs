@@ -1,86 +1,19 @@
-//! What a run writes for people and programs: JSON lines (`metrics.jsonl`: one line per logged
-//! step, `"kind": "train"`, per validation pass, `"kind": "val"`, and when training samples could
-//! not be read, `"kind": "skipped"` with the new ones and why) and PNG plots drawn from them
-//! (`loss.png`, `val.png`).
+//! The pictures a run or a report shows: loss and validation curves from `metrics.jsonl`, and
+//! confusion matrices. Plotting lives here, in the application, so that a program linking the
+//! `mvlt` library does not compile plotters; training calls [`plot_run`] through its metrics hook.
 
 use anyhow::{Context, Result};
+use mvlt::eval::metrics::confusion_matrix;
+use mvlt::train::metrics::{read_lines, series_of, Point, Series};
 use plotters::prelude::*;
-use serde_json::{Map, Value};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-pub struct MetricsLog {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl MetricsLog {
-    /// Open for appending. On a resume, lines after `keep_up_to_step` (written after the
-    /// checkpoint the run resumes from) are dropped so the log matches the run as it continues.
-    pub fn open(path: &Path, keep_up_to_step: Option<usize>) -> Result<MetricsLog> {
-        match keep_up_to_step {
-            Some(step) if path.exists() => {
-                let kept: Vec<String> = read_lines(path)?
-                    .into_iter()
-                    .filter(|v| v.get("step").and_then(Value::as_u64).is_some_and(|s| s as usize <= step))
-                    .map(|v| v.to_string())
-                    .collect();
-                let text = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
-                crate::files::write_atomic(path, text.as_bytes())?;
-            }
-            Some(_) => {}
-            None => {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(MetricsLog { path: path.to_path_buf(), file })
-    }
-
-    pub fn write(&mut self, record: &Value) -> Result<()> {
-        writeln!(self.file, "{record}").with_context(|| format!("cannot write {}", self.path.display()))?;
-        self.file.flush()?;
-        Ok(())
-    }
-}
-
-pub fn read_lines(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    // A line cut short by a crash is skipped rather than failing the whole plot.
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
-}
-
-/// One (x, y) point of a curve.
-pub type Point = (f64, f64);
-/// One panel's data: title and (x, y) points.
-pub type Series = (String, Vec<Point>);
-
-/// Series `(name, points)` for each numeric field of the records of `kind`, x = step.
-pub fn series_of(records: &[Value], kind: &str, fields: &[&str]) -> Vec<Series> {
-    fields
-        .iter()
-        .filter_map(|f| {
-            let pts: Vec<(f64, f64)> = records
-                .iter()
-                .filter(|r| r.get("kind").and_then(Value::as_str) == Some(kind))
-                .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(*f)?.as_f64()?)))
-                .filter(|(_, y)| y.is_finite())
-                .collect();
-            (!pts.is_empty()).then(|| (f.to_string(), pts))
-        })
-        .collect()
-}
+use std::path::Path;
 
 static FONT: std::sync::Once = std::sync::Once::new();
 
 pub fn register_font() {
     FONT.call_once(|| {
         // Embedded so plots render the same everywhere, with no system font lookup.
-        let bytes: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+        let bytes: &'static [u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
     });
 }
@@ -181,7 +114,7 @@ pub fn plot_runs(path: &Path, title: &str, runs: &[(String, Vec<Series>)], smoot
     image::codecs::png::PngEncoder::new(&mut png)
         .write_image(&buf, w, h, image::ExtendedColorType::Rgb8)
         .context("encoding plot PNG")?;
-    crate::files::write_atomic(path, &png)
+    mvlt::files::write_atomic(path, &png)
 }
 
 use image::ImageEncoder;
@@ -215,13 +148,47 @@ pub fn plot_run(dir: &Path) -> Result<()> {
     plot_panels(&dir.join("val.png"), "validation", &val, 1)
 }
 
-/// A JSON object from pairs, skipping absent values.
-pub fn record(pairs: &[(&str, Option<Value>)]) -> Value {
-    let mut m = Map::new();
-    for (k, v) in pairs {
-        if let Some(v) = v {
-            m.insert(k.to_string(), v.clone());
+/// A row-normalised confusion matrix as a heat map (class names on the axes up to 40 classes).
+pub fn plot_confusion(path: &Path, title: &str, names: &[String], y_true: &[usize], y_pred: &[usize]) -> Result<()> {
+    use plotters::prelude::*;
+    let n = names.len();
+    let m = confusion_matrix(y_true, y_pred, n);
+    let cell = (720 / n.max(1)).clamp(6, 40) as i32;
+    let label_w = if n <= 40 { 150 } else { 10 };
+    let (w, h) = (label_w + cell * n as i32 + 20, cell * n as i32 + 60);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        register_font();
+        let root = BitMapBackend::with_buffer(&mut buf, (w as u32, h as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let err = |e| anyhow::anyhow!("drawing the confusion matrix: {e:?}");
+        root.draw(&Text::new(title.to_string(), (10, 10), ("sans-serif", 18))).map_err(err)?;
+        let (x0, y0) = (label_w, 45);
+        for (t, row) in m.iter().enumerate() {
+            let total: usize = row.iter().sum();
+            for (p, &c) in row.iter().enumerate() {
+                let v = if total == 0 { 0.0 } else { c as f64 / total as f64 };
+                let shade = (255.0 * (1.0 - v)) as u8;
+                let rect = [
+                    (x0 + p as i32 * cell, y0 + t as i32 * cell),
+                    (x0 + (p as i32 + 1) * cell, y0 + (t as i32 + 1) * cell),
+                ];
+                root.draw(&Rectangle::new(rect, RGBColor(shade, shade, 255).filled())).map_err(err)?;
+            }
+            if n <= 40 {
+                let y = y0 + t as i32 * cell + cell / 2 - 5;
+                root.draw(&Text::new(names[t].clone(), (4, y), ("sans-serif", 10))).map_err(err)?;
+            }
         }
+        root.present().map_err(err)?;
     }
-    Value::Object(m)
+    let mut png = vec![];
+    use image::ImageEncoder;
+    image::codecs::png::PngEncoder::new(&mut png).write_image(
+        &buf,
+        w as u32,
+        h as u32,
+        image::ExtendedColorType::Rgb8,
+    )?;
+    mvlt::files::write_atomic(path, &png)
 }

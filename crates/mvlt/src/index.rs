@@ -283,7 +283,7 @@ pub fn build<B: Backend>(
     let (mut index, start) = match CatalogIndex::load(&partial) {
         Ok(p) if &p.weights_sha256 == weights_sha256 && resumable(&p).is_some() => {
             let seen = resumable(&p).unwrap_or(0);
-            eprintln!("continuing {} ({} of {} images embedded)", partial.display(), p.len(), ids.len());
+            tracing::info!("continuing {} ({} of {} images embedded)", partial.display(), p.len(), ids.len());
             (p, seen)
         }
         _ => (
@@ -311,8 +311,8 @@ pub fn build<B: Backend>(
             match p {
                 Ok(p) => kept.push((r, p)),
                 Err(e) => {
-                    eprintln!(
-                        "note: catalogue image '{}' left out of the index: {e:#}",
+                    tracing::warn!(
+                        "catalogue image '{}' left out of the index: {e:#}",
                         crate::files::printable(&ids[r])
                     );
                     index.skipped.push(ids[r].clone());

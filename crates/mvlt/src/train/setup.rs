@@ -40,8 +40,8 @@ impl RunFolder {
         for folder in [dir.to_path_buf(), checkpoints.clone(), dir.join("final")] {
             let (n, bytes) = crate::files::remove_stale_temporaries(&folder)?;
             if n > 0 {
-                eprintln!(
-                    "note: removed {n} temporary file(s) ({:.1} MB) left in {} by an interrupted write",
+                tracing::warn!(
+                    "removed {n} temporary file(s) ({:.1} MB) left in {} by an interrupted write",
                     bytes as f64 / 1e6,
                     folder.display()
                 );
@@ -55,7 +55,7 @@ impl RunFolder {
                     // Renamed aside so that pruning never keeps it in place of a good one.
                     let aside = p.with_extension("safetensors.broken");
                     let moved = std::fs::rename(p, &aside).is_ok();
-                    eprintln!(
+                    tracing::info!(
                         "warning: skipping checkpoint {}: {why}{}",
                         p.display(),
                         if moved { format!(" (renamed to {})", aside.display()) } else { String::new() }
@@ -103,7 +103,7 @@ impl RunData {
         }
         let dataset: Arc<dyn Dataset> = Arc::from(open_dataset(&path)?);
         if let Some(s) = dataset.skips().summary() {
-            eprintln!("note: {s}");
+            tracing::warn!("{s}");
         }
         let vocab_path = match &cfg.vocab {
             Some(v) => v.clone(),
@@ -181,10 +181,7 @@ fn drop_mismatched_class_heads(sd: &mut StateDict, m: &PvltConfig) {
         let bias = format!("{head}linear_bias");
         if let Some(have) = sd.tensors.get(&bias).map(|t| t.shape[0]).filter(|&k| k != n) {
             sd.tensors.retain(|k, _| !k.starts_with(head));
-            eprintln!(
-                "note: {} has {have} classes in {head}*, the data {n}: that head starts fresh",
-                sd.path.display()
-            );
+            tracing::warn!("{} has {have} classes in {head}*, the data {n}: that head starts fresh", sd.path.display());
         }
     }
 }
@@ -213,12 +210,14 @@ impl<B: Backend> StartPoint<B> {
             }
             (Some(decay), None) => {
                 if folder.resume_from.is_some() {
-                    eprintln!("ema_decay = {decay}: the weight average starts at the resumed weights");
+                    tracing::info!("ema_decay = {decay}: the weight average starts at the resumed weights");
                 }
                 Some(WeightAverage::new(decay))
             }
             (None, Some(_)) => {
-                eprintln!("no ema_decay: the checkpoint's weight average is dropped; the run exports its last weights");
+                tracing::info!(
+                    "no ema_decay: the checkpoint's weight average is dropped; the run exports its last weights"
+                );
                 None
             }
             (None, None) => None,
@@ -253,7 +252,7 @@ impl<B: Backend> StartPoint<B> {
                 );
             }
         }
-        eprintln!(
+        tracing::info!(
             "resuming from {} (step {}, epoch {}, batch {})",
             path.display(),
             state.step,
@@ -278,7 +277,7 @@ impl<B: Backend> StartPoint<B> {
             drop_mismatched_class_heads(&mut sd, &model_config);
             let (m, report) = load_state_dict(model, &sd, !cfg.init_non_strict)?;
             model = m;
-            eprintln!("initial weights {}: {}", sd.path.display(), report.summary());
+            tracing::info!("initial weights {}: {}", sd.path.display(), report.summary());
         }
         let state = TrainState {
             step: 0,

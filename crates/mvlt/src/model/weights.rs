@@ -557,7 +557,7 @@ impl<B: Backend> LoadedModel<B> {
     /// Print each file's load report (loaded / ignored / missing keys).
     pub fn print_reports(&self) {
         for (w, report) in &self.reports {
-            eprintln!("{}: {}", w.display(), report.summary());
+            tracing::info!("{}: {}", w.display(), report.summary());
         }
     }
 }

@@ -1,0 +1,31 @@
+//! mvlt — MVLT (Masked Vision-Language Transformer in Fashion, MIR 2023) in Rust on burn, as a
+//! library: what a program needs to train, evaluate and search with the model. The `mvlt`
+//! command, its HTTP server, plots, demo and developer tooling are the application at the
+//! repository root (`mvlt-cli`), built on this crate.
+//!
+//! - [`model`]: the PVLT network (MVLT-SPEC 2), its config, and weight files (safetensors, the
+//!   authors' `.pth`).
+//! - [`data`]: the three dataset formats and the synthetic catalogue, the reference's image and
+//!   text preprocessing, the pre-training corruptions and the batch loader.
+//! - [`train`]: objectives, AdamW, schedule, checkpoints, metrics and the training loop.
+//! - [`eval`]: retrieval (R@K over candidate lists) and recognition (accuracy, F1, confusion).
+//! - [`infer`]: load trained weights once, then score, classify and search; [`index`]: a
+//!   catalogue's contrastive index, the first stage of a search.
+//! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
+//! - [`pickle`]: a bounded pickle reader (the authors' `.pth` and `.pkl` files), data only.
+//! - [`files`]: bounded, checked reads of user-named files and atomic writes; [`memory`]: the
+//!   allocator's keep-or-return policy; [`progress`]: progress bars.
+//!
+//! Messages go through `tracing`; the library installs no subscriber, keeps no process-wide
+//! settings of its own and never exits the process.
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod files;
+pub mod index;
+pub mod infer;
+pub mod memory;
+pub mod model;
+pub mod pickle;
+pub mod progress;
+pub mod train;
