@@ -271,10 +271,10 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
     let index = base.join("catalog.index");
     let o = mvlt(&["index", "--weights", w, "--catalog", d, "--out", index.to_str().unwrap(), "--batch-size", "7"]);
     assert!(o.status.success(), "{}", text(&o));
-    let ix = mvlt::index::CatalogIndex::load(&index).unwrap();
+    let ix = mvlt::search::index::CatalogIndex::load(&index).unwrap();
     assert_eq!(ix.len(), 60);
     ix.save(&base.join("again.index")).unwrap();
-    assert_eq!(mvlt::index::CatalogIndex::load(&base.join("again.index")).unwrap(), ix);
+    assert_eq!(mvlt::search::index::CatalogIndex::load(&base.join("again.index")).unwrap(), ix);
     for r in 0..ix.len() {
         let norm: f32 = ix.row(r).iter().map(|x| x * x).sum();
         assert!((norm - 1.0).abs() < 1e-4, "row {r} has squared norm {norm}");

@@ -103,7 +103,7 @@ fn bad_command_line_inputs_get_clear_errors() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
         .collect();
     let index = |name: &str, sha: &str, dim: usize, value: f32| {
-        let idx = mvlt::index::CatalogIndex {
+        let idx = mvlt::search::index::CatalogIndex {
             weights_sha256: sha.to_string(),
             ids: ids.clone(),
             dim,

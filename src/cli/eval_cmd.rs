@@ -8,8 +8,8 @@ use mvlt::device::BackendTask;
 use mvlt::eval::metrics::Report;
 use mvlt::eval::recognition;
 use mvlt::eval::retrieval::{self, Direction, ImageSource, Negatives};
-use mvlt::index::CatalogIndex;
 use mvlt::progress::progress_bar;
+use mvlt::search::index::CatalogIndex;
 use std::path::PathBuf;
 
 /// The rows an evaluation covers: the validation split of a run's data (`--val-fraction F
@@ -233,7 +233,7 @@ impl BackendTask for &RecognitionArgs {
         pb.finish_and_clear();
         print_per_class("main category", &r.main, &r.main_names);
         print_per_class("sub-category", &r.sub, &r.sub_names);
-        if let Some(note) = mvlt::infer::unreadable_note(ds.as_ref(), &r.unreadable, "rows") {
+        if let Some(note) = mvlt::search::unreadable_note(ds.as_ref(), &r.unreadable, "rows") {
             println!("{note}");
         }
         if r.unknown_class_rows > 0 {

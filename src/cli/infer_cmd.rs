@@ -5,8 +5,9 @@ use burn::tensor::backend::Backend;
 use mvlt::data::dataset::open_dataset;
 use mvlt::data::image::Pixels;
 use mvlt::device::{BackendTask, DeviceSpec};
-use mvlt::infer::{filter_rows, Hit, LoadOptions, Model, SearchQuery};
+use mvlt::infer::{LoadOptions, Model};
 use mvlt::progress::progress_bar;
+use mvlt::search::{filter_rows, Hit, SearchQuery};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -187,8 +188,8 @@ impl BackendTask for &SearchArgs {
         let rows = match (&self.index, &query) {
             (None, _) => rows,
             (Some(path), SearchQuery::Text(t)) => {
-                let index = mvlt::index::CatalogIndex::open_for(path, &self.model.weights, m.config.itc_dim)?;
-                let fs = mvlt::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
+                let index = mvlt::search::index::CatalogIndex::open_for(path, &self.model.weights, m.config.itc_dim)?;
+                let fs = mvlt::search::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
                 loaded = t0.elapsed();
                 let q = m.caption_embeddings(&[t])?.remove(0);
                 let top = fs.pick(&q, &rows, ds.as_ref())?;
@@ -205,7 +206,7 @@ impl BackendTask for &SearchArgs {
         let searched = m.search(ds.as_ref(), &rows, query, self.model.batch_size, |k| pb.inc(k as u64))?;
         let scoring = scoring.elapsed();
         pb.finish_and_clear();
-        if let Some(note) = mvlt::infer::unreadable_note(ds.as_ref(), &searched.unreadable, "catalogue images") {
+        if let Some(note) = mvlt::search::unreadable_note(ds.as_ref(), &searched.unreadable, "catalogue images") {
             eprintln!("{note}");
         }
         let mut hits = searched.hits;
@@ -289,7 +290,7 @@ impl BackendTask for &IndexArgs {
         let pb = progress_bar(ds.len() as u64, "indexing");
         let t0 = std::time::Instant::now();
         let (weights, batch) = (&self.model.weights, self.model.batch_size);
-        let index = mvlt::index::build(&m, weights, ds.as_ref(), &self.out, batch, 4096, |k| pb.inc(k as u64))?;
+        let index = mvlt::search::index::build(&m, weights, ds.as_ref(), &self.out, batch, 4096, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         println!(

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use mvlt::data::dataset::{open_dataset, Dataset};
 use mvlt::device::BackendTask;
-use mvlt::index::FirstStage;
+use mvlt::search::index::FirstStage;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -136,7 +136,7 @@ fn server<B: Backend>(a: &ServeArgs, device: &B::Device) -> Result<Server> {
     let data: Arc<dyn Dataset> = Arc::from(open_dataset(&a.catalog)?);
     let first_stage = match &a.index {
         Some(path) => {
-            let index = mvlt::index::CatalogIndex::open_for(path, &a.model.weights, m.config.itc_dim)?;
+            let index = mvlt::search::index::CatalogIndex::open_for(path, &a.model.weights, m.config.itc_dim)?;
             eprintln!(
                 "text searches: first stage over {} indexed images, ITM re-ranks the top {}",
                 index.len(),

@@ -480,9 +480,15 @@ impl BackendTask for RetrievalPhase<'_> {
         // The catalogue's contrastive index, for `serve --index` and `search --index` on the result.
         if has_itc {
             let pb = progress_bar(self.ds.len() as u64, "indexing");
-            mvlt::index::build(&model, self.weights, self.ds, &self.out.join(report::INDEX_FILE), 64, 4096, |k| {
-                pb.inc(k as u64)
-            })?;
+            mvlt::search::index::build(
+                &model,
+                self.weights,
+                self.ds,
+                &self.out.join(report::INDEX_FILE),
+                64,
+                4096,
+                |k| pb.inc(k as u64),
+            )?;
             pb.finish_and_clear();
         }
         let queries = report::search_picture(&model, self.ds, self.val_rows, &self.out.join("search.png"))?;

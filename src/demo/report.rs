@@ -10,8 +10,9 @@ use image::{Rgb, RgbImage};
 use mvlt::data::dataset::{Dataset, FileDataset};
 use mvlt::data::image::{apply_grid_mask, grid_mask};
 use mvlt::eval::recognition::RecognitionResult;
-use mvlt::infer::{Model, SearchQuery};
+use mvlt::infer::Model;
 use mvlt::model::{HeadSet, Mode};
+use mvlt::search::SearchQuery;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -382,7 +383,7 @@ pub fn search_picture<B: Backend>(
     path: &Path,
 ) -> Result<Vec<String>> {
     let recs = ds.records();
-    let firsts = mvlt::infer::distinct_captions(ds, val_rows);
+    let firsts = mvlt::search::distinct_captions(ds, val_rows);
     let step = (firsts.len() / 4).max(1);
     let picks: Vec<usize> = firsts.iter().step_by(step).take(4).copied().collect();
     let itc = model.config.heads.itc;
@@ -406,7 +407,7 @@ pub fn search_picture<B: Backend>(
         let mut rankings = vec![by_itm];
         if itc {
             let t = model.caption_embeddings(&[caption])?.remove(0);
-            let sims: Vec<f32> = gallery.iter().map(|g| mvlt::index::dot(g, &t)).collect();
+            let sims: Vec<f32> = gallery.iter().map(|g| mvlt::search::index::dot(g, &t)).collect();
             let mut order: Vec<usize> = (0..val_rows.len()).collect();
             order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
             rankings.push(order.into_iter().map(|j| val_rows[j]).collect());

@@ -9,8 +9,8 @@
 //!   text preprocessing, the pre-training corruptions and the batch loader.
 //! - [`train`]: objectives, AdamW, schedule, checkpoints, metrics and the training loop.
 //! - [`eval`]: retrieval (R@K over candidate lists) and recognition (accuracy, F1, confusion).
-//! - [`infer`]: load trained weights once, then score, classify and search; [`index`]: a
-//!   catalogue's contrastive index, the first stage of a search.
+//! - [`infer`]: load trained weights once, then score and classify; [`search`]: rank a catalogue
+//!   for a query, exhaustively by ITM or through the contrastive index (its first stage).
 //! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
 //! - [`pickle`]: a bounded pickle reader (the authors' `.pth` and `.pkl` files), data only.
 //! - [`files`]: bounded, checked reads of user-named files and atomic writes; [`memory`]: the
@@ -22,10 +22,11 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod files;
-pub mod index;
+
 pub mod infer;
 pub mod memory;
 pub mod model;
 pub mod pickle;
 pub mod progress;
+pub mod search;
 pub mod train;

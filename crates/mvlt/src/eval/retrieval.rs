@@ -10,8 +10,8 @@
 use super::metrics::{rank_of_positive, recall_at};
 use crate::data::dataset::Dataset;
 use crate::data::image::Pixels;
-use crate::index::{dot, CatalogIndex};
 use crate::infer::Model;
+use crate::search::index::{dot, CatalogIndex};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use rand::seq::{IndexedRandom, SliceRandom};

@@ -20,11 +20,16 @@
 //! GPU path lacks (the bilinear-backward panic of the first H100 run was such a gap) before a GPU
 //! session is spent on it. `scripts/gpu_check.sh` runs with `DEV=wgpu` (README, "Devices").
 
-use anyhow::{bail, Result};
+mod host;
+mod libtorch;
+
+pub use host::with_host_f32;
 #[cfg(feature = "tch")]
-use burn::backend::libtorch::TchTensor;
+pub use libtorch::use_torch_backward_kernels;
+pub use libtorch::{libtorch, libtorch_version, torch_threads};
+
+use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
 use std::fmt;
 use std::str::FromStr;
 
@@ -51,118 +56,6 @@ pub fn fused_attention_pays<B: Backend>() -> bool {
         return true;
     }
     false
-}
-
-/// Runs `f` over the f32 values of `tensors` in host memory and gives the tensors back with what
-/// `f` wrote, or `Err` with them untouched where the backend keeps them elsewhere (GPU memory) or
-/// not as f32, for the caller to fall back on tensor ops. The slices never alias: a tensor whose
-/// storage another tensor shares is copied first, so no other tensor sees the writes.
-///
-/// For kernels that must touch each element once, which burn's tensor ops cannot express (the
-/// fused AdamW of `train::optim`): flex's tensors leave and re-enter `TensorData` without a copy
-/// when nothing else holds them; libtorch's CPU tensors are written through their data pointer
-/// when burn-tch's own in-place rule (`can_mut`) allows.
-pub fn with_host_f32<B: Backend, const N: usize>(
-    tensors: [Tensor<B, 1>; N],
-    f: impl FnOnce(&mut [&mut [f32]]),
-) -> std::result::Result<[Tensor<B, 1>; N], [Tensor<B, 1>; N]> {
-    if tensors.iter().any(|t| t.dtype() != DType::F32) {
-        return Err(tensors);
-    }
-    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Cpu>() {
-        let device = tensors[0].device();
-        let mut data = tensors.map(|t| t.into_data());
-        let mut slices = data.iter_mut().filter_map(|d| d.as_mut_slice::<f32>().ok()).collect::<Vec<_>>();
-        let all = slices.len() == N;
-        if all {
-            f(&mut slices);
-        }
-        drop(slices);
-        let out = data.map(|d| Tensor::from_data(d, &device));
-        return if all { Ok(out) } else { Err(out) };
-    }
-    #[cfg(feature = "tch")]
-    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Torch>() {
-        use std::any::Any;
-        // The type test above makes both downcasts succeed; `Err` keeps the types honest.
-        let boxed: Box<dyn Any> = Box::new(tensors);
-        let Ok(torch) = boxed.downcast::<[Tensor<Torch, 1>; N]>() else { unreachable!("B is Torch") };
-        let back = |r: [Tensor<Torch, 1>; N]| -> [Tensor<B, 1>; N] {
-            let boxed: Box<dyn Any> = Box::new(r);
-            *boxed.downcast::<[Tensor<B, 1>; N]>().unwrap_or_else(|_| unreachable!("B is Torch"))
-        };
-        return torch_host_f32(*torch, f).map(back).map_err(back);
-    }
-    Err(tensors)
-}
-
-#[cfg(feature = "tch")]
-fn torch_host_f32<const N: usize>(
-    tensors: [Tensor<Torch, 1>; N],
-    f: impl FnOnce(&mut [&mut [f32]]),
-) -> std::result::Result<[Tensor<Torch, 1>; N], [Tensor<Torch, 1>; N]> {
-    use burn::backend::libtorch::LibTorchDevice;
-    use burn::tensor::TensorPrimitive;
-    if tensors.iter().any(|t| t.device() != LibTorchDevice::Cpu) {
-        return Err(tensors);
-    }
-    let mut prims = tensors.map(|t| {
-        let p = t.into_primitive().tensor();
-        if p.can_mut() && p.tensor.is_contiguous() {
-            p
-        } else {
-            let mut fresh = tch::Tensor::empty(p.tensor.size(), (tch::Kind::Float, tch::Device::Cpu));
-            fresh.copy_(&p.tensor);
-            TchTensor::new(fresh)
-        }
-    });
-    let mut slices: Vec<&mut [f32]> = prims
-        .iter_mut()
-        .map(|p| match p.tensor.numel() {
-            0 => &mut [][..],
-            // SAFETY: a contiguous f32 CPU tensor of `n` elements whose storage no other tensor
-            // holds (can_mut, or a fresh copy), borrowed mutably for as long as the slice lives.
-            n => unsafe { std::slice::from_raw_parts_mut(p.tensor.data_ptr() as *mut f32, n) },
-        })
-        .collect();
-    f(&mut slices);
-    Ok(prims.map(|p| Tensor::from_primitive(TensorPrimitive::Float(p))))
-}
-
-/// libtorch's own backward kernels for the layer norm and softmax that training tracks as single
-/// ops (vendored burn-autodiff, `fused_backward`), in place of the closed forms written with burn
-/// ops there: `_softmax_backward_data` is one pass where the closed form makes four, and libtorch's
-/// layer-norm backward (`native_layer_norm_backward`, bound by the vendored burn-tch because tch
-/// 0.22 does not expose it) about four where the closed form makes twelve. On pvlt_tiny's shapes,
-/// timed in PyTorch: 135 ms of closed forms against 44 ms per training step (2 cores) when the
-/// kernel was reached through libtorch's autograd (a recomputed forward, `y * grad` and its
-/// backward around it); called directly, 2-3x less again (stage 1, `[8, 4224, 64]`: 2.5 ms
-/// against 7.1 ms).
-#[cfg(feature = "tch")]
-struct TorchBackward;
-
-#[cfg(feature = "tch")]
-impl burn::backend::autodiff::fused_backward::FusedBackward<Torch> for TorchBackward {
-    fn layer_norm(&self, grad: TchTensor, x: TchTensor, gamma: TchTensor, epsilon: f64) -> [TchTensor; 3] {
-        // The kernel itself, through the vendored burn-tch's binding of it (libtorch's autograd
-        // there should libtorch refuse).
-        burn::backend::libtorch::native::layer_norm_backward(&grad.tensor, &x.tensor, &gamma.tensor, epsilon)
-            .map(TchTensor::new)
-    }
-
-    fn softmax(&self, grad: TchTensor, output: TchTensor, dim: usize) -> TchTensor {
-        let kind = output.tensor.kind();
-        TchTensor::new(tch::Tensor::internal_softmax_backward_data(&grad.tensor, &output.tensor, dim as i64, kind))
-    }
-}
-
-/// Registers [`TorchBackward`] with autodiff (once per process); every libtorch run calls it.
-#[cfg(feature = "tch")]
-pub fn use_torch_backward_kernels() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        burn::backend::autodiff::fused_backward::register_fused_backward::<Torch>(std::sync::Arc::new(TorchBackward))
-    });
 }
 
 /// The burn backend that drives a device.
@@ -341,49 +234,6 @@ pub fn backend_name_of(spec: DeviceSpec, backend: BackendKind) -> String {
         (DeviceSpec::Cpu, _) => format!("burn flex (pure Rust) on the CPU, {} threads", rayon::current_num_threads()),
         (DeviceSpec::Cuda(n), BackendKind::Tch) => format!("libtorch {} (burn-tch) on GPU {n}", libtorch_version()),
         (DeviceSpec::Cuda(n), _) => format!("burn cuda (cubecl) on GPU {n}"),
-    }
-}
-
-/// The version of the libtorch the binary runs with (the library found through
-/// `LD_LIBRARY_PATH`, read from its folder's `version.py` as pip installs it), and where it is.
-pub fn libtorch() -> Option<(String, std::path::PathBuf)> {
-    #[cfg(feature = "tch")]
-    {
-        // tch has no run-time version call; the loaded library's own files say it.
-        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-        let lib = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("libtorch_cpu.so"))?;
-        let lib = std::path::PathBuf::from(lib);
-        let version = lib
-            .parent()
-            .and_then(|d| d.parent())
-            .and_then(|d| std::fs::read_to_string(d.join("version.py")).ok())
-            .and_then(|v| {
-                v.lines()
-                    .find_map(|l| l.strip_prefix("__version__ = ").map(|s| s.trim_matches(['\'', '"']).to_string()))
-            })
-            .unwrap_or_else(|| "(version unknown)".into());
-        Some((version, lib))
-    }
-    #[cfg(not(feature = "tch"))]
-    {
-        None
-    }
-}
-
-/// [`libtorch`]'s version, for reports.
-pub fn libtorch_version() -> String {
-    libtorch().map(|l| l.0).unwrap_or_else(|| "(not loaded)".into())
-}
-
-/// Threads libtorch's CPU kernels use.
-pub fn torch_threads() -> usize {
-    #[cfg(feature = "tch")]
-    {
-        tch::get_num_threads().max(1) as usize
-    }
-    #[cfg(not(feature = "tch"))]
-    {
-        0
     }
 }
 
