@@ -51,14 +51,14 @@ fn shared_catalogue() -> PathBuf {
     .clone()
 }
 
-/// The cpu-pretrain recipe with `overrides`.
+/// The cpu-pretrain recipe with `overrides` (as `--set` takes them).
 fn config(overrides: &[String]) -> TrainConfig {
-    TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), overrides).unwrap()
+    mvlt::train::config::TrainConfigBuilder::recipe("cpu-pretrain").unwrap().set(overrides).unwrap().build().unwrap()
 }
 
 fn run(dir: &Path, overrides: &[String], resume: bool) -> mvlt::train::trainer::RunSummary {
     let config = config(overrides);
-    let (spec, devices) = config.device_indices().unwrap();
+    let (spec, devices) = config.device_indices();
     run_on_devices(
         spec,
         None,

@@ -1,7 +1,8 @@
 //! `mvlt pretrain` and `mvlt finetune`.
 use crate::cli::run_on_devices;
 use anyhow::Result;
-use mvlt::train::config::{recipe_text, Task, TrainConfig};
+use mvlt::device::DeviceSpec;
+use mvlt::train::config::{DataSource, Precision, Task, TrainConfigBuilder};
 use mvlt::train::trainer::{summarize, TrainRun};
 use std::path::PathBuf;
 
@@ -22,21 +23,24 @@ pub struct TrainArgs {
     /// Override any recipe setting: --set epochs=3 --set clip_grad=1.0 (repeatable; `key=` unsets).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Shorthands for common settings (same as --set).
+    /// The data: a dataset (JSONL catalogue, Fashion-Gen .h5, the authors' folder) or `synthetic`.
     #[arg(long)]
-    data: Option<String>,
+    data: Option<DataSource>,
+    /// The vocabulary (bert-base-uncased vocab.txt); default: vocab.txt beside the data.
     #[arg(long)]
     vocab: Option<PathBuf>,
+    /// Weights to start from (ours or the authors' .pth); fine-tuning needs them.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// cpu, cuda, cuda:N (or wgpu, a check of the GPU code path).
     #[arg(long)]
-    device: Option<String>,
+    device: Option<DeviceSpec>,
     /// Data-parallel training on these GPUs, e.g. 0,1 (with --device cuda).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<usize>,
     /// f32, or bf16: mixed precision with f32 master weights (meant for GPUs).
     #[arg(long)]
-    precision: Option<String>,
+    precision: Option<Precision>,
     #[arg(long)]
     epochs: Option<usize>,
     #[arg(long)]
@@ -59,39 +63,33 @@ pub struct TrainArgs {
 pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(task.name()));
     let recipe = match (&a.recipe, a.resume) {
-        (Some(r), _) => recipe_text(r)?,
-        (None, true) if out.join("config.toml").exists() => {
-            recipe_text(&out.join("config.toml").display().to_string())?
-        }
-        (None, _) => recipe_text(task.cpu_recipe())?,
+        (Some(r), _) => r.clone(),
+        (None, true) if out.join("config.toml").exists() => out.join("config.toml").display().to_string(),
+        (None, _) => task.cpu_recipe().to_string(),
     };
-    let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    let mut over = vec![format!("task={}", q(task.name()))];
-    let path = |p: &PathBuf| q(&p.display().to_string());
-    over.extend(a.data.as_ref().map(|v| format!("data={}", q(v))));
-    over.extend(a.vocab.as_ref().map(|v| format!("vocab={}", path(v))));
-    over.extend(a.init.as_ref().map(|v| format!("init={}", path(v))));
-    over.extend(a.device.as_ref().map(|v| format!("device={}", q(v))));
-    if !a.devices.is_empty() {
-        over.push(format!("devices={:?}", a.devices));
-    }
-    over.extend(a.precision.as_ref().map(|v| format!("precision={}", q(v))));
-    over.extend(a.epochs.map(|v| format!("epochs={v}")));
-    over.extend(a.max_steps.map(|v| format!("max_steps={v}")));
-    over.extend(a.batch_size.map(|v| format!("batch_size={v}")));
-    over.extend(a.seed.map(|v| format!("seed={v}")));
-    if a.with_cls {
-        over.push("with_cls=true".into());
-    }
-    if a.with_itc {
-        over.push("with_itc=true".into());
-    }
-    if a.train_mode {
-        over.push("train_mode=true".into());
-    }
-    over.extend(a.set.iter().cloned());
-    let config = TrainConfig::resolve(&recipe, &over)?;
-    let (device, indices) = config.device_indices()?;
+    // Flags set typed fields; `--set` (text, as the user wrote it) comes last and wins.
+    let config = TrainConfigBuilder::recipe(&recipe)?
+        .with(|c| {
+            c.task = task;
+            set_some(&mut c.data, a.data);
+            c.vocab = a.vocab.or(c.vocab.take());
+            c.init = a.init.or(c.init.take());
+            set_some(&mut c.device, a.device);
+            if !a.devices.is_empty() {
+                c.devices = a.devices;
+            }
+            set_some(&mut c.precision, a.precision);
+            set_some(&mut c.epochs, a.epochs);
+            c.max_steps = a.max_steps.or(c.max_steps);
+            set_some(&mut c.batch_size, a.batch_size);
+            set_some(&mut c.seed, a.seed);
+            c.with_cls |= a.with_cls;
+            c.with_itc |= a.with_itc;
+            c.train_mode |= a.train_mode;
+        })
+        .set(&a.set)?
+        .build()?;
+    let (device, indices) = config.device_indices();
     let s = run_on_devices(
         device,
         &indices,
@@ -114,4 +112,11 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
     }
     println!("metrics: {0}/metrics.jsonl; plots: {0}/loss.png, {0}/val.png", out.display());
     Ok(())
+}
+
+/// `field = value` when a flag gave one.
+fn set_some<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
 }

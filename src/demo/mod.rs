@@ -27,7 +27,7 @@ use mvlt::eval::recognition::{self, RecognitionResult};
 use mvlt::eval::retrieval::{self, Direction, ImageSource, Negatives, RetrievalResult, TwoStageResult};
 use mvlt::infer::{LoadOptions, Model};
 use mvlt::progress::progress_bar;
-use mvlt::train::config::{recipe_text, TrainConfig};
+use mvlt::train::config::{DataSource, TrainConfig, TrainConfigBuilder};
 use mvlt::train::trainer::{RunSummary, TrainRun};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -202,14 +202,33 @@ fn phase(n: usize, what: &str) {
     eprintln!("\n== demo {n}/6: {what}");
 }
 
+/// A training stage's settings: `recipe` on the demo's catalogue, seed and device, with `change`,
+/// then the plan's own overrides of the recipe (`--quick`'s, kept in plan.json as recipe keys).
+fn stage_config(
+    recipe: &str,
+    o: &DemoOptions,
+    plan_overrides: &[String],
+    change: impl FnOnce(&mut TrainConfig),
+) -> Result<TrainConfig> {
+    TrainConfigBuilder::recipe(recipe)?
+        .with(|c| {
+            c.data = DataSource::Path(o.out.join("catalog"));
+            c.seed = o.seed;
+            c.device = o.device;
+        })
+        .with(change)
+        .set(plan_overrides)?
+        .build()
+}
+
 /// Train one stage: resume it when its folder already has checkpoints.
-fn train(recipe: &str, dir: &Path, overrides: Vec<String>, device: DeviceSpec) -> Result<RunSummary> {
-    let config = TrainConfig::resolve(&recipe_text(recipe)?, &overrides)?;
+fn train(config: TrainConfig, dir: &Path) -> Result<RunSummary> {
+    let device = config.device;
     let resume = dir.join("checkpoints").is_dir();
     if resume {
         eprintln!("{} has checkpoints: resuming (a finished run only exports its weights)", dir.display());
     }
-    let (_, indices) = config.device_indices()?;
+    let (_, indices) = config.device_indices();
     let s = run_on_devices(
         device,
         &indices,
@@ -262,17 +281,14 @@ fn write_plan_file(path: &Path, plan: &DemoPlan, seed: u64, steps: Option<&StepP
 
 pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let t0 = Instant::now();
-    let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
     let catalog = o.out.join("catalog");
-    let common = vec![format!("data={}", q(&catalog)), format!("seed={}", o.seed), format!("device=\"{}\"", o.device)];
-    let recipe = TrainConfig::resolve(&recipe_text("demo")?, &common)?;
+    let recipe = stage_config("demo", o, &[], |_| {})?;
     let plan = DemoPlan::new(o.quick, recipe.synthetic_images);
     if o.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
     // Pre-training's settings as it will run them: its split is the one evaluated.
-    let pre_cfg =
-        TrainConfig::resolve(&recipe_text("demo")?, &[common.clone(), plan.pretrain_overrides.clone()].concat())?;
+    let pre_cfg = stage_config("demo", o, &plan.pretrain_overrides, |_| {})?;
     let mut phases = vec![];
     let mut lap = {
         let mut last = Instant::now();
@@ -318,8 +334,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let pre_dir = o.out.join("pretrain");
     let candidates = plan.candidates.min(val_products);
     let pretrain = |steps: usize| {
-        let steps = vec![format!("max_steps={steps}")];
-        train("demo", &pre_dir, [common.clone(), steps, plan.pretrain_overrides.clone()].concat(), o.device)
+        train(stage_config("demo", o, &plan.pretrain_overrides, |c| c.max_steps = Some(steps))?, &pre_dir)
     };
     let steps = match known {
         Some(s) => s,
@@ -342,8 +357,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
             let probe =
                 pace::Probe { weights: &weights, ds: &ds, val_rows: &val_rows, plan: &plan, candidates, seed: o.seed };
             let (itm_query_s, two_stage_query_s, image_embedding_s) = run_on(o.device, probe)?;
-            let fine_over = [common.clone(), vec![format!("init={}", q(&weights))], plan.finetune_overrides.clone()];
-            let finetune_cfg = TrainConfig::resolve(&recipe_text("demo-finetune")?, &fine_over.concat())?;
+            let finetune_cfg =
+                stage_config("demo-finetune", o, &plan.finetune_overrides, |c| c.init = Some(weights.clone()))?;
             let mut pace = pace::MeasuredPace {
                 warmup_steps: warm.steps,
                 timed_steps: warm.steps_run,
@@ -386,9 +401,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     // 4. Fine-tuning.
     phase(4, "fine-tuning main- and sub-category recognition");
     let fine_dir = o.out.join("finetune");
-    let fine_over =
-        [common.clone(), vec![format!("init={}", q(&pre_weights))], plan.finetune_overrides.clone()].concat();
-    let fine = train("demo-finetune", &fine_dir, fine_over, o.device)?;
+    let fine_cfg = stage_config("demo-finetune", o, &plan.finetune_overrides, |c| c.init = Some(pre_weights.clone()))?;
+    let fine = train(fine_cfg, &fine_dir)?;
     let fine_weights = fine.final_weights.clone().context("fine-tuning wrote no final weights")?;
     lap("fine-tuning", &mut phases);
 

@@ -99,21 +99,23 @@ impl Overrides {
 pub fn trained_model(base: &Path) -> (PathBuf, PathBuf) {
     let data = base.join("catalogue");
     mvlt::data::synth::write_catalog(&data, 60, 5, 32, |_| {}).unwrap();
-    let over = Overrides::default()
-        .path("model", &nano_model(base))
-        .path("data", &data)
-        .set("image_size", 32)
-        .set("max_len", 16)
-        .set("batch_size", 4)
-        .set("max_steps", 6)
-        .set("with_cls", true)
-        .set("with_itc", true)
-        .set("workers", 1)
-        .set("val_batches", 1)
-        .build();
-    let config =
-        mvlt::train::config::TrainConfig::resolve(&mvlt::train::config::recipe_text("cpu-pretrain").unwrap(), &over)
-            .unwrap();
+    use mvlt::train::config::{DataSource, ModelSpec, TrainConfigBuilder};
+    let config = TrainConfigBuilder::recipe("cpu-pretrain")
+        .unwrap()
+        .with(|c| {
+            c.model = ModelSpec::File(nano_model(base));
+            c.data = DataSource::Path(data.clone());
+            c.image_size = 32;
+            c.max_len = 16;
+            c.batch_size = 4;
+            c.max_steps = Some(6);
+            c.with_cls = true;
+            c.with_itc = true;
+            c.workers = 1;
+            c.val_batches = 1;
+        })
+        .build()
+        .unwrap();
     let s = mvlt::device::run_on(
         mvlt::device::DeviceSpec::Cpu,
         mvlt::train::trainer::TrainRun { config, dir: base.join("run"), resume: false, control: run_control() },

@@ -118,11 +118,10 @@ impl<B: Backend> Model<B> {
                 );
             }
         }
-        let image_size = o.image_size.unwrap_or(if config.img_size % 32 == 0 && config.img_size != 224 {
-            config.img_size
-        } else {
-            256
-        });
+        let image_size = match o.image_size {
+            Some(s) => s,
+            None => input_size(&config, weights),
+        };
         config.check_image_size(image_size, image_size)?;
         Ok(Model { net, config, text, classes, image_size, device: device.clone() })
     }
@@ -253,6 +252,29 @@ fn output_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>
     t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading the model's output: {e:?}"))
 }
 
+/// The reference's input side (MVLT-SPEC: images resized to 256 x 256).
+pub const REFERENCE_INPUT_SIZE: usize = 256;
+
+/// The image side weights expect: the one training recorded (`PvltConfig::input_size`). Files
+/// without it get a documented default, said once: the authors' checkpoints (positional tables
+/// for the released 224) the reference's 256; mvlt files from before it was recorded the size of
+/// their positional tables, which training then set to its image size.
+pub fn input_size(config: &PvltConfig, weights: &Path) -> usize {
+    if let Some(s) = config.input_size {
+        return s;
+    }
+    let (size, why) = if config.img_size == 224 {
+        (REFERENCE_INPUT_SIZE, "the reference's input size")
+    } else {
+        (config.img_size, "the size of its positional tables, as mvlt's training set them")
+    };
+    tracing::warn!(
+        "{} does not record the image size it was trained on: using {size} px, {why} (--image-size overrides)",
+        weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    );
+    size
+}
+
 /// The `k` most probable classes, by name (`class N` when names are unknown).
 pub fn top_k(p: &[f32], names: Option<&Vec<String>>, k: usize) -> Vec<(String, f32)> {
     let mut idx: Vec<usize> = (0..p.len()).collect();
@@ -296,5 +318,22 @@ impl<B: Backend> Model<B> {
         let main = arg(out.sup_cls_logits.context("the recognition heads gave no main-category output")?)?;
         let sub = arg(out.sub_cls_logits.context("the recognition heads gave no sub-category output")?)?;
         Ok(main.into_iter().zip(sub).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_size_is_read_back_and_old_files_get_the_documented_default() {
+        let w = Path::new("model.safetensors");
+        // Recorded by training: used as is, whatever the positional tables were built for.
+        let fine_tuned = PvltConfig { img_size: 224, input_size: Some(64), ..PvltConfig::tiny() };
+        assert_eq!(input_size(&fine_tuned, w), 64);
+        // The authors' checkpoints: the reference's 256.
+        assert_eq!(input_size(&PvltConfig::tiny(), w), REFERENCE_INPUT_SIZE);
+        // mvlt files from before it was recorded: their tables' size.
+        assert_eq!(input_size(&PvltConfig { img_size: 64, ..PvltConfig::micro() }, w), 64);
     }
 }

@@ -90,6 +90,12 @@ pub struct PvltConfig {
     pub patch_size: usize,
     /// Image size the positional-embedding tables are built for (224 in every released model).
     pub img_size: usize,
+    /// The image side the weights were trained on (the preprocessing's resize), which inference
+    /// must use too: written by training into every file it exports, read back by
+    /// `infer::Model::load`. Absent in the authors' checkpoints and in mvlt files from before it
+    /// was recorded (`infer::input_size` says what those get).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_size: Option<usize>,
     pub embed_dims: [usize; 4],
     pub num_heads: [usize; 4],
     pub mlp_ratios: [usize; 4],
@@ -133,6 +139,7 @@ impl PvltConfig {
         PvltConfig {
             patch_size: 4,
             img_size: 224,
+            input_size: None,
             embed_dims: [64, 128, 320, 512],
             num_heads: [1, 2, 5, 8],
             mlp_ratios: [8, 8, 4, 4],
@@ -269,6 +276,7 @@ impl PvltConfig {
         let cfg = PvltConfig {
             patch_size: usize_of(&["patch_size"], base.patch_size)?,
             img_size: usize_of(&["img_size", "img_size_for_pos_embed"], base.img_size)?,
+            input_size: get(&["input_size"]).and_then(|v| v.as_u64()).map(|v| v as usize),
             embed_dims: arr4("embed_dims", base.embed_dims)?,
             num_heads: arr4("num_heads", base.num_heads)?,
             mlp_ratios: arr4("mlp_ratios", base.mlp_ratios)?,

@@ -5,8 +5,125 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The reference's pre-training objectives (`loss_type` itm + mlm + t2i).
-pub const PRETRAIN_OBJECTIVES: [&str; 3] = ["mlm", "itm", "t2i"];
+/// A pre-training objective of the reference (`loss_type` itm + mlm + t2i).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Objective {
+    /// Masked language modelling.
+    Mlm,
+    /// Image-text matching.
+    Itm,
+    /// Masked image reconstruction (text to image).
+    T2i,
+}
+
+impl TryFrom<String> for Objective {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "mlm" => Ok(Objective::Mlm),
+            "itm" => Ok(Objective::Itm),
+            "t2i" => Ok(Objective::T2i),
+            _ => Err(format!("objectives: unknown objective {s:?} (known: mlm, itm, t2i)")),
+        }
+    }
+}
+
+/// The reference's pre-training objectives, all three.
+pub const PRETRAIN_OBJECTIVES: [Objective; 3] = [Objective::Mlm, Objective::Itm, Objective::T2i];
+
+/// The architecture to train: a preset by name (tiny, small, medium, large, micro) or a model
+/// config file (JSON). Written in recipes as one string.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ModelSpec {
+    Preset(String),
+    File(PathBuf),
+}
+
+impl ModelSpec {
+    /// The architecture it names.
+    pub fn resolve(&self) -> Result<crate::model::PvltConfig> {
+        crate::model::PvltConfig::resolve(&String::from(self.clone()))
+    }
+}
+
+impl From<String> for ModelSpec {
+    fn from(s: String) -> Self {
+        if crate::model::PvltConfig::preset(&s).is_some() {
+            ModelSpec::Preset(s)
+        } else {
+            ModelSpec::File(s.into())
+        }
+    }
+}
+
+impl From<ModelSpec> for String {
+    fn from(m: ModelSpec) -> String {
+        match m {
+            ModelSpec::Preset(p) => p,
+            ModelSpec::File(f) => f.display().to_string(),
+        }
+    }
+}
+
+impl std::str::FromStr for ModelSpec {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ModelSpec::from(s.to_string()))
+    }
+}
+
+/// Where the training data comes from: the built-in synthetic catalogue (written into the run
+/// folder on first use) or a dataset (JSONL catalogue, Fashion-Gen .h5, the authors' folder).
+/// Written in recipes as `"synthetic"` or the dataset's path.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum DataSource {
+    Synthetic,
+    Path(PathBuf),
+}
+
+impl From<String> for DataSource {
+    fn from(s: String) -> Self {
+        if s == "synthetic" {
+            DataSource::Synthetic
+        } else {
+            DataSource::Path(s.into())
+        }
+    }
+}
+
+impl From<DataSource> for String {
+    fn from(d: DataSource) -> String {
+        match d {
+            DataSource::Synthetic => "synthetic".into(),
+            DataSource::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+impl std::str::FromStr for DataSource {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DataSource::from(s.to_string()))
+    }
+}
+
+/// A [`DeviceSpec`](crate::device::DeviceSpec) as recipes write it (`"cpu"`, `"cuda:1"`).
+mod device_text {
+    use crate::device::DeviceSpec;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &DeviceSpec, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceSpec, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -41,9 +158,9 @@ pub use super::precision::Precision;
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub task: Task,
-    /// Architecture: a preset (tiny, small, medium, large) or a model config file. Ignored when
-    /// `init` weights carry their own config.
-    pub model: String,
+    /// Architecture: a preset (tiny, small, medium, large, micro) or a model config file. Ignored
+    /// when `init` weights carry their own config.
+    pub model: ModelSpec,
     /// Weights to start from (ours or the authors' .pth); fine-tuning needs them.
     pub init: Option<PathBuf>,
     /// Load `init` non-strictly (only matching keys): pre-training weights into the fine-tuning
@@ -51,7 +168,7 @@ pub struct TrainConfig {
     pub init_non_strict: bool,
     /// A dataset (JSONL catalogue, Fashion-Gen .h5, authors' folder) or "synthetic": the built-in
     /// catalogue, written into the run folder on first use.
-    pub data: String,
+    pub data: DataSource,
     pub synthetic_images: usize,
     pub synthetic_size: u32,
     /// Vocabulary (bert-base-uncased vocab.txt); default: vocab.txt beside the data.
@@ -108,7 +225,7 @@ pub struct TrainConfig {
     /// Pre-training: the reference's objectives to train, a non-empty subset of "mlm", "itm",
     /// "t2i" (all three, the reference's `loss_type`, by default). Fewer make ablations: which
     /// term teaches what.
-    pub objectives: Vec<String>,
+    pub objectives: Vec<Objective>,
     /// Pre-training: also train the recognition heads.
     pub with_cls: bool,
     /// Pre-training: also train image-text contrastive embeddings (ITC, ours; `model::ItcHead`).
@@ -126,7 +243,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Data-loading threads.
     pub workers: usize,
-    pub device: String,
+    #[serde(with = "device_text")]
+    pub device: crate::device::DeviceSpec,
     /// Data-parallel training over these device indices of `device`'s kind (`--devices 0,1`): each
     /// takes `batch_size` samples per micro-step and their gradients are averaged. Empty: `device`
     /// alone. On the CPU every index is one more replica on the one device (for tests).
@@ -150,10 +268,10 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             task: Task::Pretrain,
-            model: "tiny".into(),
+            model: ModelSpec::Preset("tiny".into()),
             init: None,
             init_non_strict: true,
-            data: "synthetic".into(),
+            data: DataSource::Synthetic,
             synthetic_images: 2000,
             synthetic_size: 256,
             vocab: None,
@@ -186,11 +304,11 @@ impl Default for TrainConfig {
             with_itc: false,
             itm_hard_negatives: false,
             itm_hard_negatives_from_step: 0,
-            objectives: PRETRAIN_OBJECTIVES.iter().map(|s| s.to_string()).collect(),
+            objectives: PRETRAIN_OBJECTIVES.to_vec(),
             train_mode: false,
             seed: 0,
             workers: 2,
-            device: "cpu".into(),
+            device: crate::device::DeviceSpec::Cpu,
             devices: vec![],
             precision: Precision::F32,
             log_every: 10,
@@ -229,11 +347,41 @@ pub fn recipe_text(spec: &str) -> Result<String> {
     })
 }
 
-impl TrainConfig {
-    /// Recipe text plus `key=value` overrides (values in TOML syntax; a bare word is a string;
-    /// `key=` removes an optional setting).
-    pub fn resolve(recipe: &str, overrides: &[String]) -> Result<TrainConfig> {
-        let mut table: toml::Table = toml::from_str(recipe).context("parsing the recipe")?;
+/// Builds a [`TrainConfig`]: a recipe, then typed changes ([`with`](Self::with)), then a user's
+/// `--set key=value` overrides ([`set`](Self::set)), checked once by [`build`](Self::build). The
+/// CLI, the demo and the tests all build their settings this way; only `--set` passes through
+/// text, because that is how a user writes it.
+#[derive(Clone, Debug)]
+pub struct TrainConfigBuilder {
+    config: TrainConfig,
+}
+
+impl TrainConfigBuilder {
+    /// A built-in recipe by name (pretrain, finetune, cpu-pretrain, cpu-finetune, demo,
+    /// demo-finetune) or a recipe file.
+    pub fn recipe(spec: &str) -> Result<Self> {
+        Self::parse(&recipe_text(spec)?)
+    }
+
+    /// Recipe text (TOML); unset fields take [`TrainConfig::default`].
+    pub fn parse(text: &str) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text).context("parsing the recipe")?;
+        Ok(TrainConfigBuilder { config: from_table(table)? })
+    }
+
+    /// Typed changes: `.with(|c| c.epochs = 3)`.
+    pub fn with(mut self, change: impl FnOnce(&mut TrainConfig)) -> Self {
+        change(&mut self.config);
+        self
+    }
+
+    /// `key=value` overrides as a user writes them (`--set epochs=3`; values in TOML syntax, a
+    /// bare word is a string; `key=` removes an optional setting, restoring its default).
+    pub fn set(self, overrides: &[String]) -> Result<Self> {
+        if overrides.is_empty() {
+            return Ok(self);
+        }
+        let mut table = toml::Table::try_from(&self.config).context("the settings as a table")?;
         for o in overrides {
             let Some((key, value)) = o.split_once('=') else {
                 bail!("override '{o}' is not key=value (e.g. --set epochs=3)");
@@ -250,11 +398,25 @@ impl TrainConfig {
                 .unwrap_or_else(|| toml::Value::String(value.to_string()));
             table.insert(key, parsed);
         }
-        let cfg: TrainConfig = table
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid training setting: {}", e.message()))?;
-        cfg.validate()?;
-        Ok(cfg)
+        Ok(TrainConfigBuilder { config: from_table(table)? })
+    }
+
+    /// The settings, checked.
+    pub fn build(self) -> Result<TrainConfig> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+fn from_table(table: toml::Table) -> Result<TrainConfig> {
+    table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("invalid training setting: {}", e.message()))
+}
+
+impl TrainConfig {
+    /// Recipe text plus `key=value` overrides (values in TOML syntax; a bare word is a string;
+    /// `key=` removes an optional setting).
+    pub fn resolve(recipe: &str, overrides: &[String]) -> Result<TrainConfig> {
+        TrainConfigBuilder::parse(recipe)?.set(overrides)?.build()
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -286,10 +448,7 @@ impl TrainConfig {
             bail!("fine-tuning starts from pre-trained weights: set init = \"path/to/weights\" (ours or the authors' .pth)");
         }
         if self.objectives.is_empty() {
-            bail!("objectives is empty: list some of {PRETRAIN_OBJECTIVES:?}");
-        }
-        if let Some(o) = self.objectives.iter().find(|o| !PRETRAIN_OBJECTIVES.contains(&o.as_str())) {
-            bail!("objectives: unknown objective {o:?} (known: {PRETRAIN_OBJECTIVES:?})");
+            bail!("objectives is empty: list some of [\"mlm\", \"itm\", \"t2i\"]");
         }
         if self.itm_hard_negatives && !(self.with_itc && self.task == Task::Pretrain) {
             bail!("itm_hard_negatives draws ITM negatives by the contrastive similarity: it needs task = \"pretrain\" and with_itc = true");
@@ -348,19 +507,17 @@ impl TrainConfig {
         if !(1..=MAX_IMAGES).contains(&self.synthetic_images) {
             bail!("synthetic_images must be between 1 and {MAX_IMAGES}, got {}", self.synthetic_images);
         }
-        if self.precision == Precision::Bf16
-            && self.device.parse::<crate::device::DeviceSpec>().ok() == Some(crate::device::DeviceSpec::Wgpu)
-        {
+        if self.precision == Precision::Bf16 && self.device == crate::device::DeviceSpec::Wgpu {
             bail!("precision = \"bf16\" does not run on wgpu (its WGSL shaders have no bf16 type): use precision = \"f32\" there");
         }
         Ok(())
     }
 
     /// Device kind and the indices to train on (`devices`, else the one in `device`).
-    pub fn device_indices(&self) -> Result<(crate::device::DeviceSpec, Vec<usize>)> {
-        let spec: crate::device::DeviceSpec = self.device.parse()?;
+    pub fn device_indices(&self) -> (crate::device::DeviceSpec, Vec<usize>) {
+        let spec = self.device;
         let indices = if self.devices.is_empty() { vec![spec.index()] } else { self.devices.clone() };
-        Ok((spec, indices))
+        (spec, indices)
     }
 
     /// The optimiser settings of this run.
@@ -378,10 +535,9 @@ impl TrainConfig {
     }
 
     pub fn data_path(&self, run_dir: &Path) -> PathBuf {
-        if self.data == "synthetic" {
-            run_dir.join("synthetic")
-        } else {
-            PathBuf::from(&self.data)
+        match &self.data {
+            DataSource::Synthetic => run_dir.join("synthetic"),
+            DataSource::Path(p) => p.clone(),
         }
     }
 }
@@ -408,7 +564,7 @@ mod tests {
             &["epochs=3".into(), "clip-grad=1.5".into(), "device=cuda:1".into()],
         )
         .unwrap();
-        assert_eq!((c.epochs, c.clip_grad, c.device.as_str()), (3, Some(1.5), "cuda:1"));
+        assert_eq!((c.epochs, c.clip_grad, c.device), (3, Some(1.5), crate::device::DeviceSpec::Cuda(1)));
         let back = TrainConfig::resolve(&c.to_toml(), &[]).unwrap();
         assert_eq!(back, c);
         let e = TrainConfig::resolve("", &["epoch=3".into()]).unwrap_err().to_string();

@@ -94,7 +94,7 @@ pub struct RunData {
 impl RunData {
     pub fn open(cfg: &TrainConfig, dir: &Path) -> Result<RunData> {
         let path = cfg.data_path(dir);
-        if cfg.data == "synthetic" && !path.join("catalog.jsonl").exists() {
+        if cfg.data == super::config::DataSource::Synthetic && !path.join("catalog.jsonl").exists() {
             let pb = crate::progress::progress_bar(cfg.synthetic_images as u64, "synthetic catalogue");
             crate::data::synth::write_catalog(&path, cfg.synthetic_images, cfg.seed, cfg.synthetic_size, |k| {
                 pb.inc(k as u64)
@@ -121,8 +121,15 @@ impl RunData {
 pub fn heads_of(cfg: &TrainConfig) -> HeadSet {
     match cfg.task {
         Task::Pretrain => {
-            let on = |o: &str| cfg.objectives.iter().any(|x| x == o);
-            HeadSet { mlm: on("mlm"), itm: on("itm"), t2i: on("t2i"), cls: cfg.with_cls, itc: cfg.with_itc }
+            use super::config::Objective;
+            let on = |o: Objective| cfg.objectives.contains(&o);
+            HeadSet {
+                mlm: on(Objective::Mlm),
+                itm: on(Objective::Itm),
+                t2i: on(Objective::T2i),
+                cls: cfg.with_cls,
+                itc: cfg.with_itc,
+            }
         }
         Task::Finetune => HeadSet::FINETUNE,
     }
@@ -137,9 +144,9 @@ pub fn model_config(
     init: Option<&StateDict>,
 ) -> Result<PvltConfig> {
     let mut m = match init {
-        Some(sd) => resolve_config(None, Some(sd)).or_else(|_| PvltConfig::resolve(&cfg.model))?,
+        Some(sd) => resolve_config(None, Some(sd)).or_else(|_| cfg.model.resolve())?,
         None => {
-            let mut m = PvltConfig::resolve(&cfg.model)?;
+            let mut m = cfg.model.resolve()?;
             m.img_size = cfg.image_size;
             m.num_text_tokens = cfg.max_len;
             m.vocab_size = text.vocab_size;
@@ -161,6 +168,8 @@ pub fn model_config(
             text.vocab_size
         );
     }
+    // Whatever the weights started from, they are now trained on `image_size` images.
+    m.input_size = Some(cfg.image_size);
     m.drop_path_rate = cfg.drop_path_rate;
     m.text_dropout = cfg.dropout;
     m.heads = heads_of(cfg);
