@@ -202,6 +202,35 @@ fn phase(n: usize, what: &str) {
     eprintln!("\n== demo {n}/6: {what}");
 }
 
+/// The validation split of the demo's catalogue, as pre-training draws it.
+struct Split {
+    val_rows: Vec<usize>,
+    train_products: usize,
+    val_products: usize,
+}
+
+/// Write the synthetic catalogue and split it by product as `pre_cfg` will.
+fn catalogue_phase(catalog: &Path, plan: &DemoPlan, pre_cfg: &TrainConfig) -> Result<(FileDataset, Split)> {
+    let pb = progress_bar(plan.images as u64, "synth");
+    mvlt::data::synth::write_catalog(catalog, plan.images, pre_cfg.seed, plan.image_size, |k| pb.inc(k as u64))?;
+    pb.finish_and_clear();
+    let ds = FileDataset::open_jsonl(&catalog.join("catalog.jsonl"))?;
+    let (train_rows, val_rows) = split_by_product(ds.records(), pre_cfg.val_fraction, pre_cfg.seed);
+    let products = |rows: &[usize]| {
+        rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
+    };
+    let (train_products, val_products) = (products(&train_rows), products(&val_rows));
+    eprintln!(
+        "{}: {} images; training {} products, validation {} products ({} images)",
+        catalog.display(),
+        ds.len(),
+        train_products,
+        val_products,
+        val_rows.len()
+    );
+    Ok((ds, Split { val_rows, train_products, val_products }))
+}
+
 /// A training stage's settings: `recipe` on the demo's catalogue, seed and device, with `change`,
 /// then the plan's own overrides of the recipe (`--quick`'s, kept in plan.json as recipe keys).
 fn stage_config(
@@ -310,23 +339,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
 
     // 1. Catalogue, and the split the training runs will use.
     phase(1, &format!("synthetic catalogue ({} images, {} px)", plan.images, plan.image_size));
-    let pb = progress_bar(plan.images as u64, "synth");
-    mvlt::data::synth::write_catalog(&catalog, plan.images, o.seed, plan.image_size, |k| pb.inc(k as u64))?;
-    pb.finish_and_clear();
-    let ds = FileDataset::open_jsonl(&catalog.join("catalog.jsonl"))?;
-    let (train_rows, val_rows) = split_by_product(ds.records(), pre_cfg.val_fraction, pre_cfg.seed);
-    let products = |rows: &[usize]| {
-        rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
-    };
-    let (train_products, val_products) = (products(&train_rows), products(&val_rows));
-    eprintln!(
-        "{}: {} images; training {} products, validation {} products ({} images)",
-        catalog.display(),
-        ds.len(),
-        train_products,
-        val_products,
-        val_rows.len()
-    );
+    let (ds, split) = catalogue_phase(&catalog, &plan, &pre_cfg)?;
+    let Split { val_rows, train_products, val_products } = split;
     lap("catalogue", &mut phases);
 
     // 2. Pre-training: a warm-up segment when the steps are still to plan, the plan, the rest.

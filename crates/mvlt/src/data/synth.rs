@@ -621,7 +621,37 @@ fn solid(c: Color) -> Paint<'static> {
 /// Draw one view of a product as `size x size` RGB.
 pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<u8> {
     let mut pm = Pixmap::new(size, size).expect("size > 0");
-    // Off-white studio background with a faint vertical gradient.
+    fill_background(&mut pm, size, rng);
+    let s = size as f32 / 100.0;
+    let t = pose(view, s, rng);
+    let g = &GARMENTS[p.garment];
+    let Some(path) = silhouette(&g.shape) else { return pm_to_rgb(&pm) };
+
+    if rng.random_bool(0.35) {
+        let st = t.post_translate(2.5 * s, 3.0 * s);
+        pm.fill_path(&path, &solid(Color::from_rgba8(60, 55, 50, 60)), FillRule::Winding, st, None);
+    }
+    let mut mask = Mask::new(size, size).expect("size > 0");
+    mask.fill_path(&path, FillRule::Winding, true, t);
+
+    let main = COLOURS[p.colour].1;
+    let light = rng.random_range(0.92..1.06f32);
+    let full = tiny_skia::Rect::from_xywh(0.0, 0.0, size as f32, size as f32).unwrap();
+    pm.fill_rect(full, &solid(rgb(main, light)), Transform::identity(), Some(&mask));
+    fill_pattern(&mut pm, p, light, t, &mask);
+    draw_edges(&mut pm, &path, &g.shape, main, light, t);
+    draw_details(&mut pm, p, t, &mask);
+    let mut out = pm_to_rgb(&pm);
+    // Sensor noise.
+    for v in out.iter_mut() {
+        let n = rng.random_range(-3i16..=3);
+        *v = (*v as i16 + n).clamp(0, 255) as u8;
+    }
+    out
+}
+
+/// Off-white studio background with a faint vertical gradient.
+fn fill_background(pm: &mut Pixmap, size: u32, rng: &mut ChaCha8Rng) {
     let bg = [rng.random_range(232..250u8), rng.random_range(232..248u8), rng.random_range(228..246u8)];
     let top = rgb(bg, 1.02);
     let bottom = rgb(bg, 0.97);
@@ -642,9 +672,11 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
         Transform::identity(),
         None,
     );
+}
 
-    // Pose: each view rotates, scales and shifts the product differently.
-    let s = size as f32 / 100.0;
+/// Pose: each view rotates, scales and shifts the product differently. `s`: pixels per unit of
+/// the garments' 100 x 100 drawing space.
+fn pose(view: usize, s: f32, rng: &mut ChaCha8Rng) -> Transform {
     let scale = rng.random_range(0.72..0.92f32) * s;
     let angle = rng.random_range(-9.0..9.0f32)
         + if view == 1 {
@@ -657,32 +689,25 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
     let (dx, dy) = (rng.random_range(-6.0..6.0f32) * s, rng.random_range(-5.0..5.0f32) * s);
     let mirror = view == 1 && rng.random_bool(0.5);
     let c = 50.0 * s;
-    let t = Transform::from_translate(c + dx, c + dy)
+    Transform::from_translate(c + dx, c + dy)
         .pre_rotate(angle)
         .pre_scale(if mirror { -scale } else { scale }, scale)
-        .pre_translate(-50.0, -50.0);
-    let g = &GARMENTS[p.garment];
-    let Some(path) = silhouette(&g.shape) else { return pm_to_rgb(&pm) };
+        .pre_translate(-50.0, -50.0)
+}
 
-    if rng.random_bool(0.35) {
-        let st = t.post_translate(2.5 * s, 3.0 * s);
-        pm.fill_path(&path, &solid(Color::from_rgba8(60, 55, 50, 60)), FillRule::Winding, st, None);
-    }
-    let mut mask = Mask::new(size, size).expect("size > 0");
-    mask.fill_path(&path, FillRule::Winding, true, t);
-
-    let main = COLOURS[p.colour].1;
-    let second = COLOURS[p.secondary].1;
-    let light = rng.random_range(0.92..1.06f32);
-    let full = tiny_skia::Rect::from_xywh(0.0, 0.0, size as f32, size as f32).unwrap();
-    pm.fill_rect(full, &solid(rgb(main, light)), Transform::identity(), Some(&mask));
+/// The product's pattern in its secondary colour, inside the garment's `mask`.
+fn fill_pattern(pm: &mut Pixmap, p: &Product, light: f32, t: Transform, mask: &Mask) {
+    let size = pm.width() as f32;
+    let (main, second) = (COLOURS[p.colour].1, COLOURS[p.secondary].1);
+    let full = tiny_skia::Rect::from_xywh(0.0, 0.0, size, size).unwrap();
+    let mask = Some(mask);
     let sec = solid(rgb(second, light));
     let step = 10.0f32;
     match PATTERNS[p.pattern] {
         "striped" => {
             for i in (-2..14).step_by(2) {
                 if let Some(r) = tiny_skia::Rect::from_xywh(-10.0, i as f32 * step * 0.5 + 3.0, 120.0, step * 0.3) {
-                    pm.fill_rect(r, &sec, t, Some(&mask));
+                    pm.fill_rect(r, &sec, t, mask);
                 }
             }
         }
@@ -694,7 +719,7 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
                 }
             }
             if let Some(dots) = pb.finish() {
-                pm.fill_path(&dots, &sec, FillRule::Winding, t, Some(&mask));
+                pm.fill_path(&dots, &sec, FillRule::Winding, t, mask);
             }
         }
         "check" => {
@@ -707,10 +732,10 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
             for i in 0..12 {
                 let f = i as f32 * 9.0;
                 if let Some(r) = tiny_skia::Rect::from_xywh(f, -5.0, 3.5, 110.0) {
-                    pm.fill_rect(r, &c2, t, Some(&mask));
+                    pm.fill_rect(r, &c2, t, mask);
                 }
                 if let Some(r) = tiny_skia::Rect::from_xywh(-5.0, f, 110.0, 3.5) {
-                    pm.fill_rect(r, &c2, t, Some(&mask));
+                    pm.fill_rect(r, &c2, t, mask);
                 }
             }
         }
@@ -726,7 +751,7 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
                 .unwrap_or(Shader::SolidColor(rgb(main, light))),
                 ..Paint::default()
             };
-            pm.fill_rect(full, &gp, Transform::identity(), Some(&mask));
+            pm.fill_rect(full, &gp, Transform::identity(), mask);
         }
         "floral print" => {
             let mut pb = PathBuilder::new();
@@ -739,18 +764,19 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
                 }
             }
             if let Some(fl) = pb.finish() {
-                pm.fill_path(&fl, &sec, FillRule::Winding, t, Some(&mask));
+                pm.fill_path(&fl, &sec, FillRule::Winding, t, mask);
             }
         }
         _ => {}
     }
-    // Outline: a darker edge like a product photo's.
-    pm.stroke_path(&path, &solid(rgb(main, 0.6 * light)), &Stroke { width: 1.2, ..Default::default() }, t, None);
-    if let Shape::Bag(_, x0, x1, depth) = g.shape {
-        let top = match &g.shape {
-            Shape::Bag(pts, ..) => pts.iter().map(|p| p.1).fold(f32::MAX, f32::min),
-            _ => 0.0,
-        };
+}
+
+/// A darker edge like a product photo's, and a bag's handle.
+fn draw_edges(pm: &mut Pixmap, path: &tiny_skia::Path, shape: &Shape, main: [u8; 3], light: f32, t: Transform) {
+    pm.stroke_path(path, &solid(rgb(main, 0.6 * light)), &Stroke { width: 1.2, ..Default::default() }, t, None);
+    if let Shape::Bag(pts, x0, x1, depth) = shape {
+        let (x0, x1, depth) = (*x0, *x1, *depth);
+        let top = pts.iter().map(|p| p.1).fold(f32::MAX, f32::min);
         let mut pb = PathBuilder::new();
         pb.move_to(x0, top);
         pb.cubic_to(x0, top - depth * 1.3, x1, top - depth * 1.3, x1, top);
@@ -758,6 +784,12 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
             pm.stroke_path(&h, &solid(rgb(main, 0.55)), &Stroke { width: 3.0, ..Default::default() }, t, None);
         }
     }
+}
+
+/// Buttons, pockets and logos.
+fn draw_details(pm: &mut Pixmap, p: &Product, t: Transform, mask: &Mask) {
+    let (main, second) = (COLOURS[p.colour].1, COLOURS[p.secondary].1);
+    let mask = Some(mask);
     for d in &p.details {
         match d {
             Buttons => {
@@ -766,7 +798,7 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
                     pb.push_circle(50.0, 36.0 + k as f32 * 11.0, 1.8);
                 }
                 if let Some(b) = pb.finish() {
-                    pm.fill_path(&b, &solid(rgb(second, 0.8)), FillRule::Winding, t, Some(&mask));
+                    pm.fill_path(&b, &solid(rgb(second, 0.8)), FillRule::Winding, t, mask);
                 }
             }
             Pockets => {
@@ -778,25 +810,18 @@ pub fn render(p: &Product, view: usize, size: u32, rng: &mut ChaCha8Rng) -> Vec<
                             &solid(rgb(main, 0.5)),
                             &Stroke { width: 1.3, ..Default::default() },
                             t,
-                            Some(&mask),
+                            mask,
                         );
                     }
                 }
             }
             Logo => {
                 if let Some(r) = tiny_skia::Rect::from_xywh(55.0, 42.0, 10.0, 6.0) {
-                    pm.fill_rect(r, &solid(rgb(second, 1.0)), t, Some(&mask));
+                    pm.fill_rect(r, &solid(rgb(second, 1.0)), t, mask);
                 }
             }
         }
     }
-    let mut out = pm_to_rgb(&pm);
-    // Sensor noise.
-    for v in out.iter_mut() {
-        let n = rng.random_range(-3i16..=3);
-        *v = (*v as i16 + n).clamp(0, 255) as u8;
-    }
-    out
 }
 
 fn pm_to_rgb(pm: &Pixmap) -> Vec<u8> {
