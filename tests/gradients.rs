@@ -76,8 +76,8 @@ fn analytic_gradients_match_finite_differences() {
     // Analytic gradients of a few parameters spread over the network.
     let picks: Vec<(&str, Tensor<Cpu, 1>)> = vec![
         ("itm_head.linear_bias", model.itm_head.as_ref().unwrap().linear_bias.grad(&grads).unwrap()),
-        ("block2.0.attn.kv.bias", model.block2[0].attn.kv.bias.as_ref().unwrap().grad(&grads).unwrap()),
-        ("text_embed1.0.bias", model.text_embed1._0.bias.as_ref().unwrap().grad(&grads).unwrap()),
+        ("block2.0.attn.kv.bias", model.stages[1].blocks[0].attn.kv.bias.as_ref().unwrap().grad(&grads).unwrap()),
+        ("text_embed1.0.bias", model.stages[0].text_embed._0.bias.as_ref().unwrap().grad(&grads).unwrap()),
         (
             "t2i_head.score.0.bias",
             model.t2i_head.as_ref().unwrap().score._0.bias.as_ref().unwrap().grad(&grads).unwrap(),

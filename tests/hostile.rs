@@ -41,6 +41,84 @@ fn nan_weights(dir: &Path) -> PathBuf {
 }
 
 /// Every bad command-line input, with the words its error must contain. Each runs the binary.
+/// Weights whose stored config or tensors were tampered with: norm_eps -1, t2i_channel 0, and a
+/// BatchNorm counter of 1e30 (their paths, in that order).
+fn tampered_weights(tmp: &Path, weights: &Path) -> [String; 3] {
+    type Tensors = Vec<(String, burn::tensor::TensorData)>;
+    let tampered = |name: &str, edit: &dyn Fn(&mut Tensors, &mut serde_json::Value)| {
+        use mvlt::model::weights::{write_safetensors, StateDict, CONFIG_METADATA_KEY};
+        let sd = StateDict::read(weights).unwrap();
+        let mut tensors: Vec<(String, burn::tensor::TensorData)> = sd.tensors.into_iter().collect();
+        let mut meta = sd.metadata.clone();
+        let mut cfg: serde_json::Value = serde_json::from_str(&meta[CONFIG_METADATA_KEY]).unwrap();
+        edit(&mut tensors, &mut cfg);
+        meta.insert(CONFIG_METADATA_KEY.to_string(), cfg.to_string());
+        let p = tmp.join(format!("{name}.safetensors"));
+        write_safetensors(&p, &tensors, meta).unwrap();
+        std::fs::copy(weights.parent().unwrap().join("vocab.txt"), tmp.join("vocab.txt")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    [
+        tampered("norm_eps", &|_, cfg| cfg["norm_eps"] = (-1.0).into()),
+        tampered("t2i", &|_, cfg| cfg["t2i_channel"] = 0.into()),
+        tampered("counter", &|tensors, _| {
+            let (_, d) = tensors.iter_mut().find(|(k, _)| k.ends_with("num_batches_tracked")).unwrap();
+            *d = burn::tensor::TensorData::new(vec![1e30f32], Vec::<usize>::new());
+        }),
+    ]
+}
+
+/// Indexes of `weights` (their hash, but one) that hold nonsense: a hash that is not ASCII, NaN
+/// rows, 4096 and 1 dimensions (their paths, in that order).
+fn nonsense_indexes(tmp: &Path, weights: &Path, data: &Path) -> [String; 4] {
+    let sha = mvlt::train::checkpoint::sha256_file(weights).unwrap();
+    let ids: Vec<String> = std::fs::read_to_string(data.join("catalog.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    let index = |name: &str, sha: &str, dim: usize, value: f32| {
+        let idx = mvlt::search::index::CatalogIndex {
+            weights_sha256: sha.to_string(),
+            ids: ids.clone(),
+            dim,
+            embeddings: vec![value; ids.len() * dim],
+            skipped: vec![],
+        };
+        let p = tmp.join(format!("{name}.index"));
+        idx.save(&p).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    [
+        index("hash", &"é".repeat(32), 4, 0.5),
+        index("nan", &sha, 4, f32::NAN),
+        index("wide", &sha, 4096, 1.0 / 64.0),
+        index("one", &sha, 1, 1.0),
+    ]
+}
+
+/// Runs each (name, arguments, expected words) case: each must fail with the words and no panic.
+/// The failures, described.
+fn run_cases(cases: &[(&str, Vec<&str>, &str)]) -> Vec<String> {
+    let mut failures = vec![];
+    for (name, args, want) in cases {
+        let t0 = Instant::now();
+        let o = mvlt(args);
+        let out = text(&o);
+        let panicked = out.contains("panicked");
+        if o.status.success() || panicked || !out.contains(want) {
+            failures.push(format!("{name}: exit {:?}, expected '{want}' in:\n{out}", o.status.code()));
+        }
+        eprintln!(
+            "{name}: exit {:?} in {:.2} s: {}",
+            o.status.code(),
+            t0.elapsed().as_secs_f64(),
+            out.lines().last().unwrap_or("")
+        );
+    }
+    failures
+}
+
 #[test]
 fn bad_command_line_inputs_get_clear_errors() {
     let tmp = tempdir("hostile-cli");
@@ -74,50 +152,8 @@ fn bad_command_line_inputs_get_clear_errors() {
     let img = img.to_str().unwrap();
     let out_dir = tmp.join("run");
     let out = out_dir.to_str().unwrap();
-    // Weights whose stored config or tensors were tampered with.
-    type Tensors = Vec<(String, burn::tensor::TensorData)>;
-    let tampered = |name: &str, edit: &dyn Fn(&mut Tensors, &mut serde_json::Value)| {
-        use mvlt::model::weights::{write_safetensors, StateDict, CONFIG_METADATA_KEY};
-        let sd = StateDict::read(weights).unwrap();
-        let mut tensors: Vec<(String, burn::tensor::TensorData)> = sd.tensors.into_iter().collect();
-        let mut meta = sd.metadata.clone();
-        let mut cfg: serde_json::Value = serde_json::from_str(&meta[CONFIG_METADATA_KEY]).unwrap();
-        edit(&mut tensors, &mut cfg);
-        meta.insert(CONFIG_METADATA_KEY.to_string(), cfg.to_string());
-        let p = tmp.join(format!("{name}.safetensors"));
-        write_safetensors(&p, &tensors, meta).unwrap();
-        std::fs::copy(weights.parent().unwrap().join("vocab.txt"), tmp.join("vocab.txt")).unwrap();
-        p.to_str().unwrap().to_string()
-    };
-    let norm_eps = tampered("norm_eps", &|_, cfg| cfg["norm_eps"] = (-1.0).into());
-    let t2i = tampered("t2i", &|_, cfg| cfg["t2i_channel"] = 0.into());
-    let counter = tampered("counter", &|tensors, _| {
-        let (_, d) = tensors.iter_mut().find(|(k, _)| k.ends_with("num_batches_tracked")).unwrap();
-        *d = burn::tensor::TensorData::new(vec![1e30f32], Vec::<usize>::new());
-    });
-    // Indexes of these weights (their hash) that hold nonsense.
-    let sha = mvlt::train::checkpoint::sha256_file(weights).unwrap();
-    let ids: Vec<String> = std::fs::read_to_string(data.join("catalog.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
-        .collect();
-    let index = |name: &str, sha: &str, dim: usize, value: f32| {
-        let idx = mvlt::search::index::CatalogIndex {
-            weights_sha256: sha.to_string(),
-            ids: ids.clone(),
-            dim,
-            embeddings: vec![value; ids.len() * dim],
-            skipped: vec![],
-        };
-        let p = tmp.join(format!("{name}.index"));
-        idx.save(&p).unwrap();
-        p.to_str().unwrap().to_string()
-    };
-    let bad_hash = index("hash", &"é".repeat(32), 4, 0.5);
-    let nan_index = index("nan", &sha, 4, f32::NAN);
-    let wide = index("wide", &sha, 4096, 1.0 / 64.0);
-    let one_dim = index("one", &sha, 1, 1.0);
+    let [norm_eps, t2i, counter] = tampered_weights(&tmp, weights);
+    let [bad_hash, nan_index, wide, one_dim] = nonsense_indexes(&tmp, weights, data);
     let search = |idx: &str| -> Vec<String> {
         ["search", "--weights", w, "--catalog", data_s, "--index", idx, "--text", "a shirt"].map(String::from).to_vec()
     };
@@ -217,22 +253,7 @@ fn bad_command_line_inputs_get_clear_errors() {
         ("a text file as weights", vec!["inspect", vocab], "is not a weights file"),
     ];
     cases.extend(owned);
-    let mut failures = vec![];
-    for (name, args, want) in &cases {
-        let t0 = Instant::now();
-        let o = mvlt(args);
-        let out = text(&o);
-        let panicked = out.contains("panicked");
-        if o.status.success() || panicked || !out.contains(want) {
-            failures.push(format!("{name}: exit {:?}, expected '{want}' in:\n{out}", o.status.code()));
-        }
-        eprintln!(
-            "{name}: exit {:?} in {:.2} s: {}",
-            o.status.code(),
-            t0.elapsed().as_secs_f64(),
-            out.lines().last().unwrap_or("")
-        );
-    }
+    let failures = run_cases(&cases);
     // The authors' layout skips the row and says why.
     let o = mvlt(&["data", "info", "--data", &layout]);
     assert!(

@@ -269,7 +269,7 @@ impl<B: Backend> TrainBench<B> {
         let decay = |name: &str, shape: &[usize]| mvlt::train::schedule::decays(name, shape);
         let model = self.opt.step(model, &mut grads, 1e-4, 1.0, &decay);
         // The step's losses were read back inside; one parameter read closes the update.
-        let _ = model.pos_embed1.val().sum().into_scalar();
+        let _ = model.stages[0].pos_embed.val().sum().into_scalar();
         let t2 = Instant::now();
         self.model = Some(model);
         Ok(StepTimes { forward_backward: (t1 - t0).as_secs_f64(), optimiser: (t2 - t1).as_secs_f64() })

@@ -266,275 +266,329 @@ impl<'a> Machine<'a> {
             }
             let at = self.pos;
             let op = self.byte().map_err(|_| anyhow::anyhow!("the pickle ends at byte {at} without STOP"))?;
-            match op {
-                0x80 => {
-                    let p = self.byte()?;
-                    if p > 5 {
-                        bail!("pickle protocol {p} is newer than 5");
-                    }
-                }
-                0x95 => {
-                    self.uint(8)?; // FRAME: a length hint only
-                }
-                b'.' => {
-                    let root = self.pop()?;
-                    return Ok(Pickle { objects: self.objects, root, len: self.pos });
-                }
-                b'(' => self.stack.push(Slot::Mark),
-                b'0' => {
-                    self.stack.pop().ok_or_else(|| anyhow::anyhow!("POP on an empty stack"))?;
-                }
-                b'1' => {
-                    self.pop_mark()?;
-                }
-                b'2' => {
-                    let top = self.top()?;
-                    self.stack.push(Slot::Obj(top));
-                }
-                // Integers.
-                b'J' => {
-                    let v = self.uint(4)? as u32 as i32;
-                    self.int(v as i64)?
-                }
-                b'K' => {
-                    let v = self.byte()?;
-                    self.int(v as i64)?
-                }
-                b'M' => {
-                    let v = self.uint(2)?;
-                    self.int(v as i64)?
-                }
-                0x8a => {
-                    let n = self.byte()? as usize;
-                    self.long(n)?
-                }
-                0x8b => {
-                    let n = self.length(4)?;
-                    self.long(n)?
-                }
-                b'I' | b'L' => {
-                    let s = self.line()?;
-                    let s = s.strip_suffix('L').unwrap_or(s);
-                    match s {
-                        "00" => self.push(Object::Bool(false))?,
-                        "01" => self.push(Object::Bool(true))?,
-                        _ => match s.parse::<i64>() {
-                            Ok(v) => self.int(v)?,
-                            Err(_)
-                                if !s.is_empty() && s.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) =>
-                            {
-                                self.push(Object::BigInt(vec![]))?
-                            }
-                            Err(_) => bail!("INT/LONG argument '{s}' is not an integer"),
-                        },
-                    }
-                }
-                b'N' => self.push(Object::None)?,
-                0x88 => self.push(Object::Bool(true))?,
-                0x89 => self.push(Object::Bool(false))?,
-                b'G' => {
-                    let v = f64::from_bits(u64::from_be_bytes(self.take(8, "a float")?.try_into().expect("8 bytes")));
-                    self.push(Object::Float(v))?
-                }
-                b'F' => {
-                    let s = self.line()?;
-                    let v = s.parse::<f64>().map_err(|_| anyhow::anyhow!("FLOAT argument '{s}' is not a number"))?;
-                    self.push(Object::Float(v))?
-                }
-                // Strings and bytes.
-                b'X' => {
-                    let n = self.length(4)?;
-                    self.string(n)?
-                }
-                0x8c => {
-                    let n = self.length(1)?;
-                    self.string(n)?
-                }
-                0x8d => {
-                    let n = self.length(8)?;
-                    self.string(n)?
-                }
-                b'T' => {
-                    let n = self.length(4)?;
-                    self.bytes(n)?
-                }
-                b'U' => {
-                    let n = self.length(1)?;
-                    self.bytes(n)?
-                }
-                b'B' | 0x96 => {
-                    let n = self.length(if op == b'B' { 4 } else { 8 })?;
-                    self.bytes(n)?
-                }
-                b'C' => {
-                    let n = self.length(1)?;
-                    self.bytes(n)?
-                }
-                0x8e => {
-                    let n = self.length(8)?;
-                    self.bytes(n)?
-                }
-                b'V' => {
-                    // Protocol 0 unicode (raw-unicode-escape): kept as the text it is.
-                    let s = self.line()?.to_string();
-                    self.push(Object::Str(s))?
-                }
-                b'S' => {
-                    let s = self.line()?;
-                    let s = s.strip_prefix(['\'', '"']).and_then(|s| s.strip_suffix(['\'', '"'])).unwrap_or(s);
-                    let s = s.to_string();
-                    self.push(Object::Str(s))?
-                }
-                // Containers.
-                b')' => self.push(Object::Tuple(vec![]))?,
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.push(Object::Tuple(items))?
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let mut items = vec![0; n];
-                    for slot in items.iter_mut().rev() {
-                        *slot = self.pop()?;
-                    }
-                    self.push(Object::Tuple(items))?
-                }
-                b']' | 0x8f => self.push(Object::List(vec![]))?,
-                b'l' | 0x91 => {
-                    let items = self.pop_mark()?;
-                    self.push(Object::List(items))?
-                }
-                b'a' => {
-                    let item = self.pop()?;
-                    let list = self.top()?;
-                    self.append(list, vec![item])?
-                }
-                b'e' | 0x90 => {
-                    let items = self.pop_mark()?;
-                    let list = self.top()?;
-                    self.append(list, items)?
-                }
-                b'}' => self.push(Object::Dict(vec![]))?,
-                b'd' => {
-                    let flat = self.pop_mark()?;
-                    if !flat.len().is_multiple_of(2) {
-                        bail!("DICT with an odd number of keys and values");
-                    }
-                    self.push(Object::Dict(flat.chunks(2).map(|p| (p[0], p[1])).collect()))?
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    let dict = self.top()?;
-                    self.set_items(dict, vec![k, v])?
-                }
-                b'u' => {
-                    let flat = self.pop_mark()?;
-                    let dict = self.top()?;
-                    self.set_items(dict, flat)?
-                }
-                // The memo.
-                b'p' => {
-                    let s = self.line()?;
-                    let key = s.parse::<u32>().map_err(|_| anyhow::anyhow!("PUT argument '{s}' is not an index"))?;
-                    self.memo_put(key)?
-                }
-                b'q' => {
-                    let key = self.byte()? as u32;
-                    self.memo_put(key)?
-                }
-                b'r' => {
-                    let key = self.uint(4)? as u32;
-                    self.memo_put(key)?
-                }
-                0x94 => {
-                    let key = self.memo.len() as u32;
-                    self.memo_put(key)?
-                }
-                b'g' => {
-                    let s = self.line()?;
-                    let key = s.parse::<u64>().map_err(|_| anyhow::anyhow!("GET argument '{s}' is not an index"))?;
-                    self.memo_get(key)?
-                }
-                b'h' => {
-                    let key = self.byte()? as u64;
-                    self.memo_get(key)?
-                }
-                b'j' => {
-                    let key = self.uint(4)?;
-                    self.memo_get(key)?
-                }
-                // Classes and their instances, as data.
-                b'c' => {
-                    let module = self.line()?.to_string();
-                    let name = self.line()?.to_string();
-                    let id = self.global(module, name)?;
-                    self.stack.push(Slot::Obj(id));
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    let (Object::Str(m), Object::Str(n)) =
-                        (&self.objects[module as usize], &self.objects[name as usize])
-                    else {
-                        bail!("STACK_GLOBAL wants two strings");
-                    };
-                    let (m, n) = (m.clone(), n.clone());
-                    let id = self.global(m, n)?;
-                    self.stack.push(Slot::Obj(id));
-                }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    self.call(callable, args)?
-                }
-                0x92 => {
-                    let _kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    self.call(callable, args)?
-                }
-                b'i' => {
-                    let module = self.line()?.to_string();
-                    let name = self.line()?.to_string();
-                    let items = self.pop_mark()?;
-                    let callable = self.global(module, name)?;
-                    let args = self.new_object(Object::Tuple(items))?;
-                    self.call(callable, args)?
-                }
-                b'o' => {
-                    let mut items = self.pop_mark()?;
-                    if items.is_empty() {
-                        bail!("OBJ without a class");
-                    }
-                    let callable = items.remove(0);
-                    let args = self.new_object(Object::Tuple(items))?;
-                    self.call(callable, args)?
-                }
-                b'b' => {
-                    let state = self.pop()?;
-                    let obj = self.top()?;
-                    match &mut self.objects[obj as usize] {
-                        Object::Call { state: s, .. } => *s = Some(state),
-                        other => bail!("BUILD on {}, which has no state", kind(other)),
-                    }
-                }
-                b'P' => {
-                    let s = self.line()?.to_string();
-                    let pid = self.new_object(Object::Str(s))?;
-                    self.push(Object::Persistent(pid))?
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    self.push(Object::Persistent(pid))?
-                }
-                0x82..=0x84 => {
-                    bail!("the pickle uses the extension registry (EXT opcodes), which data files never need")
-                }
-                0x97 | 0x98 => bail!("the pickle uses out-of-band buffers (protocol 5), which files cannot carry"),
-                other => bail!("unknown pickle opcode 0x{other:02x} at byte {at}"),
+            if op == b'.' {
+                // STOP
+                let root = self.pop()?;
+                return Ok(Pickle { objects: self.objects, root, len: self.pos });
             }
+            self.op(op, at)?;
         }
+    }
+
+    /// One opcode (STOP aside), by its group.
+    fn op(&mut self, op: u8, at: usize) -> Result<()> {
+        match op {
+            0x80 | 0x95 | b'(' | b'0' | b'1' | b'2' => self.stack_op(op),
+            b'J' | b'K' | b'M' | 0x8a | 0x8b | b'I' | b'L' | b'N' | 0x88 | 0x89 | b'G' | b'F' => self.scalar_op(op),
+            b'X' | 0x8c | 0x8d | b'T' | b'U' | b'B' | 0x96 | b'C' | 0x8e | b'V' | b'S' => self.text_op(op),
+            b')' | b't' | 0x85..=0x87 | b']' | 0x8f | b'l' | 0x91 | b'a' | b'e' | 0x90 | b'}' | b'd' | b's' | b'u' => {
+                self.container_op(op)
+            }
+            b'p' | b'q' | b'r' | 0x94 | b'g' | b'h' | b'j' => self.memo_op(op),
+            b'c' | 0x93 | b'R' | 0x81 | 0x92 | b'i' | b'o' | b'b' | b'P' | b'Q' => self.object_op(op),
+            0x82..=0x84 => {
+                bail!("the pickle uses the extension registry (EXT opcodes), which data files never need")
+            }
+            0x97 | 0x98 => bail!("the pickle uses out-of-band buffers (protocol 5), which files cannot carry"),
+            other => bail!("unknown pickle opcode 0x{other:02x} at byte {at}"),
+        }
+    }
+
+    /// The stack and the framing: PROTO, FRAME, MARK, POP, POP_MARK, DUP.
+    fn stack_op(&mut self, op: u8) -> Result<()> {
+        match op {
+            0x80 => {
+                let p = self.byte()?;
+                if p > 5 {
+                    bail!("pickle protocol {p} is newer than 5");
+                }
+            }
+            0x95 => {
+                self.uint(8)?; // FRAME: a length hint only
+            }
+            b'(' => self.stack.push(Slot::Mark),
+            b'0' => {
+                self.stack.pop().ok_or_else(|| anyhow::anyhow!("POP on an empty stack"))?;
+            }
+            b'1' => {
+                self.pop_mark()?;
+            }
+            b'2' => {
+                let top = self.top()?;
+                self.stack.push(Slot::Obj(top));
+            }
+            _ => bail!("opcode 0x{op:02x} is not in this group (an internal error)"),
+        }
+        Ok(())
+    }
+
+    /// Numbers, booleans and None.
+    fn scalar_op(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'J' => {
+                let v = self.uint(4)? as u32 as i32;
+                self.int(v as i64)?
+            }
+            b'K' => {
+                let v = self.byte()?;
+                self.int(v as i64)?
+            }
+            b'M' => {
+                let v = self.uint(2)?;
+                self.int(v as i64)?
+            }
+            0x8a => {
+                let n = self.byte()? as usize;
+                self.long(n)?
+            }
+            0x8b => {
+                let n = self.length(4)?;
+                self.long(n)?
+            }
+            b'I' | b'L' => {
+                let s = self.line()?;
+                let s = s.strip_suffix('L').unwrap_or(s);
+                match s {
+                    "00" => self.push(Object::Bool(false))?,
+                    "01" => self.push(Object::Bool(true))?,
+                    _ => match s.parse::<i64>() {
+                        Ok(v) => self.int(v)?,
+                        Err(_) if !s.is_empty() && s.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) => {
+                            self.push(Object::BigInt(vec![]))?
+                        }
+                        Err(_) => bail!("INT/LONG argument '{s}' is not an integer"),
+                    },
+                }
+            }
+            b'N' => self.push(Object::None)?,
+            0x88 => self.push(Object::Bool(true))?,
+            0x89 => self.push(Object::Bool(false))?,
+            b'G' => {
+                let v = f64::from_bits(u64::from_be_bytes(self.take(8, "a float")?.try_into().expect("8 bytes")));
+                self.push(Object::Float(v))?
+            }
+            b'F' => {
+                let s = self.line()?;
+                let v = s.parse::<f64>().map_err(|_| anyhow::anyhow!("FLOAT argument '{s}' is not a number"))?;
+                self.push(Object::Float(v))?
+            }
+            _ => bail!("opcode 0x{op:02x} is not in this group (an internal error)"),
+        }
+        Ok(())
+    }
+
+    /// Strings and bytes.
+    fn text_op(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'X' => {
+                let n = self.length(4)?;
+                self.string(n)?
+            }
+            0x8c => {
+                let n = self.length(1)?;
+                self.string(n)?
+            }
+            0x8d => {
+                let n = self.length(8)?;
+                self.string(n)?
+            }
+            b'T' => {
+                let n = self.length(4)?;
+                self.bytes(n)?
+            }
+            b'U' => {
+                let n = self.length(1)?;
+                self.bytes(n)?
+            }
+            b'B' | 0x96 => {
+                let n = self.length(if op == b'B' { 4 } else { 8 })?;
+                self.bytes(n)?
+            }
+            b'C' => {
+                let n = self.length(1)?;
+                self.bytes(n)?
+            }
+            0x8e => {
+                let n = self.length(8)?;
+                self.bytes(n)?
+            }
+            b'V' => {
+                // Protocol 0 unicode (raw-unicode-escape): kept as the text it is.
+                let s = self.line()?.to_string();
+                self.push(Object::Str(s))?
+            }
+            b'S' => {
+                let s = self.line()?;
+                let s = s.strip_prefix(['\'', '"']).and_then(|s| s.strip_suffix(['\'', '"'])).unwrap_or(s);
+                let s = s.to_string();
+                self.push(Object::Str(s))?
+            }
+            _ => bail!("opcode 0x{op:02x} is not in this group (an internal error)"),
+        }
+        Ok(())
+    }
+
+    /// Tuples, lists and dicts.
+    fn container_op(&mut self, op: u8) -> Result<()> {
+        match op {
+            b')' => self.push(Object::Tuple(vec![]))?,
+            b't' => {
+                let items = self.pop_mark()?;
+                self.push(Object::Tuple(items))?
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                let mut items = vec![0; n];
+                for slot in items.iter_mut().rev() {
+                    *slot = self.pop()?;
+                }
+                self.push(Object::Tuple(items))?
+            }
+            b']' | 0x8f => self.push(Object::List(vec![]))?,
+            b'l' | 0x91 => {
+                let items = self.pop_mark()?;
+                self.push(Object::List(items))?
+            }
+            b'a' => {
+                let item = self.pop()?;
+                let list = self.top()?;
+                self.append(list, vec![item])?
+            }
+            b'e' | 0x90 => {
+                let items = self.pop_mark()?;
+                let list = self.top()?;
+                self.append(list, items)?
+            }
+            b'}' => self.push(Object::Dict(vec![]))?,
+            b'd' => {
+                let flat = self.pop_mark()?;
+                if !flat.len().is_multiple_of(2) {
+                    bail!("DICT with an odd number of keys and values");
+                }
+                self.push(Object::Dict(flat.chunks(2).map(|p| (p[0], p[1])).collect()))?
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                let dict = self.top()?;
+                self.set_items(dict, vec![k, v])?
+            }
+            b'u' => {
+                let flat = self.pop_mark()?;
+                let dict = self.top()?;
+                self.set_items(dict, flat)?
+            }
+            _ => bail!("opcode 0x{op:02x} is not in this group (an internal error)"),
+        }
+        Ok(())
+    }
+
+    /// The memo: PUT and GET in their three widths.
+    fn memo_op(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'p' => {
+                let s = self.line()?;
+                let key = s.parse::<u32>().map_err(|_| anyhow::anyhow!("PUT argument '{s}' is not an index"))?;
+                self.memo_put(key)?
+            }
+            b'q' => {
+                let key = self.byte()? as u32;
+                self.memo_put(key)?
+            }
+            b'r' => {
+                let key = self.uint(4)? as u32;
+                self.memo_put(key)?
+            }
+            0x94 => {
+                let key = self.memo.len() as u32;
+                self.memo_put(key)?
+            }
+            b'g' => {
+                let s = self.line()?;
+                let key = s.parse::<u64>().map_err(|_| anyhow::anyhow!("GET argument '{s}' is not an index"))?;
+                self.memo_get(key)?
+            }
+            b'h' => {
+                let key = self.byte()? as u64;
+                self.memo_get(key)?
+            }
+            b'j' => {
+                let key = self.uint(4)?;
+                self.memo_get(key)?
+            }
+            _ => bail!("opcode 0x{op:02x} is not in this group (an internal error)"),
+        }
+        Ok(())
+    }
+
+    /// Classes and their instances, as data: GLOBAL, REDUCE, NEWOBJ, INST, OBJ, BUILD, persistent ids.
+    fn object_op(&mut self, op: u8) -> Result<()> {
+        match op {
+            b'c' => {
+                let module = self.line()?.to_string();
+                let name = self.line()?.to_string();
+                let id = self.global(module, name)?;
+                self.stack.push(Slot::Obj(id));
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let (Object::Str(m), Object::Str(n)) = (&self.objects[module as usize], &self.objects[name as usize])
+                else {
+                    bail!("STACK_GLOBAL wants two strings");
+                };
+                let (m, n) = (m.clone(), n.clone());
+                let id = self.global(m, n)?;
+                self.stack.push(Slot::Obj(id));
+            }
+            b'R' | 0x81 => {
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                self.call(callable, args)?
+            }
+            0x92 => {
+                let _kwargs = self.pop()?;
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                self.call(callable, args)?
+            }
+            b'i' => {
+                let module = self.line()?.to_string();
+                let name = self.line()?.to_string();
+                let items = self.pop_mark()?;
+                let callable = self.global(module, name)?;
+                let args = self.new_object(Object::Tuple(items))?;
+                self.call(callable, args)?
+            }
+            b'o' => {
+                let mut items = self.pop_mark()?;
+                if items.is_empty() {
+                    bail!("OBJ without a class");
+                }
+                let callable = items.remove(0);
+                let args = self.new_object(Object::Tuple(items))?;
+                self.call(callable, args)?
+            }
+            b'b' => {
+                let state = self.pop()?;
+                let obj = self.top()?;
+                match &mut self.objects[obj as usize] {
+                    Object::Call { state: s, .. } => *s = Some(state),
+                    other => bail!("BUILD on {}, which has no state", kind(other)),
+                }
+            }
+            b'P' => {
+                let s = self.line()?.to_string();
+                let pid = self.new_object(Object::Str(s))?;
+                self.push(Object::Persistent(pid))?
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                self.push(Object::Persistent(pid))?
+            }
+            _ => bail!("opcode 0x{op:02x} is not in this group (an internal error)"),
+        }
+        Ok(())
     }
 }
 

@@ -316,30 +316,26 @@ impl<B: Backend> T2iHead<B> {
     }
 }
 
-/// The whole model. Stage parameters are flat fields named as in the reference state dict.
-/// Mirrors the reference's `PVLT` class; MVLT-SPEC 2 (key list: `fixtures/reference/manifest_*.json`).
+/// One of the four stages (MVLT-SPEC 2): the patch embedding of the image and the projection of
+/// the text into the stage's width, their positional tables, and the stage's blocks. Saved under
+/// the reference's numbered names (`pos_embed{n}`, `patch_embed{n}`, `block{n}.{b}`, ...): the
+/// one mapping is `weights::reference_key`, which also keeps the reference's key order.
+#[derive(Module, Debug)]
+pub struct Stage<B: Backend> {
+    pub pos_embed: Param<Tensor<B, 3>>,
+    pub text_pos_embed: Param<Tensor<B, 3>>,
+    pub patch_embed: PatchEmbed<B>,
+    pub text_embed: LinearNorm<B>,
+    pub blocks: Vec<Block<B>>,
+}
+
+/// The whole model, named as in the reference state dict (the stages through
+/// `weights::reference_key`). Mirrors the reference's `PVLT` class; MVLT-SPEC 2 (key list:
+/// `fixtures/reference/manifest_*.json`).
 #[derive(Module, Debug)]
 pub struct Pvlt<B: Backend> {
-    pub pos_embed1: Param<Tensor<B, 3>>,
-    pub text_pos_embed1: Param<Tensor<B, 3>>,
-    pub pos_embed2: Param<Tensor<B, 3>>,
-    pub text_pos_embed2: Param<Tensor<B, 3>>,
-    pub pos_embed3: Param<Tensor<B, 3>>,
-    pub text_pos_embed3: Param<Tensor<B, 3>>,
-    pub pos_embed4: Param<Tensor<B, 3>>,
-    pub text_pos_embed4: Param<Tensor<B, 3>>,
-    pub patch_embed1: PatchEmbed<B>,
-    pub text_embed1: LinearNorm<B>,
-    pub block1: Vec<Block<B>>,
-    pub patch_embed2: PatchEmbed<B>,
-    pub text_embed2: LinearNorm<B>,
-    pub block2: Vec<Block<B>>,
-    pub patch_embed3: PatchEmbed<B>,
-    pub text_embed3: LinearNorm<B>,
-    pub block3: Vec<Block<B>>,
-    pub patch_embed4: PatchEmbed<B>,
-    pub text_embed4: LinearNorm<B>,
-    pub block4: Vec<Block<B>>,
+    /// Stages 1 to 4.
+    pub stages: Vec<Stage<B>>,
     pub text_embeddings: TextEmbeddings<B>,
     pub mlm_head_embed: Option<LinearNorm<B>>,
     pub mlm_head: Option<MlmHead<B>>,
@@ -355,15 +351,6 @@ pub struct Pvlt<B: Backend> {
     pub patch_size: usize,
     /// Grid side of each stage's positional table (56, 28, 14, 7 at img_size 224).
     pub pos_grids: [usize; 4],
-}
-
-/// One stage's parameters, borrowed from the flat fields so the forward pass can loop.
-struct Stage<'a, B: Backend> {
-    pos_embed: &'a Param<Tensor<B, 3>>,
-    text_pos_embed: &'a Param<Tensor<B, 3>>,
-    patch_embed: &'a PatchEmbed<B>,
-    text_embed: &'a LinearNorm<B>,
-    blocks: &'a [Block<B>],
 }
 
 /// Train or eval: dropout, stochastic depth and BatchNorm batch statistics are on in `Train`.
@@ -436,7 +423,7 @@ impl<B: Backend> Pvlt<B> {
         let grid = |i: usize| cfg.pos_table_grid(i);
         let total_blocks: usize = cfg.depths.iter().sum();
         let mut block_index = 0;
-        let mut stage_blocks = |i: usize| -> Vec<Block<B>> {
+        let stage_blocks = |i: usize| -> Vec<Block<B>> {
             (0..cfg.depths[i])
                 .map(|_| {
                     // drop_path rises linearly from 0 to the rate over all blocks (torch.linspace).
@@ -488,32 +475,31 @@ impl<B: Backend> Pvlt<B> {
             word_embeddings.weight =
                 Param::from_tensor(Tensor::random([cfg.vocab_size, th], Distribution::Normal(0.0, 0.02), device));
         }
-        let block1 = stage_blocks(0);
-        let block2 = stage_blocks(1);
-        let block3 = stage_blocks(2);
-        let block4 = stage_blocks(3);
+        // Drawn in the reference's order: every stage's blocks, then the positional tables, then
+        // the patch and text embeddings (the same initial weights as the flat fields drew).
+        let blocks: Vec<Vec<Block<B>>> = (0..4).map(stage_blocks).collect();
+        let tables: Vec<_> = (0..4)
+            .map(|i| {
+                // Stage 4's table has one extra leading slot: PVT's class token position, dropped before use.
+                let slots = grid(i) * grid(i) + usize::from(i == 3);
+                (trunc([1, slots, d[i]]), trunc([1, t, d[i]]))
+            })
+            .collect();
+        let embeds: Vec<_> = (0..4).map(|i| (patch_embed(i), text_embed(i))).collect();
+        let stages = blocks
+            .into_iter()
+            .zip(tables)
+            .zip(embeds)
+            .map(|((blocks, (pos_embed, text_pos_embed)), (patch_embed, text_embed))| Stage {
+                pos_embed,
+                text_pos_embed,
+                patch_embed,
+                text_embed,
+                blocks,
+            })
+            .collect();
         Pvlt {
-            pos_embed1: trunc([1, grid(0) * grid(0), d[0]]),
-            text_pos_embed1: trunc([1, t, d[0]]),
-            pos_embed2: trunc([1, grid(1) * grid(1), d[1]]),
-            text_pos_embed2: trunc([1, t, d[1]]),
-            pos_embed3: trunc([1, grid(2) * grid(2), d[2]]),
-            text_pos_embed3: trunc([1, t, d[2]]),
-            // One extra leading slot: PVT's class token position, dropped before use.
-            pos_embed4: trunc([1, grid(3) * grid(3) + 1, d[3]]),
-            text_pos_embed4: trunc([1, t, d[3]]),
-            patch_embed1: patch_embed(0),
-            text_embed1: text_embed(0),
-            block1,
-            patch_embed2: patch_embed(1),
-            text_embed2: text_embed(1),
-            block2,
-            patch_embed3: patch_embed(2),
-            text_embed3: text_embed(2),
-            block3,
-            patch_embed4: patch_embed(3),
-            text_embed4: text_embed(3),
-            block4,
+            stages,
             text_embeddings: TextEmbeddings {
                 word_embeddings,
                 position_embeddings: Embedding::new(
@@ -560,37 +546,8 @@ impl<B: Backend> Pvlt<B> {
         }
     }
 
-    fn stage(&self, i: usize) -> Stage<'_, B> {
-        match i {
-            0 => Stage {
-                pos_embed: &self.pos_embed1,
-                text_pos_embed: &self.text_pos_embed1,
-                patch_embed: &self.patch_embed1,
-                text_embed: &self.text_embed1,
-                blocks: &self.block1,
-            },
-            1 => Stage {
-                pos_embed: &self.pos_embed2,
-                text_pos_embed: &self.text_pos_embed2,
-                patch_embed: &self.patch_embed2,
-                text_embed: &self.text_embed2,
-                blocks: &self.block2,
-            },
-            2 => Stage {
-                pos_embed: &self.pos_embed3,
-                text_pos_embed: &self.text_pos_embed3,
-                patch_embed: &self.patch_embed3,
-                text_embed: &self.text_embed3,
-                blocks: &self.block3,
-            },
-            _ => Stage {
-                pos_embed: &self.pos_embed4,
-                text_pos_embed: &self.text_pos_embed4,
-                patch_embed: &self.patch_embed4,
-                text_embed: &self.text_embed4,
-                blocks: &self.block4,
-            },
-        }
+    fn stage(&self, i: usize) -> &Stage<B> {
+        &self.stages[i]
     }
 
     /// Stage `i`'s positional table resized to the actual `h x w` grid: bilinear,
@@ -724,7 +681,7 @@ impl<B: Backend> Pvlt<B> {
             let y = st.text_embed.forward(text) + st.text_pos_embed.val().slice([0..1, 0..t]);
             let [b, hw, c] = x.dims();
             let mut z = Tensor::cat(vec![x, y], 1);
-            for blk in st.blocks {
+            for blk in &st.blocks {
                 z = blk.forward(z, h, w, train);
             }
             let x = z.clone().slice([0..b, 0..hw, 0..c]);
@@ -831,11 +788,11 @@ mod tests {
         let cfg = PvltConfig { linear_init_std: 0.1, text_table_init_std: 0.05, ..PvltConfig::tiny() };
         let m = Pvlt::<Cpu>::new(&cfg, &Default::default());
         let std = |t: Tensor<Cpu, 2>| -> f32 { t.var(1).mean().sqrt().into_scalar() };
-        let b = &m.block1[0];
+        let b = &m.stages[0].blocks[0];
         for (name, w, want) in [
             ("q", b.attn.q.weight.val(), 0.1),
             ("fc2", b.mlp.fc2.weight.val(), 0.1),
-            ("text_embed1", m.text_embed1._0.weight.val(), 0.1),
+            ("text_embed1", m.stages[0].text_embed._0.weight.val(), 0.1),
             ("position table", m.text_embeddings.position_embeddings.weight.val(), 0.05),
             ("word embeddings", m.text_embeddings.word_embeddings.weight.val(), 0.02),
         ] {

@@ -269,16 +269,37 @@ fn counts(data: &TensorData) -> Result<Vec<f32>, String> {
     }
 }
 
-/// Burn module path -> reference key (`text_embed1._0.weight` -> `text_embed1.0.weight`).
+/// Burn module path -> reference key (`stages.0.text_embed._0.weight` -> `text_embed1.0.weight`,
+/// `stages.1.blocks.0.attn.q.weight` -> `block2.0.attn.q.weight`).
 pub fn reference_key(burn_path: &str) -> String {
-    burn_path
-        .split('.')
+    let mut segs: Vec<&str> = burn_path.split('.').collect();
+    // `stages.{i}.{part}...` is the reference's numbered `{part}{i + 1}...` (blocks: `block{n}`).
+    let numbered;
+    if let ["stages", i, part, ..] = segs[..] {
+        if let Ok(i) = i.parse::<usize>() {
+            let name = if part == "blocks" { "block" } else { part };
+            numbered = format!("{name}{}", i + 1);
+            segs.splice(0..3, [numbered.as_str()]);
+        }
+    }
+    segs.iter()
         .map(|seg| match seg.strip_prefix('_') {
             Some(rest) if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) => rest,
             _ => seg,
         })
         .collect::<Vec<_>>()
         .join(".")
+}
+
+/// Where a key comes in the reference's registration order: its positional tables of every stage
+/// first, then each stage's patch embedding, text projection and blocks, then the rest (the stages
+/// are one collection here, so their tables come with them).
+fn reference_rank(burn_path: &str) -> u8 {
+    match burn_path.split('.').collect::<Vec<_>>()[..] {
+        ["stages", _, "pos_embed" | "text_pos_embed"] => 0,
+        ["stages", ..] => 1,
+        _ => 2,
+    }
 }
 
 /// One expected entry of the model's state dict.
@@ -291,8 +312,9 @@ pub struct ExpectedKey {
 
 /// The model's own state dict layout, in registration order (the reference's order).
 pub fn expected_keys<B: Backend>(model: &Pvlt<B>) -> Vec<ExpectedKey> {
-    model
-        .collect(None, None, false)
+    let mut snapshots = model.collect(None, None, false);
+    snapshots.sort_by_key(|s| reference_rank(&s.full_path())); // stable: the order within a rank stays
+    snapshots
         .into_iter()
         .map(|s| ExpectedKey {
             key: reference_key(&s.full_path()),
@@ -615,6 +637,16 @@ pub fn is_buffer_or_alias(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage_paths_map_to_the_reference_names() {
+        assert_eq!(reference_key("stages.0.pos_embed"), "pos_embed1");
+        assert_eq!(reference_key("stages.3.text_pos_embed"), "text_pos_embed4");
+        assert_eq!(reference_key("stages.3.blocks.1.attn.q.weight"), "block4.1.attn.q.weight");
+        assert_eq!(reference_key("stages.1.text_embed._0.weight"), "text_embed2.0.weight");
+        assert_eq!(reference_key("stages.2.patch_embed.proj.weight"), "patch_embed3.proj.weight");
+        assert_eq!(reference_key("itm_head.linear.weight"), "itm_head.linear.weight");
+    }
 
     /// A safetensors file of one F32 tensor `w` = [1, 2] whose header (JSON padded with spaces,
     /// which the format allows) is exactly `header_len` bytes, with optional metadata.

@@ -94,7 +94,7 @@ pub fn same_product_targets<B: Backend>(products: &[String], device: &B::Device)
 /// captions'. `None` when the model has no ITC head or the batch carries no captions for it.
 pub fn itc_embeddings<B: Backend>(model: &Pvlt<B>, t: &Targets<B>, mode: Mode) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
     let itc = t.itc.as_ref()?;
-    let dtype = model.patch_embed1.proj.weight.val().dtype();
+    let dtype = model.stages[0].patch_embed.proj.weight.val().dtype();
     let img =
         model.embed_images(t.clean_images.clone().cast(dtype), mode, itc.empty_caption[0], itc.empty_caption[1])?;
     let txt = model.embed_texts(itc.caption_ids.clone(), mode)?;
@@ -304,7 +304,7 @@ mod itc_tests {
         let norm = |t: Option<Tensor<Cpu, 2>>| t.map(|g| g.powf_scalar(2.0).sum().sqrt().into_scalar()).unwrap_or(0.0);
         let g_img = norm(head.image_proj.weight.grad(&grads));
         let g_txt = norm(head.text_proj.weight.grad(&grads));
-        let g_q = norm(model.block1[0].attn.q.weight.grad(&grads));
+        let g_q = norm(model.stages[0].blocks[0].attn.q.weight.grad(&grads));
         tracing::info!("grad norms: image_proj {g_img:e}, text_proj {g_txt:e}, block1 q {g_q:e}");
         assert!(g_img > 0.0 && g_txt > 0.0 && g_q > 0.0);
     }
