@@ -120,6 +120,68 @@ fn minutes(s: f64) -> String {
     format!("{}m {:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
 }
 
+/// The README's demo table, from a run's `report.json`: what the README shows is what the run
+/// reported (a test compares the two). `None` when the report lacks a figure the table shows.
+pub fn readme_table(r: &Value) -> Option<String> {
+    let f = |path: &[&str]| -> Option<f64> {
+        let mut v = r;
+        for k in path {
+            v = v.get(*k)?;
+        }
+        v.as_f64()
+    };
+    let pair =
+        |a: &[&str], b: &[&str]| -> Option<String> { Some(format!("{:.0} / {:.0}", 100.0 * f(a)?, 100.0 * f(b)?)) };
+    let from = match r.get("pretrain_plan")?.get("from")?.as_str()? {
+        "measured" => "planned from the measured pace",
+        "--steps" => "asked with --steps",
+        _ => "fixed by --quick",
+    };
+    let rows = [
+        ("wall time", minutes(f(&["wall_s"])?)),
+        (&*format!("pre-training steps of 64 ({from})"), format!("{:.0}", f(&["pretrain", "steps"])?)),
+        (
+            "**ITM R@1, random negatives, TIR / ITR**",
+            format!("**{}**", pair(&["retrieval", "tir_random", "r@1"], &["retrieval", "itr_random", "r@1"])?),
+        ),
+        (
+            "ITM R@1, same-sub-category negatives, TIR / ITR",
+            pair(&["retrieval", "tir_same_subcategory", "r@1"], &["retrieval", "itr_same_subcategory", "r@1"])?,
+        ),
+        (
+            "contrastive embeddings R@1, random negatives, TIR / ITR",
+            pair(
+                &["first_stage", "tir_random", "embeddings", "r@1"],
+                &["first_stage", "itr_random", "embeddings", "r@1"],
+            )?,
+        ),
+        (
+            "embeddings' top 10 re-ranked by ITM, R@1, random negatives, TIR / ITR",
+            pair(
+                &["first_stage", "tir_random", "two_stage", "r@1"],
+                &["first_stage", "itr_random", "two_stage", "r@1"],
+            )?,
+        ),
+        (
+            "recognition accuracy, main / sub",
+            format!(
+                "{:.1} / {:.1}",
+                100.0 * f(&["recognition", "main", "accuracy"])?,
+                100.0 * f(&["recognition", "sub", "accuracy"])?
+            ),
+        ),
+        (
+            "last validation: ITM accuracy, PSNR of the reconstruction",
+            format!("{:.2}, {:.1} dB", f(&["pretrain", "last_val", "itm_acc"])?, f(&["pretrain", "last_val", "psnr"])?),
+        ),
+    ];
+    let mut out = String::from("| | |\n|---|---|\n");
+    for (name, value) in rows {
+        out += &format!("| {name} | {value} |\n");
+    }
+    Some(out)
+}
+
 /// The retrieval and recognition tables (markdown; also what `mvlt demo` prints at the end).
 pub fn summary(o: &DemoOutcome) -> String {
     let mut m = String::new();
