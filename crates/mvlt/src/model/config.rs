@@ -82,6 +82,41 @@ fn default_itc_dim() -> usize {
     128
 }
 
+/// The named architectures: the reference's four variants and the micro one of the CPU recipes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    Micro,
+    Tiny,
+    Small,
+    Medium,
+    Large,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 5] = [Preset::Micro, Preset::Tiny, Preset::Small, Preset::Medium, Preset::Large];
+
+    /// Its name in recipes and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Micro => "micro",
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Medium => "medium",
+            Preset::Large => "large",
+        }
+    }
+
+    /// A preset by name (`tiny` or `pvlt_tiny`).
+    pub fn parse(name: &str) -> Option<Preset> {
+        let name = name.strip_prefix("pvlt_").unwrap_or(name);
+        Preset::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    pub fn config(self) -> PvltConfig {
+        PvltConfig::preset(self.name()).expect("every preset has a config")
+    }
+}
+
 /// Most parameters a config may ask for (8 GB of f32; PVLT-large has about a tenth of that).
 pub const MAX_PARAMS: u64 = 2_000_000_000;
 

@@ -37,23 +37,25 @@ pub const PRETRAIN_OBJECTIVES: [Objective; 3] = [Objective::Mlm, Objective::Itm,
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum ModelSpec {
-    Preset(String),
+    Preset(crate::model::config::Preset),
     File(PathBuf),
 }
 
 impl ModelSpec {
     /// The architecture it names.
     pub fn resolve(&self) -> Result<crate::model::PvltConfig> {
-        crate::model::PvltConfig::resolve(&String::from(self.clone()))
+        match self {
+            ModelSpec::Preset(p) => Ok(p.config()),
+            ModelSpec::File(f) => crate::model::PvltConfig::resolve(&f.display().to_string()),
+        }
     }
 }
 
 impl From<String> for ModelSpec {
     fn from(s: String) -> Self {
-        if crate::model::PvltConfig::preset(&s).is_some() {
-            ModelSpec::Preset(s)
-        } else {
-            ModelSpec::File(s.into())
+        match crate::model::config::Preset::parse(&s) {
+            Some(p) => ModelSpec::Preset(p),
+            None => ModelSpec::File(s.into()),
         }
     }
 }
@@ -61,7 +63,7 @@ impl From<String> for ModelSpec {
 impl From<ModelSpec> for String {
     fn from(m: ModelSpec) -> String {
         match m {
-            ModelSpec::Preset(p) => p,
+            ModelSpec::Preset(p) => p.name().to_string(),
             ModelSpec::File(f) => f.display().to_string(),
         }
     }
@@ -268,7 +270,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             task: Task::Pretrain,
-            model: ModelSpec::Preset("tiny".into()),
+            model: ModelSpec::Preset(crate::model::config::Preset::Tiny),
             init: None,
             init_non_strict: true,
             data: DataSource::Synthetic,
@@ -552,6 +554,19 @@ mod tests {
         }
     }
     use super::*;
+
+    #[test]
+    fn model_presets_and_files_are_told_apart() {
+        use crate::model::config::Preset;
+        for p in Preset::ALL {
+            assert_eq!(ModelSpec::from(p.name().to_string()), ModelSpec::Preset(p));
+            assert_eq!(String::from(ModelSpec::Preset(p)), p.name());
+        }
+        assert_eq!(ModelSpec::from("pvlt_small".to_string()), ModelSpec::Preset(Preset::Small));
+        assert_eq!(ModelSpec::from("my/model.json".to_string()), ModelSpec::File("my/model.json".into()));
+        let c = TrainConfigBuilder::parse("model = \"micro\"").unwrap().build().unwrap();
+        assert_eq!(c.model, ModelSpec::Preset(Preset::Micro));
+    }
 
     #[test]
     fn recipes_parse_and_overrides_apply() {
