@@ -128,9 +128,16 @@ pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
     mvlt::device::run_on_devices(spec, backend(), &[spec.index()], task)
 }
 
-/// [`mvlt::device::run_on_devices`] on the chosen backend.
-pub fn run_on_devices<T: BackendTask>(spec: DeviceSpec, indices: &[usize], task: T) -> Result<T::Output> {
-    mvlt::device::run_on_devices(spec, backend(), indices, task)
+/// A training run from the command line, on its settings' devices and the chosen backend, under
+/// [`run_control`].
+pub fn train(
+    config: mvlt::train::config::TrainConfig,
+    dir: &std::path::Path,
+    resume: bool,
+) -> Result<mvlt::train::trainer::RunSummary> {
+    let (device, indices) = config.device_indices();
+    let run = mvlt::train::trainer::TrainRun { config, dir: dir.to_path_buf(), resume, control: run_control() };
+    mvlt::device::run_on_devices(device, backend(), &indices, run)
 }
 
 /// The control of a training run started from the command line: Ctrl-C stops it at the next

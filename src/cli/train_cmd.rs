@@ -1,9 +1,8 @@
 //! `mvlt pretrain` and `mvlt finetune`.
-use crate::cli::run_on_devices;
 use anyhow::Result;
 use mvlt::device::DeviceSpec;
 use mvlt::train::config::{DataSource, Precision, Task, TrainConfigBuilder};
-use mvlt::train::trainer::{summarize, TrainRun};
+use mvlt::train::trainer::summarize;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -89,12 +88,7 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
         })
         .set(&a.set)?
         .build()?;
-    let (device, indices) = config.device_indices();
-    let s = run_on_devices(
-        device,
-        &indices,
-        TrainRun { config, dir: out.clone(), resume: a.resume, control: super::run_control() },
-    )?;
+    let s = super::train(config, &out, a.resume)?;
     if s.interrupted {
         println!(
             "interrupted after step {}; continue with --resume (checkpoint {})",

@@ -18,7 +18,7 @@
 pub mod pace;
 pub mod report;
 
-use crate::cli::{run_on, run_on_devices};
+use crate::cli::run_on;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use mvlt::data::dataset::{split_by_product, Dataset, FileDataset};
@@ -28,7 +28,7 @@ use mvlt::eval::retrieval::{self, Direction, ImageSource, Negatives, RetrievalRe
 use mvlt::infer::{LoadOptions, Model};
 use mvlt::progress::progress_bar;
 use mvlt::train::config::{DataSource, TrainConfig, TrainConfigBuilder};
-use mvlt::train::trainer::{RunSummary, TrainRun};
+use mvlt::train::trainer::RunSummary;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -252,17 +252,11 @@ fn stage_config(
 
 /// Train one stage: resume it when its folder already has checkpoints.
 fn train(config: TrainConfig, dir: &Path) -> Result<RunSummary> {
-    let device = config.device;
     let resume = dir.join("checkpoints").is_dir();
     if resume {
         eprintln!("{} has checkpoints: resuming (a finished run only exports its weights)", dir.display());
     }
-    let (_, indices) = config.device_indices();
-    let s = run_on_devices(
-        device,
-        &indices,
-        TrainRun { config, dir: dir.to_path_buf(), resume, control: crate::cli::run_control() },
-    )?;
+    let s = crate::cli::train(config, dir, resume)?;
     if s.interrupted {
         bail!("interrupted during {}; run the same command again to continue", dir.display());
     }

@@ -155,7 +155,7 @@ pub fn backend_for(spec: DeviceSpec, chosen: Option<BackendKind>) -> Result<Back
     let built = backends_for(spec);
     match chosen {
         Some(k) if built.contains(&k) => Ok(k),
-        Some(k) if !k.built() => bail!("backend {k}: this mvlt was built without it (feature {})", k.feature()),
+        Some(k) if !k.built() => check_built(k),
         Some(k) => bail!("backend {k} does not run on {spec} (this binary has {})", names(&built)),
         None => built.first().copied().ok_or_else(|| {
             anyhow::anyhow!(
