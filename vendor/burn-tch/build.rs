@@ -148,6 +148,12 @@ impl SystemInfo {
         // mvlt patch: ATen backward kernels tch does not bind (src/native).
         let native = "src/native/aten_backward.cpp";
         println!("cargo:rerun-if-changed={native}");
+        // mvlt patch: the bridge to c10d (src/native/c10d.cpp), against stand-in declarations of
+        // the gloo types its headers name (the wheel ships no gloo headers; see gloo-decl/).
+        let c10d = "src/native/c10d.cpp";
+        println!("cargo:rerun-if-changed={c10d}");
+        println!("cargo:rerun-if-changed=src/native/gloo-decl");
+        println!("cargo:rerun-if-changed=src/native/c10d_unavailable.cpp");
 
         match self.os {
             Os::Linux | Os::Macos => {
@@ -159,7 +165,10 @@ impl SystemInfo {
                     .flag(format!("-Wl,-rpath={}", self.libtorch_lib_dir.display()))
                     .flag("-std=c++17")
                     .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", self.cxx11_abi))
-                    .files(&[cuda_dependency, native])
+                    // Nothing compiled here may stand in for libtorch's own symbols.
+                    .flag("-fvisibility=hidden")
+                    .include("src/native/gloo-decl")
+                    .files(&[cuda_dependency, native, c10d])
                     .compile("burn-tch");
             }
             Os::Windows => {
@@ -169,7 +178,7 @@ impl SystemInfo {
                     .warnings(false)
                     .includes(&self.libtorch_include_dirs)
                     .flag("/std:c++17")
-                    .files(&[cuda_dependency, native])
+                    .files(&[cuda_dependency, native, "src/native/c10d_unavailable.cpp"])
                     .compile("burn-tch");
             }
         };
@@ -191,7 +200,7 @@ impl SystemInfo {
                     .pic(true)
                     .warnings(false)
                     .flag("/std:c++17")
-                    .files(&[cuda_dependency, native])
+                    .files(&[cuda_dependency, native, "src/native/c10d_unavailable.cpp"])
                     .compile("burn-tch");
             }
             _ => {
@@ -200,7 +209,7 @@ impl SystemInfo {
                     .pic(true)
                     .warnings(false)
                     .flag("-std=c++17")
-                    .files(&[cuda_dependency, native])
+                    .files(&[cuda_dependency, native, "src/native/c10d_unavailable.cpp"])
                     .compile("tch");
             }
         };

@@ -10,6 +10,8 @@
 //! autograd over the recomputed op ([`autograd_backward`]): here for the layer norm, in burn-tch's
 //! conv ops for the convs (`conv2d_backward` returns libtorch's message as `Err`).
 
+pub mod c10d;
+
 use std::ffi::{CStr, c_char, c_int};
 use tch::Tensor;
 use torch_sys::C_tensor;
