@@ -200,6 +200,25 @@ fn cpu_only_build_says_how_to_get_cuda() {
     }
 }
 
+/// A build without LibTorch asked to run as a rank of a distributed launch says what it needs,
+/// before touching the run folder (tests/distributed.rs runs the launches on the LibTorch build).
+#[test]
+fn flex_only_build_refuses_a_distributed_launch() {
+    if cfg!(feature = "tch") {
+        return;
+    }
+    let dir = common::tempdir("flex-dist");
+    let out = dir.join("run");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mvlt"))
+        .args(["pretrain", "--out", p(&out), "--max-steps", "1"])
+        .envs([("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("rank 0 of 2") && t.contains("--features tch"), "{t}");
+    assert!(!out.exists(), "the run folder was created");
+}
+
 #[test]
 fn tokenize_json_gives_reference_ids() {
     let Some(dir) = common::fixtures() else { return };

@@ -14,7 +14,7 @@ use std::path::Path;
 fn check(name: &str, fixture: Fixture) {
     for backend in backends_for(DeviceSpec::Cpu) {
         let task = VerifyTask { fixture: &fixture, tol: Tolerance::default(), verbose_load: true };
-        let rows = run_with(DeviceSpec::Cpu, backend, &[0], task).unwrap();
+        let rows = run_with(DeviceSpec::Cpu, backend, task).unwrap();
         let name = format!("{name} on {backend}");
         print_rows(&name, &rows);
         let compared = rows.iter().filter(|r| r.skipped.is_none()).count();

@@ -2,7 +2,7 @@
 //! Ctrl-C, and a pre-train -> fine-tune run that learns.
 mod common;
 use common::{backend_turn, mvlt, tempdir, text, Overrides};
-use mvlt::device::{run_on, run_on_devices, DeviceSpec};
+use mvlt::device::{run_on, DeviceSpec};
 use mvlt::model::weights::StateDict;
 use mvlt::train::checkpoint;
 use mvlt::train::config::TrainConfig;
@@ -37,18 +37,9 @@ fn nano_overrides(dir: &Path, extra: &[&str]) -> Vec<String> {
         .build()
 }
 
-/// One synthetic catalogue (48 images, 32 px) written once per test process.
-/// It lives in cargo's per-target scratch folder (statics are never dropped, so a self-removing
-/// temporary folder would be left behind) and is rewritten by each run.
+/// One synthetic catalogue (48 images, 32 px) shared by the tests of this process.
 fn shared_catalogue() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-catalogue");
-        let _ = std::fs::remove_dir_all(&d);
-        mvlt::data::synth::write_catalog(&d, 48, 3, 32, |_| {}).unwrap();
-        d
-    })
-    .clone()
+    common::scratch_catalogue("train-catalogue", 48, 3, 32)
 }
 
 /// The cpu-pretrain recipe with `overrides` (as `--set` takes them).
@@ -58,14 +49,8 @@ fn config(overrides: &[String]) -> TrainConfig {
 
 fn run(dir: &Path, overrides: &[String], resume: bool) -> mvlt::train::trainer::RunSummary {
     let config = config(overrides);
-    let (spec, devices) = config.device_indices();
-    run_on_devices(
-        spec,
-        None,
-        &devices,
-        TrainRun { config, dir: dir.to_path_buf(), resume, control: common::run_control() },
-    )
-    .unwrap()
+    run_on(config.train_device(), TrainRun { config, dir: dir.to_path_buf(), resume, control: common::run_control() })
+        .unwrap()
 }
 
 /// `field` of each training line of a run's metrics.jsonl, in order.
@@ -94,7 +79,7 @@ fn training_step_matches_the_pytorch_step() {
     };
     // On every CPU backend of this build (flex; libtorch with the `tch` feature).
     for backend in mvlt::device::backends_for(DeviceSpec::Cpu) {
-        let rows = mvlt::device::run_with(DeviceSpec::Cpu, backend, &[0], task.clone()).unwrap();
+        let rows = mvlt::device::run_with(DeviceSpec::Cpu, backend, task.clone()).unwrap();
         check_train_step(&rows, backend);
     }
 }
@@ -255,35 +240,6 @@ fn hard_negatives_resume_exactly_and_the_schedule_anneals_to_max_steps() {
     let lr = train_metric(&base.join("straight"), "lr");
     let peak = lr.iter().cloned().fold(0.0, f64::max);
     assert!(lr[5] < 0.1 * peak, "the last step's lr {} is not near the floor (peak {peak}): {lr:?}", lr[5]);
-}
-
-/// Data parallelism over two replicas (`devices = [0, 1]`; on the CPU both live on the one device)
-/// takes the same optimiser steps as accumulating the same two micro-batches on one device: each
-/// replica computes its micro-batch's gradient and they are summed in device order. Only
-/// BatchNorm's running buffers may differ: replicas update them side by side and burn averages
-/// the updates (as data-parallel BatchNorm does), where accumulation applies them one after another.
-#[test]
-fn data_parallel_equals_gradient_accumulation() {
-    let _turn = backend_turn();
-    let base = tempdir("data-parallel");
-    let common = ["max_steps=5", "dropout=0.0", "drop_path_rate=0.0"];
-    let dp = run(&base.join("dp"), &nano_overrides(&base, &[&common[..], &["devices=[0, 1]"]].concat()), false);
-    let acc = run(&base.join("acc"), &nano_overrides(&base, &[&common[..], &["accum_steps=2"]].concat()), false);
-    assert_eq!((dp.steps, acc.steps), (5, 5));
-    let a = model_tensors(&base.join("dp/final/model.safetensors"));
-    let b = model_tensors(&base.join("acc/final/model.safetensors"));
-    let buffer = |k: &str| k.contains("running_") || k.contains("num_batches_tracked");
-    let mut params = 0;
-    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
-        assert_eq!(ka, kb);
-        if !buffer(ka) {
-            assert!(va == vb, "{ka} differs between 2 devices and 2 accumulated micro-batches");
-            params += 1;
-        }
-    }
-    assert!(params > 150, "{params}");
-    // Same lr: the global batch (and so the scaled lr) counts the devices.
-    assert_eq!(train_metric(&base.join("dp"), "lr")[0], train_metric(&base.join("acc"), "lr")[0]);
 }
 
 /// bf16 mixed precision through the whole loop: it runs, the losses stay finite, the exported weights are f32 (the master copy) and were trained. (Whether

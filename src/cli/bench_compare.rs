@@ -29,7 +29,7 @@ use mvlt::device::{backend_name_of, backends_for, run_with, BackendKind, Backend
 use mvlt::model::{HeadSet, Mode, Pvlt, PvltConfig};
 use mvlt::train::optim::{AdamW, AdamWConfig};
 use mvlt::train::precision::Precision;
-use mvlt::train::step::{data_parallel, ImageInput, MicroBatch, StepSettings};
+use mvlt::train::step::{micro_batch, ImageInput, MicroBatch, StepSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -261,11 +261,10 @@ impl<B: Backend> TrainBench<B> {
         };
         let model = self.model.take().context("an earlier step failed")?;
         let t0 = Instant::now();
-        let mb = MicroBatch { epoch: 0, index, batch: batch.clone(), image: ImageInput::Clean };
-        let mut r =
-            data_parallel::<B>(&model, std::slice::from_ref(&mb), std::slice::from_ref(&self.device), settings)?;
+        let mb = MicroBatch { epoch: 0, index, micro_step: index, batch: batch.clone(), image: ImageInput::Clean };
+        let mut r = micro_batch::<B>(&model, &mb, settings, &self.device)?;
         let t1 = Instant::now();
-        let mut grads = std::mem::take(&mut r[0].grads);
+        let mut grads = std::mem::take(&mut r.grads);
         let decay = |name: &str, shape: &[usize]| mvlt::train::schedule::decays(name, shape);
         let model = self.opt.step(model, &mut grads, 1e-4, 1.0, &decay);
         // The step's losses were read back inside; one parameter read closes the update.
@@ -553,7 +552,7 @@ pub fn run(a: &CompareArgs, device: DeviceSpec) -> Result<()> {
         );
         mvlt::memory::reset_peak_rss();
         let task = Alternate { py: &mut py, cases: &cases, warmup, runs, quick: a.quick, verbose: true };
-        let mut times = run_with(device, backend, &[device.index()], task)?;
+        let mut times = run_with(device, backend, task)?;
         let ours_peak = mvlt::memory::peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64;
         let theirs = py.ask(&json!({"case": "memory"}))?;
         let theirs_peak = theirs["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);

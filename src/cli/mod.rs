@@ -4,6 +4,7 @@ mod bench_compare;
 mod data_bench;
 mod data_cmd;
 mod demo_cmd;
+mod dist_bench;
 mod eval_cmd;
 mod infer_cmd;
 mod plot_cmd;
@@ -69,6 +70,9 @@ enum Command {
     /// Time the forward pass (eval mode) on random inputs; with --compare-pytorch, every case
     /// against PyTorch in one invocation (docs/BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// All-reduce bandwidth of the distributed engine, run as the ranks of a launch
+    /// (`torchrun --nproc-per-node 2 --no-python mvlt bench-all-reduce`).
+    BenchAllReduce(dist_bench::AllReduceBenchArgs),
     /// Write the built-in synthetic fashion catalogue (JSONL + PNG images + vocabulary).
     Synth(synth_cmd::SynthArgs),
     /// Data tools: `mvlt data info` describes a dataset; `mvlt data bench` times the loader
@@ -125,19 +129,45 @@ fn choose_backend(flag: Option<BackendKind>) -> Result<()> {
 
 /// [`mvlt::device::run_on`] on the chosen backend.
 pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
-    mvlt::device::run_on_devices(spec, backend(), &[spec.index()], task)
+    mvlt::device::run_on_backend(spec, backend(), task)
 }
 
 /// A training run from the command line, on its settings' devices and the chosen backend, under
 /// [`run_control`].
+///
+/// Launched as one rank of several (torchrun's environment, [`mvlt::distributed::Launch`]), it
+/// joins the group first and trains on the LibTorch backend, on GPU `LOCAL_RANK` when the settings
+/// name a CUDA device; a group torchrun restarted continues from the run's last checkpoint.
 pub fn train(
-    config: mvlt::train::config::TrainConfig,
+    mut config: mvlt::train::config::TrainConfig,
     dir: &std::path::Path,
     resume: bool,
 ) -> Result<mvlt::train::trainer::RunSummary> {
-    let (device, indices) = config.device_indices();
-    let run = mvlt::train::trainer::TrainRun { config, dir: dir.to_path_buf(), resume, control: run_control() };
-    mvlt::device::run_on_devices(device, backend(), &indices, run)
+    let Some(launch) = mvlt::distributed::Launch::from_env()? else {
+        let device = config.train_device();
+        let run = mvlt::train::trainer::TrainRun { config, dir: dir.to_path_buf(), resume, control: run_control() };
+        return mvlt::device::run_on_backend(device, backend(), run);
+    };
+    if let Some(b) = backend().filter(|b| *b != BackendKind::Tch) {
+        anyhow::bail!("{launch}: distributed training runs on the tch backend (PyTorch's c10d), not {b}");
+    }
+    // Each rank trains on the GPU of its LOCAL_RANK.
+    if let DeviceSpec::Cuda(_) = config.device {
+        config.device = DeviceSpec::Cuda(launch.local_rank);
+        config.devices.clear();
+    }
+    let restarted = launch.restart > 0 && !mvlt::train::checkpoint::list(&dir.join("checkpoints")).is_empty();
+    if restarted && !resume {
+        tracing::info!(
+            "{launch}: torchrun restarted the group (attempt {}): continuing from the last checkpoint",
+            launch.restart + 1
+        );
+    }
+    let group = mvlt::distributed::join(&launch, std::time::Duration::from_secs_f64(config.dist_timeout_s))?;
+    let control = mvlt::train::trainer::RunControl { group: Some(group), ..run_control() };
+    let device = config.device;
+    let run = mvlt::train::trainer::TrainRun { config, dir: dir.to_path_buf(), resume: resume || restarted, control };
+    mvlt::device::run_on_backend(device, Some(BackendKind::Tch), run)
 }
 
 /// The control of a training run started from the command line: Ctrl-C stops it at the next
@@ -196,6 +226,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Inspect(a) => weights_cmd::inspect(a),
         Command::Convert(a) => weights_cmd::convert(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchAllReduce(a) => dist_bench::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Data(DataCommand::Bench(a)) => data_bench::run(a),
         Command::Data(DataCommand::Info(a)) => data_cmd::info(a),

@@ -34,9 +34,6 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N (or wgpu, a check of the GPU code path).
     #[arg(long)]
     device: Option<DeviceSpec>,
-    /// Data-parallel training on these GPUs, e.g. 0,1 (with --device cuda).
-    #[arg(long, value_delimiter = ',')]
-    devices: Vec<usize>,
     /// f32, or bf16: mixed precision with f32 master weights (meant for GPUs).
     #[arg(long)]
     precision: Option<Precision>,
@@ -74,9 +71,6 @@ pub fn run(task: Task, a: TrainArgs) -> Result<()> {
             c.vocab = a.vocab.or(c.vocab.take());
             c.init = a.init.or(c.init.take());
             set_some(&mut c.device, a.device);
-            if !a.devices.is_empty() {
-                c.devices = a.devices;
-            }
             set_some(&mut c.precision, a.precision);
             set_some(&mut c.epochs, a.epochs);
             c.max_steps = a.max_steps.or(c.max_steps);

@@ -179,3 +179,18 @@ pub fn run_control() -> mvlt::train::trainer::RunControl {
     static TURN: std::sync::OnceLock<mvlt::train::trainer::RunControl> = std::sync::OnceLock::new();
     TURN.get_or_init(Default::default).clone()
 }
+
+/// A synthetic catalogue written once per test process (`images` at `size` px from `seed`), in
+/// cargo's per-target scratch folder under `name`: statics are never dropped, so a self-removing
+/// temporary folder would be left behind; each test process rewrites it.
+pub fn scratch_catalogue(name: &str, images: usize, seed: u64, size: u32) -> PathBuf {
+    static MADE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
+    if !made.iter().any(|m| m == name) {
+        let _ = std::fs::remove_dir_all(&d);
+        mvlt::data::synth::write_catalog(&d, images, seed, size, |_| {}).unwrap();
+        made.push(name.to_string());
+    }
+    d
+}

@@ -12,6 +12,7 @@
 //! - [`infer`]: load trained weights once, then score and classify; [`search`]: rank a catalogue
 //!   for a query, exhaustively by ITM or through the contrastive index (its first stage).
 //! - [`device`]: CPU / CUDA backend selection (the one place that names burn backends).
+//! - [`distributed`]: data-parallel training over processes and machines through PyTorch's c10d.
 //! - [`pickle`]: a bounded pickle reader (the authors' `.pth` and `.pkl` files), data only.
 //! - [`files`]: bounded, checked reads of user-named files and atomic writes; [`memory`]: the
 //!   allocator's keep-or-return policy; [`progress`]: progress bars.
@@ -20,6 +21,7 @@
 //! settings of its own and never exits the process.
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod eval;
 pub mod files;
 

@@ -276,12 +276,23 @@ impl Loader {
     /// Iterate the batches of one epoch from batch `start` on, prepared `prefetch` batches ahead on
     /// a producer thread.
     pub fn epoch(self: &Arc<Self>, epoch: u64, start: usize) -> impl Iterator<Item = Batch> {
+        self.epoch_where(epoch, start, |_| true).flatten()
+    }
+
+    /// [`epoch`](Self::epoch), one item per batch position, but only the batches `keep` wants are
+    /// made (`None` for the others): a rank of a distributed run reads only its own share.
+    pub fn epoch_where(
+        self: &Arc<Self>,
+        epoch: u64,
+        start: usize,
+        keep: impl Fn(usize) -> bool + Send + 'static,
+    ) -> impl Iterator<Item = Option<Batch>> {
         let (tx, rx) = mpsc::sync_channel(self.config.prefetch.max(1));
         let me = Arc::clone(self);
         std::thread::spawn(move || {
             let order = me.epoch_order(epoch);
             for b in start..me.batches_per_epoch() {
-                if tx.send(me.batch(epoch, &order, b)).is_err() {
+                if tx.send(keep(b).then(|| me.batch(epoch, &order, b))).is_err() {
                     break; // the consumer stopped
                 }
             }

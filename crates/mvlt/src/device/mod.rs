@@ -271,90 +271,64 @@ pub fn describe(chosen: Option<BackendKind>) -> String {
 }
 
 /// Work generic over the backend; [`run_on`] picks the backend from a [`DeviceSpec`].
-/// (Rust closures cannot be generic over a type, hence a trait.)
+/// (Rust closures cannot be generic over a type, hence a trait.) One device per process: several
+/// devices are several processes ([`crate::distributed`]).
 pub trait BackendTask {
     type Output;
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
-    /// Work spread over several devices of one backend (data-parallel training); by default the
-    /// first device does it all.
-    fn run_multi<B: Backend>(self, devices: Vec<B::Device>) -> Result<Self::Output>
-    where
-        Self: Sized,
-    {
-        let first = devices.into_iter().next().expect("at least one device");
-        self.run::<B>(first)
-    }
 }
 
 /// Run on `spec` with its default backend (the fastest this binary has).
 pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
-    run_on_devices(spec, None, &[spec.index()], task)
+    run_on_backend(spec, None, task)
 }
 
-/// Run on several devices of `spec`'s kind, on backend `chosen` or the default: GPU indices for
-/// CUDA; for the CPU, which is one device, each index is one more model replica on it (for
-/// testing data parallelism).
-pub fn run_on_devices<T: BackendTask>(
-    spec: DeviceSpec,
-    chosen: Option<BackendKind>,
-    indices: &[usize],
-    task: T,
-) -> Result<T::Output> {
+/// Run on `spec`, on backend `chosen` or the default.
+pub fn run_on_backend<T: BackendTask>(spec: DeviceSpec, chosen: Option<BackendKind>, task: T) -> Result<T::Output> {
     let backend = match spec {
         DeviceSpec::Wgpu => BackendKind::Cubecl,
         _ => backend_for(spec, chosen)?,
     };
-    run_with(spec, backend, indices, task)
+    run_with(spec, backend, task)
 }
 
 /// Run on `spec` with the given backend (tests run every built backend this way).
-pub fn run_with<T: BackendTask>(
-    spec: DeviceSpec,
-    backend: BackendKind,
-    indices: &[usize],
-    task: T,
-) -> Result<T::Output> {
-    if indices.is_empty() {
-        bail!("no device given");
-    }
+pub fn run_with<T: BackendTask>(spec: DeviceSpec, backend: BackendKind, task: T) -> Result<T::Output> {
     match (spec, backend) {
-        (DeviceSpec::Wgpu, _) => run_wgpu(indices, task),
-        (DeviceSpec::Cpu, BackendKind::Flex) => task.run_multi::<Cpu>(vec![Default::default(); indices.len()]),
-        (_, BackendKind::Tch) => run_tch(spec, indices, task),
-        (DeviceSpec::Cuda(_), BackendKind::Cubecl) => run_cuda(indices, task),
+        (DeviceSpec::Wgpu, _) => run_wgpu(task),
+        (DeviceSpec::Cpu, BackendKind::Flex) => task.run::<Cpu>(Default::default()),
+        (_, BackendKind::Tch) => run_tch(spec, task),
+        (DeviceSpec::Cuda(n), BackendKind::Cubecl) => run_cuda(n, task),
         (s, b) => bail!("backend {b} does not run on {s}"),
     }
 }
 
 #[cfg(feature = "tch")]
-fn run_tch<T: BackendTask>(spec: DeviceSpec, indices: &[usize], task: T) -> Result<T::Output> {
+fn run_tch<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
     use burn::backend::libtorch::LibTorchDevice;
     use_torch_backward_kernels();
-    let devices = match spec {
-        DeviceSpec::Cuda(_) => {
+    let device = match spec {
+        DeviceSpec::Cuda(n) => {
             let count = tch::Cuda::device_count().max(0) as usize;
-            if let Some(&n) = indices.iter().find(|&&n| n >= count) {
+            if n >= count {
                 bail!(
                     "cuda:{n}: libtorch sees {count} CUDA device(s) (is this libtorch a CUDA build, is the driver there?)"
                 );
             }
-            indices.iter().map(|&n| LibTorchDevice::Cuda(n)).collect()
+            LibTorchDevice::Cuda(n)
         }
-        _ => vec![LibTorchDevice::Cpu; indices.len()],
+        _ => LibTorchDevice::Cpu,
     };
-    task.run_multi::<Torch>(devices)
+    task.run::<Torch>(device)
 }
 
 #[cfg(not(feature = "tch"))]
-fn run_tch<T: BackendTask>(_spec: DeviceSpec, _indices: &[usize], _task: T) -> Result<T::Output> {
+fn run_tch<T: BackendTask>(_spec: DeviceSpec, _task: T) -> Result<T::Output> {
     bail!("backend tch: this mvlt was built without it; rebuild with `--features tch`")
 }
 
 #[cfg(feature = "wgpu")]
-fn run_wgpu<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
-    if indices.len() > 1 {
-        bail!("wgpu: one device only (it is a check of the GPU code path, not a training target)");
-    }
+fn run_wgpu<T: BackendTask>(task: T) -> Result<T::Output> {
     let device = burn::backend::wgpu::WgpuDevice::default();
     if let Err(msg) = probe::<Wgpu>(&device) {
         bail!("wgpu: no usable adapter on this machine ({msg}); on Debian, `apt-get install mesa-vulkan-drivers` gives a software one");
@@ -363,7 +337,7 @@ fn run_wgpu<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn run_wgpu<T: BackendTask>(_indices: &[usize], _task: T) -> Result<T::Output> {
+fn run_wgpu<T: BackendTask>(_task: T) -> Result<T::Output> {
     bail!("wgpu: this mvlt was built without it; rebuild with `cargo build --release --features wgpu`")
 }
 
@@ -383,24 +357,17 @@ fn probe<B: Backend>(device: &B::Device) -> std::result::Result<(), String> {
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda<T: BackendTask>(indices: &[usize], task: T) -> Result<T::Output> {
-    let mut devices = vec![];
-    for &n in indices {
-        let device = burn::backend::cuda::CudaDevice::new(n);
-        if let Err(msg) = probe::<Gpu>(&device) {
-            bail!("cuda:{n}: no usable NVIDIA GPU / CUDA driver with this index on this machine ({msg})");
-        }
-        devices.push(device);
+fn run_cuda<T: BackendTask>(n: usize, task: T) -> Result<T::Output> {
+    let device = burn::backend::cuda::CudaDevice::new(n);
+    if let Err(msg) = probe::<Gpu>(&device) {
+        bail!("cuda:{n}: no usable NVIDIA GPU / CUDA driver with this index on this machine ({msg})");
     }
-    task.run_multi::<Gpu>(devices)
+    task.run::<Gpu>(device)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda<T: BackendTask>(indices: &[usize], _task: T) -> Result<T::Output> {
-    bail!(
-        "cuda:{}: this mvlt was built without GPU support; rebuild with `cargo build --release --features cuda`",
-        indices[0]
-    )
+fn run_cuda<T: BackendTask>(n: usize, _task: T) -> Result<T::Output> {
+    bail!("cuda:{}: this mvlt was built without GPU support; rebuild with `cargo build --release --features cuda`", n)
 }
 
 #[cfg(test)]

@@ -43,6 +43,11 @@ pub struct TrainState {
     pub classes: ClassMap,
     /// SHA-256 of the vocabulary file: a resume or fine-tune with another vocabulary is refused.
     pub vocab_sha256: String,
+    /// Micro-batches per optimiser step (accumulation steps x devices x ranks): a resume that
+    /// would take another number is refused, as it could not continue the run exactly. Absent in
+    /// checkpoints written before it was recorded.
+    #[serde(default)]
+    pub micro_batches: Option<usize>,
 }
 
 pub fn file_name(step: usize) -> String {

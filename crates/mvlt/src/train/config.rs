@@ -247,10 +247,15 @@ pub struct TrainConfig {
     pub workers: usize,
     #[serde(with = "device_text")]
     pub device: crate::device::DeviceSpec,
-    /// Data-parallel training over these device indices of `device`'s kind (`--devices 0,1`): each
-    /// takes `batch_size` samples per micro-step and their gradients are averaged. Empty: `device`
-    /// alone. On the CPU every index is one more replica on the one device (for tests).
+    /// Read so that settings files of earlier versions load; at most one index (then the device's).
+    /// Several devices train as the ranks of a distributed launch, one process per device
+    /// (`torchrun`, docs/DISTRIBUTED.md), which replaced in-process replicas: on 2 CPU cores 2
+    /// ranks took 150 samples/s where 2 replicas took 120-132 (`scripts/dist-speed.sh`).
     pub devices: Vec<usize>,
+    /// Under a distributed launch (torchrun): seconds any rank waits for the others, at the
+    /// rendezvous and in every collective, before it fails naming the ranks it misses. Rank 0
+    /// validates and checkpoints while the others wait, so it must cover those too.
+    pub dist_timeout_s: f64,
     /// Arithmetic of the forward and backward passes: "f32", or "bf16" (mixed precision: f32
     /// master weights, optimiser and BatchNorm/LayerNorm/softmax/losses; see `precision.rs`).
     pub precision: Precision,
@@ -312,6 +317,7 @@ impl Default for TrainConfig {
             workers: 2,
             device: crate::device::DeviceSpec::Cpu,
             devices: vec![],
+            dist_timeout_s: 1800.0,
             precision: Precision::F32,
             log_every: 10,
             val_every: 0,
@@ -440,11 +446,16 @@ impl TrainConfig {
         if self.mask_grid == 0 || !self.image_size.is_multiple_of(self.mask_grid) {
             bail!("image_size {} is not a multiple of mask_grid {}", self.image_size, self.mask_grid);
         }
-        let mut seen = self.devices.clone();
-        seen.sort_unstable();
-        seen.dedup();
-        if seen.len() != self.devices.len() {
-            bail!("devices {:?} lists a device twice", self.devices);
+        if self.devices.len() > 1 {
+            bail!(
+                "devices = {:?}: a process trains on one device; several devices train as the ranks of a distributed launch, \
+                 one process each: torchrun --nproc-per-node {} --no-python mvlt pretrain --device cuda ... (docs/DISTRIBUTED.md)",
+                self.devices,
+                self.devices.len()
+            );
+        }
+        if !(self.dist_timeout_s.is_finite() && self.dist_timeout_s >= 1.0 && self.dist_timeout_s <= 86400.0) {
+            bail!("dist_timeout_s must be between 1 and 86400 seconds, got {}", self.dist_timeout_s);
         }
         if self.task == Task::Finetune && self.init.is_none() {
             bail!("fine-tuning starts from pre-trained weights: set init = \"path/to/weights\" (ours or the authors' .pth)");
@@ -515,11 +526,12 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Device kind and the indices to train on (`devices`, else the one in `device`).
-    pub fn device_indices(&self) -> (crate::device::DeviceSpec, Vec<usize>) {
-        let spec = self.device;
-        let indices = if self.devices.is_empty() { vec![spec.index()] } else { self.devices.clone() };
-        (spec, indices)
+    /// The device to train on: `device`, at the index `devices` names when it names one.
+    pub fn train_device(&self) -> crate::device::DeviceSpec {
+        match (self.device, self.devices.first()) {
+            (crate::device::DeviceSpec::Cuda(_), Some(&i)) => crate::device::DeviceSpec::Cuda(i),
+            (d, _) => d,
+        }
     }
 
     /// The optimiser settings of this run.

@@ -27,6 +27,12 @@ pub struct RunFolder {
 }
 
 impl RunFolder {
+    /// The folder another process prepared (rank 0 of a distributed launch), resuming from the
+    /// checkpoint it chose.
+    pub fn joined(dir: &Path, resume_from: Option<PathBuf>) -> RunFolder {
+        RunFolder { dir: dir.to_path_buf(), checkpoints: dir.join("checkpoints"), resume_from }
+    }
+
     /// Create the folder of a new run (refusing one that holds a run already), or find the
     /// checkpoint to resume: the newest that loads, a truncated newer one reported and skipped.
     pub fn prepare(dir: &Path, resume: bool) -> Result<RunFolder> {
@@ -300,6 +306,7 @@ impl<B: Backend> StartPoint<B> {
             model_config,
             classes,
             vocab_sha256: data.vocab_sha256.clone(),
+            micro_batches: None,
         };
         Ok(StartPoint { model, opt: AdamW::new(cfg.adamw()), average: None, state })
     }

@@ -1,6 +1,6 @@
 //! One training step's model maths, apart from the loop's bookkeeping (burn's `TrainStep` shape):
-//! a host batch on the device, its forward pass and losses, the backward pass, and the same over
-//! several devices at once.
+//! a host batch on the device, its forward pass and losses, and the backward pass. (Several
+//! devices are several processes: [`crate::distributed`].)
 
 use super::hard_negatives;
 use super::loss::{itc_embeddings, itc_loss, losses, same_product_targets, ItcTargets, Losses, MlmTargets, Targets};
@@ -9,7 +9,6 @@ use crate::data::loader::Batch;
 use crate::model::{HeadSet, Mode, Pvlt};
 use anyhow::{anyhow, Result};
 use burn::backend::Autodiff;
-use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
@@ -104,6 +103,9 @@ pub struct MicroBatch {
     pub epoch: usize,
     /// Batch index within the epoch.
     pub index: usize,
+    /// Index among all micro-batches of the run: seeds its dropout and stochastic depth, so the
+    /// draws do not depend on which device or rank computes it.
+    pub micro_step: usize,
     pub batch: Batch,
     pub image: ImageInput,
 }
@@ -115,8 +117,8 @@ pub struct MicroResult {
     pub grads: GradientsParams,
 }
 
-/// Forward and backward of one micro-batch on `model` (a replica on `device`).
-fn micro_batch<B: Backend>(
+/// Forward and backward of one micro-batch on `model` (on `device`).
+pub fn micro_batch<B: Backend>(
     model: &Pvlt<Autodiff<B>>,
     mb: &MicroBatch,
     s: StepSettings,
@@ -178,39 +180,4 @@ fn mine<B: Backend>(
     let (mut ids, mut labels) = (batch.input_ids.clone(), batch.mlm_labels.clone());
     hard_negatives::swap_captions(&mut ids, &mut labels, batch.text_len, &partners, h.mlm_on_negatives);
     Ok((ids, labels))
-}
-
-/// One micro-step over the devices: micro-batch `r` of `group` runs on `devices[r]`, each in its
-/// own thread on a replica forked from `model`. The gradients come back on `devices[0]`, in
-/// device order, so the sum is the same as accumulating the micro-batches one after another.
-///
-/// Why not burn's `distributed` feature (NCCL all-reduce inside backward): in burn 0.21 it makes
-/// every autodiff backend require a collective implementation that the CPU backend lacks, so the
-/// CPU build would lose training. The gradients move with burn's `GradientsParams::to_device`
-/// instead: one copy per replica per step.
-pub fn data_parallel<B: Backend>(
-    model: &Pvlt<Autodiff<B>>,
-    group: &[MicroBatch],
-    devices: &[B::Device],
-    s: StepSettings,
-) -> Result<Vec<MicroResult>> {
-    let run = |m: &Pvlt<Autodiff<B>>, r: usize| micro_batch::<B>(m, &group[r], s, &devices[r]);
-    if group.len() == 1 {
-        return Ok(vec![run(model, 0)?]);
-    }
-    let replicas: Vec<Pvlt<Autodiff<B>>> = (1..group.len()).map(|r| model.clone().fork(&devices[r])).collect();
-    let results = std::thread::scope(|scope| {
-        let handles: Vec<_> = replicas.iter().enumerate().map(|(i, m)| scope.spawn(move || run(m, i + 1))).collect();
-        let first = run(model, 0);
-        let mut all = vec![first];
-        for h in handles {
-            all.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        }
-        all
-    });
-    let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
-    for (r, res) in results.iter_mut().enumerate().skip(1) {
-        res.grads = std::mem::take(&mut res.grads).to_device(&devices[0], &replicas[r - 1]);
-    }
-    Ok(results)
 }

@@ -18,16 +18,18 @@ use super::metrics::{record, MetricsLog};
 use super::optim::{clip_factor, grad_norm, AdamW};
 use super::schedule::decays;
 use super::setup::{Plan, RunData, RunFolder, StartPoint};
-use super::step::{data_parallel, HardNegatives, ImageInput, MicroBatch, StepSettings};
+use super::step::{micro_batch, HardNegatives, ImageInput, MicroBatch, StepSettings};
 use super::validate::validate;
 use crate::data::loader::Batch;
 use crate::device::BackendTask;
+use crate::distributed::{all_reduce, check_same, from_rank0, sum_gradients, Collective, Group};
 use crate::model::{Mode, Pvlt};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use indicatif::ProgressBar;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -58,6 +60,10 @@ pub struct RunControl {
     /// Runs holding clones of one turn run one at a time: burn's random generator is
     /// process-wide, so two runs at once would draw from it in turn and neither would repeat.
     pub turn: Arc<Mutex<()>>,
+    /// This process's group when it is one rank of a distributed launch
+    /// ([`crate::distributed::join`]): the ranks split every step's micro-batches and sum their
+    /// gradients; rank 0 alone validates and writes.
+    pub group: Option<Group>,
 }
 
 /// See [`RunControl::on_metrics`].
@@ -95,25 +101,93 @@ fn batch_seed(seed: u64, k: usize) -> u64 {
 impl BackendTask for TrainRun {
     type Output = RunSummary;
     fn run<B: Backend>(self, device: B::Device) -> Result<RunSummary> {
-        train::<B>(self, vec![device])
-    }
-    fn run_multi<B: Backend>(self, devices: Vec<B::Device>) -> Result<RunSummary> {
-        train::<B>(self, devices)
+        train::<B>(self, device)
     }
 }
 
 type AB<B> = Autodiff<B>;
 
-fn train<B: Backend>(run: TrainRun, devices: Vec<B::Device>) -> Result<RunSummary> {
+fn train<B: Backend>(run: TrainRun, device: B::Device) -> Result<RunSummary> {
     let turn = run.control.turn.clone();
     let _turn = turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let cfg = run.config;
-    let folder = RunFolder::prepare(&run.dir, run.resume)?;
-    let data = RunData::open(&cfg, &folder.dir)?;
-    let start = StartPoint::<B>::new(&cfg, &folder, &data, &devices[0])?;
-    crate::files::write_atomic(&folder.dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let plan = Plan::new(&cfg, &data, &start.state.classes, devices.len())?;
-    Trainer::new(cfg, folder, data, plan, start.opt, start.average, start.state, devices, run.control)?.fit(start.model)
+    let group = run.control.group.clone();
+    let (folder, data) = open_run(&cfg, &run.dir, run.resume, group.as_deref())?;
+    let mut start = StartPoint::<B>::new(&cfg, &folder, &data, &device)?;
+    if group.as_ref().is_none_or(|g| g.rank() == 0) {
+        crate::files::write_atomic(&folder.dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
+    let world = group.as_ref().map_or(1, |g| g.world());
+    let plan = Plan::new(&cfg, &data, &start.state.classes, world)?;
+    if let Some(m) = start.state.micro_batches.filter(|&m| m != plan.micro_batches) {
+        bail!(
+            "the run being resumed took {m} micro-batches per optimiser step; these settings take {} \
+             (accum_steps {} x {world} rank(s)), so it could not continue exactly: \
+             choose accum_steps so that accum_steps x ranks = {m}",
+            plan.micro_batches,
+            cfg.accum_steps
+        );
+    }
+    start.state.micro_batches = Some(plan.micro_batches);
+    if let Some(g) = &group {
+        same_start(g.as_ref(), &cfg, &start.model, &start.state)?;
+    }
+    Trainer::new(cfg, folder, data, plan, start.opt, start.average, start.state, device, run.control)?.fit(start.model)
+}
+
+/// The run folder and data. Under a distributed launch rank 0 prepares both (the folder, the
+/// checkpoint to resume, the synthetic catalogue) and tells the others which checkpoint to resume
+/// from (or why it cannot start), so that every rank continues from the same one.
+fn open_run(
+    cfg: &TrainConfig,
+    dir: &Path,
+    resume: bool,
+    group: Option<&dyn Collective>,
+) -> Result<(RunFolder, RunData)> {
+    let open = || -> Result<(RunFolder, RunData)> {
+        let folder = RunFolder::prepare(dir, resume)?;
+        let data = RunData::open(cfg, &folder.dir)?;
+        Ok((folder, data))
+    };
+    let Some(g) = group else { return open() };
+    if g.rank() == 0 {
+        let opened = open();
+        let decision = opened
+            .as_ref()
+            .map(|(f, _)| f.resume_from.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+            .map_err(|e| anyhow!("{e:#}"));
+        from_rank0(g, "start", Some(&decision))?;
+        return opened;
+    }
+    let resume_from = from_rank0(g, "start", None)?;
+    let folder = RunFolder::joined(dir, (!resume_from.is_empty()).then(|| PathBuf::from(&resume_from)));
+    if folder.resume_from.as_ref().is_some_and(|p| !p.is_file()) {
+        bail!(
+            "rank {}: rank 0 resumes from {resume_from}, which this machine cannot read: a run over several machines keeps its run folder on a shared file system",
+            g.rank()
+        );
+    }
+    let data = RunData::open(cfg, &folder.dir)?;
+    Ok((folder, data))
+}
+
+/// Refuse ranks started differently from rank 0: their settings and their starting weights
+/// (fresh, `init`, or the resumed checkpoint's) must hash alike.
+fn same_start<B: Backend>(
+    g: &dyn Collective,
+    cfg: &TrainConfig,
+    model: &Pvlt<AB<B>>,
+    state: &TrainState,
+) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    check_same(g, "settings", "settings", &hex(&Sha256::digest(cfg.to_toml().as_bytes())))?;
+    let mut h = Sha256::new();
+    for (key, data) in crate::model::weights::state_dict(&model.valid(), &state.model_config)? {
+        h.update(key.as_bytes());
+        h.update(data.as_bytes());
+    }
+    check_same(g, "weights", "starting weights", &hex(&h.finalize()))
 }
 
 /// Loss sums and counts since the last log line.
@@ -156,16 +230,21 @@ struct Trainer<B: Backend> {
     /// The weight average (`ema_decay`), validated and exported in place of the last weights.
     average: Option<WeightAverage<B>>,
     state: TrainState,
-    devices: Vec<B::Device>,
+    device: B::Device,
     control: RunControl,
+    /// Rank 0 of a distributed launch, or the only process: the one that validates and writes.
+    writer: bool,
     settings: StepSettings,
-    log: MetricsLog,
+    /// `metrics.jsonl` (the writer's).
+    log: Option<MetricsLog>,
     pb: ProgressBar,
     window: Window,
     accumulator: GradientsAccumulator<Pvlt<AB<B>>>,
-    /// Micro-batches waiting for one per device, and those accumulated into the coming step.
-    group: Vec<MicroBatch>,
-    micro_in_step: usize,
+    /// Samples accumulated into the coming step (this process's).
+    samples_in_step: usize,
+    /// A non-finite loss on this rank of a distributed launch: every rank stops at the end of the
+    /// step (the others would otherwise wait for it until the timeout).
+    failed: Option<anyhow::Error>,
     last_checkpoint: Option<PathBuf>,
     last_val: Option<serde_json::Value>,
     samples_run: usize,
@@ -186,7 +265,7 @@ impl<B: Backend> Trainer<B> {
         opt: AdamW<B>,
         average: Option<WeightAverage<B>>,
         state: TrainState,
-        devices: Vec<B::Device>,
+        device: B::Device,
         control: RunControl,
     ) -> Result<Self> {
         let pretrain = cfg.task == Task::Pretrain;
@@ -210,15 +289,26 @@ impl<B: Backend> Trainer<B> {
             plan.schedule.lr,
             folder.dir.display()
         );
-        let log = MetricsLog::open(&folder.dir.join("metrics.jsonl"), folder.resume_from.as_ref().map(|_| state.step))?;
-        let pb = crate::progress::progress_bar(plan.total_steps as u64, "train");
+        let writer = control.group.as_ref().is_none_or(|g| g.rank() == 0);
+        let log = writer
+            .then(|| {
+                MetricsLog::open(&folder.dir.join("metrics.jsonl"), folder.resume_from.as_ref().map(|_| state.step))
+            })
+            .transpose()?;
+        let pb = if writer {
+            crate::progress::progress_bar(plan.total_steps as u64, "train")
+        } else {
+            ProgressBar::hidden()
+        };
         pb.set_position(state.step as u64);
         pb.reset_eta();
         let last_checkpoint = folder.resume_from.clone();
         let first_step = state.step;
         Ok(Trainer {
             first_step,
-            group: Vec::with_capacity(devices.len()),
+            writer,
+            samples_in_step: 0,
+            failed: None,
             cfg,
             folder,
             data,
@@ -226,14 +316,13 @@ impl<B: Backend> Trainer<B> {
             opt,
             average,
             state,
-            devices,
+            device,
             control,
             settings,
             log,
             pb,
             window: Window::new(),
             accumulator: GradientsAccumulator::new(),
-            micro_in_step: 0,
             last_checkpoint,
             last_val: None,
             samples_run: 0,
@@ -247,16 +336,21 @@ impl<B: Backend> Trainer<B> {
     fn fit(mut self, mut model: Pvlt<AB<B>>) -> Result<RunSummary> {
         let mut interrupted = false;
         let loader = self.plan.train_loader.clone();
+        // Micro-batch k of a step (counted from the step's first batch of the epoch) goes to rank
+        // k mod W; one process takes them all.
+        let per_step = self.plan.micro_batches;
+        let (rank, world) = self.control.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
         'epochs: while self.state.step < self.plan.total_steps && self.state.epoch < self.cfg.epochs {
             let epoch = self.state.epoch;
             let start = self.state.batch;
             let mut epoch_samples = 0;
-            for (bi, batch) in (start..self.plan.batches).zip(loader.epoch(epoch as u64, start)) {
-                epoch_samples += batch.len();
-                let end_of_epoch = self.take_batch(bi, batch);
+            let mine = move |bi: usize| (bi % per_step) % world == rank;
+            for (bi, batch) in (start..self.plan.batches).zip(loader.epoch_where(epoch as u64, start, mine)) {
+                epoch_samples += batch.as_ref().map_or(0, Batch::len);
+                let (micro, end_of_epoch) = self.take_batch(bi, batch);
                 if end_of_epoch {
                     self.report_skips()?;
-                    if start == 0 && epoch_samples == 0 {
+                    if start == 0 && epoch_samples == 0 && world == 1 {
                         self.pb.abandon();
                         bail!(
                             "stopping: no sample of epoch {} could be read, so nothing can be trained ({})",
@@ -265,21 +359,21 @@ impl<B: Backend> Trainer<B> {
                         );
                     }
                 }
-                if self.group.len() < self.devices.len() && !end_of_epoch {
-                    continue; // one micro-batch per device
+                if let Some(mb) = micro {
+                    self.run_micro_batch(&model, mb)?;
                 }
-                self.run_group(&model)?;
-                if self.micro_in_step < self.cfg.accum_steps && !end_of_epoch {
+                let step_end = (bi + 1) % per_step == 0 || end_of_epoch;
+                if !step_end {
                     continue;
                 }
-                if self.micro_in_step == 0 {
-                    continue; // a whole accumulation window of unreadable images
+                let (samples, stop) = self.agree_on_step()?;
+                if samples == 0 {
+                    continue; // a whole step of unreadable images
                 }
-                let (stepped, lr, norm) = self.optimizer_step(model);
+                let (stepped, lr, norm) = self.optimizer_step(model)?;
                 model = stepped;
                 self.log_window_if_due(lr, norm)?;
                 let done = self.state.step >= self.plan.total_steps;
-                let stop = self.control.stopping();
                 self.validate_if_due(&model, end_of_epoch, done)?;
                 self.checkpoint_if_due(&model, end_of_epoch, done || stop)?;
                 if stop {
@@ -294,14 +388,16 @@ impl<B: Backend> Trainer<B> {
         }
         self.pb.finish();
         self.report_skips()?;
-        self.control.metrics_changed(&self.folder.dir)?;
+        if self.writer {
+            self.control.metrics_changed(&self.folder.dir)?;
+        }
         if self.state.step == 0 && !interrupted {
             bail!(
                 "no training step was taken, so no weights were exported: {}",
                 self.skip_summary().unwrap_or_else(|| "the plan holds no step (more epochs or data needed)".into())
             );
         }
-        let final_weights = if interrupted { None } else { Some(self.export(&model)?) };
+        let final_weights = if interrupted || !self.writer { None } else { Some(self.export(&model)?) };
         let secs = self.started.elapsed().as_secs_f64();
         Ok(RunSummary {
             steps: self.state.step,
@@ -343,71 +439,105 @@ impl<B: Backend> Trainer<B> {
         });
         let items: Vec<serde_json::Value> =
             new.iter().take(100).map(|(item, why)| json!({"item": item, "why": why})).collect();
-        self.log.write(&json!({"kind": "skipped", "step": self.state.step, "new": new.len(), "total": total, "rows": rows, "items": items}))
+        self.log(&json!({"kind": "skipped", "step": self.state.step, "new": new.len(), "total": total, "rows": rows, "items": items}))
     }
 
-    /// Move the position past batch `bi` and queue it as a micro-batch (pre-training alternates
-    /// clean and masked images). Returns whether it ended the epoch.
-    fn take_batch(&mut self, bi: usize, batch: Batch) -> bool {
+    /// A line in metrics.jsonl (the writer's; the other ranks write none).
+    fn log(&mut self, record: &serde_json::Value) -> Result<()> {
+        self.log.as_mut().map_or(Ok(()), |log| log.write(record))
+    }
+
+    /// Move the position past batch `bi`, and make it a micro-batch when it is this process's
+    /// (pre-training alternates clean and masked images). Returns it and whether it ended the epoch.
+    fn take_batch(&mut self, bi: usize, batch: Option<Batch>) -> (Option<MicroBatch>, bool) {
         let s = &mut self.state;
         let end_of_epoch = bi + 1 == self.plan.batches;
-        if !batch.is_empty() {
+        let micro = batch.filter(|b| !b.is_empty()).map(|batch| {
             let masked = self.cfg.task == Task::Pretrain && s.micro_step % 2 == 1;
             let image = if masked { ImageInput::Masked } else { ImageInput::Clean };
-            self.group.push(MicroBatch { epoch: s.epoch, index: bi, batch, image });
-        }
+            MicroBatch { epoch: s.epoch, index: bi, micro_step: s.micro_step, batch, image }
+        });
         s.micro_step += 1;
         s.batch = bi + 1;
         if end_of_epoch {
             s.epoch += 1;
             s.batch = 0;
         }
-        end_of_epoch
+        (micro, end_of_epoch)
     }
 
-    /// Forward and backward of the queued micro-batches (one per device), their gradients into the
-    /// accumulator and their losses into the log window. A non-finite loss stops the run, naming
-    /// the batch and the last good checkpoint.
-    fn run_group(&mut self, model: &Pvlt<AB<B>>) -> Result<()> {
-        if self.group.is_empty() {
-            return Ok(());
-        }
-        <AB<B> as Backend>::seed(&self.devices[0], batch_seed(self.cfg.seed, self.state.micro_step - 1));
+    /// Forward and backward of a micro-batch, its gradients into the accumulator and its losses
+    /// into the log window. A non-finite loss stops the run, naming the batch and the last good
+    /// checkpoint (under a distributed launch, at the end of the step, on every rank).
+    fn run_micro_batch(&mut self, model: &Pvlt<AB<B>>, mb: MicroBatch) -> Result<()> {
+        <AB<B> as Backend>::seed(&self.device, batch_seed(self.cfg.seed, mb.micro_step));
         let mut settings = self.settings;
         // The curriculum: random ITM negatives until the configured step (`state.step` counts the
         // steps already taken, so this is the step being computed, 1-based).
         if self.state.step + 1 < self.cfg.itm_hard_negatives_from_step {
             settings.hard_negatives = None;
         }
-        let results = data_parallel::<B>(model, &self.group, &self.devices, settings)?;
-        for (mb, r) in self.group.drain(..).zip(results) {
-            if let Some((term, v)) = r.losses.iter().find(|(_, v)| !v.is_finite()) {
+        let r = micro_batch::<B>(model, &mb, settings, &self.device)?;
+        if let Some((term, v)) = r.losses.iter().find(|(_, v)| !v.is_finite()) {
+            let records = self.data.dataset.records();
+            let ids: Vec<&str> = mb.batch.indices.iter().map(|&i| records[i].id.as_str()).collect();
+            let e = anyhow!(
+                "stopping: loss term '{term}' is {v} at step {} (epoch {}, batch {}; items {}). The last good checkpoint is {}. \
+                 Lower base_lr or set clip_grad, then --resume.",
+                self.state.step + 1,
+                mb.epoch + 1,
+                mb.index,
+                ids.join(", "),
+                self.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint written yet)".into())
+            );
+            if self.control.group.is_none() {
                 self.pb.abandon();
-                let records = self.data.dataset.records();
-                let ids: Vec<&str> = mb.batch.indices.iter().map(|&i| records[i].id.as_str()).collect();
-                bail!(
-                    "stopping: loss term '{term}' is {v} at step {} (epoch {}, batch {}; items {}). The last good checkpoint is {}. \
-                     Lower base_lr or set clip_grad, then --resume.",
-                    self.state.step + 1,
-                    mb.epoch + 1,
-                    mb.index,
-                    ids.join(", "),
-                    self.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint written yet)".into())
-                );
+                return Err(e);
             }
-            self.window.add(&r.losses, mb.batch.len());
-            self.accumulator.accumulate(model, r.grads);
-            self.samples_run += mb.batch.len();
+            self.failed.get_or_insert(e);
+            return Ok(());
         }
-        self.micro_in_step += 1;
+        self.window.add(&r.losses, mb.batch.len());
+        self.accumulator.accumulate(model, r.grads);
+        self.samples_run += mb.batch.len();
+        self.samples_in_step += mb.batch.len();
         Ok(())
+    }
+
+    /// At the end of a step's micro-batches: how many samples it holds over all ranks, and
+    /// whether to stop after it (asked on any rank). A non-finite loss on any rank stops every
+    /// rank here, each with an error.
+    fn agree_on_step(&mut self) -> Result<(usize, bool)> {
+        let (samples, stop) = (std::mem::take(&mut self.samples_in_step), self.control.stopping());
+        let Some(g) = self.control.group.clone() else { return Ok((samples, stop)) };
+        let flags = vec![samples as f32, f32::from(u8::from(stop)), f32::from(u8::from(self.failed.is_some()))];
+        let t = Tensor::<B, 1>::from_data(TensorData::new(flags, [3]), &self.device);
+        let v: Vec<f32> = all_reduce(g.as_ref(), t)?
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow!("reading the step's flags back: {e:?}"))?;
+        if v[2] > 0.0 {
+            self.pb.abandon();
+            return Err(self.failed.take().unwrap_or_else(|| {
+                anyhow!(
+                    "rank {}: stopping: a loss term was not finite on another rank at step {} (that rank's output names the batch)",
+                    g.rank(),
+                    self.state.step + 1
+                )
+            }));
+        }
+        Ok((v[0] as usize, v[1] > 0.0))
     }
 
     /// One AdamW step on the accumulated gradients (clipped when `clip_grad` is set). Returns the
     /// stepped model (AdamW consumes the model, so parameters no one else holds are updated in
     /// place), the learning rate and the gradient norm.
-    fn optimizer_step(&mut self, model: Pvlt<AB<B>>) -> (Pvlt<AB<B>>, f64, f64) {
+    fn optimizer_step(&mut self, model: Pvlt<AB<B>>) -> Result<(Pvlt<AB<B>>, f64, f64)> {
         let mut grads = self.accumulator.grads();
+        if let Some(g) = &self.control.group {
+            grads = sum_gradients(g.as_ref(), &model, grads)?;
+        }
         let norm = grad_norm(&model, &grads);
         let lr = self.plan.schedule.at(self.state.step);
         let decay_rule = |name: &str, shape: &[usize]| decays(name, shape);
@@ -416,9 +546,8 @@ impl<B: Backend> Trainer<B> {
             a.update(&model.valid());
         }
         self.state.step += 1;
-        self.micro_in_step = 0;
         self.pb.inc(1);
-        (model, lr, norm)
+        Ok((model, lr, norm))
     }
 
     /// A `train` line in metrics.jsonl with the window's mean losses, every `log_every` steps.
@@ -427,7 +556,8 @@ impl<B: Backend> Trainer<B> {
         if !step.is_multiple_of(self.cfg.log_every) && step != self.plan.total_steps {
             return Ok(());
         }
-        let w = &self.window;
+        self.combine_window()?;
+        let w = std::mem::replace(&mut self.window, Window::new());
         let sps = w.samples as f64 / w.started.elapsed().as_secs_f64().max(1e-9);
         let mut pairs: Vec<(&str, Option<serde_json::Value>)> = vec![
             ("kind", Some(json!("train"))),
@@ -440,28 +570,60 @@ impl<B: Backend> Trainer<B> {
         for (name, v) in &w.sums {
             pairs.push((name, Some(json!(w.mean(*v)))));
         }
-        self.log.write(&record(&pairs))?;
+        self.log(&record(&pairs))?;
         let msg: Vec<String> = w.sums.iter().map(|(n, v)| format!("{n} {:.3}", w.mean(*v))).collect();
         self.pb.set_message(format!("{} | lr {lr:.2e} | {sps:.1} samples/s", msg.join(" ")));
-        self.window = Window::new();
+        Ok(())
+    }
+
+    /// The window's sums over all ranks (rank order), into the window: the log line then says
+    /// what one process taking every micro-batch would say.
+    fn combine_window(&mut self) -> Result<()> {
+        let Some(g) = self.control.group.clone() else { return Ok(()) };
+        let w = &self.window;
+        let mine = json!({"sums": w.sums, "batches": w.batches, "samples": w.samples});
+        let all = g.exchange(&format!("window/{}", self.state.step), mine.to_string().as_bytes())?;
+        let mut combined = Window { sums: vec![], samples: 0, batches: 0, started: w.started };
+        for (r, bytes) in all.iter().enumerate() {
+            let v: serde_json::Value =
+                serde_json::from_slice(bytes).with_context(|| format!("rank {r} sent an unreadable log window"))?;
+            let sums: Vec<(String, f64)> = serde_json::from_value(v["sums"].clone())?;
+            for (name, sum) in sums {
+                let Some(name) = super::step::TERMS.iter().chain(&["loss"]).find(|t| **t == name) else {
+                    bail!("rank {r} sent an unknown loss term '{name}'")
+                };
+                match combined.sums.iter_mut().find(|(n, _)| n == name) {
+                    Some(e) => e.1 += sum,
+                    None => combined.sums.push((name, sum)),
+                }
+            }
+            combined.batches += v["batches"].as_u64().unwrap_or(0) as usize;
+            combined.samples += v["samples"].as_u64().unwrap_or(0) as usize;
+        }
+        self.window = combined;
         Ok(())
     }
 
     /// Validation every `val_every` steps (or at the end of each epoch), and at the end; keeps
-    /// `best.safetensors` and tells the caller (`RunControl::on_metrics`).
+    /// `best.safetensors` and tells the caller (`RunControl::on_metrics`). The writer's alone.
     fn validate_if_due(&mut self, model: &Pvlt<AB<B>>, end_of_epoch: bool, done: bool) -> Result<()> {
         let due =
             if self.cfg.val_every > 0 { self.state.step.is_multiple_of(self.cfg.val_every) } else { end_of_epoch }
                 || done;
+        if !self.writer {
+            return Ok(());
+        }
         let Some(loader) = self.plan.val_loader.clone().filter(|_| due) else { return Ok(()) };
         let pb = self.pb.clone();
         pb.suspend(|| -> Result<()> {
             let weights = self.weights(model);
-            let v = validate(&weights, &loader, self.settings.heads, self.cfg.val_batches, &self.devices[0])?;
+            let v = validate(&weights, &loader, self.settings.heads, self.cfg.val_batches, &self.device)?;
             let mut rec = v.clone();
             rec["kind"] = json!("val");
             rec["step"] = json!(self.state.step);
-            self.log.write(&rec)?;
+            if let Some(log) = self.log.as_mut() {
+                log.write(&rec)?;
+            }
             let loss = v["loss"].as_f64().unwrap_or(f64::NAN);
             if self.state.best_val_loss.is_none_or(|(b, _)| loss < b) {
                 self.state.best_val_loss = Some((loss, self.state.step));
@@ -486,7 +648,7 @@ impl<B: Backend> Trainer<B> {
         } else {
             end_of_epoch
         } || forced;
-        if due {
+        if due && self.writer {
             let path = self.folder.checkpoints.join(checkpoint::file_name(self.state.step));
             checkpoint::save(&path, &model.valid(), &self.opt, self.average.as_ref(), &self.state)?;
             checkpoint::prune(&self.folder.checkpoints, self.cfg.keep_last)?;
