@@ -380,36 +380,23 @@ impl<'a> Machine<'a> {
     /// Strings and bytes.
     fn text_op(&mut self, op: u8) -> Result<()> {
         match op {
-            b'X' => {
-                let n = self.length(4)?;
+            // Length-prefixed text: the opcode says the prefix's width and whether it is a string
+            // (BINUNICODE, SHORT_BINUNICODE, BINUNICODE8) or bytes (BINSTRING, SHORT_BINSTRING,
+            // BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8).
+            b'X' | 0x8c | 0x8d => {
+                let n = self.length(match op {
+                    0x8c => 1,
+                    b'X' => 4,
+                    _ => 8,
+                })?;
                 self.string(n)?
             }
-            0x8c => {
-                let n = self.length(1)?;
-                self.string(n)?
-            }
-            0x8d => {
-                let n = self.length(8)?;
-                self.string(n)?
-            }
-            b'T' => {
-                let n = self.length(4)?;
-                self.bytes(n)?
-            }
-            b'U' => {
-                let n = self.length(1)?;
-                self.bytes(n)?
-            }
-            b'B' | 0x96 => {
-                let n = self.length(if op == b'B' { 4 } else { 8 })?;
-                self.bytes(n)?
-            }
-            b'C' => {
-                let n = self.length(1)?;
-                self.bytes(n)?
-            }
-            0x8e => {
-                let n = self.length(8)?;
+            b'T' | b'U' | b'B' | b'C' | 0x8e | 0x96 => {
+                let n = self.length(match op {
+                    b'U' | b'C' => 1,
+                    b'T' | b'B' => 4,
+                    _ => 8,
+                })?;
                 self.bytes(n)?
             }
             b'V' => {
@@ -810,6 +797,33 @@ mod tests {
         let parsed = Pickle::parse(cyclic, Limits::default()).unwrap();
         let e = parsed.to_json(&mut Walk::new(64, 10_000)).unwrap_err().to_string();
         assert!(e.contains("nests deeper"), "{e}");
+    }
+
+    /// Each length-prefixed text opcode reads its prefix width and makes a string or bytes; a
+    /// length past the input's end is refused for each.
+    #[test]
+    fn length_prefixed_text_opcodes() {
+        let limits = Limits { max_objects: 1000, max_memo: 100, max_ops: 5000 };
+        let prefix = |width: usize, n: usize| (n as u64).to_le_bytes()[..width].to_vec();
+        for (op, width, string) in [
+            (b'X', 4, true),
+            (0x8c, 1, true),
+            (0x8d, 8, true),
+            (b'T', 4, false),
+            (b'U', 1, false),
+            (b'B', 4, false),
+            (b'C', 1, false),
+            (0x8e, 8, false),
+            (0x96, 8, false),
+        ] {
+            let p = [&b"\x80\x04"[..], &[op], &prefix(width, 3), b"abc."].concat();
+            let got = Pickle::parse(&p, limits).unwrap_or_else(|e| panic!("0x{op:02x}: {e}"));
+            let want = if string { Object::Str("abc".into()) } else { Object::Bytes(b"abc".to_vec()) };
+            assert_eq!(format!("{:?}", got.get(got.root)), format!("{want:?}"), "0x{op:02x}");
+            let short = [&b"\x80\x04"[..], &[op], &prefix(width, 9), b"abc."].concat();
+            let e = Pickle::parse(&short, limits).unwrap_err().to_string();
+            assert!(e.contains("bytes follow"), "0x{op:02x}: {e}");
+        }
     }
 
     /// Every cap holds before its memory is taken: objects, memo entries, opcodes, and lengths
