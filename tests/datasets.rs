@@ -154,6 +154,17 @@ fn split_never_leaks_a_product_and_class_ids_are_sorted_names() {
     assert!((0.15..0.25).contains(&frac), "{frac}");
     assert_eq!((train.clone(), val.clone()), split_by_product(&records, 0.2, 42));
     assert_ne!(val, split_by_product(&records, 0.2, 43).1);
+    // A sample of products: whole products, seeded, and its own validation share (the draw is
+    // salted apart from the split's, or a small sample would be all validation).
+    let sample = mvlt::data::dataset::sample_products(&records, 100, 42);
+    let sampled: std::collections::HashSet<_> = sample.iter().map(|&i| &records[i].product_id).collect();
+    assert_eq!(sampled.len(), 100);
+    assert!(records.iter().enumerate().all(|(i, r)| sample.contains(&i) == sampled.contains(&r.product_id)));
+    assert_eq!(sample, mvlt::data::dataset::sample_products(&records, 100, 42));
+    assert_ne!(sample, mvlt::data::dataset::sample_products(&records, 100, 43));
+    let in_val = sample.iter().filter(|i| val.contains(i)).count() as f64 / sample.len() as f64;
+    assert!((0.08..0.35).contains(&in_val), "{in_val} of the sample in the 0.2 validation split");
+    assert_eq!(mvlt::data::dataset::sample_products(&records, 10_000, 1).len(), records.len());
     let classes = ClassMap::from_records(ds.records());
     let mut sorted = classes.main.clone();
     sorted.sort();

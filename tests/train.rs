@@ -505,3 +505,53 @@ fn resume_falls_back_past_a_truncated_checkpoint() {
     assert!(text(&o).contains("does not exist"), "{}", text(&o));
     assert!(!base.join("nowhere").exists());
 }
+
+/// Early stopping by a validation accuracy: the run stops at the first validation
+/// `early_stop_steps` after its best (worked out here from the logged validations), exports the
+/// best weights (`export_best`), and a resume of the stopped run only exports. With a rate too
+/// small to move the accuracy it stops long before `max_steps`; the augmentation is on throughout.
+#[test]
+fn early_stopping_exports_the_best_and_a_resume_only_exports() {
+    let _turn = backend_turn();
+    let base = tempdir("early-stop");
+    let extra = [
+        "max_steps=40",
+        "epochs=100",
+        "val_every=2",
+        "base_lr=1e-12",
+        "warmup_lr=1e-12",
+        "min_lr=1e-12",
+        "warmup_epochs=0",
+        "select_by=mlm_acc",
+        "early_stop_steps=4",
+        "export_best=true",
+        "augment_min_scale=0.6",
+        "augment_flip=true",
+    ];
+    let over = nano_overrides(&base, &extra);
+    let dir = base.join("run");
+    let s = run(&dir, &over, false);
+    let vals: Vec<(usize, f64)> = mvlt::train::metrics::read_lines(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == "val")
+        .map(|v| (v["step"].as_u64().unwrap() as usize, v["mlm_acc"].as_f64().unwrap()))
+        .collect();
+    let mut best = (f64::NEG_INFINITY, 0);
+    let mut expected = None;
+    for &(step, acc) in &vals {
+        if acc > best.0 {
+            best = (acc, step);
+        } else if step - best.1 >= 4 {
+            expected = Some(step);
+            break;
+        }
+    }
+    let expected = expected.unwrap_or_else(|| panic!("mlm_acc kept improving: {vals:?}"));
+    assert_eq!(s.steps, expected, "{vals:?}");
+    assert!(s.steps < 40 && vals.last().unwrap().0 == s.steps, "{vals:?}");
+    let best_file = std::fs::read(dir.join("best.safetensors")).unwrap();
+    assert_eq!(std::fs::read(dir.join("final/model.safetensors")).unwrap(), best_file);
+    let again = run(&dir, &over, true);
+    assert_eq!((again.steps, again.steps_run), (expected, 0), "a stopped run resumed trained on");
+}

@@ -129,24 +129,45 @@ impl ClassMap {
 pub fn split_by_product(records: &[Record], val_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let (mut train, mut val) = (vec![], vec![]);
     for (i, r) in records.iter().enumerate() {
-        // FNV-1a over seed and product id, then splitmix64's finaliser (FNV alone leaves the high
-        // bits nearly constant for short similar ids): stable across platforms and releases.
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in seed.to_le_bytes().iter().chain(r.product_id.as_bytes()) {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        h = (h ^ (h >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        h = (h ^ (h >> 27)).wrapping_mul(0x94d049bb133111eb);
-        h ^= h >> 31;
-        let u = (h >> 11) as f64 / (1u64 << 53) as f64;
-        if u < val_fraction {
+        if product_draw(seed, &r.product_id) < val_fraction {
             val.push(i);
         } else {
             train.push(i);
         }
     }
     (train, val)
+}
+
+/// A product's seeded draw, uniform in [0, 1): FNV-1a over seed and product id, then splitmix64's
+/// finaliser (FNV alone leaves the high bits nearly constant for short similar ids): stable
+/// across platforms and releases.
+fn product_draw(seed: u64, product_id: &str) -> f64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in seed.to_le_bytes().iter().chain(product_id.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d049bb133111eb);
+    h ^= h >> 31;
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The rows of `products` products drawn at random (seeded; the draw is salted apart from
+/// [`split_by_product`]'s, so a subset's validation split is its own share), in catalogue order:
+/// a team-sized catalogue cut from a larger one. All rows when there are no more products.
+pub fn sample_products(records: &[Record], products: usize, seed: u64) -> Vec<usize> {
+    let salted = seed ^ 0x5355_4253_4554_0000;
+    let mut draws: Vec<(f64, &str)> = records
+        .iter()
+        .map(|r| r.product_id.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|p| (product_draw(salted, p), p))
+        .collect();
+    draws.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let kept: std::collections::HashSet<&str> = draws.into_iter().take(products).map(|(_, p)| p).collect();
+    (0..records.len()).filter(|&i| kept.contains(records[i].product_id.as_str())).collect()
 }
 
 fn check_caption(caption: &str) -> Result<(), String> {

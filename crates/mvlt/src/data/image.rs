@@ -306,6 +306,63 @@ pub fn preprocess_floats(p: &Pixels, size: usize) -> Result<(Vec<f32>, Option<Cr
     Ok((out, crop_box))
 }
 
+/// Training-time augmentation that keeps what a caption says (issue 35): no colour change, only
+/// where the garment sits. The reference has none; a catalogue of a few thousand products is
+/// memorised without it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Augment {
+    /// Smallest share of the (reference-cropped) image's area a random crop keeps; 1 = no crop.
+    pub min_scale: f64,
+    /// Mirror left-right half the time.
+    pub flip: bool,
+}
+
+impl Augment {
+    /// A random square-ish crop of `b` (area share in `[min_scale, 1]`, aspect within 3:4..4:3 of
+    /// the box's) at a random place, drawn from `rng`.
+    pub fn crop(&self, b: CropBox, rng: &mut impl rand::Rng) -> CropBox {
+        if self.min_scale >= 1.0 {
+            return b;
+        }
+        let [l, t, r, bt] = b;
+        let (w, h) = ((r - l) as f64, (bt - t) as f64);
+        let scale = rng.random_range(self.min_scale.clamp(0.05, 1.0)..=1.0);
+        let aspect = rng.random_range((3.0f64 / 4.0).ln()..=(4.0f64 / 3.0).ln()).exp();
+        let cw = ((w * (scale * aspect).sqrt()).round() as usize).clamp(1, r - l);
+        let ch = ((h * (scale / aspect).sqrt()).round() as usize).clamp(1, bt - t);
+        let x = l + rng.random_range(0..=(r - l - cw));
+        let y = t + rng.random_range(0..=(bt - t - ch));
+        [x, y, x + cw, y + ch]
+    }
+}
+
+/// Model-input floats of `p` with `aug` applied to the reference crop: the training loader's path
+/// when a recipe asks for augmentation. Returns the floats and the reference's box (not the
+/// random crop), as [`preprocess_floats`] does.
+pub fn augmented_floats(
+    p: &Pixels,
+    size: usize,
+    aug: &Augment,
+    rng: &mut impl rand::Rng,
+) -> Result<(Vec<f32>, Option<CropBox>)> {
+    if size == 0 {
+        bail!("image size must be positive");
+    }
+    let crop_box = p.crop_box().filter(|b| b[2] > b[0] && b[3] > b[1]);
+    let region = aug.crop(crop_box.unwrap_or([0, 0, p.width, p.height]), rng);
+    let mut hwc = resize_rgb(&p.crop_rgb(region), size)?;
+    if aug.flip && rng.random_bool(0.5) {
+        for row in hwc.chunks_exact_mut(size * 3) {
+            for x in 0..size / 2 {
+                for c in 0..3 {
+                    row.swap(x * 3 + c, (size - 1 - x) * 3 + c);
+                }
+            }
+        }
+    }
+    Ok((to_unit_floats(&hwc_to_chw(&hwc, size)), crop_box))
+}
+
 /// Value the reference writes into masked pixels.
 pub const MASKED_PIXEL: f32 = 1e-6;
 
@@ -346,6 +403,39 @@ pub fn apply_grid_mask(chw: &mut [f32], size: usize, grid: usize, mask: &[bool])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Crops stay inside the box with at least the asked share (within rounding and the aspect
+    /// jitter); a flip mirrors the row; the same seed gives the same augmentation.
+    #[test]
+    fn augmentation_crops_inside_the_box_and_flips() {
+        use rand::SeedableRng;
+        let aug = Augment { min_scale: 0.5, flip: true };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..200 {
+            let [l, t, r, b] = aug.crop([10, 20, 110, 220], &mut rng);
+            assert!(l >= 10 && t >= 20 && r <= 110 && b <= 220 && r > l && b > t, "{l} {t} {r} {b}");
+            let share = ((r - l) * (b - t)) as f64 / (100.0 * 200.0);
+            assert!(share >= 0.5 * 0.75 - 0.02, "{share}");
+        }
+        // A left-to-right ramp, no black pixel: the whole image is the box.
+        let (w, h) = (8, 8);
+        let data: Vec<u8> = (0..w * h).flat_map(|i| [(100 + (i % w) * 20) as u8; 3]).collect();
+        let p = Pixels::from_hwc_rgb(w, h, data);
+        let whole = Augment { min_scale: 1.0, flip: true };
+        let (plain, _) = preprocess_floats(&p, 8).unwrap();
+        let mut seen_flip = false;
+        for seed in 0..20 {
+            let (x, _) = augmented_floats(&p, 8, &whole, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed)).unwrap();
+            let again = augmented_floats(&p, 8, &whole, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed)).unwrap().0;
+            assert_eq!(x, again);
+            if x != plain {
+                seen_flip = true;
+                // Mirrored: the first row's first value is the plain first row's last.
+                assert_eq!(x[0], plain[7]);
+            }
+        }
+        assert!(seen_flip, "half the draws flip");
+    }
 
     #[test]
     fn grid_mask_masks_half_the_cells_seeded() {

@@ -6,7 +6,7 @@
 //! whatever the number of workers or their timing.
 
 use super::dataset::{ClassMap, Dataset, SkipReport};
-use super::image::{apply_grid_mask, grid_mask, preprocess_floats};
+use super::image::{apply_grid_mask, augmented_floats, grid_mask, preprocess_floats, Augment};
 use super::text::{itm_pair, TextProcessor, IGNORE};
 use anyhow::Result;
 use rand::seq::SliceRandom;
@@ -39,6 +39,9 @@ pub struct LoaderConfig {
     /// MLM labels on ITM negatives too (the reference); off: on matched pairs only
     /// (`TrainConfig::mlm_on_negatives`).
     pub mlm_on_negatives: bool,
+    /// Random crops and flips of each training image (`TrainConfig::augment_*`); never for
+    /// validation or evaluation.
+    pub augment: Option<Augment>,
 }
 
 impl Default for LoaderConfig {
@@ -56,6 +59,7 @@ impl Default for LoaderConfig {
             mlm: super::text::MlmPolicy::default(),
             own_captions: false,
             mlm_on_negatives: true,
+            augment: None,
         }
     }
 }
@@ -171,12 +175,20 @@ impl Loader {
 
     fn sample(&self, index: usize, epoch: u64) -> Result<Sample> {
         let cfg = &self.config;
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            cfg.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let seed =
+            cfg.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let rec = &self.dataset.records()[index];
         let pixels = self.dataset.pixels(index)?;
-        let (image, crop_box) = preprocess_floats(&pixels, cfg.image_size)?;
+        let (image, crop_box) = match &cfg.augment {
+            // Its own stream, so that the draws below (ITM pairing, masks) are those of a run
+            // without augmentation.
+            Some(aug) => {
+                let mut aug_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_A06E_0000_0001);
+                augmented_floats(&pixels, cfg.image_size, aug, &mut aug_rng)?
+            }
+            None => preprocess_floats(&pixels, cfg.image_size)?,
+        };
         if crop_box.is_none() && self.uncropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
             tracing::warn!(
                 "{} ({}) has no black pixel after dithering; such images are used whole (said once per dataset)",

@@ -31,8 +31,12 @@ pub struct TrainState {
     /// The epoch to continue in, and its next batch.
     pub epoch: usize,
     pub batch: usize,
-    /// Lowest validation loss so far, and its step.
+    /// Best validation figure so far (`select_by`, lower better: the loss, or an accuracy
+    /// negated), and its step.
     pub best_val_loss: Option<(f64, usize)>,
+    /// The run stopped early (`early_stop_steps`): a resume only exports its weights.
+    #[serde(default)]
+    pub stopped_early: bool,
     /// Per-parameter AdamW step counts.
     pub optim_steps: BTreeMap<String, u64>,
     /// Steps folded into the weight average (`ema_decay`); 0 when the run keeps none.

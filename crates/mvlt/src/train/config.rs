@@ -242,6 +242,24 @@ pub struct TrainConfig {
     /// Fine-tuning: train mode (dropout, BatchNorm batch statistics). The reference fine-tunes in
     /// eval mode, the default here too.
     pub train_mode: bool,
+    /// Random crops of each training image keeping at least this share of its area (1: none). With
+    /// `augment_flip`, the augmentation that keeps what a caption says (no colour change): for
+    /// catalogues small enough to be memorised. Not in the reference.
+    pub augment_min_scale: f64,
+    /// Mirror training images left-right half the time.
+    pub augment_flip: bool,
+    /// The validation figure that picks `best.safetensors` (and early stopping): "loss" (lowest),
+    /// or an accuracy the validation reports, highest best: "itm_acc", "itc_acc", "mlm_acc",
+    /// "sup_acc", "sub_acc".
+    pub select_by: String,
+    /// Stop when `select_by` has not improved for this many steps (checked at each validation);
+    /// off when absent.
+    pub early_stop_steps: Option<usize>,
+    /// Export the best validated weights (`select_by`) as the run's result instead of the last.
+    pub export_best: bool,
+    /// Sub-categories whose rows are in neither split: the run never sees them, so its weights
+    /// can be evaluated on products of kinds they never met (`mvlt demo --data`'s held-apart check).
+    pub hold_apart_subcategories: Vec<String>,
     pub seed: u64,
     /// Data-loading threads.
     pub workers: usize,
@@ -269,6 +287,34 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// How many recent checkpoints to keep (the best is kept apart).
     pub keep_last: usize,
+}
+
+/// The validation figures `select_by` may name: the loss (lowest best), then accuracies.
+pub const SELECT_BY: [&str; 6] = ["loss", "itm_acc", "itc_acc", "mlm_acc", "sup_acc", "sub_acc"];
+
+impl TrainConfig {
+    /// The training and validation rows of `records`: the split by product, less the held-apart
+    /// sub-categories.
+    pub fn split(&self, records: &[crate::data::dataset::Record]) -> (Vec<usize>, Vec<usize>) {
+        let (train, val) = crate::data::dataset::split_by_product(records, self.val_fraction, self.seed);
+        let kept = |rows: Vec<usize>| -> Vec<usize> {
+            rows.into_iter().filter(|&r| !self.hold_apart_subcategories.contains(&records[r].subcategory)).collect()
+        };
+        (kept(train), kept(val))
+    }
+
+    /// The training images' augmentation, when the settings ask for one.
+    pub fn augment(&self) -> Option<crate::data::image::Augment> {
+        (self.augment_min_scale < 1.0 || self.augment_flip)
+            .then_some(crate::data::image::Augment { min_scale: self.augment_min_scale, flip: self.augment_flip })
+    }
+
+    /// A validation record's figure for `select_by`, lower better (an accuracy negated); `None`
+    /// when the record lacks it (a head the model does not have).
+    pub fn selection_score(&self, val: &serde_json::Value) -> Option<f64> {
+        let v = val.get(self.select_by.as_str())?.as_f64()?;
+        Some(if self.select_by == "loss" { v } else { -v })
+    }
 }
 
 impl Default for TrainConfig {
@@ -313,6 +359,12 @@ impl Default for TrainConfig {
             itm_hard_negatives_from_step: 0,
             objectives: PRETRAIN_OBJECTIVES.to_vec(),
             train_mode: false,
+            augment_min_scale: 1.0,
+            augment_flip: false,
+            select_by: "loss".into(),
+            early_stop_steps: None,
+            export_best: false,
+            hold_apart_subcategories: vec![],
             seed: 0,
             workers: 2,
             device: crate::device::DeviceSpec::Cpu,
@@ -348,9 +400,11 @@ pub fn recipe_text(spec: &str) -> Result<String> {
         "cpu-finetune" => include_str!("../../configs/cpu_finetune.toml").to_string(),
         "demo" => include_str!("../../configs/demo.toml").to_string(),
         "demo-finetune" => include_str!("../../configs/demo_finetune.toml").to_string(),
+        "demo-catalogue" => include_str!("../../configs/demo_catalogue.toml").to_string(),
+        "demo-catalogue-finetune" => include_str!("../../configs/demo_catalogue_finetune.toml").to_string(),
         path => crate::files::read_text_limited(Path::new(path), "recipe", crate::files::MAX_SMALL_FILE_BYTES)
             .with_context(|| {
-                format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune, demo, demo-finetune)")
+                format!("cannot read recipe {path} (built-in recipes: pretrain, finetune, cpu-pretrain, cpu-finetune, demo, demo-finetune, demo-catalogue, demo-catalogue-finetune)")
             })?,
     })
 }
@@ -366,7 +420,7 @@ pub struct TrainConfigBuilder {
 
 impl TrainConfigBuilder {
     /// A built-in recipe by name (pretrain, finetune, cpu-pretrain, cpu-finetune, demo,
-    /// demo-finetune) or a recipe file.
+    /// demo-finetune, demo-catalogue, demo-catalogue-finetune) or a recipe file.
     pub fn recipe(spec: &str) -> Result<Self> {
         Self::parse(&recipe_text(spec)?)
     }
@@ -471,6 +525,15 @@ impl TrainConfig {
                 "itm_hard_negatives_from_step = {} has no effect without itm_hard_negatives = true",
                 self.itm_hard_negatives_from_step
             );
+        }
+        if !(self.augment_min_scale >= 0.1 && self.augment_min_scale <= 1.0) {
+            bail!("augment_min_scale must be in [0.1, 1] (1: no random crop), got {}", self.augment_min_scale);
+        }
+        if !SELECT_BY.contains(&self.select_by.as_str()) {
+            bail!("select_by = {:?} is not one of {SELECT_BY:?}", self.select_by);
+        }
+        if self.early_stop_steps == Some(0) {
+            bail!("early_stop_steps must be at least 1 (remove it to train without early stopping)");
         }
         if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {
             bail!("ema_decay must be in (0, 1), got {d} (remove it to train without a weight average)");
@@ -582,7 +645,16 @@ mod tests {
 
     #[test]
     fn recipes_parse_and_overrides_apply() {
-        for r in ["pretrain", "finetune", "cpu-pretrain", "cpu-finetune", "demo", "demo-finetune"] {
+        for r in [
+            "pretrain",
+            "finetune",
+            "cpu-pretrain",
+            "cpu-finetune",
+            "demo",
+            "demo-finetune",
+            "demo-catalogue",
+            "demo-catalogue-finetune",
+        ] {
             let over = if r.contains("finetune") { vec!["init=w.safetensors".to_string()] } else { vec![] };
             TrainConfig::resolve(&recipe_text(r).unwrap(), &over).unwrap_or_else(|e| panic!("{r}: {e:#}"));
         }
@@ -617,5 +689,21 @@ mod tests {
         let e = TrainConfig::resolve("", &["ema_decay=1.0".into()]).unwrap_err().to_string();
         assert!(e.contains("ema_decay must be in (0, 1), got 1"), "{e}");
         assert_eq!(TrainConfig::resolve("", &["ema_decay=0.99".into()]).unwrap().ema_decay, Some(0.99));
+        for (bad, want) in [
+            ("augment_min_scale=0.05", "augment_min_scale must be in [0.1, 1]"),
+            ("augment_min_scale=nan", "augment_min_scale must be in [0.1, 1]"),
+            ("select_by=\"psnr\"", "select_by = \"psnr\" is not one of"),
+            ("early_stop_steps=0", "early_stop_steps must be at least 1"),
+        ] {
+            let e = TrainConfig::resolve("", &[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let c = TrainConfig::resolve("", &["augment_flip=true".into()]).unwrap();
+        assert_eq!(c.augment(), Some(crate::data::image::Augment { min_scale: 1.0, flip: true }));
+        assert_eq!(TrainConfig::default().augment(), None);
+        // Accuracies are negated so that lower is better, as the loss.
+        let c = TrainConfig::resolve("", &["select_by=\"itc_acc\"".into()]).unwrap();
+        assert_eq!(c.selection_score(&serde_json::json!({"itc_acc": 0.25})), Some(-0.25));
+        assert_eq!(c.selection_score(&serde_json::json!({"loss": 1.0})), None);
     }
 }

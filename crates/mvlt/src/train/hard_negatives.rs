@@ -20,15 +20,27 @@ use rand_chacha::ChaCha8Rng;
 /// no such partner in the batch (it keeps its random caption).
 ///
 /// `sim` is `[n, n]` row-major: image `i` against caption `j`, already multiplied by the ITC scale.
-pub fn partners(sim: &[f32], itm_labels: &[i64], products: &[String], rng: &mut ChaCha8Rng) -> Vec<Option<usize>> {
+/// `captions` (`[n, text_len]`, each row's own caption ids; empty to skip the check): a caption
+/// identical to the image's own (a shop's title shared by several products) is no negative, and
+/// the one the similarity favours most, so it is never drawn.
+pub fn partners(
+    sim: &[f32],
+    itm_labels: &[i64],
+    products: &[String],
+    captions: &[i64],
+    rng: &mut ChaCha8Rng,
+) -> Vec<Option<usize>> {
     let n = itm_labels.len();
     assert_eq!(sim.len(), n * n, "similarities of {n} rows");
+    let t = captions.len().checked_div(n).unwrap_or(0);
+    let same_caption = |i: usize, j: usize| t > 0 && captions[i * t..(i + 1) * t] == captions[j * t..(j + 1) * t];
     (0..n)
         .map(|i| {
             if itm_labels[i] != 0 {
                 return None;
             }
-            let eligible: Vec<usize> = (0..n).filter(|&j| itm_labels[j] == 1 && products[j] != products[i]).collect();
+            let eligible: Vec<usize> =
+                (0..n).filter(|&j| itm_labels[j] == 1 && products[j] != products[i] && !same_caption(i, j)).collect();
             let row = &sim[i * n..(i + 1) * n];
             // Softmax weights, shifted by the row's maximum so that exp cannot overflow.
             let top = eligible.iter().map(|&j| row[j]).fold(f32::NEG_INFINITY, f32::max);
@@ -86,7 +98,7 @@ mod tests {
         let products = ids(&["a", "b", "c", "c"]);
         let sim = vec![0.0; 16];
         for seed in 0..20 {
-            let p = partners(&sim, &labels, &products, &mut rng(seed, 0, 0));
+            let p = partners(&sim, &labels, &products, &[], &mut rng(seed, 0, 0));
             assert_eq!(p[1], None);
             assert_eq!(p[3], None);
             assert!(matches!(p[0], Some(1) | Some(3)), "{p:?}");
@@ -101,16 +113,28 @@ mod tests {
         let products = ids(&["a", "b", "c"]);
         // Image 0 resembles caption 2 far more than caption 1.
         let sim = vec![0.0, 0.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-        let draws: Vec<_> = (0..200).map(|k| partners(&sim, &labels, &products, &mut rng(7, 1, k))[0]).collect();
+        let draws: Vec<_> = (0..200).map(|k| partners(&sim, &labels, &products, &[], &mut rng(7, 1, k))[0]).collect();
         let to2 = draws.iter().filter(|d| **d == Some(2)).count();
         assert!(to2 > 190, "exp(8) : 1 odds, drew caption 2 {to2} times in 200");
-        let again: Vec<_> = (0..200).map(|k| partners(&sim, &labels, &products, &mut rng(7, 1, k))[0]).collect();
+        let again: Vec<_> = (0..200).map(|k| partners(&sim, &labels, &products, &[], &mut rng(7, 1, k))[0]).collect();
         assert_eq!(draws, again, "the same seed draws the same partners");
+    }
+
+    /// Row 1's caption is row 0's own (another product, the same shop title): not a negative.
+    #[test]
+    fn a_caption_identical_to_the_image_s_own_is_never_drawn() {
+        let labels = [0, 1, 1];
+        let products = ids(&["a", "b", "c"]);
+        let captions = [5, 6, 5, 6, 7, 8];
+        let sim = vec![0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        for k in 0..50 {
+            assert_eq!(partners(&sim, &labels, &products, &captions, &mut rng(3, 0, k))[0], Some(2));
+        }
     }
 
     #[test]
     fn a_negative_without_partner_keeps_its_caption() {
-        let p = partners(&[0.0; 4], &[0, 1], &ids(&["a", "a"]), &mut rng(0, 0, 0));
+        let p = partners(&[0.0; 4], &[0, 1], &ids(&["a", "a"]), &[], &mut rng(0, 0, 0));
         assert_eq!(p, vec![None, None]);
     }
 

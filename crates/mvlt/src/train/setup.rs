@@ -7,7 +7,7 @@ use super::config::{Task, TrainConfig};
 use super::ema::WeightAverage;
 use super::optim::AdamW;
 use super::schedule::{scaled_lr, LrSchedule};
-use crate::data::dataset::{open_dataset, split_by_product, vocab_beside_data, ClassMap, Dataset};
+use crate::data::dataset::{open_dataset, vocab_beside_data, ClassMap, Dataset};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::text::{MlmPolicy, TextProcessor};
 use crate::device::Cpu;
@@ -300,6 +300,7 @@ impl<B: Backend> StartPoint<B> {
             epoch: 0,
             batch: 0,
             best_val_loss: None,
+            stopped_early: false,
             optim_steps: Default::default(),
             ema_updates: 0,
             train_config: cfg.clone(),
@@ -331,7 +332,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(cfg: &TrainConfig, data: &RunData, classes: &ClassMap, devices: usize) -> Result<Plan> {
-        let (train_rows, val_rows) = split_by_product(data.dataset.records(), cfg.val_fraction, cfg.seed);
+        let (train_rows, val_rows) = cfg.split(data.dataset.records());
         if train_rows.is_empty() {
             bail!(
                 "{} has no training rows after the validation split (val_fraction {})",
@@ -359,6 +360,7 @@ impl Plan {
             },
             own_captions: cfg.with_itc,
             mlm_on_negatives: cfg.mlm_on_negatives,
+            augment: cfg.augment(),
         };
         let classes = Arc::new(classes.clone());
         let (n_train, n_val) = (train_rows.len(), val_rows.len());
@@ -367,7 +369,7 @@ impl Plan {
         };
         let train_loader = loader(train_rows, loader_config.clone())?;
         let val_loader = (!val_rows.is_empty())
-            .then(|| loader(val_rows, LoaderConfig { shuffle: false, ..loader_config }))
+            .then(|| loader(val_rows, LoaderConfig { shuffle: false, augment: None, ..loader_config }))
             .transpose()?;
 
         let batches = train_loader.batches_per_epoch();

@@ -175,6 +175,7 @@ fn mine<B: Backend>(
         &sim,
         &batch.itm_labels,
         &batch.product_ids,
+        &batch.caption_ids,
         &mut hard_negatives::rng(h.seed, mb.epoch, mb.index),
     );
     let (mut ids, mut labels) = (batch.input_ids.clone(), batch.mlm_labels.clone());

@@ -340,7 +340,10 @@ impl<B: Backend> Trainer<B> {
         // k mod W; one process takes them all.
         let per_step = self.plan.micro_batches;
         let (rank, world) = self.control.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
-        'epochs: while self.state.step < self.plan.total_steps && self.state.epoch < self.cfg.epochs {
+        'epochs: while self.state.step < self.plan.total_steps
+            && self.state.epoch < self.cfg.epochs
+            && !self.state.stopped_early
+        {
             let epoch = self.state.epoch;
             let start = self.state.batch;
             let mut epoch_samples = 0;
@@ -373,8 +376,13 @@ impl<B: Backend> Trainer<B> {
                 let (stepped, lr, norm) = self.optimizer_step(model)?;
                 model = stepped;
                 self.log_window_if_due(lr, norm)?;
-                let done = self.state.step >= self.plan.total_steps;
-                self.validate_if_due(&model, end_of_epoch, done)?;
+                let mut done = self.state.step >= self.plan.total_steps;
+                let validated = self.validation_due(end_of_epoch, done);
+                if validated {
+                    self.validate(&model)?;
+                    self.state.stopped_early = self.early_stop_agreed()?;
+                    done |= self.state.stopped_early;
+                }
                 self.checkpoint_if_due(&model, end_of_epoch, done || stop)?;
                 if stop {
                     interrupted = true;
@@ -604,16 +612,18 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Validation every `val_every` steps (or at the end of each epoch), and at the end; keeps
-    /// `best.safetensors` and tells the caller (`RunControl::on_metrics`). The writer's alone.
-    fn validate_if_due(&mut self, model: &Pvlt<AB<B>>, end_of_epoch: bool, done: bool) -> Result<()> {
+    /// Whether this step validates: every `val_every` steps (or at the end of each epoch), and at
+    /// the end, when the run has a validation split. The same answer on every rank.
+    fn validation_due(&self, end_of_epoch: bool, done: bool) -> bool {
         let due =
-            if self.cfg.val_every > 0 { self.state.step.is_multiple_of(self.cfg.val_every) } else { end_of_epoch }
-                || done;
-        if !self.writer {
-            return Ok(());
-        }
-        let Some(loader) = self.plan.val_loader.clone().filter(|_| due) else { return Ok(()) };
+            if self.cfg.val_every > 0 { self.state.step.is_multiple_of(self.cfg.val_every) } else { end_of_epoch };
+        (due || done) && self.plan.val_loader.is_some()
+    }
+
+    /// Validate (the writer alone), keep `best.safetensors` by `select_by`, and tell the caller
+    /// (`RunControl::on_metrics`).
+    fn validate(&mut self, model: &Pvlt<AB<B>>) -> Result<()> {
+        let Some(loader) = self.plan.val_loader.clone().filter(|_| self.writer) else { return Ok(()) };
         let pb = self.pb.clone();
         pb.suspend(|| -> Result<()> {
             let weights = self.weights(model);
@@ -624,20 +634,55 @@ impl<B: Backend> Trainer<B> {
             if let Some(log) = self.log.as_mut() {
                 log.write(&rec)?;
             }
-            let loss = v["loss"].as_f64().unwrap_or(f64::NAN);
-            if self.state.best_val_loss.is_none_or(|(b, _)| loss < b) {
-                self.state.best_val_loss = Some((loss, self.state.step));
-                crate::model::weights::save_model(
-                    &weights,
-                    &self.state.model_config,
-                    &self.folder.dir.join("best.safetensors"),
-                )?;
+            let score = self.cfg.selection_score(&v).with_context(|| {
+                format!(
+                    "select_by = {:?}: the validation reports no such figure ({})",
+                    self.cfg.select_by,
+                    summarize(&v)
+                )
+            })?;
+            if self.state.best_val_loss.is_none_or(|(b, _)| score < b) {
+                self.state.best_val_loss = Some((score, self.state.step));
+                crate::model::weights::save_model(&weights, &self.state.model_config, &self.best_path())?;
             }
             tracing::info!("validation at step {}: {}", self.state.step, summarize(&v));
             self.last_val = Some(v);
             Ok(())
         })?;
         self.control.metrics_changed(&self.folder.dir)
+    }
+
+    fn best_path(&self) -> PathBuf {
+        self.folder.dir.join("best.safetensors")
+    }
+
+    /// After a validation: whether `select_by` has not improved for `early_stop_steps`. The writer
+    /// decides (it alone validates); under a distributed launch every rank hears it.
+    fn early_stop_agreed(&mut self) -> Result<bool> {
+        let Some(patience) = self.cfg.early_stop_steps else { return Ok(false) };
+        let mine = self.writer
+            && self.state.best_val_loss.is_some_and(|(_, at)| self.state.step.saturating_sub(at) >= patience);
+        let stop = match self.control.group.clone() {
+            None => mine,
+            Some(g) => {
+                let t = Tensor::<B, 1>::from_data(TensorData::new(vec![f32::from(u8::from(mine))], [1]), &self.device);
+                let v: Vec<f32> = all_reduce(g.as_ref(), t)?
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .map_err(|e| anyhow!("reading the early-stop flag back: {e:?}"))?;
+                v[0] > 0.0
+            }
+        };
+        if stop {
+            let best = self.state.best_val_loss.map_or(0, |(_, at)| at);
+            tracing::info!(
+                "stopping early at step {}: {} has not improved since step {best} ({patience} steps)",
+                self.state.step,
+                self.cfg.select_by
+            );
+        }
+        Ok(stop)
     }
 
     /// A checkpoint every `checkpoint_every` steps (or at the end of each epoch), at the end and
@@ -669,7 +714,14 @@ impl<B: Backend> Trainer<B> {
     fn export(&self, model: &Pvlt<AB<B>>) -> Result<PathBuf> {
         let out = self.folder.dir.join("final");
         let w = out.join("model.safetensors");
-        crate::model::weights::save_model(&self.weights(model), &self.state.model_config, &w)?;
+        if self.cfg.export_best && self.best_path().is_file() {
+            // The best validated weights, as `validate` wrote them (same format and config).
+            let bytes = std::fs::read(self.best_path())
+                .with_context(|| format!("cannot read {}", self.best_path().display()))?;
+            crate::files::write_atomic(&w, &bytes)?;
+        } else {
+            crate::model::weights::save_model(&self.weights(model), &self.state.model_config, &w)?;
+        }
         crate::files::write_atomic(
             &out.join("classes.json"),
             serde_json::to_string_pretty(&self.state.classes)?.as_bytes(),
