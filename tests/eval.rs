@@ -261,6 +261,19 @@ fn two_stage_retrieval_with_every_candidate_is_exhaustive_itm() {
     }
 }
 
+/// `mvlt index --split-from` with settings that are not a run's: named, not guessed at, before
+/// any embedding work.
+fn split_from_must_be_a_run_s_settings(base: &std::path::Path, w: &str, d: &str) {
+    let bogus = base.join("bogus.toml");
+    std::fs::write(&bogus, "epochs = \"many\"\n").unwrap();
+    let other = base.join("other.index");
+    let (bogus, other) = (bogus.to_str().unwrap(), other.to_str().unwrap());
+    let o = mvlt(&["index", "--weights", w, "--catalog", d, "--out", other, "--split-from", bogus]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("(--split-from) is not a run's settings"), "{}", text(&o));
+    assert!(!base.join("other.index").exists());
+}
+
 /// `mvlt index` then `search --index`: the index round-trips, refuses other weights, and with the
 /// first stage keeping the whole catalogue the ranking is exhaustive ITM's.
 #[test]
@@ -269,10 +282,28 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
     let (weights, data) = trained_model(&base);
     let (w, d) = (weights.to_str().unwrap(), data.to_str().unwrap());
     let index = base.join("catalog.index");
-    let o = mvlt(&["index", "--weights", w, "--catalog", d, "--out", index.to_str().unwrap(), "--batch-size", "7"]);
+    // Without --split-from, the run's own config.toml beside final/ names the held-out products:
+    // one, here, too few to measure on, which is said.
+    let o = mvlt(&["index", "--weights", w, "--catalog", d, "--out", index.to_str().unwrap()]);
+    assert!(text(&o).contains("ranking: not measured (1 held-out products)"), "{}", text(&o));
+    // The run's settings with half the products held out: the three rankings are measured on
+    // those, and the chosen one is no worse than the embeddings alone.
+    let run_settings =
+        std::fs::read_to_string(weights.parent().unwrap().parent().unwrap().join("config.toml")).unwrap();
+    let half = mvlt::train::config::TrainConfig::resolve(&run_settings, &["val_fraction=0.5".into()]).unwrap();
+    let split = base.join("half.toml");
+    std::fs::write(&split, half.to_toml()).unwrap();
+    let args = ["--out", index.to_str().unwrap(), "--batch-size", "7", "--split-from", split.to_str().unwrap()];
+    let o = mvlt(&[&["index", "--weights", w, "--catalog", d][..], &args].concat());
     assert!(o.status.success(), "{}", text(&o));
     let ix = mvlt::search::index::CatalogIndex::load(&index).unwrap();
     assert_eq!(ix.len(), 60);
+    let choice = ix.ranking.clone().unwrap_or_else(|| panic!("no ranking measured: {}", text(&o)));
+    assert_eq!(choice.measured.len(), 3);
+    let chosen = choice.measured.iter().find(|m| m.ranking == choice.ranking).unwrap();
+    assert!(chosen.r1 >= choice.measured[0].r1, "{choice:?}");
+    assert!(text(&o).contains(&format!("chosen: {}", choice.ranking)), "{}", text(&o));
+    split_from_must_be_a_run_s_settings(&base, w, d);
     ix.save(&base.join("again.index")).unwrap();
     assert_eq!(mvlt::search::index::CatalogIndex::load(&base.join("again.index")).unwrap(), ix);
     for r in 0..ix.len() {
@@ -291,7 +322,7 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
             .collect::<Vec<_>>()
     };
     let exhaustive = search(&[]);
-    let all = search(&["--index", index.to_str().unwrap(), "--first-stage-k", "60"]);
+    let all = search(&["--index", index.to_str().unwrap(), "--first-stage-k", "60", "--ranking", "itm"]);
     // The same hits with the same ITM scores in the same order (rows whose scores tie may swap:
     // candidates reach ITM in index order rather than catalogue order).
     let ids = |v: &Vec<(String, f64, Option<f64>)>| {
@@ -364,10 +395,20 @@ fn index_round_trip_weights_refusal_and_full_first_stage() {
         j
     };
     let plain = serve_search(&[]);
-    let full = serve_search(&["--index", index.to_str().unwrap(), "--first-stage-k", "60"]);
+    let full = serve_search(&["--index", index.to_str().unwrap(), "--first-stage-k", "60", "--ranking", "itm"]);
     let five = serve_search(&["--index", index.to_str().unwrap(), "--first-stage-k", "5"]);
     assert!(plain.get("first_stage").is_none() && plain["hits"][0]["similarity"].is_null());
     assert_eq!(full["first_stage"], serde_json::json!({"indexed": 60, "k": 60}));
+    // The answer says which ranking ordered the hits: asked, or the index's measured one.
+    assert_eq!(plain["ranking"]["from"], "no index", "{plain}");
+    assert_eq!((&full["ranking"]["name"], &full["ranking"]["from"]), (&"itm".into(), &"asked".into()), "{full}");
+    assert_eq!(five["ranking"]["name"], choice.ranking.name(), "{five}");
+    assert_eq!(five["ranking"]["from"], "measured", "{five}");
+    let key = |h: &serde_json::Value| {
+        choice.ranking.score(h["score"].as_f64().unwrap() as f32, h["similarity"].as_f64().unwrap() as f32)
+    };
+    let keys: Vec<f32> = five["hits"].as_array().unwrap().iter().map(key).collect();
+    assert!(keys.windows(2).all(|w| w[0] >= w[1]), "ordered by {}: {keys:?}", choice.ranking);
     let hit_ids = |j: &serde_json::Value| {
         let mut v: Vec<String> =
             j["hits"].as_array().unwrap().iter().map(|h| h["id"].as_str().unwrap().into()).collect();

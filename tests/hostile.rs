@@ -84,6 +84,7 @@ fn nonsense_indexes(tmp: &Path, weights: &Path, data: &Path) -> [String; 4] {
             dim,
             embeddings: vec![value; ids.len() * dim],
             skipped: vec![],
+            ranking: None,
         };
         let p = tmp.join(format!("{name}.index"));
         idx.save(&p).unwrap();

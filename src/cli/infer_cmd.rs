@@ -7,6 +7,7 @@ use mvlt::data::image::Pixels;
 use mvlt::device::{BackendTask, DeviceSpec};
 use mvlt::infer::{LoadOptions, Model};
 use mvlt::progress::progress_bar;
+use mvlt::search::ranking::Ranking;
 use mvlt::search::{filter_rows, Hit, SearchQuery};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -156,6 +157,14 @@ pub struct SearchArgs {
     index: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
     first_stage_k: usize,
+    /// With --index: how the first stage's top k are ordered, instead of the ranking the index
+    /// measured best: embeddings, itm or itm+similarity.
+    #[arg(long, value_parser = parse_ranking, requires = "index")]
+    ranking: Option<Ranking>,
+}
+
+pub fn parse_ranking(s: &str) -> Result<Ranking, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
 impl BackendTask for &SearchArgs {
@@ -189,11 +198,12 @@ impl BackendTask for &SearchArgs {
             (None, _) => rows,
             (Some(path), SearchQuery::Text(t)) => {
                 let index = mvlt::search::index::CatalogIndex::open_for(path, &self.model.weights, m.config.itc_dim)?;
-                let fs = mvlt::search::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
+                let mut fs = mvlt::search::index::FirstStage::new(index, self.first_stage_k, ds.as_ref())?;
+                fs.set_ranking(self.ranking);
                 loaded = t0.elapsed();
                 let q = m.caption_embeddings(&[t])?.remove(0);
                 let top = fs.pick(&q, &rows, ds.as_ref())?;
-                first_stage = Some((t0.elapsed() - loaded, rows.len()));
+                first_stage = Some((t0.elapsed() - loaded, rows.len(), fs));
                 similarity.extend(top.iter().copied());
                 top.into_iter().map(|(r, _)| r).collect()
             }
@@ -213,8 +223,18 @@ impl BackendTask for &SearchArgs {
         for h in &mut hits {
             h.similarity = similarity.get(&h.row).copied();
         }
+        if let Some((.., fs)) = &first_stage {
+            let r = fs.ranking;
+            let key = |h: &Hit| r.score(h.score, h.similarity.unwrap_or(0.0));
+            hits.sort_by(|a, b| key(b).total_cmp(&key(a)));
+        }
         let top: Vec<&Hit> = hits.iter().take(self.top).collect();
         if self.json {
+            // The hits alone on standard output (as before rankings were chosen); the ranking on
+            // standard error.
+            if let Some((.., fs)) = &first_stage {
+                eprintln!("ranked by {} ({}, {})", fs.ranking, fs.ranking.describe(), fs.ranking_from);
+            }
             println!("{}", serde_json::to_string(&top)?);
         } else {
             println!(
@@ -234,13 +254,16 @@ impl BackendTask for &SearchArgs {
                 );
             }
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            match first_stage {
-                Some((d, n)) => println!(
-                    "({} candidates scored by ITM in {:.0} ms after a first stage over {n} indexed images in {:.1} ms; \
-                     loading the model, catalogue and index took {:.0} ms)",
+            match &first_stage {
+                Some((d, n, fs)) => println!(
+                    "(ranked by {} ({}, {}); {} candidates scored by ITM in {:.0} ms after a first stage over {n} \
+                     indexed images in {:.1} ms; loading the model, catalogue and index took {:.0} ms)",
+                    fs.ranking,
+                    fs.ranking.describe(),
+                    fs.ranking_from,
                     hits.len(),
                     ms(scoring),
-                    ms(d),
+                    ms(*d),
                     ms(loaded)
                 ),
                 None => println!(
@@ -274,6 +297,54 @@ pub struct IndexArgs {
     /// The index file to write (safetensors); INDEX.partial holds an interrupted build's progress.
     #[arg(long)]
     out: PathBuf,
+    /// The settings of the run that trained the weights (its config.toml): its split by product
+    /// names the held-out products on which the three rankings (embeddings, itm, itm+similarity)
+    /// are measured, and the best is recorded for search and serve. Default: the config.toml of
+    /// the run whose final/ folder holds the weights; without one nothing is measured and
+    /// searches re-rank by ITM.
+    #[arg(long)]
+    split_from: Option<PathBuf>,
+    /// Text queries of held-out products the rankings are measured on.
+    #[arg(long, default_value_t = 100)]
+    ranking_queries: usize,
+    /// Candidates per query (fewer when the held-out products are fewer).
+    #[arg(long, default_value_t = 101)]
+    ranking_candidates: usize,
+    /// ITM re-ranks this many of the first stage's candidates in the measurement.
+    #[arg(long, default_value_t = 10)]
+    ranking_k: usize,
+}
+
+impl IndexArgs {
+    /// The settings file whose split names the held-out products, if any.
+    fn split_settings(&self) -> Option<PathBuf> {
+        self.split_from.clone().or_else(|| {
+            let run = self.model.weights.parent()?.parent()?;
+            Some(run.join("config.toml")).filter(|p| p.is_file())
+        })
+    }
+
+    /// The catalogue rows the weights did not train on, by the run's split, or why there are none.
+    fn held_out(&self, ds: &dyn mvlt::data::dataset::Dataset) -> Result<Option<Vec<usize>>> {
+        let Some(path) = self.split_settings() else { return Ok(None) };
+        let text = mvlt::files::read_text_limited(&path, "run settings", mvlt::files::MAX_SMALL_FILE_BYTES)?;
+        let cfg = mvlt::train::config::TrainConfig::resolve(&text, &[])
+            .with_context(|| format!("{} (--split-from) is not a run's settings", path.display()))?;
+        let same = |p: &std::path::Path| {
+            let canon = |q: &std::path::Path| std::fs::canonicalize(q).ok();
+            canon(p).is_some() && canon(p) == canon(&self.catalog)
+        };
+        Ok(Some(match &cfg.data {
+            // Every row outside its training split: the validation products, and any
+            // sub-categories it held apart.
+            mvlt::train::config::DataSource::Path(p) if same(p) => {
+                let train: std::collections::HashSet<usize> = cfg.split(ds.records()).0.into_iter().collect();
+                (0..ds.len()).filter(|r| !train.contains(r)).collect()
+            }
+            // Trained on another catalogue: none of these products was seen.
+            _ => (0..ds.len()).collect(),
+        }))
+    }
 }
 
 impl BackendTask for &IndexArgs {
@@ -287,10 +358,13 @@ impl BackendTask for &IndexArgs {
             );
         }
         let ds = open_dataset(&self.catalog)?;
+        // Read the run's settings first: a bad --split-from fails before the embedding work.
+        let held_out = self.held_out(ds.as_ref())?;
         let pb = progress_bar(ds.len() as u64, "indexing");
         let t0 = std::time::Instant::now();
         let (weights, batch) = (&self.model.weights, self.model.batch_size);
-        let index = mvlt::search::index::build(&m, weights, ds.as_ref(), &self.out, batch, 4096, |k| pb.inc(k as u64))?;
+        let mut index =
+            mvlt::search::index::build(&m, weights, ds.as_ref(), &self.out, batch, 4096, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         println!(
@@ -300,6 +374,36 @@ impl BackendTask for &IndexArgs {
             index.dim * 4,
             self.out.display()
         );
+        let products = |rows: &[usize]| {
+            rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::HashSet<_>>().len()
+        };
+        match held_out {
+            None => println!(
+                "ranking: not measured (no run settings beside the weights; give --split-from RUN/config.toml): \
+                 searches re-rank by ITM"
+            ),
+            Some(rows) if products(&rows) < 2 => {
+                println!("ranking: not measured ({} held-out products): searches re-rank by ITM", products(&rows))
+            }
+            Some(rows) => {
+                let pb = progress_bar(self.ranking_queries.min(products(&rows)) as u64, "measuring rankings");
+                let choice = mvlt::search::ranking::measure(
+                    &m,
+                    &index,
+                    ds.as_ref(),
+                    &rows,
+                    self.ranking_queries,
+                    self.ranking_candidates,
+                    self.ranking_k,
+                    0,
+                    || pb.inc(1),
+                )?;
+                pb.finish_and_clear();
+                println!("ranking: {}", mvlt::search::ranking::summary(&choice));
+                index.ranking = Some(choice);
+                index.save(&self.out)?;
+            }
+        }
         Ok(())
     }
 }

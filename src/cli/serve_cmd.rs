@@ -52,11 +52,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30.0)]
     body_timeout: f64,
     /// A contrastive index of the catalogue (mvlt index, same weights): text searches rank every
-    /// indexed image by similarity first and ITM re-ranks only the top --first-stage-k.
+    /// indexed image by similarity first, then order the top --first-stage-k by the ranking the
+    /// index measured best (`--ranking` overrides).
     #[arg(long)]
     index: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
     first_stage_k: usize,
+    /// With --index: embeddings, itm or itm+similarity, instead of the index's measured ranking.
+    #[arg(long, value_parser = crate::cli::infer_cmd::parse_ranking, requires = "index")]
+    ranking: Option<mvlt::search::ranking::Ranking>,
     /// A file whose first line is the access token: every data route then needs
     /// `Authorization: Bearer <token>`. Required when --addr is not a loopback address.
     #[arg(long)]
@@ -137,12 +141,16 @@ fn server<B: Backend>(a: &ServeArgs, device: &B::Device) -> Result<Server> {
     let first_stage = match &a.index {
         Some(path) => {
             let index = mvlt::search::index::CatalogIndex::open_for(path, &a.model.weights, m.config.itc_dim)?;
+            let n = index.len();
+            let mut fs = FirstStage::new(index, a.first_stage_k, data.as_ref())?;
+            fs.set_ranking(a.ranking);
             eprintln!(
-                "text searches: first stage over {} indexed images, ITM re-ranks the top {}",
-                index.len(),
-                a.first_stage_k
+                "text searches: first stage over {n} indexed images, the top {} ranked by {} ({}, {})",
+                a.first_stage_k,
+                fs.ranking,
+                fs.ranking.describe(),
+                fs.ranking_from
             );
-            let fs = FirstStage::new(index, a.first_stage_k, data.as_ref())?;
             fs.check_covers(data.as_ref()).with_context(|| format!("index {}", path.display()))?;
             Some(fs)
         }

@@ -584,7 +584,10 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
     }
     rows.truncate(app.cfg.max_candidates);
     let candidates = rows.len();
-    let Output::Search(hits) = app.run(Work::Search { text, image, rows }, deadline).await? else { unreachable!() };
+    let Output::Search(mut hits) = app.run(Work::Search { text, image, rows }, deadline).await? else { unreachable!() };
+    if let (Some(fs), Some((sim, ..))) = (&app.first_stage, &first_stage) {
+        fs.order(&mut hits, |row| sim[&row]);
+    }
     let recs = app.data.records();
     let hits: Vec<_> = hits
         .into_iter()
@@ -598,8 +601,14 @@ async fn search(State(app): State<Arc<App>>, req: Request) -> Result<Json<serde_
         })
         .collect();
     let mut answer = json!({ "candidates": candidates, "hits": hits });
-    if let Some((_, indexed, k)) = first_stage {
-        answer["first_stage"] = json!({ "indexed": indexed, "k": k });
+    match (&app.first_stage, first_stage) {
+        (Some(fs), Some((_, indexed, k))) => {
+            answer["first_stage"] = json!({ "indexed": indexed, "k": k });
+            answer["ranking"] = fs.ranking_json();
+        }
+        _ => {
+            answer["ranking"] = json!({ "name": "itm", "description": "ITM over every candidate", "from": "no index" });
+        }
     }
     Ok(Json(answer))
 }

@@ -151,6 +151,9 @@ pub fn generate(
     for (q, &pos) in rows.iter().take(queries).enumerate() {
         let p = &recs[pos];
         let mut used = std::collections::HashSet::from([p.product_id.as_str()]);
+        // A negative with the positive's very caption (a shop's shared title: "Lucera Women
+        // Silver Earrings" names 73 products) is as right as the positive, so none is drawn.
+        let other_caption = |i: usize| recs[i].caption != p.caption;
         let mut list = vec![cand(pos)];
         if negatives == Negatives::SameSubcategory {
             let mut same: Vec<usize> = by_sub[p.subcategory.as_str()].clone();
@@ -159,14 +162,25 @@ pub fn generate(
                 if list.len() == candidates {
                     break;
                 }
-                if used.insert(recs[i].product_id.as_str()) {
+                if other_caption(i) && used.insert(recs[i].product_id.as_str()) {
                     list.push(cand(i));
                 }
             }
         }
+        // Bounded: a catalogue whose products nearly all share the positive's caption cannot fill
+        // the list, which is said rather than looped on.
+        let mut draws = 0usize;
         while list.len() < candidates {
+            draws += 1;
+            if draws > 1000 * candidates + rows.len() {
+                bail!(
+                    "{}: cannot draw {candidates} candidates for '{}': too few products with another caption",
+                    ds.source(),
+                    crate::files::printable(&p.id)
+                );
+            }
             let &i = rows.choose(&mut rng).expect("non-empty");
-            if used.insert(recs[i].product_id.as_str()) {
+            if other_caption(i) && used.insert(recs[i].product_id.as_str()) {
                 list.push(cand(i));
             }
         }
@@ -306,6 +320,8 @@ pub struct TwoStageResult {
     pub from_index: bool,
     /// The top `k` re-ranked by ITM.
     pub two_stage: RetrievalResult,
+    /// The top `k` re-ranked by ITM probability plus similarity (BLIP's retrieval practice).
+    pub itm_plus_similarity: RetrievalResult,
 }
 
 /// How the first stage runs: its `k`, and where image embeddings come from (an index built with
@@ -361,7 +377,7 @@ pub fn evaluate_two_stage<B: Backend>(
     for chunk in need_captions.chunks(batch) {
         text_emb.extend(chunk.iter().copied().zip(model.caption_embeddings(chunk)?));
     }
-    let (mut first_ranks, mut two_ranks, mut in_top_k) = (vec![], vec![], 0usize);
+    let (mut first_ranks, mut two_ranks, mut sum_ranks, mut in_top_k) = (vec![], vec![], vec![], 0usize);
     for q in queries {
         let first = &q.candidates[0];
         let sims: Vec<f32> = q
@@ -379,12 +395,15 @@ pub fn evaluate_two_stage<B: Backend>(
         let top = &order[..k.min(order.len())];
         in_top_k += top.contains(&0) as usize;
         let itm = itm_scores(model, q, top, direction, images, batch)?;
-        // The positive's place: among the top k by ITM when it is there (ties do not push it
-        // down, as in `rank_of_positive`), else after all of them in similarity order.
-        two_ranks.push(match top.iter().position(|&i| i == 0) {
-            Some(p) => itm.iter().filter(|&&s| s > itm[p]).count(),
+        // The positive's place: among the top k by the re-ranking score when it is there (ties do
+        // not push it down, as in `rank_of_positive`), else after all of them in similarity order.
+        let rerank_rank = |score: &[f32]| match top.iter().position(|&i| i == 0) {
+            Some(p) => score.iter().filter(|&&s| s > score[p]).count(),
             None => top.len() + order[top.len()..].iter().position(|&i| i == 0).unwrap_or(0),
-        });
+        };
+        two_ranks.push(rerank_rank(&itm));
+        let sum: Vec<f32> = top.iter().zip(&itm).map(|(&i, p)| p + sims[i]).collect();
+        sum_ranks.push(rerank_rank(&sum));
         progress();
     }
     let result = |ranks: Vec<usize>| RetrievalResult::from_ranks(direction, ranks);
@@ -395,6 +414,7 @@ pub fn evaluate_two_stage<B: Backend>(
         k,
         first_stage: result(first_ranks),
         two_stage: result(two_ranks),
+        itm_plus_similarity: result(sum_ranks),
     })
 }
 

@@ -13,6 +13,7 @@
 
 use crate::data::dataset::Dataset;
 use crate::infer::Model;
+use crate::search::ranking::Ranking;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::collections::HashMap;
@@ -39,6 +40,9 @@ pub struct CatalogIndex {
     pub embeddings: Vec<f32>,
     /// Catalogue ids left out because their image could not be read.
     pub skipped: Vec<String>,
+    /// The ranking measured best on held-out products (`ranking.rs`), when `mvlt index` could
+    /// measure it.
+    pub ranking: Option<super::ranking::RankingChoice>,
 }
 
 impl CatalogIndex {
@@ -60,6 +64,10 @@ impl CatalogIndex {
             ("ids".to_string(), serde_json::to_string(&self.ids)?),
             ("skipped".to_string(), serde_json::to_string(&self.skipped)?),
         ]);
+        let mut meta = meta;
+        if let Some(r) = &self.ranking {
+            meta.insert("ranking".to_string(), serde_json::to_string(r)?);
+        }
         let out = safetensors::serialize([("embeddings", view)], &Some(meta))
             .map_err(|e| anyhow::anyhow!("writing the index: {e}"))?;
         crate::files::write_atomic(path, &out)
@@ -83,6 +91,12 @@ impl CatalogIndex {
         let skipped: Vec<String> = match meta.get("skipped") {
             Some(s) => serde_json::from_str(s).context("index 'skipped'")?,
             None => vec![],
+        };
+        let ranking = match meta.get("ranking") {
+            Some(s) => Some(serde_json::from_str(s).with_context(|| {
+                format!("{}: its 'ranking' metadata is not a ranking mvlt index writes", path.display())
+            })?),
+            None => None,
         };
         let weights_sha256 = meta.get("weights_sha256").cloned().unwrap_or_default();
         if weights_sha256.len() != 64 || !weights_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -112,7 +126,7 @@ impl CatalogIndex {
                 );
             }
         }
-        Ok(CatalogIndex { weights_sha256, ids, dim, embeddings, skipped })
+        Ok(CatalogIndex { weights_sha256, ids, dim, embeddings, skipped, ranking })
     }
 
     /// Row `i`'s embedding.
@@ -198,6 +212,11 @@ pub struct FirstStage {
     unreadable: std::collections::HashSet<usize>,
     /// Catalogue row of each index row the catalogue has.
     catalogue_row: HashMap<usize, usize>,
+    /// How the top `k` are ordered: the index's measured ranking unless asked otherwise
+    /// ([`FirstStage::set_ranking`]); an index without a measurement re-ranks by ITM.
+    pub ranking: Ranking,
+    /// Where [`ranking`](Self::ranking) came from: "measured", "asked" or "not measured".
+    pub ranking_from: &'static str,
 }
 
 impl FirstStage {
@@ -214,7 +233,36 @@ impl FirstStage {
             .filter(|(r, rec)| index_row[*r].is_none() && skipped.contains(rec.id.as_str()))
             .map(|(r, _)| r)
             .collect();
-        Ok(FirstStage { index, k, index_row, catalogue_row, unreadable })
+        let (ranking, ranking_from) = match &index.ranking {
+            Some(c) => (c.ranking, "measured"),
+            None => (Ranking::Itm, "not measured"),
+        };
+        Ok(FirstStage { index, k, index_row, catalogue_row, unreadable, ranking, ranking_from })
+    }
+
+    /// Override the index's ranking (a `--ranking` flag); `None` keeps it.
+    pub fn set_ranking(&mut self, asked: Option<Ranking>) {
+        if let Some(r) = asked {
+            (self.ranking, self.ranking_from) = (r, "asked");
+        }
+    }
+
+    /// Order hits `(catalogue row, ITM probability)` by the ranking, best first, given each
+    /// row's similarity.
+    pub fn order(&self, hits: &mut [(usize, f32)], similarity: impl Fn(usize) -> f32) {
+        let r = self.ranking;
+        hits.sort_by(|a, b| r.score(b.1, similarity(b.0)).total_cmp(&r.score(a.1, similarity(a.0))));
+    }
+
+    /// What an answer says of the ranking: its name, words, where it came from and the
+    /// measurement, if any.
+    pub fn ranking_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.ranking.name(),
+            "description": self.ranking.describe(),
+            "from": self.ranking_from,
+            "measured": self.index.ranking,
+        })
     }
 
     /// Refuse a catalogue with rows the index lacks (a server checks this once, at start); rows
@@ -293,6 +341,7 @@ pub fn build<B: Backend>(
                 dim: 0,
                 embeddings: vec![],
                 skipped: vec![],
+                ranking: None,
             },
             0,
         ),
@@ -335,4 +384,54 @@ pub fn build<B: Backend>(
     index.save(out)?;
     let _ = std::fs::remove_file(&partial);
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::ranking::{Measured, Ranking, RankingChoice};
+
+    fn index(ranking: Option<RankingChoice>) -> CatalogIndex {
+        CatalogIndex {
+            weights_sha256: "ab".repeat(32),
+            ids: vec!["a".into(), "b".into()],
+            dim: 2,
+            embeddings: vec![1.0, 0.0, 0.0, 1.0],
+            skipped: vec![],
+            ranking,
+        }
+    }
+
+    /// The measured ranking travels in the file; metadata that is not one is refused by name.
+    #[test]
+    fn ranking_round_trips_and_nonsense_is_refused() {
+        let dir = std::env::temp_dir().join(format!("mvlt-index-ranking-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let choice = RankingChoice {
+            ranking: Ranking::ItmPlusSimilarity,
+            queries: 100,
+            candidates: 101,
+            k: 10,
+            measured: vec![Measured { ranking: Ranking::Embeddings, r1: 0.25, r5: 0.5, r10: 0.75 }],
+        };
+        for r in [None, Some(choice)] {
+            let p = dir.join("x.index");
+            index(r.clone()).save(&p).unwrap();
+            assert_eq!(CatalogIndex::load(&p).unwrap(), index(r));
+        }
+        // The same file with a ranking that is not JSON of one.
+        let bytes: Vec<u8> = [1f32, 0.0, 0.0, 1.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &bytes).unwrap();
+        let meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("weights_sha256".to_string(), "ab".repeat(32)),
+            ("ids".to_string(), "[\"a\",\"b\"]".to_string()),
+            ("ranking".to_string(), "{\"ranking\":\"bm25\"}".to_string()),
+        ]);
+        let p = dir.join("bad.index");
+        std::fs::write(&p, safetensors::serialize([("embeddings", view)], &Some(meta)).unwrap()).unwrap();
+        let e = format!("{:#}", CatalogIndex::load(&p).unwrap_err());
+        assert!(e.contains("its 'ranking' metadata is not a ranking mvlt index writes"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -4,6 +4,7 @@
 //! these.
 
 pub mod index;
+pub mod ranking;
 
 pub use index::{CatalogIndex, FirstStage};
 
