@@ -67,3 +67,67 @@ fn demo_refuses_a_folder_of_another_demo() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("holds a demo run with other settings"), "{}", text(&o));
 }
+
+/// `mvlt demo --data`: a team's catalogue (here a synthetic one in a folder of its own, read as
+/// any images + JSONL catalogue) cut to a sample of its products; small lists said, the held-apart
+/// sub-categories searched, the ranking measured and recorded in the index.
+#[test]
+fn demo_on_a_team_catalogue() {
+    let data = common::scratch_catalogue("team-catalogue", 600, 3, 64);
+    let dir = tempdir("demo-team");
+    let out = dir.join("demo");
+    let args = ["demo", "--quick", "--data", data.to_str().unwrap(), "--products", "200", "--out"];
+    let o = mvlt(&[&args[..], &[out.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let said = text(&o);
+    // The sample is a catalogue of its own, which the index and the server read.
+    assert!(out.join("catalog/catalog.jsonl").is_file(), "{said}");
+    assert!(said.contains(&format!("--catalog {}", out.join("catalog").display())), "{said}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["own_catalogue"]["products"], 200, "{r}");
+    let val_products = r["catalogue"]["val_products"].as_u64().unwrap();
+    let candidates = r["retrieval"]["tir_random"]["candidates"].as_u64().unwrap();
+    assert_eq!(candidates, val_products.min(21), "{r}");
+    let report = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    if candidates < 21 {
+        assert!(report.contains(&format!("Lists of {candidates} candidates, not 21")), "{report}");
+    }
+    // The ranking: three measured, the chosen one no worse than the embeddings, in the index.
+    let measured = r["ranking"]["measured"].as_array().unwrap_or_else(|| panic!("no ranking: {r}"));
+    assert_eq!(measured.len(), 3);
+    let r1 = |name: &str| measured.iter().find(|m| m["ranking"] == name).unwrap()["r@1"].as_f64().unwrap();
+    let chosen = r["ranking"]["ranking"].as_str().unwrap();
+    assert!(r1(chosen) >= r1("embeddings"), "{r}");
+    let index = mvlt::search::index::CatalogIndex::load(&out.join("catalog.index")).unwrap();
+    assert_eq!(index.ranking.unwrap().ranking.name(), chosen);
+    assert!(report.contains("The ranking search and serve use"), "{report}");
+    // Held apart: neither training run saw those sub-categories; the report searches them.
+    let held: Vec<String> =
+        r["own_catalogue"]["held_apart"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    if !held.is_empty() {
+        assert!(r["held_apart"]["held_apart_tir_random"]["itm"]["r@1"].is_number(), "{r}");
+        let settings = std::fs::read_to_string(out.join("pretrain/config.toml")).unwrap();
+        assert!(settings.contains("hold_apart_subcategories"), "{settings}");
+    }
+    // Recognition and the catalogue's own targets.
+    let targets = r["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 4, "{targets:?}");
+    assert!(targets[1]["target"].as_str().unwrap().contains("embeddings R@1 >= 60"), "{targets:?}");
+}
+
+/// Bad arguments to the catalogue demo are named.
+#[test]
+fn demo_names_a_bad_catalogue() {
+    let dir = tempdir("demo-bad-data");
+    let o = mvlt(&["demo", "--quick", "--data", dir.join("nowhere").to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("a folder with catalog.jsonl, or a .jsonl file"), "{}", text(&o));
+    let o = mvlt(&["demo", "--quick", "--products", "5", "--out", dir.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("--data"), "{}", text(&o));
+    let data = common::scratch_catalogue("team-catalogue-zero", 60, 1, 32);
+    let o =
+        mvlt(&["demo", "--quick", "--data", data.to_str().unwrap(), "--products", "0", "--out", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("--products must be at least 1"), "{}", text(&o));
+}

@@ -21,11 +21,31 @@ pub struct DemoArgs {
     /// minutes: `plan.json` and REPORT.md give a run's, so that any run can be repeated exactly.
     #[arg(long)]
     steps: Option<usize>,
+    /// Your own catalogue instead of the synthetic one: a folder with catalog.jsonl and its
+    /// images (or the .jsonl file). The demo chooses its settings from its size.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The vocabulary of the catalogue's captions (e.g. bert-base-uncased-vocab.txt); default:
+    /// vocab.txt beside the catalogue.
+    #[arg(long, requires = "data")]
+    vocab: Option<PathBuf>,
+    /// With --data: a sample of this many of its products (the same ones whatever --seed),
+    /// written to OUT/catalog: a team-sized catalogue cut from a larger one.
+    #[arg(long, requires = "data")]
+    products: Option<usize>,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let o =
-        demo::run(&DemoOptions { out: a.out.clone(), quick: a.quick, device: a.device, seed: a.seed, steps: a.steps })?;
+    let o = demo::run(&DemoOptions {
+        out: a.out.clone(),
+        quick: a.quick,
+        device: a.device,
+        seed: a.seed,
+        steps: a.steps,
+        data: a.data.clone(),
+        vocab: a.vocab.clone(),
+        products: a.products,
+    })?;
     println!("\n{}", demo::report::summary(&o));
     println!("report: {} (figures also in {})", a.out.join("REPORT.md").display(), a.out.join("report.json").display());
     println!("serve the result: {}", demo::report::serve_command(&o));

@@ -15,18 +15,20 @@
 //! A stage whose training run already finished is resumed (and so skipped), so a second `mvlt
 //! demo` after an interruption picks up where the first stopped.
 
+pub mod catalogue;
 pub mod pace;
 pub mod report;
 
 use crate::cli::run_on;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
-use mvlt::data::dataset::{split_by_product, Dataset, FileDataset};
+use mvlt::data::dataset::{Dataset, FileDataset};
 use mvlt::device::{BackendTask, DeviceSpec};
 use mvlt::eval::recognition::{self, RecognitionResult};
 use mvlt::eval::retrieval::{self, Direction, ImageSource, Negatives, RetrievalResult, TwoStageResult};
 use mvlt::infer::{LoadOptions, Model};
 use mvlt::progress::progress_bar;
+use mvlt::search::ranking::RankingChoice;
 use mvlt::train::config::{DataSource, TrainConfig, TrainConfigBuilder};
 use mvlt::train::trainer::RunSummary;
 use serde::{Deserialize, Serialize};
@@ -43,6 +45,22 @@ pub struct DemoOptions {
     /// Pre-training steps, instead of what the measured pace fits into [`BUDGET_S`]: reproduces a
     /// run whose `plan.json` or REPORT.md gives them.
     pub steps: Option<usize>,
+    /// A team's own catalogue (images + JSONL) instead of the synthetic one ([`catalogue`]).
+    pub data: Option<PathBuf>,
+    /// Its vocabulary (default: vocab.txt beside the catalogue).
+    pub vocab: Option<PathBuf>,
+    /// With `data`: train on a sample of this many of its products (the same whatever the seed).
+    pub products: Option<usize>,
+}
+
+impl DemoOptions {
+    /// The pre-training and fine-tuning recipes: the synthetic demo's, or the own catalogue's.
+    fn recipes(&self) -> (&'static str, &'static str) {
+        match self.data {
+            Some(_) => ("demo-catalogue", "demo-catalogue-finetune"),
+            None => ("demo", "demo-finetune"),
+        }
+    }
 }
 
 /// The sizes of a demo run.
@@ -61,6 +79,8 @@ pub struct DemoPlan {
     pub candidates: usize,
     /// ITM re-ranks this many of the contrastive first stage's candidates.
     pub rerank_k: usize,
+    /// `--data`: the team's catalogue and what the demo chose for it.
+    pub catalogue: Option<catalogue::OwnCatalogue>,
 }
 
 /// How many steps pre-training takes, and where that number came from (`plan.json`).
@@ -124,6 +144,7 @@ impl DemoPlan {
                 queries: 20,
                 candidates: 21,
                 rerank_k: 5,
+                catalogue: None,
             }
         } else {
             DemoPlan {
@@ -135,7 +156,32 @@ impl DemoPlan {
                 queries: 100,
                 candidates: 101,
                 rerank_k: 10,
+                catalogue: None,
             }
+        }
+    }
+}
+
+impl DemoPlan {
+    /// A team's catalogue: its sizes, and its settings ahead of `--quick`'s (which still shrink the
+    /// steps and lists for tests).
+    pub fn for_catalogue(quick: bool, images: usize, own: catalogue::OwnCatalogue) -> DemoPlan {
+        let mut plan = DemoPlan::new(quick, images);
+        plan.images = images;
+        for overrides in [&mut plan.pretrain_overrides, &mut plan.finetune_overrides] {
+            overrides.splice(0..0, own.overrides());
+            // --quick's validation share is for the synthetic 600 images; the catalogue's is its own.
+            overrides.retain(|o| !o.starts_with("val_fraction=0.2"));
+        }
+        plan.catalogue = Some(own);
+        plan
+    }
+
+    /// The catalogue folder the training runs, the index and the server read.
+    pub fn catalogue_dir(&self, out: &Path) -> PathBuf {
+        match &self.catalogue {
+            Some(c) if c.products.is_none() => c.source.clone(),
+            _ => out.join("catalog"),
         }
     }
 }
@@ -171,6 +217,11 @@ pub struct DemoOutcome {
     pub pretrain: TrainFigures,
     pub finetune: TrainFigures,
     pub retrieval: Vec<ListResult>,
+    /// `--data`: retrieval on the held-apart sub-categories (random negatives), which neither
+    /// training run saw.
+    pub held_apart: Vec<ListResult>,
+    /// The ranking the index measured best on the validation products, and the measurement.
+    pub ranking: Option<RankingChoice>,
     #[serde(skip)]
     pub recognition: Option<RecognitionResult>,
     /// Example text queries (validation captions) of the search picture, in its row order.
@@ -205,17 +256,49 @@ fn phase(n: usize, what: &str) {
 /// The validation split of the demo's catalogue, as pre-training draws it.
 struct Split {
     val_rows: Vec<usize>,
+    /// Rows of the held-apart sub-categories (`--data`).
+    held_apart_rows: Vec<usize>,
     train_products: usize,
     val_products: usize,
 }
 
-/// Write the synthetic catalogue and split it by product as `pre_cfg` will.
-fn catalogue_phase(catalog: &Path, plan: &DemoPlan, pre_cfg: &TrainConfig) -> Result<(FileDataset, Split)> {
-    let pb = progress_bar(plan.images as u64, "synth");
-    mvlt::data::synth::write_catalog(catalog, plan.images, pre_cfg.seed, plan.image_size, |k| pb.inc(k as u64))?;
-    pb.finish_and_clear();
-    let ds = FileDataset::open_jsonl(&catalog.join("catalog.jsonl"))?;
-    let (train_rows, val_rows) = split_by_product(ds.records(), pre_cfg.val_fraction, pre_cfg.seed);
+/// Write the synthetic catalogue (or, for `--data --products`, the team's sample of it), and split
+/// it by product as `pre_cfg` will.
+fn catalogue_phase(
+    catalog: &Path,
+    source: Option<&FileDataset>,
+    plan: &DemoPlan,
+    pre_cfg: &TrainConfig,
+) -> Result<(FileDataset, Split)> {
+    match &plan.catalogue {
+        None => phase(1, &format!("synthetic catalogue ({} images, {} px)", plan.images, plan.image_size)),
+        Some(c) => phase(1, &format!("your catalogue {} ({} images)", c.source.display(), plan.images)),
+    }
+    let file = catalogue::catalogue_file(catalog);
+    match (&plan.catalogue, source) {
+        (None, _) => {
+            let pb = progress_bar(plan.images as u64, "synth");
+            mvlt::data::synth::write_catalog(catalog, plan.images, pre_cfg.seed, plan.image_size, |k| {
+                pb.inc(k as u64)
+            })?;
+            pb.finish_and_clear();
+        }
+        // The sample is written once; plan.json has made sure a second run is the same demo.
+        (Some(own), Some(source)) if own.products.is_some() && file.is_err() => {
+            let n = own.products.unwrap_or(usize::MAX);
+            let rows = mvlt::data::dataset::sample_products(source.records(), n, catalogue::SAMPLE_SEED);
+            eprintln!("writing a sample of {n} products ({} images) to {}", rows.len(), catalog.display());
+            catalogue::write_subset(source, &rows, catalog)?;
+        }
+        _ => {}
+    }
+    let ds = FileDataset::open_jsonl(&catalogue::catalogue_file(catalog)?)?;
+    if let Some(note) = ds.skips().summary() {
+        eprintln!("note: {note}");
+    }
+    let (train_rows, val_rows) = pre_cfg.split(ds.records());
+    let held_apart_rows: Vec<usize> =
+        (0..ds.len()).filter(|&r| pre_cfg.hold_apart_subcategories.contains(&ds.records()[r].subcategory)).collect();
     let products = |rows: &[usize]| {
         rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
     };
@@ -228,20 +311,32 @@ fn catalogue_phase(catalog: &Path, plan: &DemoPlan, pre_cfg: &TrainConfig) -> Re
         val_products,
         val_rows.len()
     );
-    Ok((ds, Split { val_rows, train_products, val_products }))
+    if !held_apart_rows.is_empty() {
+        eprintln!(
+            "held apart from training: {} images of {} ({})",
+            held_apart_rows.len(),
+            products(&held_apart_rows),
+            pre_cfg.hold_apart_subcategories.join(", ")
+        );
+    }
+    Ok((ds, Split { val_rows, held_apart_rows, train_products, val_products }))
 }
 
-/// A training stage's settings: `recipe` on the demo's catalogue, seed and device, with `change`,
-/// then the plan's own overrides of the recipe (`--quick`'s, kept in plan.json as recipe keys).
+/// A training stage's settings: `recipe` on the demo's catalogue `data`, seed and device, with
+/// `change`, then the plan's own overrides of the recipe (`--quick`'s and the catalogue's, kept in
+/// plan.json as recipe keys).
 fn stage_config(
     recipe: &str,
     o: &DemoOptions,
+    data: &Path,
     plan_overrides: &[String],
     change: impl FnOnce(&mut TrainConfig),
 ) -> Result<TrainConfig> {
     TrainConfigBuilder::recipe(recipe)?
         .with(|c| {
-            c.data = DataSource::Path(o.out.join("catalog"));
+            c.data = DataSource::Path(data.to_path_buf());
+            // A sample in OUT/catalog has no vocabulary beside it: the catalogue's own is the default.
+            c.vocab = o.vocab.clone().or_else(|| o.data.as_deref().and_then(mvlt::data::dataset::vocab_beside_data));
             c.seed = o.seed;
             c.device = o.device;
         })
@@ -302,16 +397,34 @@ fn write_plan_file(path: &Path, plan: &DemoPlan, seed: u64, steps: Option<&StepP
     mvlt::files::write_atomic(path, serde_json::to_string_pretty(&file)?.as_bytes())
 }
 
+/// The plan of a run, and the team's catalogue as given (`--data`) when there is one.
+fn plan_of(o: &DemoOptions) -> Result<(DemoPlan, Option<FileDataset>)> {
+    if o.products.is_some() && o.data.is_none() {
+        bail!("--products samples a team's catalogue: give it with --data");
+    }
+    let Some(data) = &o.data else {
+        let recipe = stage_config("demo", o, &o.out.join("catalog"), &[], |_| {})?;
+        return Ok((DemoPlan::new(o.quick, recipe.synthetic_images), None));
+    };
+    let source = FileDataset::open_jsonl(&catalogue::catalogue_file(data)?)?;
+    let own = catalogue::OwnCatalogue::plan(data, o.vocab.as_deref(), &source, o.products)?;
+    let images = match o.products {
+        Some(n) => mvlt::data::dataset::sample_products(source.records(), n, catalogue::SAMPLE_SEED).len(),
+        None => source.len(),
+    };
+    Ok((DemoPlan::for_catalogue(o.quick, images, own), Some(source)))
+}
+
 pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     let t0 = Instant::now();
-    let catalog = o.out.join("catalog");
-    let recipe = stage_config("demo", o, &[], |_| {})?;
-    let plan = DemoPlan::new(o.quick, recipe.synthetic_images);
     if o.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
+    let (plan, source) = plan_of(o)?;
+    let catalog = plan.catalogue_dir(&o.out);
+    let (pre_recipe, fine_recipe) = o.recipes();
     // Pre-training's settings as it will run them: its split is the one evaluated.
-    let pre_cfg = stage_config("demo", o, &plan.pretrain_overrides, |_| {})?;
+    let pre_cfg = stage_config(pre_recipe, o, &catalog, &plan.pretrain_overrides, |_| {})?;
     let mut phases = vec![];
     let mut lap = {
         let mut last = Instant::now();
@@ -332,17 +445,18 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
     write_plan_file(&plan_file, &plan, o.seed, known.as_ref())?;
 
     // 1. Catalogue, and the split the training runs will use.
-    phase(1, &format!("synthetic catalogue ({} images, {} px)", plan.images, plan.image_size));
-    let (ds, split) = catalogue_phase(&catalog, &plan, &pre_cfg)?;
-    let Split { val_rows, train_products, val_products } = split;
+    let (ds, split) = catalogue_phase(&catalog, source.as_ref(), &plan, &pre_cfg)?;
+    drop(source);
+    let Split { val_rows, held_apart_rows, train_products, val_products } = split;
     lap("catalogue", &mut phases);
 
     // 2. Pre-training: a warm-up segment when the steps are still to plan, the plan, the rest.
-    phase(2, "pre-training (MLM + ITM + masked image reconstruction + ITC)");
+    let recognition = if pre_cfg.with_cls { " + recognition" } else { "" };
+    phase(2, &format!("pre-training (MLM + ITM + masked image reconstruction + ITC{recognition})"));
     let pre_dir = o.out.join("pretrain");
     let candidates = plan.candidates.min(val_products);
     let pretrain = |steps: usize| {
-        train(stage_config("demo", o, &plan.pretrain_overrides, |c| c.max_steps = Some(steps))?, &pre_dir)
+        train(stage_config(pre_recipe, o, &catalog, &plan.pretrain_overrides, |c| c.max_steps = Some(steps))?, &pre_dir)
     };
     let steps = match known {
         Some(s) => s,
@@ -366,7 +480,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
                 pace::Probe { weights: &weights, ds: &ds, val_rows: &val_rows, plan: &plan, candidates, seed: o.seed };
             let (itm_query_s, two_stage_query_s, image_embedding_s) = run_on(o.device, probe)?;
             let finetune_cfg =
-                stage_config("demo-finetune", o, &plan.finetune_overrides, |c| c.init = Some(weights.clone()))?;
+                stage_config(fine_recipe, o, &catalog, &plan.finetune_overrides, |c| c.init = Some(weights.clone()))?;
             let mut pace = pace::MeasuredPace {
                 warmup_steps: warm.steps,
                 timed_steps: warm.steps_run,
@@ -379,8 +493,12 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
                 after_pretraining_s: 0.0,
                 budget_s: BUDGET_S,
             };
-            pace.after_pretraining_s =
-                pace.after_pretraining(&plan, finetune_cfg.max_steps.unwrap_or(0), val_rows.len());
+            pace.after_pretraining_s = pace.after_pretraining(
+                &plan,
+                finetune_cfg.max_steps.unwrap_or(0),
+                val_rows.len(),
+                !held_apart_rows.is_empty(),
+            );
             let s = StepPlan { pretrain_steps: pace.planned_steps(), from: StepsFrom::Measured, pace: Some(pace) };
             eprintln!("{}", report::plan_line(&s));
             write_plan_file(&plan_file, &plan, o.seed, Some(&s))?;
@@ -397,19 +515,21 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
         weights: &pre_weights,
         ds: &ds,
         val_rows: &val_rows,
+        held_apart_rows: &held_apart_rows,
         plan: &plan,
         candidates,
         mask_grid: pre_cfg.mask_grid,
         seed: o.seed,
         out: &o.out,
     };
-    let (retrieval, search_queries) = run_on(o.device, eval)?;
+    let RetrievalOutput { retrieval, held_apart, ranking, search_queries } = run_on(o.device, eval)?;
     lap("retrieval", &mut phases);
 
     // 4. Fine-tuning.
     phase(4, "fine-tuning main- and sub-category recognition");
     let fine_dir = o.out.join("finetune");
-    let fine_cfg = stage_config("demo-finetune", o, &plan.finetune_overrides, |c| c.init = Some(pre_weights.clone()))?;
+    let fine_cfg =
+        stage_config(fine_recipe, o, &catalog, &plan.finetune_overrides, |c| c.init = Some(pre_weights.clone()))?;
     let fine = train(fine_cfg, &fine_dir)?;
     let fine_weights = fine.final_weights.clone().context("fine-tuning wrote no final weights")?;
     lap("fine-tuning", &mut phases);
@@ -436,6 +556,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
         pretrain: (&pre).into(),
         finetune: (&fine).into(),
         retrieval,
+        held_apart,
+        ranking,
         recognition: Some(recognition),
         search_queries,
     };
@@ -448,6 +570,7 @@ struct RetrievalPhase<'a> {
     weights: &'a Path,
     ds: &'a FileDataset,
     val_rows: &'a [usize],
+    held_apart_rows: &'a [usize],
     plan: &'a DemoPlan,
     candidates: usize,
     mask_grid: usize,
@@ -455,33 +578,40 @@ struct RetrievalPhase<'a> {
     out: &'a Path,
 }
 
-impl BackendTask for RetrievalPhase<'_> {
-    type Output = (Vec<ListResult>, Vec<String>);
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let model = Model::<B>::load(self.weights, &LoadOptions::default(), &device)?;
+/// What phase 3 measured.
+struct RetrievalOutput {
+    retrieval: Vec<ListResult>,
+    held_apart: Vec<ListResult>,
+    ranking: Option<RankingChoice>,
+    search_queries: Vec<String>,
+}
+
+impl RetrievalPhase<'_> {
+    /// Lists of `rows` with each kind of `negatives` (files `lists_{prefix}{kind}.jsonl`), ranked
+    /// by exhaustive ITM and, with the ITC head, by the first stage and its re-rankings.
+    fn lists<B: Backend>(
+        &self,
+        model: &Model<B>,
+        rows: &[usize],
+        candidates: usize,
+        negatives: &[(Negatives, &'static str)],
+        prefix: &str,
+    ) -> Result<Vec<ListResult>> {
         let by_id = self.ds.records().iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect();
         let source = ImageSource::Dataset(self.ds, by_id);
         let has_itc = model.config.heads.itc;
         let mut results = vec![];
-        for (negatives, tag) in [(Negatives::Random, "random"), (Negatives::SameSubcategory, "same_subcategory")] {
-            let lists =
-                retrieval::generate(self.ds, self.val_rows, self.plan.queries, self.candidates, negatives, self.seed)?;
-            retrieval::write_jsonl(&self.out.join(format!("lists_{tag}.jsonl")), &lists)?;
+        for &(kind, tag) in negatives {
+            let lists = retrieval::generate(self.ds, rows, self.plan.queries, candidates, kind, self.seed)?;
+            retrieval::write_jsonl(&self.out.join(format!("lists_{prefix}{tag}.jsonl")), &lists)?;
             for direction in [Direction::Tir, Direction::Itr] {
-                let name = format!("{}_{tag}", if direction == Direction::Tir { "tir" } else { "itr" });
+                let name = format!("{prefix}{}_{tag}", if direction == Direction::Tir { "tir" } else { "itr" });
                 let pb = progress_bar(lists.len() as u64 * (1 + has_itc as u64), &name);
-                let itm = retrieval::evaluate(&model, &lists, direction, &source, 101, || pb.inc(1))?;
+                let itm = retrieval::evaluate(model, &lists, direction, &source, 101, || pb.inc(1))?;
                 let two_stage = has_itc
                     .then(|| {
-                        retrieval::evaluate_two_stage(
-                            &model,
-                            &lists,
-                            direction,
-                            &source,
-                            101,
-                            retrieval::FirstStage { k: self.plan.rerank_k, index: None },
-                            || pb.inc(1),
-                        )
+                        let first = retrieval::FirstStage { k: self.plan.rerank_k, index: None };
+                        retrieval::evaluate_two_stage(model, &lists, direction, &source, 101, first, || pb.inc(1))
                     })
                     .transpose()?;
                 pb.finish_and_clear();
@@ -489,35 +619,65 @@ impl BackendTask for RetrievalPhase<'_> {
                     "{name}: R@1 {:.3}, R@5 {:.3}, R@10 {:.3} ({} queries)",
                     itm.r1, itm.r5, itm.r10, itm.queries
                 );
-                results.push(ListResult {
-                    name,
-                    direction,
-                    negatives: tag,
-                    candidates: self.candidates,
-                    itm,
-                    two_stage,
-                });
+                results.push(ListResult { name, direction, negatives: tag, candidates, itm, two_stage });
             }
         }
-        // The catalogue's contrastive index, for `serve --index` and `search --index` on the result.
-        if has_itc {
-            let pb = progress_bar(self.ds.len() as u64, "indexing");
-            mvlt::search::index::build(
+        Ok(results)
+    }
+}
+
+impl BackendTask for RetrievalPhase<'_> {
+    type Output = RetrievalOutput;
+    fn run<B: Backend>(self, device: B::Device) -> Result<RetrievalOutput> {
+        let model = Model::<B>::load(self.weights, &LoadOptions::default(), &device)?;
+        let both = [(Negatives::Random, "random"), (Negatives::SameSubcategory, "same_subcategory")];
+        let retrieval = self.lists(&model, self.val_rows, self.candidates, &both, "")?;
+        let held_apart = match product_count(self.ds, self.held_apart_rows) {
+            n if n >= 2 => self.lists(
                 &model,
-                self.weights,
+                self.held_apart_rows,
+                self.plan.candidates.min(n),
+                &[(Negatives::Random, "random")],
+                "held_apart_",
+            )?,
+            _ => vec![],
+        };
+        // The catalogue's contrastive index, for `serve --index` and `search --index` on the
+        // result, with the ranking measured best on the validation products.
+        let mut ranking = None;
+        if model.config.heads.itc {
+            let pb = progress_bar(self.ds.len() as u64, "indexing");
+            let path = self.out.join(report::INDEX_FILE);
+            let mut index =
+                mvlt::search::index::build(&model, self.weights, self.ds, &path, 64, 4096, |k| pb.inc(k as u64))?;
+            pb.finish_and_clear();
+            let pb = progress_bar(self.plan.queries as u64, "measuring rankings");
+            let choice = mvlt::search::ranking::measure(
+                &model,
+                &index,
                 self.ds,
-                &self.out.join(report::INDEX_FILE),
-                64,
-                4096,
-                |k| pb.inc(k as u64),
+                self.val_rows,
+                self.plan.queries,
+                self.candidates,
+                self.plan.rerank_k,
+                self.seed,
+                || pb.inc(1),
             )?;
             pb.finish_and_clear();
+            eprintln!("ranking: {}", mvlt::search::ranking::summary(&choice));
+            index.ranking = Some(choice.clone());
+            index.save(&path)?;
+            ranking = Some(choice);
         }
-        let queries = report::search_picture(&model, self.ds, self.val_rows, &self.out.join("search.png"))?;
+        let search_queries = report::search_picture(&model, self.ds, self.val_rows, &self.out.join("search.png"))?;
         let picture = self.out.join("reconstruction.png");
         report::reconstruction_picture(&model, self.ds, self.val_rows, self.mask_grid, self.seed, &picture)?;
-        Ok((results, queries))
+        Ok(RetrievalOutput { retrieval, held_apart, ranking, search_queries })
     }
+}
+
+fn product_count(ds: &FileDataset, rows: &[usize]) -> usize {
+    rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
 }
 
 /// Phase 5 on the chosen backend.
@@ -553,7 +713,16 @@ mod tests {
     use super::*;
 
     fn options(out: &Path, steps: Option<usize>) -> DemoOptions {
-        DemoOptions { out: out.to_path_buf(), quick: true, device: DeviceSpec::Cpu, seed: 0, steps }
+        DemoOptions {
+            out: out.to_path_buf(),
+            quick: true,
+            device: DeviceSpec::Cpu,
+            seed: 0,
+            steps,
+            data: None,
+            vocab: None,
+            products: None,
+        }
     }
 
     /// A second run continues the first with the steps it planned; another `--steps` or another
