@@ -374,9 +374,7 @@ impl BackendTask for &IndexArgs {
             index.dim * 4,
             self.out.display()
         );
-        let products = |rows: &[usize]| {
-            rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::HashSet<_>>().len()
-        };
+        let products = |rows: &[usize]| mvlt::data::dataset::count_products(ds.records(), rows);
         match held_out {
             None => println!(
                 "ranking: not measured (no run settings beside the weights; give --split-from RUN/config.toml): \

@@ -4,9 +4,9 @@
 //! from its size, and the sizes of the retrieval lists.
 
 use anyhow::{bail, Context, Result};
-use mvlt::data::dataset::{sample_products, Dataset, FileDataset, Record};
+use mvlt::data::dataset::{count_products, sample_products, Dataset, FileDataset, Record};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Validation products aimed at: enough for 101-candidate lists with room to spare.
@@ -47,37 +47,34 @@ pub fn catalogue_file(data: &Path) -> Result<PathBuf> {
     )
 }
 
-fn products(records: &[Record], rows: impl Iterator<Item = usize>) -> usize {
-    rows.map(|r| records[r].product_id.as_str()).collect::<BTreeSet<_>>().len()
-}
-
 impl OwnCatalogue {
-    /// Settle the demo's choices for `ds` (the whole catalogue as given): the products it keeps,
-    /// the validation share, the held-apart sub-categories.
+    /// Settle the demo's choices for `ds` (the whole catalogue as given): the validation share and
+    /// the held-apart sub-categories, with the rows it keeps (all, or the `--products` sample).
     pub fn plan(
         source: &Path,
         vocab: Option<&Path>,
         ds: &FileDataset,
         products: Option<usize>,
-    ) -> Result<OwnCatalogue> {
+    ) -> Result<(OwnCatalogue, Vec<usize>)> {
         let recs = ds.records();
         let rows: Vec<usize> = match products {
             Some(0) => bail!("--products must be at least 1"),
             Some(n) => sample_products(recs, n, SAMPLE_SEED),
             None => (0..recs.len()).collect(),
         };
-        let n_products = products_of(recs, &rows);
+        let n_products = count_products(recs, &rows);
         if n_products < 20 {
             bail!("{} holds {n_products} products: too few to train on and evaluate (at least 20)", source.display());
         }
         let val_fraction = (VAL_PRODUCTS / n_products as f64).clamp(0.02, 0.1);
-        Ok(OwnCatalogue {
+        let own = OwnCatalogue {
             source: source.to_path_buf(),
             products,
             held_apart: held_apart(recs, &rows),
             val_fraction,
             vocab: vocab.map(Path::to_path_buf),
-        })
+        };
+        Ok((own, rows))
     }
 
     /// The `mvlt demo` arguments that name this catalogue: ` --data C [--vocab V] [--products N]`.
@@ -97,10 +94,6 @@ impl OwnCatalogue {
         let names: Vec<String> = self.held_apart.iter().map(|s| format!("{s:?}")).collect();
         vec![format!("val_fraction={}", self.val_fraction), format!("hold_apart_subcategories=[{}]", names.join(", "))]
     }
-}
-
-fn products_of(recs: &[Record], rows: &[usize]) -> usize {
-    products(recs, rows.iter().copied())
 }
 
 /// Sub-categories to keep out of training, by a fixed draw: each of 0.5% to 4% of the rows (never

@@ -266,7 +266,7 @@ struct Split {
 /// it by product as `pre_cfg` will.
 fn catalogue_phase(
     catalog: &Path,
-    source: Option<&FileDataset>,
+    source: Option<&Source>,
     plan: &DemoPlan,
     pre_cfg: &TrainConfig,
 ) -> Result<(FileDataset, Split)> {
@@ -284,11 +284,14 @@ fn catalogue_phase(
             pb.finish_and_clear();
         }
         // The sample is written once; plan.json has made sure a second run is the same demo.
-        (Some(own), Some(source)) if own.products.is_some() && file.is_err() => {
-            let n = own.products.unwrap_or(usize::MAX);
-            let rows = mvlt::data::dataset::sample_products(source.records(), n, catalogue::SAMPLE_SEED);
-            eprintln!("writing a sample of {n} products ({} images) to {}", rows.len(), catalog.display());
-            catalogue::write_subset(source, &rows, catalog)?;
+        (Some(own), Some((source, rows))) if own.products.is_some() && file.is_err() => {
+            eprintln!(
+                "writing a sample of {} products ({} images) to {}",
+                own.products.unwrap_or_default(),
+                rows.len(),
+                catalog.display()
+            );
+            catalogue::write_subset(source, rows, catalog)?;
         }
         _ => {}
     }
@@ -299,9 +302,7 @@ fn catalogue_phase(
     let (train_rows, val_rows) = pre_cfg.split(ds.records());
     let held_apart_rows: Vec<usize> =
         (0..ds.len()).filter(|&r| pre_cfg.hold_apart_subcategories.contains(&ds.records()[r].subcategory)).collect();
-    let products = |rows: &[usize]| {
-        rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
-    };
+    let products = |rows: &[usize]| mvlt::data::dataset::count_products(ds.records(), rows);
     let (train_products, val_products) = (products(&train_rows), products(&val_rows));
     eprintln!(
         "{}: {} images; training {} products, validation {} products ({} images)",
@@ -397,8 +398,11 @@ fn write_plan_file(path: &Path, plan: &DemoPlan, seed: u64, steps: Option<&StepP
     mvlt::files::write_atomic(path, serde_json::to_string_pretty(&file)?.as_bytes())
 }
 
-/// The plan of a run, and the team's catalogue as given (`--data`) when there is one.
-fn plan_of(o: &DemoOptions) -> Result<(DemoPlan, Option<FileDataset>)> {
+/// The team's catalogue as given (`--data`), and the rows of it the demo keeps.
+type Source = (FileDataset, Vec<usize>);
+
+/// The plan of a run, and the team's catalogue when there is one.
+fn plan_of(o: &DemoOptions) -> Result<(DemoPlan, Option<Source>)> {
     if o.products.is_some() && o.data.is_none() {
         bail!("--products samples a team's catalogue: give it with --data");
     }
@@ -407,12 +411,8 @@ fn plan_of(o: &DemoOptions) -> Result<(DemoPlan, Option<FileDataset>)> {
         return Ok((DemoPlan::new(o.quick, recipe.synthetic_images), None));
     };
     let source = FileDataset::open_jsonl(&catalogue::catalogue_file(data)?)?;
-    let own = catalogue::OwnCatalogue::plan(data, o.vocab.as_deref(), &source, o.products)?;
-    let images = match o.products {
-        Some(n) => mvlt::data::dataset::sample_products(source.records(), n, catalogue::SAMPLE_SEED).len(),
-        None => source.len(),
-    };
-    Ok((DemoPlan::for_catalogue(o.quick, images, own), Some(source)))
+    let (own, rows) = catalogue::OwnCatalogue::plan(data, o.vocab.as_deref(), &source, o.products)?;
+    Ok((DemoPlan::for_catalogue(o.quick, rows.len(), own), Some((source, rows))))
 }
 
 pub fn run(o: &DemoOptions) -> Result<DemoOutcome> {
@@ -632,7 +632,7 @@ impl BackendTask for RetrievalPhase<'_> {
         let model = Model::<B>::load(self.weights, &LoadOptions::default(), &device)?;
         let both = [(Negatives::Random, "random"), (Negatives::SameSubcategory, "same_subcategory")];
         let retrieval = self.lists(&model, self.val_rows, self.candidates, &both, "")?;
-        let held_apart = match product_count(self.ds, self.held_apart_rows) {
+        let held_apart = match mvlt::data::dataset::count_products(self.ds.records(), self.held_apart_rows) {
             n if n >= 2 => self.lists(
                 &model,
                 self.held_apart_rows,
@@ -674,10 +674,6 @@ impl BackendTask for RetrievalPhase<'_> {
         report::reconstruction_picture(&model, self.ds, self.val_rows, self.mask_grid, self.seed, &picture)?;
         Ok(RetrievalOutput { retrieval, held_apart, ranking, search_queries })
     }
-}
-
-fn product_count(ds: &FileDataset, rows: &[usize]) -> usize {
-    rows.iter().map(|&r| ds.records()[r].product_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
 }
 
 /// Phase 5 on the chosen backend.

@@ -138,6 +138,11 @@ pub fn split_by_product(records: &[Record], val_fraction: f64, seed: u64) -> (Ve
     (train, val)
 }
 
+/// How many distinct products the `rows` of `records` hold (a product's views count once).
+pub fn count_products(records: &[Record], rows: &[usize]) -> usize {
+    rows.iter().map(|&r| records[r].product_id.as_str()).collect::<BTreeSet<_>>().len()
+}
+
 /// A product's seeded draw, uniform in [0, 1): FNV-1a over seed and product id, then splitmix64's
 /// finaliser (FNV alone leaves the high bits nearly constant for short similar ids): stable
 /// across platforms and releases.

@@ -126,12 +126,11 @@ pub fn generate(
     seed: u64,
 ) -> Result<Vec<Query>> {
     let recs = ds.records();
-    let products: std::collections::BTreeSet<&str> = rows.iter().map(|&i| recs[i].product_id.as_str()).collect();
-    if products.len() < candidates {
+    let products = crate::data::dataset::count_products(recs, rows);
+    if products < candidates {
         bail!(
-            "{} has {} products in the rows evaluated, fewer than the {candidates} candidates asked for",
-            ds.source(),
-            products.len()
+            "{} has {products} products in the rows evaluated, fewer than the {candidates} candidates asked for",
+            ds.source()
         );
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -139,11 +139,10 @@ pub fn measure<B: Backend>(
     let held_out: Vec<usize> =
         held_out.iter().copied().filter(|&r| indexed.contains_key(ds.records()[r].id.as_str())).collect();
     let held_out = &held_out[..];
-    let products: std::collections::BTreeSet<&str> =
-        held_out.iter().map(|&r| ds.records()[r].product_id.as_str()).collect();
-    let candidates = candidates.min(products.len());
+    let products = crate::data::dataset::count_products(ds.records(), held_out);
+    let candidates = candidates.min(products);
     if candidates < 2 {
-        bail!("{} held-out products: too few to measure a ranking (at least 2)", products.len());
+        bail!("{products} held-out products: too few to measure a ranking (at least 2)");
     }
     let lists = retrieval::generate(ds, held_out, queries, candidates, Negatives::Random, seed)?;
     let by_id = ds.records().iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect();
